@@ -1,0 +1,47 @@
+# gbalance developer targets.  `make test` is the README's (and CI's) test command.
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv test unit bench deb rpm apt-repo sdeb clean
+
+all: venv
+
+# System packages the tests use (packaging, man, benchmarks); installed with
+# apt-get when missing and we are root.
+deps:
+	@sh packaging/deps.sh
+
+$(VPY): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e . 'pytest>=7'
+	@touch $(VPY)
+
+venv: $(VPY)
+
+test: deps venv
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Only the fast in-process and loopback tests (no packaging).
+unit: venv
+	$(VPY) -m pytest -m "not packaging" $(PYTEST_ARGS)
+
+bench: deps venv
+	$(VPY) bench/run.py
+
+deb:
+	sh packaging/build-deb.sh
+
+rpm:
+	sh packaging/build-rpm.sh
+
+apt-repo: deb
+	sh packaging/build-apt-repo.sh
+
+sdeb: venv
+	sh packaging/build-sdeb.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache repo rpmbuild bench/results

@@ -1,0 +1,143 @@
+"""The ``balance`` command line: argv to a config, then run it.
+
+We use docopt 0.6.2, the version Debian ships, on purpose: docopt-ng reads a
+lone ``-6`` as a negative number (a positional argument), which would break
+``balance -6 80 host``.  ``tests/test_cli.py`` pins this down.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from docopt import DocoptExit, docopt
+
+from gbalance import __version__
+from gbalance.config import DEFAULT_CONNECT_TIMEOUT, ProxyConfig, ShellConfig
+from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
+from gbalance.monspec import parse_monitor
+from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds
+
+USAGE = """\
+Usage:
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-adfpHM6] <port> [<channel>...]
+  balance [-b addr] -i [-d] [-M] <port>
+  balance [-b addr] -c cmd [-d] [-M] <port>
+  balance (-h | --help | --version)
+
+A channel is host[:port[:maxc]] (IPv6: [addr]:port:maxc).  Between
+channels, "!" starts a new failover group and "%" makes the group before it
+a client-address hash group.
+
+Options:
+  -6          Listen on IPv6 (dual stack "::" unless -b is given).
+  -a          Autodisable: a channel whose connect fails is soft-disabled.
+  -b addr     Listen on this address instead of all addresses.
+  -B addr     Make outgoing connections from this source address.
+  -c cmd      Send one control command to the running master and exit.
+  -d          Debug: trace channels and connection attempts on stderr.
+  -f          Stay in the foreground (default: detach and log to syslog).
+  -H          Hash failover: a failed hash channel tries the next channel.
+  -i          Interactive control shell for the running master.
+  -k t,i,p    Client-side TCP keepalive: idle secs, interval secs, probes.
+  -K t,i,p    Server-side TCP keepalive: idle secs, interval secs, probes.
+  -m spec     Monitor channels, e.g. connect:interval=10 (see balance(1)).
+  -M          Accepted for compatibility (state is always a mapped file).
+  -p          Packet dump: print all forwarded data on stdout.
+  -t sec      Connect timeout in seconds [default: 5].
+  -T sec      Close connections idle this many seconds (0 = never) [default: 0].
+  -h --help   Show this help.
+  --version   Show the version.
+
+Control shell commands (-i, -c): help, ?, assign, create, disable, enable,
+group, hash, rr, kill, maxc, metrics, monitor, mrtg-bytes, mrtg-conns, quit,
+reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
+"""
+
+KNOWN_SHORTS = set("6abBcdfHikKmMpth")
+
+
+def short_usage() -> str:
+    """The usage lines alone, for error messages."""
+    return USAGE.split("\n\n", 1)[0]
+
+
+def _unknown_option(argv: list[str]) -> str | None:
+    """Name the first option docopt would reject, for a clearer message."""
+    takes_arg = set("bBctTkKm")
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--":
+            break
+        if word.startswith("--"):
+            if word not in ("--help", "--version"):
+                return word
+            continue
+        if word.startswith("-") and len(word) > 1:
+            for i, ch in enumerate(word[1:]):
+                if ch not in KNOWN_SHORTS:
+                    return "-" + ch
+                if ch in takes_arg:
+                    skip = i == len(word) - 2
+                    break
+    return None
+
+
+def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
+    """Turn argv (without the program name) into a config, or raise BalanceError."""
+    try:
+        args = docopt(USAGE, argv=argv, help=False, version=None)
+    except DocoptExit:
+        bad = _unknown_option(argv)
+        reason = f"unknown option {bad}" if bad else "invalid command line"
+        raise BalanceError(f"{reason}\n{short_usage()}", EX_USAGE)
+    port = parse_port(args["<port>"]) if args["<port>"] is not None else 0
+    bind = args["-b"]
+    if args["-i"] or args["-c"] is not None:
+        return ShellConfig(port=port, bind=bind, command=args["-c"], debug=args["-d"])
+    cfg = ProxyConfig(
+        port=port,
+        bind=bind,
+        source=args["-B"],
+        connect_timeout=parse_seconds(args["-t"] or str(DEFAULT_CONNECT_TIMEOUT), "-t"),
+        idle_timeout=parse_seconds(args["-T"] or "0", "-T"),
+        autodisable=args["-a"],
+        debug=args["-d"],
+        foreground=args["-f"],
+        packet_dump=args["-p"],
+        hash_failover=args["-H"],
+        ipv6=args["-6"],
+        client_keepalive=parse_keepalive(args["-k"], "-k") if args["-k"] else None,
+        server_keepalive=parse_keepalive(args["-K"], "-K") if args["-K"] else None,
+        monitor=parse_monitor(args["-m"]) if args["-m"] is not None else None,
+    )
+    cfg.groups = parse_groups(args["<channel>"], port)
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``balance`` command; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        sys.stdout.write(USAGE)
+        return 0
+    if "--version" in argv:
+        sys.stdout.write(f"balance {__version__} (gbalance)\n")
+        return 0
+    try:
+        cfg = parse(argv)
+        if isinstance(cfg, ShellConfig):
+            from gbalance.shell import run_shell
+            return run_shell(cfg)
+        from gbalance.master import run_master
+        return run_master(cfg)
+    except BalanceError as exc:
+        sys.stderr.write(f"balance: {exc.message}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: say so in one line, never a traceback
+        sys.stderr.write(f"balance: internal error: {type(exc).__name__}: {exc}\n")
+        return EX_SOFTWARE

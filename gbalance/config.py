@@ -1,0 +1,41 @@
+"""Validated settings for one run: what the CLI hands to the server or shell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gbalance.monspec import MonitorSpec
+from gbalance.spec import GroupSpec
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+
+@dataclass
+class ProxyConfig:
+    """Everything a master needs; built once from argv, never changed."""
+
+    port: int
+    groups: list[GroupSpec] = field(default_factory=list)
+    bind: str | None = None             # -b, as written
+    source: str | None = None           # -B, as written
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT   # -t (0 = no limit)
+    idle_timeout: float = 0.0           # -T (0 = never)
+    autodisable: bool = False           # -a
+    debug: bool = False                 # -d
+    foreground: bool = False            # -f
+    packet_dump: bool = False           # -p
+    hash_failover: bool = False         # -H
+    ipv6: bool = False                  # -6
+    client_keepalive: tuple[int, int, int] | None = None   # -k idle,interval,probes
+    server_keepalive: tuple[int, int, int] | None = None   # -K idle,interval,probes
+    monitor: MonitorSpec | None = None  # -m
+
+
+@dataclass
+class ShellConfig:
+    """A ``-i`` session or a ``-c`` command against a running master."""
+
+    port: int
+    bind: str | None = None
+    command: str | None = None          # -c; None means interactive (-i)
+    debug: bool = False

@@ -1,0 +1,256 @@
+"""Backend connects: timed, cancellable, and (with monitoring) staggered.
+
+For each client the server runs one :class:`Race` in the client's greenlet.
+It asks the router for candidates and connects to them one after another,
+each with the ``-t`` timeout, until one succeeds; refusals and timeouts are
+reported through :class:`Hooks` so the server can count, trace, autodisable
+and log.  Two additions over balance:
+
+* a client that hangs up while its connect is pending cancels it;
+* with a *stagger* delay (monitoring only), a connect still pending after
+  the delay starts a parallel attempt on the next candidate, the first to
+  connect wins and the others are closed (RFC 8305 "happy eyeballs",
+  applied to failover).  Without monitoring the delay is 0 and connects are
+  strictly one after another, exactly as balance documents.
+
+Everything waits on libev watchers whose callbacks post events to the
+racing greenlet, so one loop handles connects, timers and the client.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Callable, Iterator
+
+from gevent.hub import Waiter
+
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+
+
+class Hooks:
+    """What the server wants to hear about; every method is optional."""
+
+    def attempt(self, g: int, c: int) -> None: ...
+    def success(self, g: int, c: int) -> None: ...
+    def failure(self, g: int, c: int, reason: str) -> None: ...
+    def cancel(self, g: int, c: int) -> None: ...
+    def suspect(self, g: int, c: int) -> None: ...
+
+
+class Attempt:
+    """One pending connect."""
+
+    __slots__ = ("g", "c", "sock", "io", "timer")
+
+    def __init__(self, g: int, c: int, sock: socket.socket):
+        self.g = g
+        self.c = c
+        self.sock = sock
+        self.io = None
+        self.timer = None
+
+    def stop(self) -> None:
+        if self.io is not None:
+            self.io.stop()
+        if self.timer is not None:
+            self.timer.stop()
+
+
+class Connector:
+    """Settings shared by every race of one master."""
+
+    def __init__(self, loop, address_of: Callable[[int, int], tuple[int, tuple]],
+                 hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
+                 source: dict[int, tuple] | None = None,
+                 keepalive: tuple[int, int, int] | None = None):
+        self.loop = loop
+        self.address_of = address_of
+        self.hooks = hooks
+        self.timeout = timeout
+        self.stagger = stagger
+        self.source = source or {}
+        self.keepalive = keepalive
+
+    def open_socket(self, family: int) -> socket.socket:
+        """A non-blocking backend socket with balance's options set."""
+        sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self.keepalive is not None:
+                set_keepalive(sock, self.keepalive)
+            src = self.source.get(family)
+            if src is not None:
+                sock.bind(src)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def race(self, client: socket.socket, candidates: Iterator[tuple[int, int]]) -> tuple[socket.socket, int, int] | None:
+        """Connect to the first candidate that answers; None when all fail."""
+        return Race(self, client, candidates).run()
+
+
+def set_keepalive(sock: socket.socket, params: tuple[int, int, int]) -> None:
+    """Enable TCP keepalive with idle time, probe interval and probe count."""
+    idle, interval, probes = params
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    if hasattr(socket, "TCP_KEEPINTVL"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    if hasattr(socket, "TCP_KEEPCNT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+
+
+class Race:
+    """The connect attempts made for one client."""
+
+    def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]]):
+        self.conn = conn
+        self.client = client
+        self.candidates = candidates
+        self.pending: list[Attempt] = []
+        self.events: list[tuple] = []
+        self.waiter: Waiter | None = None
+        self.client_io = None
+        self.stagger_timer = None
+        self.exhausted = False
+
+    # -- event plumbing --------------------------------------------------
+
+    def _post(self, *event) -> None:
+        self.events.append(event)
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.switch(None)
+
+    def _wait(self) -> tuple:
+        if not self.events:
+            self.waiter = Waiter()
+            self.waiter.get()
+        return self.events.pop(0)
+
+    # -- attempts ----------------------------------------------------------
+
+    def _launch(self) -> Attempt | None:
+        """Start connecting to the next candidate.
+
+        Returns an attempt that connected at once, or None; pending ones go
+        to ``self.pending``.  Immediate failures move on to the next.
+        """
+        conn, hooks = self.conn, self.conn.hooks
+        while not self.exhausted:
+            try:
+                g, c = next(self.candidates)
+            except StopIteration:
+                self.exhausted = True
+                break
+            family, addr = conn.address_of(g, c)
+            hooks.attempt(g, c)
+            try:
+                sock = conn.open_socket(family)
+            except OSError as exc:
+                hooks.failure(g, c, exc.strerror or "socket error")
+                continue
+            rc = sock.connect_ex(addr)
+            att = Attempt(g, c, sock)
+            if rc == 0:
+                return att
+            if rc not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                sock.close()
+                hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
+                continue
+            att.io = conn.loop.io(sock.fileno(), 2)
+            att.io.start(self._post, "io", att)
+            if conn.timeout > 0:
+                att.timer = conn.loop.timer(conn.timeout)
+                att.timer.start(self._post, "timeout", att)
+            self.pending.append(att)
+            self._arm_stagger()
+            return None
+        return None
+
+    def _arm_stagger(self) -> None:
+        if self.conn.stagger <= 0 or self.exhausted:
+            return
+        if self.stagger_timer is not None:
+            self.stagger_timer.stop()
+        self.stagger_timer = self.conn.loop.timer(self.conn.stagger)
+        self.stagger_timer.start(self._post, "stagger", None)
+
+    def _fail(self, att: Attempt, reason: str) -> None:
+        att.stop()
+        att.sock.close()
+        self.pending.remove(att)
+        self.conn.hooks.failure(att.g, att.c, reason)
+
+    def _finish(self, winner: Attempt | None):
+        """Stop every watcher, close the losers, return the winner's result."""
+        for att in self.pending:
+            att.stop()
+            if att is not winner:
+                att.sock.close()
+                self.conn.hooks.cancel(att.g, att.c)
+        self.pending = []
+        if self.client_io is not None:
+            self.client_io.stop()
+        if self.stagger_timer is not None:
+            self.stagger_timer.stop()
+        if winner is None:
+            return None
+        winner.stop()
+        self.conn.hooks.success(winner.g, winner.c)
+        return winner.sock, winner.g, winner.c
+
+    def _client_gone(self) -> bool:
+        """Peek at the client: True if it hung up, False if it sent data."""
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return not data
+
+    # -- the race ------------------------------------------------------------
+
+    def run(self) -> tuple[socket.socket, int, int] | None:
+        won = self._launch()
+        if won is not None:
+            return self._finish(won)
+        if not self.pending:
+            return None
+        self.client_io = self.conn.loop.io(self.client.fileno(), 1)
+        self.client_io.start(self._post, "client", None)
+        while True:
+            kind, att = self._wait()
+            if kind == "io":
+                if att not in self.pending:
+                    continue
+                err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err == 0:
+                    return self._finish(att)
+                self._fail(att, "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err)))
+            elif kind == "timeout":
+                if att not in self.pending:
+                    continue
+                self._fail(att, "timeout")
+            elif kind == "stagger":
+                if not self.pending or self.exhausted:
+                    continue
+                for p in self.pending:
+                    self.conn.hooks.suspect(p.g, p.c)
+            elif kind == "client":
+                if self._client_gone():
+                    return self._finish(None)
+                self.client_io.stop()
+                continue
+            won = self._launch()
+            if won is not None:
+                return self._finish(won)
+            if not self.pending:
+                return self._finish(None)

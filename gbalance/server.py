@@ -1,0 +1,256 @@
+"""The master's listening server: accept, route, connect, forward.
+
+:class:`BalanceServer` is a ``gevent.server.StreamServer`` with three
+changes: accepted connections stay plain (non-gevent) sockets because the
+forwarder drives them with watchers; a handler's end does not close the
+client, the link does; and running out of file descriptors pauses accepting
+(with one log line) instead of printing a traceback per attempt.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from typing import Callable
+
+import gevent
+from gevent.server import StreamServer
+
+from gbalance.connect import Connector, Hooks
+from gbalance.forward import Link, UrgentRelay
+from gbalance.log import Log
+from gbalance.routing import Router
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+                            H_GENERATION, MAXCHANNELS, MAXGROUPS, SOFT_DISABLED, SharedState, slot)
+
+_FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RESUME_DELAY = 0.1
+
+
+class ChannelEvents(Hooks):
+    """Counting, tracing and autodisable around connect attempts."""
+
+    def __init__(self, state: SharedState, log: Log, debug: bool = False,
+                 autodisable: bool = False, passive: bool = False):
+        self.state = state
+        self.q = state.q
+        self.log = log
+        self.debug = debug
+        self.autodisable = autodisable
+        self.passive = passive
+
+    def attempt(self, g: int, c: int) -> None:
+        q = self.q
+        base = slot(g, c, 0)
+        q[base + C_TOTALC] += 1
+        q[base + C_C] += 1
+        if self.debug:
+            self.log.trace(f"trying group {g} channel {c} ... ")
+
+    def success(self, g: int, c: int) -> None:
+        if self.debug:
+            self.log.trace(f"connect to channel {c} successful\n")
+        idx = slot(g, c, C_SUSPECT)
+        if self.q[idx]:
+            self.q[idx] = 0
+            self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
+
+    def failure(self, g: int, c: int, reason: str) -> None:
+        self.q[slot(g, c, C_C)] -= 1
+        if self.debug:
+            if reason == "timeout":
+                self.log.trace(f"timeout group {g} channel {c}\n")
+            else:
+                self.log.trace(f"connection refused group {g} channel {c}\n")
+        if self.q[slot(g, c, C_STATUS)] != ENABLED:
+            return
+        if self.passive:
+            with self.state.change():
+                self.state.set_status(g, c, SOFT_DISABLED)
+            self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
+                             " (monitoring re-enables it when checks pass)")
+        elif self.autodisable:
+            with self.state.change():
+                self.state.set_status(g, c, SOFT_DISABLED)
+            self.log.warning(f"connection failed group {g} channel {c}")
+            self.log.warning(f"{self._where(g, c)} needs to be enabled manually using balance -i after the problem is solved")
+
+    def cancel(self, g: int, c: int) -> None:
+        self.q[slot(g, c, C_C)] -= 1
+
+    def suspect(self, g: int, c: int) -> None:
+        idx = slot(g, c, C_SUSPECT)
+        if not self.q[idx]:
+            self.q[idx] = 1
+            self.log.warning(f"group {g} channel {c} {self._where(g, c)} suspect: connect still pending,"
+                             " new connections skip it")
+
+    def _where(self, g: int, c: int) -> str:
+        addr = self.state.address(g, c)
+        port = self.q[slot(g, c, C_PORT)]
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+class AddressCache:
+    """Numeric socket addresses of the channels, rebuilt when the table's
+    generation changes (so ``create``/``assign`` apply to the next connection)."""
+
+    def __init__(self, state: SharedState):
+        self.state = state
+        self.q = state.q
+        self.generation = -1
+        self.entries: list = []
+
+    def refresh(self) -> None:
+        gen = self.q[H_GENERATION]
+        if gen == self.generation:
+            return
+        st = self.state
+        entries: list = [None] * (MAXGROUPS * MAXCHANNELS)
+        for g in range(st.ngroups):
+            for c in range(st.nchannels(g)):
+                addr = st.address(g, c)
+                port = st.get(g, c, C_PORT)
+                if ":" in addr:
+                    entries[g * MAXCHANNELS + c] = (socket.AF_INET6, (addr, port, 0, 0))
+                else:
+                    entries[g * MAXCHANNELS + c] = (socket.AF_INET, (addr, port))
+        self.entries = entries
+        self.generation = gen
+
+    def __call__(self, g: int, c: int) -> tuple[int, tuple]:
+        return self.entries[g * MAXCHANNELS + c]
+
+
+class BalanceServer(StreamServer):
+    """Accepts clients and proxies each to a channel chosen from the table."""
+
+    def __init__(self, listener: socket.socket, state: SharedState, router: Router,
+                 connector: Connector, log: Log, addresses: AddressCache,
+                 idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None):
+        super().__init__(listener, handle=self.handle_client)
+        self.state = state
+        self.q = state.q
+        self.router = router
+        self.connector = connector
+        self.log = log
+        self.addresses = addresses
+        self.idle_timeout = idle_timeout
+        self.dump = dump
+        self.family = listener.family
+        self.links: dict[Link, float] = {}
+        self.paused = False
+        self.deferred = 0
+        self._resume_timer = None
+        self._sweeper = None
+        self.urgent = None
+        self._spawn_raw = gevent.spawn_raw
+
+    # -- lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        self.urgent = UrgentRelay(self.loop)
+        if self.idle_timeout > 0:
+            step = max(0.05, min(1.0, self.idle_timeout / 10))
+            self._sweeper = self.loop.timer(step, step)
+            self._sweeper.start(self._sweep, step)
+
+    # -- accepting ------------------------------------------------------
+
+    def do_read(self):
+        try:
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _FD_EXHAUSTED:
+                self._pause(exc)
+                return None
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM):
+                return None
+            raise
+        return fd, address
+
+    def do_handle(self, fd, address) -> None:
+        self._spawn_raw(self.handle_client, fd, address)
+
+    def do_close(self, *args) -> None:  # only reached if do_handle raised
+        pass
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors: stop accepting until a link closes or a moment passes."""
+        self.deferred += 1
+        if self.paused:
+            return
+        self.paused = True
+        self.log.warning(f"accept failed: {exc.strerror}; pausing new connections")
+        self.stop_accepting()
+        self._resume_timer = self.loop.timer(RESUME_DELAY)
+        self._resume_timer.start(self._resume)
+
+    def _resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self._resume_timer is not None:
+            self._resume_timer.stop()
+            self._resume_timer = None
+        if self.started:
+            self.start_accepting()
+
+    # -- per connection -------------------------------------------------
+
+    def handle_client(self, fd: int, address) -> None:
+        client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        try:
+            client.setblocking(False)
+            self.addresses.refresh()
+            result = self.connector.race(client, self.router.candidates(address[0]))
+        except Exception as exc:  # never let one client take the server down
+            client.close()
+            self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
+            return
+        if result is None:
+            client.close()
+            return
+        server, g, c = result
+        base = slot(g, c, 0)
+        link = Link(self.loop, client, server, self.q, base + C_SENT, base + C_RCVD, base + C_C,
+                    on_close=self._closed, dump=self.dump, urgent=self.urgent)
+        if self.idle_timeout > 0:
+            self.links[link] = 0.0
+        link.start()
+
+    def _closed(self, link: Link) -> None:
+        if self.idle_timeout > 0:
+            self.links.pop(link, None)
+        if self.paused:
+            self._resume()
+
+    def _sweep(self, step: float) -> None:
+        """Close links idle (no bytes either way) for ``idle_timeout`` seconds."""
+        expired = []
+        for link, idle in self.links.items():
+            if link.active:
+                link.active = False
+                self.links[link] = 0.0
+            else:
+                idle += step
+                self.links[link] = idle
+                if idle >= self.idle_timeout - 1e-9:
+                    expired.append(link)
+        for link in expired:
+            self.log.info(f"timed out after {self.idle_timeout:g} seconds")
+            link.close()
+
+    def close_links(self) -> None:
+        for link in list(self.links):
+            link.close()
+
+
+def write_stdout(text: str) -> None:
+    """Packet-dump sink: stdout, flushed so a pipe sees each chunk at once."""
+    sys.stdout.write(text)
+    sys.stdout.flush()

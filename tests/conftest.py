@@ -1,0 +1,214 @@
+"""Shared test harness: free ports, real backends, the real CLI as a subprocess.
+
+Every process a test starts is killed by its pid; state files live in a
+per-test temporary directory through ``$BALANCE_STATE_DIR``.  All traffic is
+on loopback (127.0.0.1 and ::1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BALANCE = [sys.executable, "-m", "gbalance"]
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Wait until something accepts connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+class Backend:
+    """A threaded TCP server on loopback.
+
+    Mode ``tag``: sends its tag and a newline on connect, then echoes.
+    Mode ``echo``: echoes only.  ``connections`` counts accepted clients and
+    ``peers`` records their addresses (to check ``-B``).
+    """
+
+    def __init__(self, tag: str = "", host: str = "127.0.0.1", port: int = 0, mode: str = "tag"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(256)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.tag = tag.encode()
+        self.mode = mode
+        self.connections = 0
+        self.peers: list[str] = []
+        self.closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def spec(self) -> str:
+        """The channel word for this backend."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.peers.append(peer[0])
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                if self.mode == "tag":
+                    conn.sendall(self.tag + b"\n")
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class Proc:
+    """A ``balance`` subprocess (foreground), killed by pid at the end."""
+
+    def __init__(self, args: list[str], env: dict, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
+        self.args = args
+        self.p = subprocess.Popen(BALANCE + args, env=env, stdout=stdout, stderr=stderr,
+                                  stdin=subprocess.DEVNULL, cwd=ROOT)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> tuple[str, str]:
+        """Signal the process, wait for it, return its stdout and stderr."""
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.p.pid, sig)
+        try:
+            out, err = self.p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            out, err = self.p.communicate()
+        return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (PID 1 here may not reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+class BalanceRunner:
+    """Starts balance masters and one-shot commands with a private state dir."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.env = dict(os.environ, BALANCE_STATE_DIR=str(state_dir), PYTHONUNBUFFERED="1")
+        self.procs: list[Proc] = []
+        self.daemon_pids: list[int] = []
+
+    def start(self, *args: str, port: int, host: str = "127.0.0.1", wait: bool = True, **kw) -> Proc:
+        """Start ``balance -f args...`` and wait until it listens on ``port``."""
+        proc = Proc(["-f", *args], self.env, **kw)
+        self.procs.append(proc)
+        if wait:
+            try:
+                wait_port(port, host)
+            except TimeoutError:
+                out, err = proc.stop()
+                raise AssertionError(f"balance did not start: rc={proc.p.returncode} {err}")
+        return proc
+
+    def run(self, *args: str, timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run ``balance args...`` to completion (text mode)."""
+        return subprocess.run(BALANCE + list(args), env=self.env, capture_output=True, text=True,
+                              timeout=timeout, input=input, cwd=ROOT,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            proc.stop(timeout=5)
+        for pid in self.daemon_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def balance(tmp_path):
+    """A :class:`BalanceRunner` whose processes die with the test."""
+    runner = BalanceRunner(tmp_path / "state")
+    yield runner
+    runner.cleanup()
+
+
+@pytest.fixture
+def backends():
+    """Factory for :class:`Backend` objects, all closed after the test."""
+    made: list[Backend] = []
+
+    def make(tag: str = "", host: str = "127.0.0.1", mode: str = "tag") -> Backend:
+        b = Backend(tag, host=host, mode=mode)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def read_tag(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
+    """Connect through the proxy and return the backend's tag line."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip()
