@@ -16,7 +16,7 @@ import socket
 
 from gbalance.config import ProxyConfig
 from gbalance.daemon import detach
-from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, BalanceError
+from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
 from gbalance.log import Log
 from gbalance.state import MON_ENABLED, MON_NONE, MasterRunning, SharedState, StateError, state_path
 
@@ -187,6 +187,11 @@ def run_master(cfg: ProxyConfig) -> int:
             raise
         report(exc.code, exc.message)
         os._exit(exc.code)
+    except Exception as exc:  # a bug: the waiting parent still gets one line
+        if report is None:
+            raise
+        report(EX_SOFTWARE, f"internal error: {type(exc).__name__}: {exc}")
+        os._exit(EX_SOFTWARE)
     if cfg.debug:
         master.trace_channels()
     if report is not None:

@@ -8,9 +8,11 @@ on loopback (127.0.0.1 and ::1).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -46,7 +48,10 @@ class Backend:
     """A threaded TCP server on loopback.
 
     Mode ``tag``: sends its tag and a newline on connect, then echoes.
-    Mode ``echo``: echoes only.  ``connections`` counts accepted clients and
+    Mode ``echo``: echoes only.
+    Mode ``eof``: reads until the client half-closes, then replies
+    ``<bytes read> <sha256>`` and closes (tests half-close).
+    Mode ``rst``: sends 100 KB, then resets the connection (SO_LINGER 0).  ``connections`` counts accepted clients and
     ``peers`` records their addresses (to check ``-B``).
     """
 
@@ -84,6 +89,20 @@ class Backend:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             try:
+                if self.mode == "eof":
+                    digest, total = hashlib.sha256(), 0
+                    while True:
+                        data = conn.recv(65536)
+                        if not data:
+                            break
+                        digest.update(data)
+                        total += len(data)
+                    conn.sendall(f"{total} {digest.hexdigest()}\n".encode())
+                    return
+                if self.mode == "rst":
+                    conn.sendall(b"x" * 100_000)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
                 if self.mode == "tag":
                     conn.sendall(self.tag + b"\n")
                 while True:
@@ -99,6 +118,63 @@ class Backend:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+class HangingListener:
+    """A listener whose connects hang: backlog 0 and a full accept queue.
+
+    Linux then drops further SYNs, so a connect neither succeeds nor is
+    refused until its timeout - like a backend whose machine is down.
+    """
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        # Fill the accept queue (it holds backlog + 1 entries).
+        for _ in range(8):
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            f.setblocking(False)
+            f.connect_ex((host, self.port))
+            self.fillers.append(f)
+        time.sleep(0.05)
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(0.3)
+        try:
+            probe.connect((host, self.port))
+            hung = False
+        except (socket.timeout, OSError):
+            hung = True
+        finally:
+            probe.close()
+        assert hung, "could not make a listener whose connects hang"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def close(self) -> None:
+        for f in self.fillers:
+            f.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def hanging():
+    """Factory for :class:`HangingListener`, closed after the test."""
+    made: list[HangingListener] = []
+
+    def make(host: str = "127.0.0.1") -> HangingListener:
+        h = HangingListener(host)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
 
 
 class Proc:
