@@ -29,7 +29,18 @@ RESUME_DELAY = 0.1
 
 
 class ChannelEvents(Hooks):
-    """Counting, tracing and autodisable around connect attempts."""
+    """Counting, tracing, autodisable and passive detection around connects.
+
+    With monitoring on (``passive``) and not switched off in the shell, a
+    failed or timed-out connect soft-disables the channel at once (the
+    monitor re-enables it when its checks pass) and a connect pending past
+    the stagger delay marks the channel suspect.  Without monitoring, ``-a``
+    keeps balance's meaning: soft-disable, re-enable by hand.
+    """
+
+    # Table names only this class uses, imported here so that the class can
+    # change without touching the module header (which others edit).
+    from gbalance.state import C_PASSES, H_MONITOR, MON_ENABLED
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
                  autodisable: bool = False, passive: bool = False):
@@ -39,6 +50,10 @@ class ChannelEvents(Hooks):
         self.debug = debug
         self.autodisable = autodisable
         self.passive = passive
+
+    def _monitoring(self) -> bool:
+        """Passive detection applies only while the shell leaves monitoring on."""
+        return self.passive and self.q[self.H_MONITOR] == self.MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
         q = self.q
@@ -65,21 +80,32 @@ class ChannelEvents(Hooks):
                 self.log.trace(f"connection refused group {g} channel {c}\n")
         if self.q[slot(g, c, C_STATUS)] != ENABLED:
             return
-        if self.passive:
-            with self.state.change():
-                self.state.set_status(g, c, SOFT_DISABLED)
-            self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
-                             " (monitoring re-enables it when checks pass)")
+        if self._monitoring():
+            if self._soft_disable(g, c):
+                self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
+                                 " (monitoring re-enables it when checks pass)")
         elif self.autodisable:
-            with self.state.change():
-                self.state.set_status(g, c, SOFT_DISABLED)
-            self.log.warning(f"connection failed group {g} channel {c}")
-            self.log.warning(f"{self._where(g, c)} needs to be enabled manually using balance -i after the problem is solved")
+            if self._soft_disable(g, c):
+                self.log.warning(f"connection failed group {g} channel {c}")
+                self.log.warning(f"{self._where(g, c)} needs to be enabled manually using balance -i"
+                                 " after the problem is solved")
+
+    def _soft_disable(self, g: int, c: int) -> bool:
+        """Soft-disable an enabled channel; False if someone changed it first."""
+        with self.state.change():
+            if self.q[slot(g, c, C_STATUS)] != ENABLED:
+                return False
+            self.state.set_status(g, c, SOFT_DISABLED)
+            # The monitor's rise count starts again from this failure.
+            self.q[slot(g, c, self.C_PASSES)] = 0
+        return True
 
     def cancel(self, g: int, c: int) -> None:
         self.q[slot(g, c, C_C)] -= 1
 
     def suspect(self, g: int, c: int) -> None:
+        if not self._monitoring():
+            return
         idx = slot(g, c, C_SUSPECT)
         if not self.q[idx]:
             self.q[idx] = 1

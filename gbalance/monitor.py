@@ -1,0 +1,347 @@
+"""Health checks (``-m``): soft-disable failing channels, re-enable passing ones.
+
+The monitor runs inside the master's gevent hub.  Every ``interval`` it
+reads the table afresh (the shell may have created or re-pointed channels),
+starts one greenlet per channel that is not hard-disabled and runs that
+channel's check chain: ``connect`` and ``command=`` checks in order, stopping
+at the first failure.  Each result is applied as soon as it is known:
+
+* ``fall`` consecutive failures soft-disable an enabled channel (unless
+  ``nodisable``);
+* ``rise`` consecutive passes re-enable a soft-disabled channel (unless
+  ``noenable``); any pass clears the channel's *suspect* mark;
+* hard-disabled channels are never checked nor touched;
+* while the shell has monitoring disabled nothing changes at all.
+
+Checks never outlive their round: whatever is still running at the end of
+the interval (a connect that hangs, a command that hangs) fails and is
+stopped, command processes are killed with their whole process group.  A
+round that ends after the next tick skips that tick, as balance.fm does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import gevent
+import gevent.pool
+import gevent.socket
+import gevent.subprocess
+
+from gbalance.log import Log
+from gbalance.monspec import Check, MonitorSpec
+from gbalance.state import (C_FAILS, C_PASSES, C_PORT, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
+                            MON_ENABLED, SOFT_DISABLED, SharedState, slot)
+
+#: Characters that only mean something to a shell: a command containing one
+#: of them runs under ``/bin/sh -c``, any other is executed directly.
+SHELL_CHARS = re.compile(r"[|&;<>()$`\\\"'*?\[#~\n]")
+#: How many lines (and characters per line) of a command's output are logged.
+OUTPUT_LINES = 20
+OUTPUT_WIDTH = 200
+#: Time allowed to reap a command after it was killed.
+REAP_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """One channel as it was when its checks started."""
+
+    group: int
+    channel: int
+    address: str
+    port: int
+
+    @property
+    def where(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"group {self.group} channel {self.channel} {host}:{self.port}"
+
+
+def expand(template: str, address: str, port: int) -> str:
+    """Substitute ``%H`` (address), ``%P`` (port) and ``%%``; other ``%x`` stay as written."""
+    def repl(m: re.Match) -> str:
+        return {"%H": address, "%P": str(port), "%%": "%"}.get(m.group(0), m.group(0))
+    return re.sub(r"%.", repl, template)
+
+
+def command_argv(line: str) -> list[str]:
+    """The argv to run ``line``: direct when it is plain words, else via ``/bin/sh -c``.
+
+    A shell is used only when the line needs one: redirections, pipes,
+    quoting, globbing, variables, or a first word that is no program on
+    ``$PATH`` (a shell builtin such as ``exit``, or an assignment).
+    """
+    words = line.split()
+    if not words or SHELL_CHARS.search(line) or "=" in words[0]:
+        return ["/bin/sh", "-c", line]
+    if "/" not in words[0] and shutil.which(words[0]) is None:
+        return ["/bin/sh", "-c", line]
+    return words
+
+
+class Monitor:
+    """Periodic checks of every channel; see the module docstring."""
+
+    def __init__(self, state: SharedState, spec: MonitorSpec, connect_timeout: float, log: Log,
+                 source: dict[int, tuple] | None = None):
+        self.state = state
+        self.q = state.q
+        self.spec = spec
+        self.connect_timeout = connect_timeout
+        self.log = log
+        self.source = source or {}
+        self.rounds = 0
+        self._greenlet: gevent.Greenlet | None = None
+        self._checks = gevent.pool.Group()
+        self._was_enabled = True
+        self._overrunning = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start checking (the first round runs at once)."""
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        """Stop checking; running checks are cancelled and their commands killed."""
+        if self._greenlet is not None:
+            self._greenlet.kill(block=True, timeout=REAP_GRACE + 1)
+            self._greenlet = None
+        self._checks.kill(block=True, timeout=REAP_GRACE + 1)
+
+    # -- scheduling ----------------------------------------------------------
+
+    def _loop(self) -> None:
+        interval = self.spec.interval
+        next_at = time.monotonic()
+        while True:
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                gevent.sleep(delay)
+            started = time.monotonic()
+            if self.state.monitor == MON_ENABLED:
+                self._was_enabled = True
+                self.run_round(started + interval)
+            elif self._was_enabled:
+                self._was_enabled = False
+                self._clear_suspects()
+            finished = time.monotonic()
+            next_at = self._next_tick(started, finished, interval)
+
+    def _next_tick(self, started: float, finished: float, interval: float) -> float:
+        """The start of the next round; ticks that passed during an overrun are skipped."""
+        next_at = started + interval
+        if finished <= next_at:
+            self._overrunning = False
+            return next_at
+        skipped = math.ceil((finished - next_at) / interval)
+        if not self._overrunning:
+            self.log.warning(f"monitoring: checks took {finished - started:.2f}s, longer than the"
+                             f" interval of {interval:g}s; skipping {skipped} interval(s)")
+        self._overrunning = True
+        return next_at + skipped * interval
+
+    def targets(self) -> list[Target]:
+        """Every channel that may be checked now, read fresh from the table."""
+        st, q = self.state, self.q
+        found = []
+        for g in range(st.ngroups):
+            for c in range(st.nchannels(g)):
+                if q[slot(g, c, C_STATUS)] == HARD_DISABLED:
+                    continue
+                found.append(Target(g, c, st.address(g, c), q[slot(g, c, C_PORT)]))
+        return found
+
+    def run_round(self, deadline: float) -> None:
+        """Check all channels in parallel; return when all are done or the deadline passed."""
+        self.rounds += 1
+        for target in self.targets():
+            self._checks.spawn(self._check_channel, target, deadline)
+        # Each check stops itself at the deadline; the slack covers reaping.
+        self._checks.join(timeout=max(0.0, deadline - time.monotonic()) + REAP_GRACE + 1)
+        self._checks.kill(block=False)
+
+    # -- one channel -----------------------------------------------------------
+
+    def _check_channel(self, target: Target, deadline: float) -> None:
+        reason = None
+        for check in self.spec.checks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                reason = "checks did not finish within the interval"
+                break
+            if check.kind == "connect":
+                reason = self._connect(target, check, remaining)
+            else:
+                reason = self._command(target, check, remaining)
+            if reason is not None:
+                break
+        self.apply(target, reason)
+
+    def _connect(self, target: Target, check: Check, remaining: float) -> str | None:
+        """None when a TCP connect to the channel succeeds, else why not."""
+        limit = check.timeout if check.timeout is not None else self.connect_timeout
+        cut = not limit or limit > remaining
+        wait = remaining if cut else limit
+        family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+        addr = (target.address, target.port, 0, 0) if family == socket.AF_INET6 else (target.address, target.port)
+        sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            src = self.source.get(family)
+            if src is not None:
+                sock.bind(src)
+            sock.settimeout(wait)
+            sock.connect(addr)
+        except socket.timeout:
+            if cut:
+                return "connect check still pending at the end of the interval"
+            return f"connect timed out after {wait:g}s"
+        except OSError as exc:
+            return f"connect failed: {exc.strerror or exc}"
+        finally:
+            sock.close()
+        return None
+
+    def _command(self, target: Target, check: Check, remaining: float) -> str | None:
+        """None when the command exits with a passing code, else why not."""
+        line = expand(check.command, target.address, target.port)
+        argv = command_argv(line)
+        try:
+            proc = gevent.subprocess.Popen(argv, stdin=gevent.subprocess.DEVNULL,
+                                           stdout=gevent.subprocess.PIPE,
+                                           stderr=gevent.subprocess.STDOUT,
+                                           start_new_session=True, close_fds=True)
+        except OSError as exc:
+            return f"cannot run {argv[0]}: {exc.strerror or exc}"
+        killed = False
+        try:
+            try:
+                out, _ = proc.communicate(timeout=remaining)
+            except gevent.subprocess.TimeoutExpired:
+                killed = True
+                _kill_group(proc)
+                try:
+                    out, _ = proc.communicate(timeout=REAP_GRACE)
+                except gevent.subprocess.TimeoutExpired:
+                    out = b""
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc)
+                gevent.spawn(_reap, proc)
+        self._log_output(target, out)
+        if killed:
+            return f"command {line!r} still running at the end of the interval (killed)"
+        code = proc.returncode
+        if code in check.passes:
+            return None
+        if code < 0:
+            return f"command {line!r} died of signal {-code}"
+        return f"command {line!r} exited with {code}"
+
+    def _log_output(self, target: Target, out: bytes | None) -> None:
+        """Send a command's output to the log (never to the master's stdout)."""
+        if not out:
+            return
+        lines = out.decode("utf-8", "replace").splitlines()
+        for text in lines[:OUTPUT_LINES]:
+            self.log.info(f"{target.where} check output: {text[:OUTPUT_WIDTH]}")
+        if len(lines) > OUTPUT_LINES:
+            self.log.info(f"{target.where} check output: ({len(lines) - OUTPUT_LINES} more lines)")
+
+    # -- results ------------------------------------------------------------
+
+    def apply(self, target: Target, reason: str | None) -> None:
+        """Record one chain's result (None = passed) and change the channel's state if due."""
+        messages: list[tuple[str, str]] = []
+        with self.state.change():
+            if not self._still_same(target):
+                return
+            if reason is None:
+                self._passed(target, messages)
+            else:
+                self._failed(target, reason, messages)
+        for level, text in messages:
+            getattr(self.log, level)(text)
+
+    def _still_same(self, target: Target) -> bool:
+        """False when monitoring was switched off or the channel changed meanwhile."""
+        st = self.state
+        g, c = target.group, target.channel
+        return (st.monitor == MON_ENABLED and g < st.ngroups and c < st.nchannels(g)
+                and st.address(g, c) == target.address and self.q[slot(g, c, C_PORT)] == target.port
+                and self.q[slot(g, c, C_STATUS)] != HARD_DISABLED)
+
+    def _passed(self, target: Target, messages: list[tuple[str, str]]) -> None:
+        q, st, spec = self.q, self.state, self.spec
+        g, c = target.group, target.channel
+        q[slot(g, c, C_FAILS)] = 0
+        passes = q[slot(g, c, C_PASSES)] + 1
+        q[slot(g, c, C_PASSES)] = passes
+        if q[slot(g, c, C_SUSPECT)]:
+            q[slot(g, c, C_SUSPECT)] = 0
+            messages.append(("info", f"{target.where} no longer suspect: checks pass"))
+        if q[slot(g, c, C_STATUS)] != SOFT_DISABLED or not spec.enable:
+            return
+        if passes >= spec.rise:
+            st.set_status(g, c, ENABLED)
+            messages.append(("warning", f"{target.where} enabled by monitoring: checks pass"
+                                        f" ({passes} in a row)"))
+        else:
+            messages.append(("info", f"{target.where} check passed ({passes} of {spec.rise} to enable)"))
+
+    def _failed(self, target: Target, reason: str, messages: list[tuple[str, str]]) -> None:
+        q, st, spec = self.q, self.state, self.spec
+        g, c = target.group, target.channel
+        q[slot(g, c, C_PASSES)] = 0
+        fails = q[slot(g, c, C_FAILS)] + 1
+        q[slot(g, c, C_FAILS)] = fails
+        if q[slot(g, c, C_STATUS)] != ENABLED:
+            return
+        if not spec.disable:
+            if fails == 1:
+                messages.append(("info", f"{target.where} check failed: {reason} (nodisable: stays enabled)"))
+            return
+        if fails >= spec.fall:
+            st.set_status(g, c, SOFT_DISABLED)
+            messages.append(("warning", f"{target.where} soft-disabled by monitoring: {reason}"
+                                        f" ({fails} failed check{'s' if fails > 1 else ''} in a row)"))
+        else:
+            messages.append(("info", f"{target.where} check failed: {reason} ({fails} of {spec.fall} to disable)"))
+
+    def _clear_suspects(self) -> None:
+        """Monitoring was switched off: nothing would clear suspect marks, so drop them now."""
+        st, q = self.state, self.q
+        for g in range(st.ngroups):
+            for c in range(st.nchannels(g)):
+                q[slot(g, c, C_SUSPECT)] = 0
+
+
+def _kill_group(proc: gevent.subprocess.Popen) -> None:
+    """Kill a check command and everything it started (it leads its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except OSError:
+            pass
+
+
+def _reap(proc: gevent.subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=REAP_GRACE)
+    except gevent.subprocess.TimeoutExpired:
+        pass
+    for stream in (proc.stdout,):
+        if stream is not None:
+            stream.close()
+
