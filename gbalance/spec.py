@@ -9,6 +9,7 @@ never resolves a name per connection.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -34,10 +35,20 @@ class GroupSpec:
     channels: list[ChannelSpec] = field(default_factory=list)
 
 
+MAX_MAXC = 2**31 - 1            # balance keeps maxc in a C int
+KEEPALIVE_LIMITS = (32767, 32767, 127)   # Linux: TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts ``²`` and ``٨``."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_port(word: str) -> int:
     """A port number or ``/etc/services`` name, 1..65535."""
     text = word.strip()
-    if text.isdigit():
+    if _is_number(text):
         port = int(text)
     else:
         try:
@@ -50,8 +61,13 @@ def parse_port(word: str) -> int:
 
 
 def parse_maxc(word: str) -> int:
-    """A maximum connection count: 0 (unlimited) or more."""
-    if not word.isdigit():
+    """A maximum connection count: 0 (unlimited) up to a C int's maximum.
+
+    Bounded because the count lands in a 64-bit slot of the shared table
+    and balance itself keeps it in an int: a huge value must be a usage
+    error here, not an overflow in the master.
+    """
+    if not _is_number(word) or int(word) > MAX_MAXC:
         raise BalanceError(f"invalid maxc [{word}]", EX_USAGE)
     return int(word)
 
@@ -64,9 +80,14 @@ def resolve_host(host: str, prefer_ipv4: bool = True) -> str:
     all there is.
     """
     try:
-        return str(ipaddress.ip_address(host))
+        literal = ipaddress.ip_address(host)
     except ValueError:
         pass
+    else:
+        if literal.version == 6:
+            # libc's spelling (``::ffff:127.0.0.1``), not Python 3.11's ``::ffff:7f00:1``.
+            return socket.inet_ntop(socket.AF_INET6, literal.packed)
+        return str(literal)
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -84,7 +105,10 @@ def resolve_host(host: str, prefer_ipv4: bool = True) -> str:
 def split_channel(word: str) -> tuple[str, str | None, str | None]:
     """Split ``host[:port[:maxc]]`` (or ``[v6]:port:maxc``) into its parts.
 
-    A bare IPv6 literal without brackets is taken as a host with no port.
+    A bare IPv6 literal without brackets is taken as a host with no port
+    when it cannot be read as ``host:port:maxc``: three or more colons, or
+    a leading ``::`` (``::1``).  ``fe80::1`` therefore means host ``fe80``
+    with maxc 1, as in balance; write ``[fe80::1]`` for the address.
     """
     if word.startswith("["):
         end = word.find("]")
@@ -95,7 +119,9 @@ def split_channel(word: str) -> tuple[str, str | None, str | None]:
             raise BalanceError(f"unknown or invalid address [{word}]", EX_DATAERR)
         parts = rest[1:].split(":") if rest else []
     else:
-        if word.count(":") > 2:
+        # Three or more colons, or a leading "::", cannot be host:port:maxc
+        # (a host name is never empty), so the word is a bare IPv6 literal.
+        if word.count(":") > 2 or word.startswith("::"):
             try:
                 ipaddress.IPv6Address(word)
                 return word, None, None
@@ -122,8 +148,36 @@ def parse_channel(word: str, default_port: int) -> ChannelSpec:
     )
 
 
+def split_groups(words: list[str]) -> list[tuple[int, list[str]]]:
+    """Split channel words into ``(kind, words)`` groups at ``!`` and ``%``.
+
+    Only the structure is checked here (empty groups, too many groups or
+    channels), before any name is resolved: a malformed command line fails
+    at once instead of after a DNS lookup per channel.
+    """
+    groups: list[tuple[int, list[str]]] = [(RR, [])]
+    for i, word in enumerate(words):
+        if word in ("!", "%"):
+            if not groups[-1][1]:
+                raise BalanceError("no channels in group", EX_UNAVAILABLE)
+            if word == "%":
+                groups[-1] = (HASH, groups[-1][1])
+                if i == len(words) - 1:
+                    break
+            if len(groups) >= MAXGROUPS:
+                raise BalanceError("too many groups", EX_UNAVAILABLE)
+            groups.append((RR, []))
+            continue
+        if len(groups[-1][1]) >= MAXCHANNELS:
+            raise BalanceError("MAXCHANNELS exceeded", EX_USAGE)
+        groups[-1][1].append(word)
+    if not groups[-1][1]:
+        raise BalanceError("no channels in group", EX_UNAVAILABLE)
+    return groups
+
+
 def parse_groups(words: list[str], default_port: int) -> list[GroupSpec]:
-    """Split channel words into groups at ``!`` and ``%``.
+    """Parse channel words into groups.
 
     ``!`` starts a new round-robin group; ``%`` makes the group before it a
     hash group and starts a new one.  A trailing ``%`` only marks the last
@@ -132,45 +186,32 @@ def parse_groups(words: list[str], default_port: int) -> list[GroupSpec]:
     """
     if not words:
         return []
-    groups = [GroupSpec()]
-    for i, word in enumerate(words):
-        if word in ("!", "%"):
-            if not groups[-1].channels:
-                raise BalanceError("no channels in group", EX_UNAVAILABLE)
-            if word == "%":
-                groups[-1].kind = HASH
-                if i == len(words) - 1:
-                    break
-            if len(groups) >= MAXGROUPS:
-                raise BalanceError("too many groups", EX_UNAVAILABLE)
-            groups.append(GroupSpec())
-            continue
-        if len(groups[-1].channels) >= MAXCHANNELS:
-            raise BalanceError("MAXCHANNELS exceeded", EX_USAGE)
-        groups[-1].channels.append(parse_channel(word, default_port))
-    if not groups[-1].channels:
-        raise BalanceError("no channels in group", EX_UNAVAILABLE)
-    return groups
+    return [GroupSpec(kind, [parse_channel(w, default_port) for w in group])
+            for kind, group in split_groups(words)]
 
 
 def parse_keepalive(text: str, option: str) -> tuple[int, int, int]:
-    """Parse ``-k``/``-K`` ``idle,interval,probes`` (whole seconds, > 0)."""
+    """Parse ``-k``/``-K`` ``idle,interval,probes`` (whole seconds, > 0).
+
+    The upper limits are the kernel's (idle and interval 32767 s, 127
+    probes): checking them here makes a bad value a usage error instead of
+    a failing ``setsockopt`` once the master is starting.
+    """
     parts = text.split(",")
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) <= 0:
+    values = tuple(int(p) for p in parts) if all(_is_number(p) for p in parts) else ()
+    if len(values) != 3 or min(values) <= 0 or \
+            any(v > top for v, top in zip(values, KEEPALIVE_LIMITS)):
         raise BalanceError(f"invalid keepalive [{text}] for {option}: expected idle,interval,probes", EX_USAGE)
     return values  # type: ignore[return-value]
 
 
 def parse_seconds(text: str, option: str) -> float:
-    """A non-negative number of seconds (fractions allowed)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
+    """A non-negative number of seconds, plain decimal (``5``, ``0.5``).
+
+    ``float()`` alone would also take ``nan``, ``1_0``, ``1e9`` and
+    non-ASCII digits; balance's seconds are plain numbers.
+    """
+    value = float(text) if _SECONDS.fullmatch(text) else -1.0
     if not value >= 0 or value == float("inf"):
         raise BalanceError(f"invalid timeout [{text}] for {option}", EX_USAGE)
     return value
