@@ -51,7 +51,6 @@ def make_listener(cfg: ProxyConfig) -> socket.socket:
             from gbalance.connect import set_keepalive
             set_keepalive(sock, cfg.client_keepalive)
         sock.bind(sockaddr)
-        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
@@ -156,12 +155,23 @@ class Master:
         for ch in self.state.channels():
             self.log.trace(f"{ch.group:3d} {ch.index:2d} {ch.address}:{ch.port}:{ch.maxc}\n")
 
-    def serve(self) -> int:
-        """Serve until SIGTERM/SIGINT or a shell's ``kill``."""
+    def listen(self) -> None:
+        """Install signal handlers, then start listening.
+
+        In this order a SIGTERM that follows the first accepted connection
+        always finds its handler.
+        """
         import gevent
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             gevent.signal_handler(sig, self.server.stop)
+        try:
+            self.listener.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            raise BalanceError(f"cannot listen on port {self.cfg.port}: {exc.strerror}", EX_OSERR)
+
+    def serve(self) -> int:
+        """Serve until SIGTERM/SIGINT or a shell's ``kill``."""
         if self.monitor is not None:
             self.monitor.start()
         try:
@@ -179,19 +189,22 @@ def run_master(cfg: ProxyConfig) -> int:
     """Start a master in the foreground (``-f``) or as a daemon."""
     report = None if cfg.foreground else detach()
     log = Log(foreground=cfg.foreground)
+    master = None
     try:
         master = Master(cfg, log)
         master.build()
-    except BalanceError as exc:
+        master.listen()
+    except Exception as exc:
+        if master is not None:
+            master.remove_state()
+        if isinstance(exc, BalanceError):
+            code, message = exc.code, exc.message
+        else:  # a bug: still one line, for the terminal or the waiting parent
+            code, message = EX_SOFTWARE, f"internal error: {type(exc).__name__}: {exc}"
         if report is None:
-            raise
-        report(exc.code, exc.message)
-        os._exit(exc.code)
-    except Exception as exc:  # a bug: the waiting parent still gets one line
-        if report is None:
-            raise
-        report(EX_SOFTWARE, f"internal error: {type(exc).__name__}: {exc}")
-        os._exit(EX_SOFTWARE)
+            raise BalanceError(message, code)
+        report(code, message)
+        os._exit(code)
     if cfg.debug:
         master.trace_channels()
     if report is not None:

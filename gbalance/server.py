@@ -26,6 +26,7 @@ from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
+EXHAUSTION_LOG_EVERY = 30.0
 
 
 class ChannelEvents(Hooks):
@@ -167,6 +168,7 @@ class BalanceServer(StreamServer):
         self.family = listener.family
         self.links: dict[Link, float] = {}
         self.paused = False
+        self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
         self._resume_timer = None
         self._sweeper = None
@@ -211,7 +213,12 @@ class BalanceServer(StreamServer):
         if self.paused:
             return
         self.paused = True
-        self.log.warning(f"accept failed: {exc.strerror}; pausing new connections")
+        now = self.loop.now()
+        if now >= self.quiet_until:      # at most one line per EXHAUSTION_LOG_EVERY
+            self.quiet_until = now + EXHAUSTION_LOG_EVERY
+            more = f" ({self.deferred - 1} more since the last report)" if self.deferred > 1 else ""
+            self.log.warning(f"accept failed: {exc.strerror}; pausing new connections{more}")
+            self.deferred = 0
         self.stop_accepting()
         self._resume_timer = self.loop.timer(RESUME_DELAY)
         self._resume_timer.start(self._resume)

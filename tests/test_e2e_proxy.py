@@ -1,0 +1,424 @@
+"""End-to-end behaviour of the proxy: the real ``balance`` CLI against real backends."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import (BALANCE, ROOT, free_port, ipv6_available, pid_alive, read_tag, wait_port)
+
+from gbalance.state import H_PID, SharedState, state_path
+
+
+def attach(balance, port: int, bind: str | None = None) -> SharedState:
+    return SharedState.attach(state_path(port, bind, str(balance.state_dir)))
+
+
+def test_round_robin_order(balance, backends):
+    a, b, c = backends("A"), backends("B"), backends("C")
+    port = free_port()
+    balance.start(str(port), a.spec, b.spec, c.spec, port=port)
+    tags = [read_tag(port) for _ in range(7)]
+    # wait_port's probe connection took channel 0 already.
+    assert tags == ["B", "C", "A", "B", "C", "A", "B"]
+
+
+def test_failover_on_refusal_and_counters(balance, backends):
+    dead = free_port()
+    backup = backends("BACKUP")
+    port = free_port()
+    balance.start(str(port), f"127.0.0.1:{dead}", "!", backup.spec, port=port)
+    time.sleep(0.2)
+    st = attach(balance, port)
+    try:
+        before = st.channel(0, 0).totalc, st.channel(1, 0).totalc
+        assert [read_tag(port) for _ in range(3)] == ["BACKUP"] * 3
+        dead_ch, live_ch = st.channel(0, 0), st.channel(1, 0)
+        assert dead_ch.totalc - before[0] == 3 and dead_ch.c == 0   # every attempt counts
+        assert live_ch.totalc - before[1] == 3
+        deadline = time.monotonic() + 5
+        while st.channel(1, 0).c and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert st.channel(1, 0).c == 0
+    finally:
+        st.close()
+
+
+def test_failover_on_connect_that_never_completes(balance, backends, hanging):
+    primary = hanging()
+    backup = backends("BACKUP")
+    port = free_port()
+    balance.start("-t", "1", str(port), primary.spec, "!", backup.spec, port=port)
+    start = time.monotonic()
+    assert read_tag(port) == "BACKUP"
+    elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 3.0, elapsed
+
+
+def test_all_channels_fail_closes_client(balance):
+    port = free_port()
+    balance.start(str(port), f"127.0.0.1:{free_port()}", port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.recv(10) == b""
+
+
+def test_no_channels_accepts_and_closes(balance):
+    port = free_port()
+    balance.start(str(port), port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.recv(10) == b""
+
+
+def test_hash_group_sticky_and_spread_ipv4(balance, backends):
+    chans = [backends(t) for t in "ABCD"]
+    port = free_port()
+    balance.start("-b", "127.0.0.1", str(port), *[c.spec for c in chans], "%", port=port)
+    seen: dict[str, str] = {}
+    for i in range(2, 42):
+        src = f"127.0.0.{i}"
+        tags = set()
+        for _ in range(3):
+            s = socket.socket()
+            s.settimeout(5)
+            s.bind((src, 0))
+            s.connect(("127.0.0.1", port))
+            tags.add(s.recv(10).decode().strip())
+            s.close()
+        assert len(tags) == 1, (src, tags)       # the same client, the same channel
+        seen[src] = tags.pop()
+    counts = {t: list(seen.values()).count(t) for t in "ABCD"}
+    assert all(n >= 3 for n in counts.values()), counts   # spread over every channel
+
+
+def test_hash_failover_with_H(balance, backends):
+    live = backends("LIVE")
+    dead = f"127.0.0.1:{free_port()}"
+    port = free_port()
+    # Without -H a failed hash channel goes to the next group (none): closed.
+    # With -H the next channel of the hash group takes it.
+    balance.start("-H", str(port), dead, live.spec, "%", port=port)
+    assert {read_tag(port) for _ in range(5)} == {"LIVE"}
+
+
+def test_maxc_overflow_to_next_group(balance, backends):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    balance.start(str(port), f"{a.spec}:1", "!", b.spec, port=port)
+    time.sleep(0.2)  # let wait_port's probe connection close
+    held = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert held.recv(10) == b"A\n"
+    assert read_tag(port) == "B"                  # A is at maxc 1
+    held.close()
+    time.sleep(0.3)
+    assert read_tag(port) == "A"
+
+
+def test_source_address_B(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start("-B", "127.0.0.3", str(port), be.spec, port=port)
+    read_tag(port)
+    assert be.peers[-1] == "127.0.0.3"
+
+
+def test_bind_address_b(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start("-b", "127.0.0.2", str(port), be.spec, port=port, host="127.0.0.2")
+    assert read_tag(port, host="127.0.0.2") == "X"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+def test_ipv6_listen_and_ipv6_backend(balance, backends):
+    v6 = backends("SIX", host="::1")
+    port = free_port()
+    balance.start("-6", str(port), v6.spec, port=port)
+    assert read_tag(port, host="::1") == "SIX"
+    assert read_tag(port, host="127.0.0.1") == "SIX"   # dual stack
+
+
+def test_without_6_listens_ipv4_only(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start(str(port), be.spec, port=port)
+    with pytest.raises(OSError):
+        socket.create_connection(("::1", port), timeout=2)
+
+
+def _transfer(port: int, payload: bytes) -> bytes:
+    """Send payload through an echo backend while reading the echo."""
+    out = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        def writer():
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+        t = threading.Thread(target=writer)
+        t.start()
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                break
+            out += chunk
+        t.join()
+    return bytes(out)
+
+
+def test_20mb_checksummed_both_ways(balance, backends):
+    be = backends(mode="echo")
+    port = free_port()
+    balance.start(str(port), be.spec, port=port)
+    payload = os.urandom(20 * 1024 * 1024)
+    echoed = _transfer(port, payload)
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    st = attach(balance, port)
+    try:
+        ch = st.channel(0, 0)
+        assert ch.sent == len(payload) and ch.rcvd == len(payload)
+    finally:
+        st.close()
+
+
+def test_20mb_with_packet_dump_path(balance, backends):
+    """The copy path (no splice) with back-pressure, via -p to /dev/null."""
+    be = backends(mode="echo")
+    port = free_port()
+    balance.start("-p", str(port), be.spec, port=port, stdout=subprocess.DEVNULL)
+    payload = os.urandom(2 * 1024 * 1024)
+    assert _transfer(port, payload) == payload
+
+
+def test_half_close_is_propagated(balance, backends):
+    be = backends(mode="eof")
+    port = free_port()
+    balance.start(str(port), be.spec, port=port)
+    request = os.urandom(300_000)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert reply.decode().split() == [str(len(request)), hashlib.sha256(request).hexdigest()]
+
+
+def test_backend_dying_mid_transfer_closes_only_that_client(balance, backends):
+    dying, steady = backends(mode="rst"), backends("S")
+    p1, p2 = free_port(), free_port()
+    balance.start(str(p1), dying.spec, port=p1)
+    balance.start(str(p2), steady.spec, port=p2)
+    other = socket.create_connection(("127.0.0.1", p1), timeout=10)
+    with socket.create_connection(("127.0.0.1", p1), timeout=10) as s:
+        got = 0
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+    assert got <= 100_000
+    other.close()
+    assert read_tag(p2) == "S"
+    # The master survived and still serves.
+    with socket.create_connection(("127.0.0.1", p1), timeout=10) as s:
+        assert s.recv(10)
+
+
+def test_idle_timeout_T(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start("-T", "1", str(port), be.spec, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as busy:
+        idle.recv(10)
+        busy.recv(10)
+        start = time.monotonic()
+        for _ in range(8):                  # busy talks every 0.25 s for 2 s
+            busy.sendall(b"ping")
+            assert busy.recv(10) == b"ping"
+            time.sleep(0.25)
+        assert idle.recv(10) == b""         # closed by -T
+        assert time.monotonic() - start < 5
+        busy.sendall(b"still")
+        assert busy.recv(10) == b"still"
+
+
+def _ss_keepalive_timers(port: int) -> list[str]:
+    out = subprocess.run(["ss", "-tnoH", "state", "established"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if f":{port} " in line and "keepalive" in line]
+
+
+def test_keepalive_options_k_and_K(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start("-k", "61,7,3", "-K", "71,9,4", str(port), be.spec, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.recv(10)
+        time.sleep(0.2)
+        client_side = _ss_keepalive_timers(port)
+        server_side = _ss_keepalive_timers(be.port)
+    # The proxy's accepted socket (local port = listen port) and its backend socket.
+    assert any("keepalive,1min" in l or "keepalive,1.0" in l or "keepalive,6" in l for l in client_side), client_side
+    assert any("keepalive,1min1" in l or "keepalive,7" in l for l in server_side), server_side
+
+
+def test_nodelay_and_keepalive_by_default(balance, backends):
+    be = backends("X")
+    port = free_port()
+    balance.start(str(port), be.spec, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.recv(10)
+        time.sleep(0.2)
+        assert _ss_keepalive_timers(port), "client side socket has no keepalive"
+        assert _ss_keepalive_timers(be.port), "server side socket has no keepalive"
+
+
+def test_urgent_data_forwarded(balance):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(5)
+    bport = lsock.getsockname()[1]
+    port = free_port()
+    balance.start(str(port), f"127.0.0.1:{bport}", port=port)
+    lsock.settimeout(10)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"abc")
+        while True:                    # skip wait_port's probe, if it got through
+            srv, _ = lsock.accept()
+            srv.settimeout(10)
+            if srv.recv(3) == b"abc":
+                break
+            srv.close()
+        with srv:
+            # A socket timeout makes Python poll for POLLIN, which urgent data
+            # alone never raises: wait with select() and read blocking.
+            srv.settimeout(None)
+            c.settimeout(None)
+            c.send(b"!", socket.MSG_OOB)
+            ready = select.select([], [], [srv], 5)[2]
+            assert ready, "no urgent data arrived at the backend"
+            assert srv.recv(1, socket.MSG_OOB) == b"!"
+            srv.send(b"?", socket.MSG_OOB)
+            assert select.select([], [], [c], 5)[2]
+            assert c.recv(1, socket.MSG_OOB) == b"?"
+    lsock.close()
+
+
+def test_fd_exhaustion_pauses_and_resumes(balance, backends, tmp_path):
+    be = backends("X")
+    port = free_port()
+    env = dict(balance.env)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    err_path = tmp_path / "err"
+    with open(err_path, "wb") as err:
+        p = subprocess.Popen(BALANCE + ["-f", str(port), be.spec], env=env, stdout=subprocess.DEVNULL,
+                             stderr=err, preexec_fn=limit, cwd=ROOT)
+        try:
+            wait_port(port)
+            held = []
+            for _ in range(60):      # each costs 2 fds in the proxy
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                held.append(s)
+            time.sleep(1.0)
+            assert p.poll() is None, "balance died on EMFILE"
+            for s in held:
+                s.close()
+            time.sleep(0.5)
+            assert read_tag(port) == "X"      # accepting resumed
+            assert p.poll() is None
+        finally:
+            p.terminate()
+            p.wait(10)
+    text = err_path.read_text()
+    assert "Traceback" not in text
+    assert text.count("pausing new connections") == 1, text   # one line per episode
+
+
+def test_daemon_mode_detaches_and_serves(balance, backends):
+    be = backends("D")
+    port = free_port()
+    start = time.monotonic()
+    r = balance.run(str(port), be.spec, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - start < 10
+    wait_port(port)
+    st = attach(balance, port)
+    pid = st.q[H_PID]
+    st.close()
+    balance.daemon_pids.append(pid)
+    assert pid_alive(pid)
+    assert read_tag(port) == "D"
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+    assert not os.path.exists(state_path(port, None, str(balance.state_dir)))
+
+
+def test_daemon_reports_startup_errors(balance, backends):
+    be = backends("D")
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    r = balance.run(str(port), be.spec, timeout=20)
+    busy.close()
+    assert r.returncode == 71
+    assert "Address already in use" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_second_master_refused_and_stale_file_taken_over(balance, backends):
+    be = backends("X")
+    port = free_port()
+    first = balance.start(str(port), be.spec, port=port)
+    r = balance.run("-f", str(port), be.spec, timeout=20)
+    assert r.returncode == 71
+    assert f"pid {first.pid}" in r.stderr and "already running" in r.stderr
+    first.stop(signal.SIGKILL)             # dies without cleaning up
+    assert os.path.exists(state_path(port, None, str(balance.state_dir)))
+    balance.start(str(port), be.spec, port=port)
+    assert read_tag(port) == "X"
+
+
+def test_sigterm_and_sigint_shut_down_cleanly(balance, backends):
+    be = backends("X")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        port = free_port()
+        proc = balance.start(str(port), be.spec, port=port)
+        path = state_path(port, None, str(balance.state_dir))
+        assert os.path.exists(path)
+        out, err = proc.stop(sig)
+        assert proc.p.returncode == 0, err
+        assert "Traceback" not in err
+        assert not os.path.exists(path)
+
+
+def test_unwritable_state_directory(tmp_path, backends):
+    be = backends("X")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    env = dict(os.environ, BALANCE_STATE_DIR=str(blocker / "sub"))
+    r = subprocess.run(BALANCE + ["-f", str(free_port()), be.spec], env=env, capture_output=True,
+                       text=True, timeout=20, cwd=ROOT)
+    assert r.returncode == 71, r.stderr
+    assert "state directory" in r.stderr and "BALANCE_STATE_DIR" in r.stderr
+    assert "Traceback" not in r.stderr
