@@ -195,6 +195,10 @@ class Monitor:
         family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
         addr = (target.address, target.port, 0, 0) if family == socket.AF_INET6 else (target.address, target.port)
         sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+        # A connect pending past the stagger delay marks the channel suspect
+        # at once, as a client's would: routing skips it before the check ends.
+        marker = gevent.spawn_later(self.spec.stagger, self._mark_suspect, target) \
+            if self.spec.stagger > 0 else None
         try:
             src = self.source.get(family)
             if src is not None:
@@ -208,8 +212,18 @@ class Monitor:
         except OSError as exc:
             return f"connect failed: {exc.strerror or exc}"
         finally:
+            if marker is not None:
+                marker.kill(block=False)
             sock.close()
         return None
+
+    def _mark_suspect(self, target: Target) -> None:
+        g, c = target.group, target.channel
+        if not self._still_same(target) or self.q[slot(g, c, C_SUSPECT)]:
+            return
+        self.q[slot(g, c, C_SUSPECT)] = 1
+        self.log.warning(f"{target.where} suspect: connect check still pending after"
+                         f" {self.spec.stagger:g}s, new connections skip it")
 
     def _command(self, target: Target, check: Check, remaining: float) -> str | None:
         """None when the command exits with a passing code, else why not."""

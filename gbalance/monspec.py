@@ -90,6 +90,8 @@ def parse_monitor(text: str) -> MonitorSpec:
         key, sep, value = pair.partition("=")
         key = key.strip()
         val = value if sep else None
+        if not key:
+            raise _bad("empty key (two colons in a row or a colon at an end?)")
         if key == "connect":
             if val is not None:
                 raise _bad("connect takes no value")

@@ -1,0 +1,320 @@
+"""Health monitoring (``-m``) end to end: a real master, real backends, real commands."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import time
+
+import pytest
+from conftest import Backend, free_port, pid_alive, read_tag
+from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Table, wait_for
+
+from gbalance.monitor import command_argv, expand
+
+INTERVAL = 0.3
+SLACK = 0.35   # scheduling and polling slack on a busy 2-core machine
+
+
+@pytest.fixture
+def table(balance):
+    """Open a master's table by port once it runs; closed after the test."""
+    opened: list[Table] = []
+
+    def open_(port: int) -> Table:
+        t = Table(balance.state_dir, port)
+        opened.append(t)
+        return t
+
+    yield open_
+    for t in opened:
+        t.close()
+
+
+def reopen(backend: Backend, tag: str) -> Backend:
+    """A new backend listening on the port a closed one used."""
+    return Backend(tag, port=backend.port)
+
+
+# -- pure helpers ----------------------------------------------------------------
+
+def test_expand_placeholders():
+    assert expand("chk -h %H -p %P 100%% %S", "10.0.0.1", 8080) == "chk -h 10.0.0.1 -p 8080 100% %S"
+    assert expand("%H:%P", "::1", 22) == "::1:22"
+
+
+def test_command_runs_without_shell_unless_needed():
+    assert command_argv("/bin/true -x 1") == ["/bin/true", "-x", "1"]
+    assert command_argv("true --port=80") == ["true", "--port=80"]
+    for line in ("check > /dev/null", "a | b", "a; b", "a && b", "echo $HOME", "echo 'x y'",
+                 "ls *.py", "X=1 prog", "exit 2"):
+        assert command_argv(line) == ["/bin/sh", "-c", line], line
+
+
+# -- connect checks ------------------------------------------------------------------
+
+def test_dead_port_disabled_then_reenabled_within_one_interval(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    proc = balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    time.sleep(INTERVAL)
+    assert t.status(0, 0) == ENABLED and t.status(0, 1) == ENABLED
+    a.close()
+    took = wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
+    assert took <= INTERVAL + SLACK
+    assert {read_tag(port) for _ in range(4)} == {"B"}
+    a2 = reopen(a, "A2")
+    try:
+        took = wait_for(lambda: t.status(0, 0) == ENABLED, INTERVAL + SLACK)
+        assert took <= INTERVAL + SLACK
+        assert {read_tag(port) for _ in range(4)} == {"A2", "B"}
+    finally:
+        a2.close()
+    _, err = proc.stop()
+    assert f"group 0 channel 0 127.0.0.1:{a.port} soft-disabled by monitoring: connect failed" in err
+    assert f"group 0 channel 0 127.0.0.1:{a.port} enabled by monitoring: checks pass" in err
+
+
+def test_hard_disabled_is_never_touched(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    t.set_status(0, 0, HARD_DISABLED)        # what "disable 0" in the shell does
+    time.sleep(3 * INTERVAL)
+    assert t.status(0, 0) == HARD_DISABLED    # passing checks do not enable it
+    b.close()
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED, INTERVAL + SLACK)
+    t.set_status(0, 1, HARD_DISABLED)
+    b2 = reopen(b, "B2")
+    try:
+        time.sleep(3 * INTERVAL)
+        assert t.status(0, 1) == HARD_DISABLED
+    finally:
+        b2.close()
+
+
+def test_noenable_keeps_failed_channel_disabled(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    balance.start("-m", f"connect:interval={INTERVAL}:noenable", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    a.close()
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
+    a2 = reopen(a, "A2")
+    try:
+        wait_for(lambda: t.snapshot(0, 0)["passes"] >= 3, 5 * INTERVAL + SLACK)   # checks ran and passed
+        assert t.status(0, 0) == SOFT_DISABLED
+    finally:
+        a2.close()
+
+
+def test_nodisable_keeps_failing_channel_enabled(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    proc = balance.start("-m", f"connect:interval={INTERVAL}:nodisable", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    a.close()
+    wait_for(lambda: t.snapshot(0, 0)["fails"] >= 3, 5 * INTERVAL + SLACK)
+    assert t.status(0, 0) == ENABLED
+    _, err = proc.stop()
+    assert "nodisable: stays enabled" in err
+    assert err.count("check failed") == 1     # said once, not every interval
+
+
+def test_rise_and_fall_count_consecutive_results(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    interval = 0.2
+    balance.start("-m", f"connect:interval={interval}:rise=3:fall=2", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    a.close()
+    seen = []
+    wait_for(lambda: seen.append(t.snapshot(0, 0)) or seen[-1]["status"] == SOFT_DISABLED, 6 * interval + SLACK)
+    assert any(s["fails"] == 1 and s["status"] == ENABLED for s in seen)   # one failure is not enough
+    assert all(s["status"] == ENABLED for s in seen if s["fails"] < 2)
+    assert seen[-1]["fails"] == 2
+    a2 = reopen(a, "A2")
+    try:
+        seen = []
+        wait_for(lambda: seen.append(t.snapshot(0, 0)) or seen[-1]["status"] == ENABLED, 8 * interval + SLACK)
+        assert any(s["passes"] == 2 and s["status"] == SOFT_DISABLED for s in seen)
+        assert all(s["status"] == SOFT_DISABLED for s in seen if s["passes"] < 3)
+        assert seen[-1]["passes"] == 3
+    finally:
+        a2.close()
+
+
+def test_monitor_disable_in_shell_freezes_states(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    t.set_monitor(MON_DISABLED)              # what "monitor disable" in the shell does
+    a.close()
+    time.sleep(3 * INTERVAL)
+    assert t.status(0, 0) == ENABLED
+    # Passive detection is part of monitoring: off too (clients still fail over).
+    assert {read_tag(port) for _ in range(3)} == {"B"}
+    assert t.status(0, 0) == ENABLED
+    t.set_monitor(MON_ENABLED)
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
+
+
+def test_channel_created_later_is_checked(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, port=port)
+    t = table(port)
+    dead = free_port()
+    with t.state.change():                   # what "create" then "enable" do
+        c = t.state.add_channel(0, "127.0.0.1", dead)
+    wait_for(lambda: t.status(0, c) == SOFT_DISABLED, INTERVAL + SLACK)
+    with t.state.change():                   # "assign" to a live backend
+        t.state.set_address(0, c, "127.0.0.1", b.port)
+        t.state.bump_generation()
+    wait_for(lambda: t.status(0, c) == ENABLED, INTERVAL + SLACK)
+
+
+# -- passive detection -----------------------------------------------------------------
+
+def test_passive_detection_disables_at_once_and_monitor_reenables(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    interval = 2.0
+    proc = balance.start("-m", f"connect:interval={interval}", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    time.sleep(0.2)                       # the first round (at start) has passed
+    a.close()
+    start = time.monotonic()
+    assert [read_tag(port) for _ in range(2)] == ["B", "B"]   # one of them tried A first
+    assert t.status(0, 0) == SOFT_DISABLED
+    assert time.monotonic() - start < 0.5                     # long before the next round
+    a2 = reopen(a, "A2")
+    try:
+        wait_for(lambda: t.status(0, 0) == ENABLED, interval + SLACK)
+    finally:
+        a2.close()
+    _, err = proc.stop()
+    assert f"group 0 channel 0 127.0.0.1:{a.port} soft-disabled: connect refused" in err
+
+
+def test_autodisable_without_monitoring_needs_manual_enable(balance, backends, table):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    proc = balance.start("-a", str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    a.close()
+    assert [read_tag(port) for _ in range(2)] == ["B", "B"]
+    assert t.status(0, 0) == SOFT_DISABLED
+    a2 = reopen(a, "A2")
+    try:
+        time.sleep(0.5)
+        assert t.status(0, 0) == SOFT_DISABLED
+        assert {read_tag(port) for _ in range(3)} == {"B"}
+    finally:
+        a2.close()
+    _, err = proc.stop()
+    assert "connection failed group 0 channel 0" in err
+    assert f"127.0.0.1:{a.port} needs to be enabled manually" in err
+
+
+# -- command checks ---------------------------------------------------------------------
+
+def script(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+def test_command_pass_codes_and_placeholders(balance, backends, table, tmp_path):
+    a, b = backends("A"), backends("B")
+    calls, code = tmp_path / "calls", tmp_path / "code"
+    code.write_text("2\n")
+    check = script(tmp_path, "check.sh", f'echo "$1 $2 $3" >> {calls}\nexit $(cat {code})\n')
+    port = free_port()
+    balance.start("-m", rf"command={check} %H %P %H\:%P:pass=0,2:interval={INTERVAL}",
+                  str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    wait_for(lambda: calls.exists() and len(calls.read_text().splitlines()) >= 4, 3 * INTERVAL + SLACK)
+    lines = set(calls.read_text().splitlines())
+    assert lines == {f"127.0.0.1 {a.port} 127.0.0.1:{a.port}", f"127.0.0.1 {b.port} 127.0.0.1:{b.port}"}
+    assert t.status(0, 0) == ENABLED          # exit 2 passes
+    code.write_text("1\n")
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED and t.status(0, 1) == SOFT_DISABLED,
+             INTERVAL + SLACK)
+    code.write_text("0\n")
+    wait_for(lambda: t.status(0, 0) == ENABLED and t.status(0, 1) == ENABLED, INTERVAL + SLACK)
+
+
+def test_chain_short_circuits_after_failed_connect(balance, backends, table, tmp_path):
+    a = backends("A")
+    dead = free_port()
+    calls = tmp_path / "calls"
+    check = script(tmp_path, "check.sh", f'echo "$1" >> {calls}\n')
+    port = free_port()
+    balance.start("-m", f"connect:command={check} %P:interval={INTERVAL}",
+                  str(port), a.spec, f"127.0.0.1:{dead}", port=port)
+    t = table(port)
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED, INTERVAL + SLACK)
+    time.sleep(2 * INTERVAL)
+    ports = set(calls.read_text().split())
+    assert ports == {str(a.port)}             # never run for the channel whose connect failed
+
+
+def test_command_output_goes_to_log_not_stdout(balance, backends, tmp_path):
+    a = backends("A")
+    port = free_port()
+    proc = balance.start("-m", f"command=echo hello-from-check %P:interval={INTERVAL}",
+                         str(port), a.spec, port=port)
+    time.sleep(2 * INTERVAL)
+    out, err = proc.stop()
+    assert "hello-from-check" not in out
+    assert f"group 0 channel 0 127.0.0.1:{a.port} check output: hello-from-check {a.port}" in err
+
+
+def test_missing_program_fails_the_check(balance, backends, table, tmp_path):
+    a = backends("A")
+    port = free_port()
+    proc = balance.start("-m", f"command={tmp_path}/no-such-check:interval={INTERVAL}",
+                         str(port), a.spec, port=port)
+    t = table(port)
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
+    _, err = proc.stop()
+    assert "No such file or directory" in err and "Traceback" not in err
+
+
+def test_shell_command_and_builtin(balance, backends, table, tmp_path):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    marker = tmp_path / "m"
+    balance.start("-m", f"command=test %P -eq {a.port} && echo ok > {marker}:interval={INTERVAL}",
+                  str(port), a.spec, b.spec, port=port)
+    t = table(port)
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED, INTERVAL + SLACK)
+    assert t.status(0, 0) == ENABLED and marker.read_text() == "ok\n"
+
+
+def test_hung_command_killed_at_interval_and_next_interval_skipped(balance, backends, table, tmp_path):
+    a = backends("A")
+    pids = tmp_path / "pids"
+    port = free_port()
+    proc = balance.start("-m", f"command=echo $$ >> {pids}; exec sleep 30:interval={INTERVAL}",
+                         str(port), a.spec, port=port)
+    t = table(port)
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
+    time.sleep(8 * INTERVAL)
+    started = [int(p) for p in pids.read_text().split()]
+    # Rounds every other interval: each is cut at the interval, so the next tick is skipped.
+    assert 3 <= len(started) <= 6, started
+    time.sleep(0.2)
+    alive = [p for p in started[:-1] if pid_alive(p)]
+    assert alive == []                        # every earlier command was killed
+    _, err = proc.stop()
+    assert "still running at the end of the interval (killed)" in err
+    assert "skipping 1 interval(s)" in err
+    for p in started:
+        assert not pid_alive(p)               # stopping the master kills the running one too
