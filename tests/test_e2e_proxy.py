@@ -422,3 +422,42 @@ def test_unwritable_state_directory(tmp_path, backends):
     assert r.returncode == 71, r.stderr
     assert "state directory" in r.stderr and "BALANCE_STATE_DIR" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace with loopback up (root and iproute2 needed)."""
+    name = f"gbtest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+def test_hash_group_sticky_and_spread_ipv6(netns, tmp_path):
+    sources = [f"fd00::{i:x}" for i in range(1, 41)]
+    for src in sources:
+        subprocess.run(["ip", "-n", netns, "addr", "add", f"{src}/128", "dev", "lo", "nodad"], check=True)
+    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    r = subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], str(ROOT / "tests" / "hash_spread_probe.py"),
+                        *sources], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    import json
+    result = json.loads(r.stdout)
+    assert all(len(set(tags)) == 1 for tags in result.values()), result   # sticky
+    counts = {t: sum(tags[0] == t for tags in result.values()) for t in "ABCD"}
+    assert all(n >= 3 for n in counts.values()), counts                   # spread
+
+
+@pytest.mark.skipif(not ipv6_available(), reason="no IPv6 loopback")
+@pytest.mark.parametrize("bind,connect_to", [("::1", "::1"), ("::ffff:127.0.0.1", "127.0.0.1"),
+                                             ("localhost", "127.0.0.1")])
+def test_bind_address_forms(balance, backends, bind, connect_to):
+    be = backends("X")
+    port = free_port()
+    balance.start("-b", bind, str(port), be.spec, port=port, host=connect_to)
+    assert read_tag(port, host=connect_to) == "X"
+    # -c/-i find the master by port and -b address: the state file is keyed by both.
+    assert os.path.exists(state_path(port, bind, str(balance.state_dir)))
