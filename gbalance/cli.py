@@ -61,28 +61,30 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-def _unknown_option(argv: list[str]) -> str | None:
-    """Name the first option docopt would reject, for a clearer message."""
-    takes_arg = set("bBctTkKm")
-    skip = False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
+TAKES_ARG = set("bBctTkKm")
+
+
+def _explain(argv: list[str]) -> str:
+    """Say what docopt rejected: an unknown option, a missing option
+    argument, or (when neither) the command line as a whole."""
+    words = iter(argv)
+    for word in words:
         if word == "--":
             break
         if word.startswith("--"):
             if word not in ("--help", "--version"):
-                return word
+                return f"unknown option {word}"
             continue
-        if word.startswith("-") and len(word) > 1:
-            for i, ch in enumerate(word[1:]):
-                if ch not in KNOWN_SHORTS:
-                    return "-" + ch
-                if ch in takes_arg:
-                    skip = i == len(word) - 2
-                    break
-    return None
+        if not word.startswith("-") or len(word) == 1:
+            continue
+        for i, ch in enumerate(word[1:]):
+            if ch not in KNOWN_SHORTS:
+                return f"unknown option -{ch}"
+            if ch in TAKES_ARG:
+                if i == len(word) - 2 and next(words, None) is None:
+                    return f"option -{ch} requires an argument"
+                break
+    return "invalid command line"
 
 
 def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
@@ -90,9 +92,7 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
     try:
         args = docopt(USAGE, argv=argv, help=False, version=None)
     except DocoptExit:
-        bad = _unknown_option(argv)
-        reason = f"unknown option {bad}" if bad else "invalid command line"
-        raise BalanceError(f"{reason}\n{short_usage()}", EX_USAGE)
+        raise BalanceError(f"{_explain(argv)}\n{short_usage()}", EX_USAGE)
     port = parse_port(args["<port>"]) if args["<port>"] is not None else 0
     bind = args["-b"]
     if args["-i"] or args["-c"] is not None:
