@@ -1,0 +1,169 @@
+"""Failover benchmark (issue 5): a primary whose connects hang, a live backup.
+
+The primary is a listener with backlog 0 whose accept queue is filled and
+never accepted: further SYNs are dropped, so a connect to it hangs exactly
+as to a machine that went down.  The backup (group 1) greets each client at
+once.  A client connects every 100 ms with a 1 s timeout for the whole run
+and records, per connection, success and time to first byte.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+
+from lib import BenchError, GBalance, Workdir
+
+CLIENT_TIMEOUT = 1.0
+CLIENT_PERIOD = 0.1
+
+
+class HungListener:
+    """A loopback port whose connects hang (full accept queue, never accepted)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        self._fill()
+
+    def _fill(self) -> None:
+        for _ in range(16):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", self.port))
+            if _wait_connected(s, 0.3):
+                self.fillers.append(s)
+                continue
+            s.close()
+            if self.hangs():
+                return
+        raise BenchError("could not make the primary's connects hang")
+
+    def hangs(self, wait: float = 0.5) -> bool:
+        """True if a fresh connect is still pending after ``wait`` seconds."""
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect_ex(("127.0.0.1", self.port))
+            return not _wait_connected(s, wait)
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+def _wait_connected(s: socket.socket, timeout: float) -> bool:
+    import select
+    _, w, _ = select.select([], [s], [], timeout)
+    return bool(w) and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+
+
+def one_client(port: int, out: list, i: int) -> None:
+    """Connect, wait for the first byte, all within the client timeout."""
+    t0 = time.perf_counter()
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
+    except OSError as exc:
+        out[i] = (False, f"connect: {type(exc).__name__}")
+        return
+    try:
+        left = CLIENT_TIMEOUT - (time.perf_counter() - t0)
+        if left <= 0:
+            out[i] = (False, "timeout")
+            return
+        s.settimeout(left)
+        data = s.recv(16)
+        if data:
+            out[i] = (True, time.perf_counter() - t0)
+        else:
+            out[i] = (False, "closed")
+    except socket.timeout:
+        out[i] = (False, "timeout")
+    except OSError as exc:
+        out[i] = (False, type(exc).__name__)
+    finally:
+        s.close()
+
+
+def client_run(port: int, seconds: float) -> dict:
+    """One connection every 100 ms for ``seconds``; summary of the results."""
+    n = int(round(seconds / CLIENT_PERIOD))
+    out: list = [None] * n
+    threads = []
+    start = time.perf_counter()
+    for i in range(n):
+        delay = start + i * CLIENT_PERIOD - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        t = threading.Thread(target=one_client, args=(port, out, i), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(CLIENT_TIMEOUT + 2)
+    return summarize(out)
+
+
+def summarize(out: list) -> dict:
+    """Failures (with reasons), median and p99 time to first byte in ms."""
+    ok = sorted(r[1] * 1000 for r in out if r and r[0])
+    reasons: dict[str, int] = {}
+    for r in out:
+        if not r or not r[0]:
+            why = r[1] if r else "no result"
+            reasons[why] = reasons.get(why, 0) + 1
+    res = {"connections": len(out), "failed": len(out) - len(ok), "fail_reasons": reasons}
+    if ok:
+        res["ttfb_median_ms"] = statistics.median(ok)
+        res["ttfb_p99_ms"] = ok[min(len(ok) - 1, int(0.99 * len(ok) + 0.5) - 1)] if len(ok) > 1 else ok[0]
+        res["ttfb_max_ms"] = ok[-1]
+    # The first second shows the transition (the staggered connect at work).
+    first = [r for r in out[: int(1 / CLIENT_PERIOD)]]
+    res["first_second"] = [round(r[1] * 1000, 1) if r and r[0] else (r[1] if r else None) for r in first]
+    return res
+
+
+def run(work: Workdir, backup_port: int, seconds: float, log) -> dict:
+    """The three scenarios: direct backup, gbalance -m, gbalance without -m."""
+    result: dict = {"seconds": seconds, "client_timeout_s": CLIENT_TIMEOUT, "period_s": CLIENT_PERIOD}
+    primary = HungListener()
+    try:
+        if not primary.hangs():
+            raise BenchError("the primary's connects do not hang")
+        log(f"failover: primary 127.0.0.1:{primary.port} hangs, backup 127.0.0.1:{backup_port}")
+        log("failover: direct to the backup ...")
+        result["direct"] = client_run(backup_port, seconds)
+        channels = [f"127.0.0.1:{primary.port}", "!", f"127.0.0.1:{backup_port}"]
+        for name, args in (("gbalance_m", ["-t", "5", "-m", "connect:interval=1"]),
+                           ("gbalance_plain", ["-t", "5"])):
+            log(f"failover: balance -f {' '.join(args)} PORT primary ! backup ...")
+            result[name] = _through(work, backup_port, args, channels, seconds)
+            result[name]["args"] = " ".join(args)
+    finally:
+        primary.close()
+    return result
+
+
+def _through(work: Workdir, backup_port: int, args: list[str], channels: list[str], seconds: float) -> dict:
+    proxy = GBalance(work.path, backup_port, args=args, channels=channels)
+    try:
+        proxy.start()
+    except BenchError as exc:
+        return {"error": str(exc)}
+    try:
+        res = client_run(proxy.port, seconds)
+        if proxy.proc.poll() is not None:
+            res["error"] = f"gbalance exited with status {proxy.proc.returncode} during the run"
+    finally:
+        proxy.stop()
+    tail = proxy.stderr_text().strip().splitlines()
+    if tail:
+        res["log_tail"] = tail[-6:]
+    return res

@@ -1,0 +1,336 @@
+"""Process plumbing for the benchmark: start pinned, wait, measure, kill by pid.
+
+Everything the benchmark starts is registered in :data:`PROCS` and killed
+by its own pid (SIGTERM, then SIGKILL) when it is no longer needed or when
+the benchmark exits for any reason.  Only loopback addresses are used.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+
+PROXY_CPU = 0
+LOAD_CPU = 1
+PROCS: dict[int, subprocess.Popen] = {}
+
+
+class BenchError(Exception):
+    """A step of the benchmark could not be done; the message says why."""
+
+
+def cpus_available() -> bool:
+    """True when both the proxy core and the load core exist here."""
+    return len(os.sched_getaffinity(0)) >= 2 and {PROXY_CPU, LOAD_CPU} <= os.sched_getaffinity(0)
+
+
+def pin(cpu: int) -> list[str]:
+    """The taskset prefix for a command (empty on a one-core machine)."""
+    return ["taskset", "-c", str(cpu)] if cpus_available() else []
+
+
+def raise_fd_limit() -> None:
+    """1,000 idle connections through a proxy need a few thousand fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], cpu: int, env: dict | None = None, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start ``cmd`` pinned to ``cpu`` and remember its pid for cleanup."""
+    full = pin(cpu) + cmd
+    proc = subprocess.Popen(full, env=env, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+    PROCS[proc.pid] = proc
+    return proc
+
+
+def stop(proc: subprocess.Popen | None, grace: float = 3.0) -> None:
+    """Terminate one process we started, by its pid, and reap it."""
+    if proc is None:
+        return
+    PROCS.pop(proc.pid, None)
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(grace)
+
+
+def stop_all() -> None:
+    """Kill every process still registered (at exit, on errors, on ^C)."""
+    for proc in list(PROCS.values()):
+        stop(proc, grace=1.0)
+
+
+def listening(port: int) -> bool:
+    """Is some socket in LISTEN state on ``port`` (any local address)?
+
+    Looked up in /proc instead of by connecting, because a test connection
+    through a proxy would reach the backend (iperf3 takes it for a client).
+    """
+    hexport = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[1].endswith(hexport) and fields[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def wait_listening(port: int, proc: subprocess.Popen | None = None, timeout: float = 15.0) -> None:
+    """Wait for ``port`` to listen; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening(port):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"process exited with status {proc.returncode} before listening on {port}")
+        time.sleep(0.02)
+    raise BenchError(f"nothing listens on port {port} after {timeout:g} s")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all of its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of ``pid``'s whole process tree, in kB."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def median(values: list[float]) -> float | None:
+    """Median of the values that were measured (None if none were)."""
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+class Workdir:
+    """A private temporary directory, removed at the end."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="gbalance-bench-"))
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -- backends (all on the load core) ----------------------------------------
+
+def start_nginx(work: Path) -> tuple[subprocess.Popen, int]:
+    """nginx, one process, serving a 100-byte file at /100b."""
+    port = free_port()
+    root = work / "nginx"
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "100b").write_bytes(b"a" * 99 + b"\n")
+    temps = "\n".join(f"  {k}_temp_path {root / k};" for k in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = root / "nginx.conf"
+    conf.write_text(f"""worker_processes 1;
+daemon off;
+master_process off;
+pid {root / 'nginx.pid'};
+error_log {root / 'error.log'};
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+{temps}
+  server {{ listen 127.0.0.1:{port}; root {root / 'www'}; }}
+}}
+""")
+    proc = start(["nginx", "-e", str(root / "error.log"), "-c", str(conf), "-p", str(root) + "/"], LOAD_CPU)
+    wait_listening(port, proc)
+    return proc, port
+
+
+def start_iperf3() -> tuple[subprocess.Popen, int]:
+    """A persistent iperf3 server."""
+    port = free_port()
+    proc = start(["iperf3", "-s", "-p", str(port), "-B", "127.0.0.1"], LOAD_CPU)
+    wait_listening(port, proc)
+    return proc, port
+
+
+def start_greeter() -> tuple[subprocess.Popen, int]:
+    """bench/servers.py greeter: greets each connection, then holds it."""
+    port = free_port()
+    proc = start([PYTHON, str(BENCH / "servers.py"), "greeter", str(port)], LOAD_CPU)
+    wait_listening(port, proc)
+    return proc, port
+
+
+# -- proxies (on the proxy core) ----------------------------------------------
+
+class Proxy:
+    """One proxy instance forwarding ``port`` to ``backend`` on 127.0.0.1."""
+
+    name = "?"
+
+    def __init__(self, work: Path, backend: int):
+        self.work = work
+        self.backend = backend
+        self.port = backend
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Proxy":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Direct connection: nothing to start."""
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self.proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+class Direct(Proxy):
+    """No proxy: clients talk to the backend itself."""
+
+    name = "direct"
+
+
+class GBalance(Proxy):
+    """``balance -f PORT 127.0.0.1:BACKEND`` from the venv, state in a temp dir."""
+
+    name = "gbalance"
+
+    def __init__(self, work: Path, backend: int, args: list[str] | None = None,
+                 channels: list[str] | None = None):
+        super().__init__(work, backend)
+        self.args = args or []
+        self.channels = channels or [f"127.0.0.1:{backend}"]
+        self.stderr_path = work / f"gbalance-{os.getpid()}-{time.monotonic_ns()}.err"
+
+    def start(self) -> None:
+        self.port = free_port()
+        state = self.work / f"state-{self.port}"
+        state.mkdir(exist_ok=True)
+        env = dict(os.environ, BALANCE_STATE_DIR=str(state))
+        cmd = [PYTHON, "-m", "gbalance", "-f", *self.args, str(self.port), *self.channels]
+        self.err = open(self.stderr_path, "wb")
+        self.proc = start(cmd, PROXY_CPU, env=env, stderr=self.err)
+        try:
+            wait_listening(self.port, self.proc)
+        except BenchError as exc:
+            stop(self.proc)
+            self.err.close()
+            first = self.stderr_text().strip().splitlines()
+            raise BenchError(f"gbalance did not start: {first[-1] if first else exc}") from None
+
+    def stop(self) -> None:
+        super().stop()
+        if getattr(self, "err", None) is not None:
+            self.err.close()
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class HAProxy(Proxy):
+    """Debian's HAProxy in ``mode tcp``, one thread, no splice, foreground."""
+
+    name = "haproxy"
+
+    def start(self) -> None:
+        self.port = free_port()
+        conf = self.work / f"haproxy-{self.port}.cfg"
+        conf.write_text(f"""global
+    nbthread 1
+    maxconn 8000
+    nosplice
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{self.backend}
+""")
+        self.proc = start(["haproxy", "-db", "-f", str(conf)], PROXY_CPU)
+        wait_listening(self.port, self.proc)
+
+
+PROXIES = {"direct": Direct, "gbalance": GBalance, "haproxy": HAProxy}
+
+
+def haproxy_version() -> str:
+    """First line of ``haproxy -v`` (to record what was compared)."""
+    try:
+        out = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "not installed"
+    return out.splitlines()[0] if out else "unknown"

@@ -1,0 +1,101 @@
+"""The three throughput figures: connection rate, bulk throughput, idle memory.
+
+Each function takes a started proxy (or the direct "proxy") and returns one
+number, or raises :class:`BenchError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+
+from lib import LOAD_CPU, BenchError, Proxy, pin, pss_kb
+
+WRK_CONNECTIONS = 10
+IDLE_CONNECTIONS = 1000
+
+
+def conn_rate(proxy: Proxy, seconds: float, warmup: float = 1.0) -> float:
+    """Requests (= connections) per second with ``Connection: close``.
+
+    A short warm-up run first, so one-time costs (imports, first buffers)
+    are not part of the figure.
+    """
+    url = f"http://127.0.0.1:{proxy.port}/100b"
+    if warmup > 0:
+        _wrk(url, warmup)
+    return _wrk(url, seconds)
+
+
+def _wrk(url: str, seconds: float) -> float:
+    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s",
+                           "-H", "Connection: close", url]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
+    except subprocess.TimeoutExpired:
+        raise BenchError("wrk did not finish") from None
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if not m:
+        raise BenchError(f"wrk printed no rate: {out.strip()[-200:]!r}")
+    total = re.search(r"(\d+) requests in", out)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad and total and int(bad.group(1)) > int(total.group(1)) // 100:
+        raise BenchError(f"wrk: {bad.group(1)} of {total.group(1)} responses were errors")
+    return float(m.group(1))
+
+
+def bulk_gbits(proxy: Proxy, seconds: float) -> float:
+    """iperf3 single-stream throughput (client to server), Gbit/s."""
+    cmd = pin(LOAD_CPU) + ["iperf3", "-c", "127.0.0.1", "-p", str(proxy.port), "-t", str(max(1, round(seconds))),
+                           "-J", "--connect-timeout", "5000"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError("iperf3 did not finish") from None
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        raise BenchError(f"iperf3 output unreadable: {res.stdout.strip()[-200:]!r}") from None
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def idle_kb_per_conn(proxy: Proxy, count: int = IDLE_CONNECTIONS) -> float:
+    """Extra PSS of the proxy's process tree per idle proxied connection, kB.
+
+    Each connection is counted once the backend's greeting has come back
+    through the proxy, so both legs exist.  A few connections are made and
+    closed first, so lazily created state is in the "before" figure.
+    """
+    if proxy.pid is None:
+        raise BenchError("no proxy process")
+    for _ in range(20):
+        s = _greeted(proxy.port)
+        s.close()
+    time.sleep(0.3)
+    before = pss_kb(proxy.pid)
+    held = []
+    try:
+        for _ in range(count):
+            held.append(_greeted(proxy.port))
+        time.sleep(0.5)
+        with_conns = pss_kb(proxy.pid)
+    finally:
+        for s in held:
+            s.close()
+    return (with_conns - before) / count
+
+
+def _greeted(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        if not s.recv(16):
+            raise BenchError("the proxy closed an idle connection at once")
+    except (OSError, BenchError):
+        s.close()
+        raise
+    return s

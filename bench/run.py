@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""`make bench`: gbalance against a direct connection and HAProxy, plus failover.
+
+From one run it measures, for a direct connection, gbalance and HAProxy
+(Debian's, ``mode tcp``, one thread, no splice):
+
+* connections per second: wrk with ``Connection: close`` against nginx
+  serving a 100-byte file;
+* bulk throughput: one iperf3 stream;
+* memory per idle proxied connection: PSS of the proxy's process tree
+  before and with 1,000 idle connections held through it.
+
+The proxy runs on CPU 0, everything else (this script, wrk, iperf3, nginx,
+the greeter backend) on CPU 1, so the proxy is what is measured.  Runs are
+interleaved (each round measures every proxy once, in rotating order) and
+medians are compared with issue 2's targets.  Then the failover benchmark
+of issue 5 (see failover.py) and a py-spy profile of gbalance under the
+short-connection load.  Results: printed, and bench/results/latest.json.
+
+Usage: bench/run.py [--only conn,bulk,mem,failover,profile] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import failover  # noqa: E402
+import measure  # noqa: E402
+import profiling  # noqa: E402
+from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
+                 median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
+
+PARTS = ("conn", "bulk", "mem", "failover", "profile")
+TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
+
+# Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
+TARGETS = {"conn": (">=", 0.35, 0.27), "bulk": (">=", 0.5, 0.42), "mem": ("<=", 20.0, 32.0)}
+# performance-facts.md, for the "does HAProxy here match the notes" check.
+NOTES = {"direct": {"conn": (9400, 9800), "bulk": (16, 16)},
+         "haproxy": {"conn": (7500, 8900), "bulk": (8.3, 8.3), "mem": (3.3, 3.3)}}
+LABELS = {"conn": "conn/s (Connection: close)", "bulk": "bulk Gbit/s (1 stream)", "mem": "KB per idle connection"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_tools() -> None:
+    """Install the Debian packages (bench/deps.sh) if any tool is missing."""
+    if all(shutil.which(t) for t in TOOLS):
+        return
+    res = subprocess.run(["sh", str(BENCH / "deps.sh")])
+    missing = [t for t in TOOLS if not shutil.which(t)]
+    if res.returncode != 0 or missing:
+        raise BenchError(f"missing tools: {' '.join(missing)} (see bench/deps.sh)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="gbalance benchmark (issue 2 and issue 5)")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help="comma-separated parts to run: " + ",".join(PARTS))
+    p.add_argument("--runs", type=int, default=3, help="rounds of conn/bulk/mem (default 3)")
+    p.add_argument("--seconds", type=float, default=5, help="length of one wrk or iperf3 run")
+    p.add_argument("--failover-seconds", type=float, default=30)
+    p.add_argument("--profile-seconds", type=float, default=10)
+    p.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
+    args = p.parse_args(argv)
+    args.parts = [x for x in args.only.split(",") if x]
+    bad = [x for x in args.parts if x not in PARTS]
+    if bad:
+        p.error(f"unknown part(s): {', '.join(bad)}")
+    return args
+
+
+# -- conn / bulk / mem -----------------------------------------------------------
+
+def measure_one(part: str, name: str, work: Workdir, backends: dict, seconds: float) -> float | None:
+    """One figure for one proxy, on a freshly started proxy instance."""
+    if part == "mem" and name == "direct":
+        return None
+    with PROXIES[name](work.path, backends[part]) as proxy:
+        if part == "conn":
+            return measure.conn_rate(proxy, seconds)
+        if part == "bulk":
+            return measure.bulk_gbits(proxy, seconds)
+        return measure.idle_kb_per_conn(proxy)
+
+
+def throughput(args: argparse.Namespace, work: Workdir, backends: dict, result: dict) -> None:
+    parts = [p for p in ("conn", "bulk", "mem") if p in args.parts]
+    names = list(PROXIES)
+    raw = {p: {n: [] for n in names} for p in parts}
+    errors = result.setdefault("errors", [])
+    for r in range(args.runs):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for part in parts:
+            for name in order:
+                if part == "mem" and name == "direct":
+                    continue
+                try:
+                    value = measure_one(part, name, work, backends, args.seconds)
+                except (BenchError, OSError) as exc:
+                    errors.append(f"round {r + 1} {part} {name}: {exc}")
+                    log(f"  {part} {name}: ERROR {exc}")
+                    value = None
+                raw[part][name].append(value)
+                if value is not None:
+                    log(f"round {r + 1}/{args.runs} {part:4} {name:8} {value:,.2f}")
+    result["raw"] = raw
+    med = {p: {n: median(raw[p][n]) for n in names} for p in parts}
+    result["medians"] = med
+    result["ratios"] = {p: {"gbalance/haproxy": _ratio(med[p]["gbalance"], med[p]["haproxy"]),
+                            "gbalance/direct": _ratio(med[p]["gbalance"], med[p]["direct"])} for p in parts}
+    result["targets"] = {}
+    for p in parts:
+        op, target, c_balance = TARGETS[p]
+        value = med[p]["gbalance"] if p == "mem" else result["ratios"][p]["gbalance/haproxy"]
+        ok = None if value is None else (value >= target if op == ">=" else value <= target)
+        result["targets"][p] = {"figure": value, "target": f"{op} {target}", "c_balance": c_balance, "met": ok}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def print_table(result: dict) -> None:
+    med, ratios, targets = result.get("medians", {}), result.get("ratios", {}), result.get("targets", {})
+    if not med:
+        return
+    print()
+    print(f"Medians of {result['runs']} interleaved runs (proxy on CPU 0, load and backends on CPU 1)")
+    head = f"{'figure':28}{'direct':>10}{'gbalance':>10}{'haproxy':>10}{'gb/hap':>8}{'gb/dir':>8}  target (C balance)  met"
+    print(head)
+    print("-" * len(head))
+    for p in med:
+        m, r, t = med[p], ratios[p], targets[p]
+        unit = " KB" if p == "mem" else " x HAProxy"
+        verdict = {True: "YES", False: "NO", None: "?"}[t["met"]]
+        print(f"{LABELS[p]:28}{_fmt(m['direct']):>10}{_fmt(m['gbalance']):>10}{_fmt(m['haproxy']):>10}"
+              f"{_fmt(r['gbalance/haproxy']):>8}{_fmt(r['gbalance/direct']):>8}"
+              f"  {t['target']}{unit} ({t['c_balance']:g})  {verdict}")
+    print()
+    print("HAProxy and direct here vs performance-facts.md:")
+    for name, figs in NOTES.items():
+        for p, (lo, hi) in figs.items():
+            if p in med and med[p].get(name) is not None:
+                span = f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+                print(f"  {name:8} {LABELS[p]:28} here {_fmt(med[p][name]):>8}   notes {span}")
+
+
+def print_failover(fo: dict) -> None:
+    print()
+    print(f"Failover: primary connects hang, live backup in group 1; a client every "
+          f"{fo['period_s'] * 1000:.0f} ms, {fo['client_timeout_s']:g} s timeout, {fo['seconds']:g} s")
+    head = f"{'scenario':40}{'failed':>12}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}"
+    print(head)
+    print("-" * len(head))
+    rows = (("direct to the backup", "direct"), ("balance -t 5 -m connect:interval=1", "gbalance_m"),
+            ("balance -t 5 (no -m)", "gbalance_plain"))
+    for label, key in rows:
+        r = fo.get(key)
+        if r is None:
+            continue
+        if "connections" not in r:
+            print(f"{label:40}  NOT MEASURED: {r.get('error')}")
+            continue
+        print(f"{label:40}{r['failed']:>5} of {r['connections']:<4}{_fmt(r.get('ttfb_median_ms'), 1):>11}"
+              f"{_fmt(r.get('ttfb_p99_ms'), 1):>9}{_fmt(r.get('ttfb_max_ms'), 1):>9}")
+        if r.get("error"):
+            print(f"{'':40}  note: {r['error']}")
+    d, m = fo.get("direct", {}), fo.get("gbalance_m", {})
+    if "ttfb_p99_ms" in d and "connections" in m:
+        p99 = m.get("ttfb_p99_ms")
+        ok = m["failed"] == 0 and p99 is not None and p99 <= d["ttfb_p99_ms"] + 50
+        print(f"target (0 failed, p99 within 50 ms of direct): {'YES' if ok else 'NO'}")
+        if m.get("first_second"):
+            print(f"gbalance -m, first second of connections (ms or failure): {m['first_second']}")
+
+
+def print_profile(prof: dict) -> None:
+    print()
+    print(f"gbalance profile under wrk (py-spy, {prof['samples']} busy samples, "
+          f"busy {100 * (prof.get('busy_fraction') or 0):.0f}% of the time, "
+          f"{_fmt(prof.get('rps_while_sampled'))} conn/s while sampled)")
+    print("  self time (% of busy samples):")
+    for f, pct in prof["self"][:15]:
+        print(f"    {pct:5.1f}%  {f}")
+    print("  inclusive time:")
+    for f, pct in prof["inclusive"][:15]:
+        print(f"    {pct:5.1f}%  {f}")
+
+
+# -- main ------------------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.monotonic()
+    ensure_tools()
+    raise_fd_limit()
+    if cpus_available():
+        os.sched_setaffinity(0, {LOAD_CPU})
+    else:
+        log("fewer than 2 CPUs: proxy and load share cores, figures are not comparable")
+    result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": args.runs,
+                    "seconds_per_run": args.seconds, "haproxy": haproxy_version(),
+                    "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "pinned": cpus_available(), "errors": []}
+    work = Workdir()
+    procs = []
+    try:
+        nginx, nginx_port = start_nginx(work.path)
+        iperf, iperf_port = start_iperf3()
+        greeter, greeter_port = start_greeter()
+        procs = [nginx, iperf, greeter]
+        backends = {"conn": nginx_port, "bulk": iperf_port, "mem": greeter_port}
+        if any(p in args.parts for p in ("conn", "bulk", "mem")):
+            throughput(args, work, backends, result)
+            print_table(result)
+        if "failover" in args.parts:
+            try:
+                result["failover"] = failover.run(work, greeter_port, args.failover_seconds, log)
+                print_failover(result["failover"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"failover: {exc}")
+                log(f"failover: ERROR {exc}")
+        if "profile" in args.parts:
+            log("profile: py-spy on gbalance under wrk ...")
+            try:
+                result["profile"] = profiling.profile(work.path, nginx_port, args.profile_seconds, log)
+                print_profile(result["profile"])
+            except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                result["errors"].append(f"profile: {exc}")
+                log(f"profile: ERROR {exc}")
+    except BenchError as exc:
+        result["errors"].append(str(exc))
+        print(f"bench: {exc}", file=sys.stderr)
+    finally:
+        for p in procs:
+            stop(p)
+        stop_all()
+        work.close()
+    result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["errors"]:
+        print("\nerrors:\n  " + "\n  ".join(result["errors"]))
+    print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
+    return 1 if result["errors"] and "medians" not in result and "failover" not in result else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        stop_all()
+        sys.exit(130)
