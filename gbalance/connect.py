@@ -219,6 +219,19 @@ class Race:
     # -- the race ------------------------------------------------------------
 
     def run(self) -> tuple[socket.socket, int, int] | None:
+        """Race to a connected backend socket; None when none answered or the client left.
+
+        Whatever happens (even an exception, or the greenlet being killed at
+        shutdown), no attempt is left behind: its socket is closed and its
+        connection count given back, so ``maxc`` stays right.
+        """
+        try:
+            return self._run()
+        except BaseException:
+            self._finish(None)
+            raise
+
+    def _run(self) -> tuple[socket.socket, int, int] | None:
         won = self._launch()
         if won is not None:
             return self._finish(won)

@@ -1,0 +1,197 @@
+"""Backend connects: staggered failover with -m, plain -t timing without, client hang-up."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+
+from conftest import free_port
+from monhelp import HARD_DISABLED, SOFT_DISABLED, Table, timed_tag, wait_for
+
+from gbalance.state import C_C, C_SUSPECT
+
+
+def start_table(balance, port: int, *args: str) -> tuple:
+    proc = balance.start(*args, port=port)
+    return proc, Table(balance.state_dir, port)
+
+
+def test_stagger_serves_first_client_quickly_and_marks_primary_suspect(balance, backends, hanging):
+    primary, backup = hanging(), backends("BACKUP")
+    port = free_port()
+    # No connect check: only the race itself can notice the hanging primary.
+    proc, t = start_table(balance, port, "-t", "5", "-m", "command=true:interval=60",
+                          str(port), primary.spec, "!", backup.spec)
+    try:
+        tag, first = timed_tag(port)
+        assert tag == "BACKUP"
+        assert 0.2 <= first < 0.6              # the stagger delay (0.25 s), not -t
+        assert t.get(0, 0, C_SUSPECT) == 1
+        rest = [timed_tag(port) for _ in range(5)]
+        assert [r[0] for r in rest] == ["BACKUP"] * 5
+        assert max(r[1] for r in rest) < 0.15  # the suspect primary is skipped
+        wait_for(lambda: t.get(0, 0, C_C) == 0, 1.0)   # the losing connect was closed
+    finally:
+        t.close()
+    _, err = proc.stop()
+    assert f"group 0 channel 0 127.0.0.1:{primary.port} suspect: connect still pending" in err
+
+
+def test_stagger_setting_changes_the_delay(balance, backends, hanging):
+    primary, backup = hanging(), backends("BACKUP")
+    port = free_port()
+    balance.start("-t", "5", "-m", "command=true:interval=60:stagger=0.6",
+                  str(port), primary.spec, "!", backup.spec, port=port)
+    tag, first = timed_tag(port, timeout=2)
+    assert tag == "BACKUP" and 0.55 <= first < 1.0
+
+
+def test_stagger_zero_keeps_connects_sequential(balance, backends, hanging):
+    primary, backup = hanging(), backends("BACKUP")
+    port = free_port()
+    proc, t = start_table(balance, port, "-t", "1", "-m", "command=true:interval=60:stagger=0",
+                          str(port), primary.spec, "!", backup.spec)
+    try:
+        tag, took = timed_tag(port, timeout=3)
+        assert tag == "BACKUP" and 0.9 <= took < 1.6
+        assert t.status(0, 0) == SOFT_DISABLED   # passive detection of the timeout
+    finally:
+        t.close()
+    _, err = proc.stop()
+    assert "soft-disabled: connect timeout" in err
+
+
+def test_without_monitoring_timing_is_exactly_t(balance, backends, hanging):
+    primary, backup = hanging(), backends("BACKUP")
+    port = free_port()
+    proc = balance.start("-d", "-t", "1", str(port), primary.spec, "!", backup.spec, port=port)
+    time.sleep(0.1)
+    for _ in range(2):                          # every connection waits, as balance does
+        tag, took = timed_tag(port, timeout=3)
+        assert tag == "BACKUP" and 0.9 <= took < 1.6
+    _, err = proc.stop()
+    assert "timeout group 0 channel 0" in err
+    assert "suspect" not in err
+
+
+def test_failover_benchmark_shape_no_client_waits(balance, backends, hanging):
+    """The issue's scenario, shortened: -t 5 -m connect:interval=1, a client every 100 ms."""
+    primary, backup = hanging(), backends("BACKUP")
+    port = free_port()
+    balance.start("-t", "5", "-m", "connect:interval=1", str(port), primary.spec, "!", backup.spec,
+                  port=port)
+    results = []
+    for _ in range(30):
+        results.append(timed_tag(port, timeout=1.0))
+        time.sleep(0.1)
+    failed = [r for r in results if r[0] != "BACKUP"]
+    assert failed == []
+    times = sorted(r[1] for r in results)
+    assert times[-1] < 0.5
+    assert statistics.median(times) < 0.05
+
+
+def test_all_soft_disabled_are_still_tried_in_order(balance, backends):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    proc, t = start_table(balance, port, "-m", "connect:interval=60:noenable", str(port), a.spec, "!", b.spec)
+    try:
+        t.set_status(0, 0, SOFT_DISABLED)
+        t.set_status(1, 0, SOFT_DISABLED)
+        assert [timed_tag(port)[0] for _ in range(3)] == ["A"] * 3
+        a.close()
+        assert timed_tag(port)[0] == "B"
+        t.set_status(0, 0, HARD_DISABLED)
+        t.set_status(1, 0, HARD_DISABLED)
+        assert timed_tag(port)[0] is None       # hard-disabled: never a last resort
+    finally:
+        t.close()
+    proc.stop()
+
+
+def test_client_hangup_cancels_pending_connect(balance, hanging):
+    primary = hanging()
+    port = free_port()
+    proc, t = start_table(balance, port, "-t", "5", str(port), primary.spec)
+    try:
+        wait_for(lambda: t.get(0, 0, C_C) == 0, 1.0)   # wait_port's probe was cancelled too
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        wait_for(lambda: t.get(0, 0, C_C) == 1, 1.0)   # its connect is pending
+        s.close()
+        took = wait_for(lambda: t.get(0, 0, C_C) == 0, 1.0)
+        assert took < 0.5                               # not the 5 s of -t
+    finally:
+        t.close()
+    proc.stop()
+
+
+def test_client_hangup_cancels_pending_connects_with_stagger(balance, hanging):
+    one, two = hanging(), hanging()
+    port = free_port()
+    proc, t = start_table(balance, port, "-t", "5", "-m", "command=true:interval=60",
+                          str(port), one.spec, "!", two.spec)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        wait_for(lambda: t.get(0, 0, C_C) == 1 and t.get(1, 0, C_C) == 1, 1.5)   # both racing
+        s.close()
+        wait_for(lambda: t.get(0, 0, C_C) == 0 and t.get(1, 0, C_C) == 0, 0.5)
+    finally:
+        t.close()
+    proc.stop()
+
+
+def test_client_that_sent_data_still_gets_its_answer(balance, backends):
+    b = backends("B", mode="echo")
+    port = free_port()
+    balance.start("-m", "connect:interval=60", str(port), b.spec, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"ping\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            data += chunk
+    assert data == b"ping\n"
+
+
+class RecordingHooks:
+    """Hooks that remember what the race reported."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def attempt(self, g, c): self.events.append(("attempt", g, c))
+    def success(self, g, c): self.events.append(("success", g, c))
+    def failure(self, g, c, reason): self.events.append(("failure", g, c, reason))
+    def cancel(self, g, c): self.events.append(("cancel", g, c))
+    def suspect(self, g, c): self.events.append(("suspect", g, c))
+
+
+def test_race_gives_back_attempts_when_routing_raises(hanging):
+    """In-process: an error mid-race (here from the candidate list) leaks no attempt."""
+    import gevent
+    import pytest
+
+    from gbalance.connect import Connector
+
+    primary = hanging()
+    hooks = RecordingHooks()
+    conn = Connector(gevent.get_hub().loop, lambda g, c: (socket.AF_INET, (primary.host, primary.port)),
+                     hooks, timeout=5, stagger=0.05)
+
+    def candidates():
+        yield 0, 0
+        raise RuntimeError("table changed under us")
+
+    client, peer = socket.socketpair()
+    client.setblocking(False)
+    try:
+        with pytest.raises(RuntimeError):
+            gevent.spawn(conn.race, client, candidates()).get(timeout=2)
+    finally:
+        client.close()
+        peer.close()
+    assert hooks.events == [("attempt", 0, 0), ("suspect", 0, 0), ("cancel", 0, 0)]
