@@ -42,7 +42,7 @@ def profile(work: Path, nginx_port: int, seconds: float, log) -> dict:
         load = threading.Thread(target=lambda: rate.setdefault("rps", _safe_wrk(url, seconds + 2)), daemon=True)
         load.start()
         cmd = pin(LOAD_CPU) + [str(spy), "record", "--pid", str(proxy.pid), "--duration", str(int(seconds)),
-                               "--rate", str(RATE), "--format", "raw", "--nolineno", "--nonblocking",
+                               "--rate", str(RATE), "--format", "raw", "--nonblocking",
                                "-o", str(raw)]
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
         load.join(seconds + 40)
@@ -64,6 +64,7 @@ def _safe_wrk(url: str, seconds: float) -> float | None:
 def fold(text: str, top: int = 20) -> dict:
     """Self and inclusive sample shares per function from collapsed stacks."""
     self_c: Counter = Counter()
+    line_c: Counter = Counter()
     incl_c: Counter = Counter()
     total = 0
     for line in text.splitlines():
@@ -71,20 +72,29 @@ def fold(text: str, top: int = 20) -> dict:
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_short(f) for f in stack.split(";") if f and not f.startswith("process ")
-                  and not f.startswith("thread ")]
-        if not frames:
+        lined = [_short(f) for f in stack.split(";") if f and not f.startswith("process ")
+                 and not f.startswith("thread ")]
+        if not lined:
             continue
+        frames = [_no_line(f) for f in lined]
         total += n
         self_c[frames[-1]] += n
+        line_c[lined[-1]] += n
         for f in set(frames):
             incl_c[f] += n
     pct = (lambda c: round(100.0 * c / total, 1)) if total else (lambda c: 0.0)
     return {
         "samples": total,
         "self": [(f, pct(c)) for f, c in self_c.most_common(top)],
+        "self_lines": [(f, pct(c)) for f, c in line_c.most_common(top)],
         "inclusive": [(f, pct(c)) for f, c in incl_c.most_common(top)],
     }
+
+
+def _no_line(frame: str) -> str:
+    """``func (pkg/file.py:12)`` -> ``func (pkg/file.py)``."""
+    head, sep, line = frame.rpartition(":")
+    return head + ")" if sep and line.rstrip(")").isdigit() else frame
 
 
 def _short(frame: str) -> str:

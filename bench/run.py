@@ -52,6 +52,34 @@ NOTES = {"direct": {"conn": (9400, 9800), "bulk": (16, 16)},
 LABELS = {"conn": "conn/s (Connection: close)", "bulk": "bulk Gbit/s (1 stream)", "mem": "KB per idle connection"}
 
 
+def _loadavg() -> float:
+    """One-minute load average: other work on the machine skews every figure."""
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _cpu_sample() -> tuple[float, float, float]:
+    """(machine busy seconds, machine total seconds, seconds used by us and reaped children)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    t = os.times()
+    return (sum(fields) - idle) / hz, sum(fields) / hz, t.user + t.system + t.children_user + t.children_system
+
+
+def _foreign_cpu(start: tuple[float, float, float]) -> float | None:
+    """Share of the machine's CPU time used by processes other than ours."""
+    end = _cpu_sample()
+    total = end[1] - start[1]
+    if total <= 0:
+        return None
+    return max(0.0, 100.0 * ((end[0] - start[0]) - (end[2] - start[2])) / total)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -204,6 +232,9 @@ def print_profile(prof: dict) -> None:
     print("  self time (% of busy samples):")
     for f, pct in prof["self"][:15]:
         print(f"    {pct:5.1f}%  {f}")
+    print("  self time by line:")
+    for f, pct in prof.get("self_lines", [])[:15]:
+        print(f"    {pct:5.1f}%  {f}")
     print("  inclusive time:")
     for f, pct in prof["inclusive"][:15]:
         print(f"    {pct:5.1f}%  {f}")
@@ -215,6 +246,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t_start = time.monotonic()
+    cpu0 = _cpu_sample()
     ensure_tools()
     raise_fd_limit()
     if cpus_available():
@@ -228,17 +260,23 @@ def main(argv: list[str]) -> int:
     work = Workdir()
     procs = []
     try:
-        nginx, nginx_port = start_nginx(work.path)
-        iperf, iperf_port = start_iperf3()
-        greeter, greeter_port = start_greeter()
-        procs = [nginx, iperf, greeter]
-        backends = {"conn": nginx_port, "bulk": iperf_port, "mem": greeter_port}
+        backends = {}
+        if {"conn", "profile"} & set(args.parts):
+            proc, backends["conn"] = start_nginx(work.path)
+            procs.append(proc)
+        if "bulk" in args.parts:
+            proc, backends["bulk"] = start_iperf3()
+            procs.append(proc)
+        if {"mem", "failover"} & set(args.parts):
+            proc, backends["mem"] = start_greeter()
+            procs.append(proc)
+        result["loadavg_start"] = _loadavg()
         if any(p in args.parts for p in ("conn", "bulk", "mem")):
             throughput(args, work, backends, result)
             print_table(result)
         if "failover" in args.parts:
             try:
-                result["failover"] = failover.run(work, greeter_port, args.failover_seconds, log)
+                result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
                 print_failover(result["failover"])
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"failover: {exc}")
@@ -246,7 +284,7 @@ def main(argv: list[str]) -> int:
         if "profile" in args.parts:
             log("profile: py-spy on gbalance under wrk ...")
             try:
-                result["profile"] = profiling.profile(work.path, nginx_port, args.profile_seconds, log)
+                result["profile"] = profiling.profile(work.path, backends["conn"], args.profile_seconds, log)
                 print_profile(result["profile"])
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 result["errors"].append(f"profile: {exc}")
@@ -260,6 +298,12 @@ def main(argv: list[str]) -> int:
         stop_all()
         work.close()
     result["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    foreign = _foreign_cpu(cpu0)
+    result["foreign_cpu_percent"] = foreign
+    if foreign is not None and foreign > 10:
+        print(f"\nnote: other processes on this machine used {foreign:.0f}% of its CPU time during the run"
+              f" (load average {result['loadavg_start']:.1f} at the start): absolute figures are low and noisy;"
+              " ratios from interleaved runs hold up better")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
