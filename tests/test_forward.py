@@ -1,0 +1,331 @@
+"""forward.Link on real loopback TCP sockets, driven by the gevent hub.
+
+Each test builds client <-> [proxy link] <-> server out of two connected
+TCP pairs.  The link gets the proxy-side ends (plain non-blocking sockets,
+as the server hands them over); the test plays the client and the server
+application with gevent sockets, so every blocking call runs the hub and
+with it the link's watcher callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+from gevent import get_hub
+
+from gbalance.forward import CHUNK, HAVE_SPLICE, Link, UrgentRelay
+
+SENT, RCVD, C = 0, 1, 2
+LIMIT = 20  # seconds any single test may spend waiting
+
+
+def test_this_platform_splices():
+    """The splice tests below assume Linux, where the forwarder must splice."""
+    assert HAVE_SPLICE
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+class Rig:
+    """A client, a server and one Link between them."""
+
+    def __init__(self, dump=None, splice: bool | None = None, urgent: UrgentRelay | None = None):
+        self.q = memoryview(bytearray(8 * 4)).cast("q")
+        self.q[C] = 1                       # the connect counted the connection
+        client_app, self.client_end = tcp_pair()
+        self.server_end, server_app = tcp_pair()
+        for s in (self.client_end, self.server_end):
+            s.setblocking(False)
+        self.client = gsocket.socket(fileno=client_app.detach())
+        self.server = gsocket.socket(fileno=server_app.detach())
+        self.closed: list[Link] = []
+        self.link = Link(get_hub().loop, self.client_end, self.server_end, self.q, SENT, RCVD, C,
+                         on_close=self.closed.append, dump=dump, urgent=urgent)
+        if splice is not None:
+            self.link.splice = splice
+        self.link.start()
+
+    def wait_closed(self, timeout: float = 5.0) -> None:
+        with gevent.Timeout(timeout):
+            while not self.link.closed:
+                gevent.sleep(0.005)
+
+    def teardown(self) -> None:
+        self.link.close()
+        self.client.close()
+        self.server.close()
+
+
+@pytest.fixture
+def rigs():
+    made: list[Rig] = []
+
+    def make(**kw) -> Rig:
+        rig = Rig(**kw)
+        made.append(rig)
+        return rig
+
+    with gevent.Timeout(LIMIT):
+        yield make
+    for rig in made:
+        rig.teardown()
+
+
+def recv_exactly(s, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(min(1 << 20, n - len(buf)))
+        assert chunk, f"EOF after {len(buf)} of {n} bytes"
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_all(s) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def payload(size: int, seed: int) -> bytes:
+    """Non-repeating test data (a short repeated pattern could hide reordering)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * 64
+        counter += 1
+    return bytes(out[:size])
+
+
+# -- copy path --------------------------------------------------------------------------
+
+def test_copy_path_both_ways_and_counters(rigs):
+    rig = rigs()
+    rig.client.sendall(b"hello")
+    assert recv_exactly(rig.server, 5) == b"hello"
+    rig.server.sendall(b"world!")
+    assert recv_exactly(rig.client, 6) == b"world!"
+    for _ in range(50):
+        rig.client.sendall(b"x" * 100)
+        assert recv_exactly(rig.server, 100) == b"x" * 100
+    assert (rig.q[SENT], rig.q[RCVD], rig.q[C]) == (5 + 5000, 6, 1)
+    assert rig.link.up.pipe_r == -1 and rig.link.down.pipe_r == -1  # small reads never splice
+    assert not rig.link.closed
+
+
+def test_copy_path_bulk_when_splice_is_off(rigs):
+    rig = rigs(splice=False)
+    data = payload(3 << 20, 1)
+    sender = gevent.spawn(rig.client.sendall, data)
+    assert recv_exactly(rig.server, len(data)) == data
+    sender.get()
+    assert rig.q[SENT] == len(data)
+    assert rig.link.up.pipe_r == -1
+
+
+def test_dump_sees_every_chunk_and_client_eof(rigs):
+    chunks: list[str] = []
+    rig = rigs(dump=chunks.append)
+    assert rig.link.splice is False            # -p never splices
+    rig.client.sendall(b"ping\\\n")
+    assert recv_exactly(rig.server, 6) == b"ping\\\n"
+    rig.server.sendall(b"\x00pong")
+    assert recv_exactly(rig.client, 5) == b"\x00pong"
+    rig.client.shutdown(socket.SHUT_WR)
+    assert rig.server.recv(10) == b""
+    gevent.sleep(0.05)
+    assert chunks == ["-> 6\nping\\\\\\0A\n\n", "-< 5\n\\00pong\n", "-> 0\n\n"]
+
+
+# -- splice path -------------------------------------------------------------------------
+
+def test_splice_path_large_transfers_both_ways(rigs):
+    rig = rigs()
+    up, down = payload(12 << 20, 2), payload(9 << 20, 3) + b"tail"
+    got: dict[str, bytes] = {}
+
+    def read(name, sock, n):
+        got[name] = recv_exactly(sock, n)
+
+    jobs = [gevent.spawn(rig.client.sendall, up), gevent.spawn(rig.server.sendall, down),
+            gevent.spawn(read, "up", rig.server, len(up)),
+            gevent.spawn(read, "down", rig.client, len(down))]
+    gevent.joinall(jobs, raise_error=True)
+    assert hashlib.sha256(got["up"]).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
+    assert (rig.q[SENT], rig.q[RCVD]) == (len(up), len(down))
+    # Bulk reads filled the 64 KB buffer, so both directions moved to splice.
+    assert rig.link.up.pipe_r >= 0 and rig.link.down.pipe_r >= 0
+    # Small messages still pass after the switch.
+    rig.client.sendall(b"after")
+    assert recv_exactly(rig.server, 5) == b"after"
+    assert rig.q[SENT] == len(up) + 5
+
+
+def test_splice_closes_its_pipe(rigs):
+    rig = rigs()
+    data = payload(2 << 20, 4)
+    sender = gevent.spawn(rig.client.sendall, data)
+    assert recv_exactly(rig.server, len(data)) == data
+    sender.get()
+    pipe_r, pipe_w = rig.link.up.pipe_r, rig.link.up.pipe_w
+    assert pipe_r >= 0
+    rig.link.close()
+    for fd in (pipe_r, pipe_w):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+# -- half-close --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [7, 3 << 20], ids=["copy", "bulk"])
+def test_half_close_from_client(rigs, size):
+    """Request, shutdown(SHUT_WR), then the answer still arrives (the C programs lose it)."""
+    rig = rigs()
+    request = payload(size, 5)
+    sender = gevent.spawn(rig.client.sendall, request)
+    assert recv_exactly(rig.server, size) == request
+    sender.get()
+    rig.client.shutdown(socket.SHUT_WR)
+    assert rig.server.recv(100) == b""          # EOF passed on
+    assert not rig.link.closed and rig.q[C] == 1
+    answer = payload(2 << 20, 6)
+    rig.server.sendall(answer)
+    rig.server.shutdown(socket.SHUT_WR)
+    assert recv_all(rig.client) == answer
+    rig.wait_closed()
+    assert rig.closed == [rig.link]
+    assert (rig.q[SENT], rig.q[RCVD], rig.q[C]) == (size, len(answer), 0)
+    assert rig.client_end.fileno() == -1 and rig.server_end.fileno() == -1
+
+
+def test_half_close_from_server(rigs):
+    rig = rigs()
+    rig.server.sendall(b"banner\n")
+    rig.server.shutdown(socket.SHUT_WR)
+    assert recv_all(rig.client) == b"banner\n"
+    rig.client.sendall(b"still talking")
+    assert recv_exactly(rig.server, 13) == b"still talking"
+    rig.client.close()
+    assert rig.server.recv(10) == b""
+    rig.wait_closed()
+    assert (rig.q[SENT], rig.q[RCVD], rig.q[C]) == (13, 7, 0)
+
+
+def test_close_counts_once(rigs):
+    rig = rigs()
+    rig.link.close()
+    rig.link.close()
+    rig.link.abort()
+    assert rig.q[C] == 0 and rig.closed == [rig.link]
+
+
+# -- back-pressure ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_back_pressure_stops_reading_and_holds_little(rigs, splice):
+    """A server that does not read: the link stops reading the client and
+    holds at most one chunk (copy) or one pipe (splice), never the stream."""
+    rig = rigs(splice=splice)
+    # Fixed receive buffers (no autotuning) so the kernel cannot soak up the stream.
+    for s in (rig.client_end, rig.server):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
+    data = payload(24 << 20, 7)
+    sender = gevent.spawn(rig.client.sendall, data)
+    gevent.sleep(0.3)
+    passed = rig.q[SENT]
+    gevent.sleep(0.2)
+    assert rig.q[SENT] == passed                # the link stopped taking data
+    assert not sender.ready()                   # so the client is throttled
+    flow = rig.link.up
+    assert not flow.rw.active                   # not reading the client any more
+    if flow.pipe_r >= 0:
+        assert flow.fill > 0
+        assert flow.ww is not None and flow.ww.active
+    else:
+        assert flow.pending is not None and len(flow.pending) <= CHUNK
+        assert flow.ww is not None and flow.ww.active
+    assert splice == (flow.pipe_r >= 0)
+    held = rig.q[SENT]
+    assert held < len(data)
+    assert recv_exactly(rig.server, len(data)) == data
+    sender.get()
+    assert rig.q[SENT] == len(data)
+    assert flow.rw.active and not flow.ww.active  # reading again once drained
+
+
+# -- errors -------------------------------------------------------------------------------
+
+def reset(sock) -> None:
+    """Close with an RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+def test_server_reset_closes_both(rigs):
+    rig = rigs()
+    rig.client.sendall(b"abc")
+    assert recv_exactly(rig.server, 3) == b"abc"
+    reset(rig.server)
+    with contextlib.suppress(ConnectionResetError):
+        assert rig.client.recv(10) == b""
+    rig.wait_closed()
+    assert rig.closed == [rig.link] and rig.q[C] == 0
+    assert rig.client_end.fileno() == -1 and rig.server_end.fileno() == -1
+
+
+def test_client_reset_mid_transfer_closes_both(rigs):
+    rig = rigs()
+    streamer = gevent.spawn(rig.server.sendall, payload(32 << 20, 8))
+    assert len(recv_exactly(rig.client, 1 << 20)) == 1 << 20
+    reset(rig.client)
+    rig.wait_closed()
+    with gevent.Timeout(5), pytest.raises(OSError):
+        streamer.get()                           # the server learns it too
+    assert rig.closed == [rig.link] and rig.q[C] == 0
+    assert 1 << 20 <= rig.q[RCVD] < 32 << 20
+
+
+def test_error_in_one_link_leaves_others_alone(rigs):
+    a, b = rigs(), rigs()
+    reset(a.server)
+    a.wait_closed()
+    b.client.sendall(b"fine")
+    assert recv_exactly(b.server, 4) == b"fine"
+    assert not b.link.closed and b.q[C] == 1
+
+
+# -- urgent data ------------------------------------------------------------------------------
+
+def test_urgent_byte_is_relayed(rigs):
+    relay = UrgentRelay(get_hub().loop)
+    rig = rigs(urgent=relay)
+    rig.client.sendall(b"before")
+    assert recv_exactly(rig.server, 6) == b"before"
+    rig.client.send(b"!", socket.MSG_OOB)
+    with gevent.Timeout(5):
+        while True:
+            try:
+                byte = rig.server.recv(1, socket.MSG_OOB)
+                break
+            except (BlockingIOError, OSError):
+                gevent.sleep(0.01)
+    assert byte == b"!"
+    rig.link.close()
+    assert relay.peers == {}
