@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import free_port, ipv6_available, read_tag, wait_port
+from conftest import Backend, free_port, ipv6_available, read_tag, wait_port
 from gbalance import __version__
 from gbalance.cli import USAGE, parse
 from gbalance.config import ProxyConfig, ShellConfig
@@ -312,3 +312,15 @@ def test_started_master_is_really_serving(balance, backends):
     balance.start("-b", "127.0.0.1", str(port), f"localhost:{b.port}", port=port)
     wait_port(port)
     assert read_tag(port) == "ok"
+
+
+def test_bare_ipv6_channel_uses_the_listening_port(balance):
+    """``::1`` (no brackets, no port) is an address, and its port is the listening port:
+    the IPv4-only listener on 0.0.0.0:P and the backend on [::1]:P do not collide."""
+    port = free_port()
+    backend = Backend("bare-v6", host="::1", port=port)
+    try:
+        balance.start(str(port), "::1", port=port)
+        assert read_tag(port) == "bare-v6"
+    finally:
+        backend.close()
