@@ -9,6 +9,7 @@ client, the link does; and running out of file descriptors pauses accepting
 
 from __future__ import annotations
 
+import _socket
 import errno
 import socket
 import sys
@@ -236,7 +237,7 @@ class BalanceServer(StreamServer):
     # -- per connection -------------------------------------------------
 
     def handle_client(self, fd: int, address) -> None:
-        client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         try:
             client.setblocking(False)
             self.addresses.refresh()
