@@ -1,7 +1,12 @@
 #!/bin/sh
 # Install the Debian packages the test suite and benchmarks need, if missing.
 set -e
-PKGS="iproute2 procps python3-venv"
+# The packaging tests (tests/test_packaging.py, tests/test_man.py) build the
+# .deb, the .rpm and an apt repository, check them with lintian, rpmlint and
+# systemd-analyze, and read the man pages with man-db in English and Spanish.
+PKGS="iproute2 procps python3-venv
+      build-essential debhelper dh-python python3-all python3-setuptools fakeroot
+      dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

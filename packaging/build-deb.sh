@@ -1,0 +1,42 @@
+#!/bin/sh
+# Build gbalance_<version>_all.deb into dist/ with dpkg-buildpackage.
+#
+# The build runs in a temporary copy of the tree, so the checkout (and the
+# developer's .venv) stays untouched.  The version is defined once, in
+# gbalance/__init__.py; this script refuses to build when debian/changelog,
+# rpm/gbalance.spec or the man pages say something else.
+set -eu
+cd "$(dirname "$0")/.."
+TOP=$(pwd)
+
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' gbalance/__init__.py)
+[ -n "$VERSION" ] || { echo "build-deb: no __version__ in gbalance/__init__.py" >&2; exit 1; }
+drift=""
+DEBV=$(dpkg-parsechangelog -l debian/changelog -S Version)
+[ "$DEBV" = "$VERSION" ] || drift="$drift debian/changelog=$DEBV"
+SPECV=$(sed -n 's/^Version:[[:space:]]*//p' rpm/gbalance.spec)
+[ "$SPECV" = "$VERSION" ] || drift="$drift rpm/gbalance.spec=$SPECV"
+for m in man/balance.1 man/balance.es.1; do
+    grep -q "^\.TH .*\"gbalance $VERSION\"" "$m" || drift="$drift $m"
+done
+if [ -n "$drift" ]; then
+    echo "build-deb: version drift: gbalance/__init__.py says $VERSION, but:$drift" >&2
+    exit 1
+fi
+
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+SRC="$WORK/gbalance-$VERSION"
+mkdir "$SRC"
+# The tree as it is (committed or not), without build products and venvs.
+tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
+    --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results -cf - . | tar -C "$SRC" -xf -
+(cd "$SRC" && dpkg-buildpackage -us -uc -b) > "$WORK/build.log" 2>&1 || {
+    tail -40 "$WORK/build.log" >&2
+    echo "build-deb: dpkg-buildpackage failed (log above)" >&2
+    exit 1
+}
+mkdir -p dist
+cp "$WORK"/gbalance_"$VERSION"_all.deb "$WORK"/gbalance_"$VERSION"_*.changes "$WORK"/gbalance_"$VERSION"_*.buildinfo dist/
+echo "dist/gbalance_${VERSION}_all.deb"
