@@ -109,6 +109,10 @@ class Monitor:
     def start(self) -> None:
         """Start checking (the first round runs at once)."""
         if self._greenlet is None:
+            spec = self.spec
+            self.log.info(f"monitoring every {spec.interval:g}s: {len(spec.checks)} check(s),"
+                          f" rise {spec.rise}, fall {spec.fall}"
+                          f"{'' if spec.enable else ', noenable'}{'' if spec.disable else ', nodisable'}")
             self._greenlet = gevent.spawn(self._loop)
 
     def stop(self) -> None:
