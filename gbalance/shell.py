@@ -266,7 +266,7 @@ class Shell:
             self.say(f"unknown command: {words[0][:40]} (type help for a list)")
             return
         if not self.state.master_alive():
-            sys.stderr.write(f"balance: {no_master(self.cfg)}: the master process has exited\n")
+            sys.stderr.write(f"balance: {no_master(self.cfg)} any more (pid {self.state.pid} exited)\n")
             raise Quit(EX_UNAVAILABLE)
         try:
             command.handler(self, words[1:])
@@ -490,16 +490,36 @@ def open_master(cfg: ShellConfig) -> SharedState:
 
 
 def kill_master(state: SharedState, wait: float = KILL_WAIT) -> None:
-    """SIGTERM the master and wait (bounded) until it has let go of the table."""
+    """SIGTERM the master and wait (bounded) until it has let go of the table and exited.
+
+    The master drops its lock while it cleans up, a moment before the process
+    ends; ``shutdown complete`` should mean the process is really gone.
+    """
+    pid = state.pid
     try:
-        os.kill(state.pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + wait
-    while state.master_alive():
+    while state.master_alive() or process_running(pid):
         if time.monotonic() > deadline:
-            raise Usage(f"master process {state.pid} did not shut down within {wait:g} seconds")
-        time.sleep(0.02)
+            raise Usage(f"master process {pid} did not shut down within {wait:g} seconds")
+        time.sleep(0.01)
+
+
+def process_running(pid: int) -> bool:
+    """True while ``pid`` exists and has not exited (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not os.path.isdir("/proc/self")
 
 
 # -- input ---------------------------------------------------------------------
