@@ -8,6 +8,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 TOP=$(pwd)
+# Output directories (the tests use temporary ones).
+DIST=${DIST_DIR:-$TOP/dist}
 
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' gbalance/__init__.py)
 [ -n "$VERSION" ] || { echo "build-deb: no __version__ in gbalance/__init__.py" >&2; exit 1; }
@@ -37,6 +39,6 @@ tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     echo "build-deb: dpkg-buildpackage failed (log above)" >&2
     exit 1
 }
-mkdir -p dist
-cp "$WORK"/gbalance_"$VERSION"_all.deb "$WORK"/gbalance_"$VERSION"_*.changes "$WORK"/gbalance_"$VERSION"_*.buildinfo dist/
-echo "dist/gbalance_${VERSION}_all.deb"
+mkdir -p "$DIST"
+cp "$WORK"/gbalance_"$VERSION"_all.deb "$WORK"/gbalance_"$VERSION"_*.changes "$WORK"/gbalance_"$VERSION"_*.buildinfo "$DIST"/
+echo "$DIST/gbalance_${VERSION}_all.deb"

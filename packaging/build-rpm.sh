@@ -8,6 +8,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 TOP=$(pwd)
+# Output directories (the tests use temporary ones).
+DIST=${DIST_DIR:-$TOP/dist}
 
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' gbalance/__init__.py)
 SPECV=$(sed -n 's/^Version:[[:space:]]*//p' rpm/gbalance.spec)
@@ -29,6 +31,6 @@ rpmbuild -bb --nodeps --define "_topdir $WORK" rpm/gbalance.spec > "$WORK/build.
     echo "build-rpm: rpmbuild failed (log above)" >&2
     exit 1
 }
-mkdir -p dist
-cp "$WORK"/RPMS/noarch/gbalance-"$VERSION"-*.noarch.rpm dist/
-ls dist/gbalance-"$VERSION"-*.noarch.rpm
+mkdir -p "$DIST"
+cp "$WORK"/RPMS/noarch/gbalance-"$VERSION"-*.noarch.rpm "$DIST"/
+ls "$DIST"/gbalance-"$VERSION"-*.noarch.rpm
