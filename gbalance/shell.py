@@ -263,7 +263,7 @@ class Shell:
             return
         command = lookup(words[0])
         if command is None:
-            self.say(f"unknown command: {words[0][:40]} (type help for a list)")
+            self.say(f"unknown command: {printable(words[0][:40])} (type help for a list)")
             return
         if not self.state.master_alive():
             sys.stderr.write(f"balance: {no_master(self.cfg)} any more (pid {self.state.pid} exited)\n")
@@ -274,6 +274,11 @@ class Shell:
             self.say(str(exc))
         except PermissionError:
             self.say("permission denied: only the master's user may change this balance")
+
+
+def printable(text: str) -> str:
+    """Echo user input safely: no control characters back to the terminal."""
+    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in text)
 
 
 def need(args: list[str], count: int) -> None:

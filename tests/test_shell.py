@@ -439,6 +439,34 @@ def test_bad_input_messages(two, balance):
     assert sorted(tags(port, 2)) == ["A", "B"]
 
 
+def test_garbage_input_cannot_hurt_the_master(two, balance):
+    port, proc, a, b = two
+    before = ctl(balance, port, "show")
+    garbage = ["show\x00", "\x1b[2J\x07", "\uff53\uff48\uff4f\uff57", "disable \u0663",
+               "create 127.0.0.1 \u0668\u0660", "maxc 0 1e3", "group 0x1", "\tshow\t extra",
+               "create 1.2.3.4.5 80", "reset 99999999999999999999999", "assign 0 [::1 80"]
+    r = session(balance, port, garbage)
+    assert r.returncode == 0 and r.stderr == ""
+    answers = r.stdout.split("balance[0] ")[1:-1]
+    assert answers == ["unknown command: show? (type help for a list)\n",
+                       "unknown command: ?[2J? (type help for a list)\n",
+                       "unknown command: ???? (type help for a list)\n"] + ["syntax error\n"] * 5 + \
+                      ["invalid address\n", "syntax error\n", "invalid address\n"]
+    assert ctl(balance, port, "show") == before
+    assert pid_alive(proc.pid)
+    assert sorted(tags(port, 2)) == ["A", "B"]
+
+
+def test_no_channel_slots_available(balance, backends):
+    a = backends("A")
+    port = free_port()
+    launch(balance, str(port), a.spec, port=port, rows=1)
+    r = session(balance, port, [f"create 127.0.0.1 {1000 + i}" for i in range(64)])
+    assert r.stdout.count("channel created\n") == 63
+    assert r.stdout.endswith("balance[0] no channel slots available\nbalance[0] \n")
+    assert len(channels(balance, port)) == 64
+
+
 def test_c_exits_zero_even_after_an_error_message(two, balance):
     port, proc, a, b = two
     assert ctl(balance, port, "disable 9") == "no such channel 9\n"
@@ -682,3 +710,6 @@ def test_other_user_may_show_but_not_change(balance, backends, shared_state_dir)
     assert ctl(balance, port, "show") == root_view          # nothing changed
     assert pid_alive(proc.pid)
     assert sorted(tags(port, 2)) == ["A", "B"]
+    path.chmod(0o600)                                        # stricter than balance's default
+    r = as_nobody("-c", "show", str(port))
+    assert (r.returncode, r.stdout, r.stderr) == (77, "", f"balance: permission denied: cannot read {path}\n")
