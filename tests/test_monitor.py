@@ -292,7 +292,8 @@ def test_shell_command_and_builtin(balance, backends, table, tmp_path):
     balance.start("-m", f"command=test %P -eq {a.port} && echo ok > {marker}:interval={INTERVAL}",
                   str(port), a.spec, b.spec, port=port)
     t = table(port)
-    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED, INTERVAL + SLACK)
+    # The two channels are checked in parallel: wait for both results.
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED and marker.exists(), INTERVAL + SLACK)
     assert t.status(0, 0) == ENABLED and marker.read_text() == "ok\n"
 
 
