@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import signal
 import socket
 import struct
@@ -25,11 +26,29 @@ ROOT = Path(__file__).resolve().parent.parent
 BALANCE = [sys.executable, "-m", "gbalance"]
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on ``host`` now and was not handed out before.
+
+    Ports come from below the kernel's ephemeral range (32768 and up here),
+    so a backend's ``bind(0)`` or an outgoing connection can never take the
+    port between this call and the proxy's bind.
+    """
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in _GIVEN:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found")
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
