@@ -28,33 +28,99 @@ class HungListener:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(0)
         self.port = self.sock.getsockname()[1]
-        self.fillers: list[socket.socket] = []
-        self._fill()
-
-    def _fill(self) -> None:
-        for _ in range(16):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", self.port))
-            if _wait_connected(s, 0.3):
-                self.fillers.append(s)
-                continue
-            s.close()
-            if self.hangs():
-                return
-        raise BenchError("could not make the primary's connects hang")
+        self.fillers = fill_queue(self.port)
 
     def hangs(self, wait: float = 0.5) -> bool:
         """True if a fresh connect is still pending after ``wait`` seconds."""
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect_ex(("127.0.0.1", self.port))
-            return not _wait_connected(s, wait)
-        finally:
-            s.close()
+        return connect_hangs(self.port, wait)
 
     def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+def fill_queue(port: int) -> list[socket.socket]:
+    """Connect to a backlog-0 listener until a connect hangs; keep the fillers."""
+    fillers = []
+    for _ in range(16):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        if _wait_connected(s, 0.3):
+            fillers.append(s)
+            continue
+        s.close()
+        if connect_hangs(port):
+            return fillers
+    for s in fillers:
+        s.close()
+    raise BenchError("could not make the primary's connects hang")
+
+
+def connect_hangs(port: int, wait: float = 0.5) -> bool:
+    """True if a fresh connect to ``port`` is still pending after ``wait`` seconds."""
+    s = socket.socket()
+    s.setblocking(False)
+    try:
+        s.connect_ex(("127.0.0.1", port))
+        return not _wait_connected(s, wait)
+    finally:
+        s.close()
+
+
+class FailingPrimary:
+    """A primary that serves (greets) at first and hangs after ``up_for`` s.
+
+    Going down stops accepting, shrinks the backlog to 0 (``listen`` again
+    on the same socket) and fills the queue, so from then on connects hang
+    as to a machine that crashed.  Only a connect that lands in the queue
+    in the instant between the last accept and the fill could be lost.
+    """
+
+    def __init__(self, up_for: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.05)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        self.served = 0
+        self._down = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._timer = threading.Timer(up_for, self._go_down)
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+        self._timer.start()
+
+    def _serve(self) -> None:
+        while not self._down.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            try:
+                conn.sendall(b"primary\n")
+            except OSError:
+                pass
+            conn.close()
+            self.served += 1
+
+    def _go_down(self) -> None:
+        self._down.set()
+        self._thread.join(1)
+        self.sock.listen(0)
+        try:
+            self.fillers = fill_queue(self.port)
+        except BenchError:
+            pass
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._down.set()
+        self._thread.join(1)
         for s in self.fillers:
             s.close()
         self.sock.close()
@@ -148,7 +214,35 @@ def run(work: Workdir, backup_port: int, seconds: float, log) -> dict:
             result[name]["args"] = " ".join(args)
     finally:
         primary.close()
+    log(f"failover: outage during the run (primary serves for {seconds / 3:g} s, then hangs) ...")
+    result["gbalance_m_outage"] = outage(work, backup_port, seconds)
     return result
+
+
+def outage(work: Workdir, backup_port: int, seconds: float) -> dict:
+    """``-m`` with a primary that goes down a third of the way into the run."""
+    primary = FailingPrimary(seconds / 3)
+    args = ["-t", "5", "-m", "connect:interval=1"]
+    proxy = GBalance(work.path, backup_port, args=args,
+                     channels=[f"127.0.0.1:{primary.port}", "!", f"127.0.0.1:{backup_port}"])
+    try:
+        proxy.start()
+    except BenchError as exc:
+        primary.close()
+        return {"error": str(exc)}
+    try:
+        primary.start()
+        res = client_run(proxy.port, seconds)
+        res["served_by_primary"] = primary.served
+        res["outage_at_s"] = seconds / 3
+    finally:
+        proxy.stop()
+        primary.close()
+    tail = proxy.stderr_text().strip().splitlines()
+    if tail:
+        res["log_tail"] = tail[-6:]
+    res["args"] = " ".join(args)
+    return res
 
 
 def _through(work: Workdir, backup_port: int, args: list[str], channels: list[str], seconds: float) -> dict:

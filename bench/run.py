@@ -203,7 +203,8 @@ def print_failover(fo: dict) -> None:
     print(head)
     print("-" * len(head))
     rows = (("direct to the backup", "direct"), ("balance -t 5 -m connect:interval=1", "gbalance_m"),
-            ("balance -t 5 (no -m)", "gbalance_plain"))
+            ("balance -t 5 (no -m)", "gbalance_plain"),
+            ("-m, primary goes down mid-run", "gbalance_m_outage"))
     for label, key in rows:
         r = fo.get(key)
         if r is None:
@@ -222,6 +223,10 @@ def print_failover(fo: dict) -> None:
         print(f"target (0 failed, p99 within 50 ms of direct): {'YES' if ok else 'NO'}")
         if m.get("first_second"):
             print(f"gbalance -m, first second of connections (ms or failure): {m['first_second']}")
+    o = fo.get("gbalance_m_outage", {})
+    if "connections" in o:
+        print(f"outage run: primary answered {o.get('served_by_primary')} connections, then hung at "
+              f"{o.get('outage_at_s'):g} s; slowest: {_fmt(o.get('ttfb_max_ms'), 1)} ms")
 
 
 def print_profile(prof: dict) -> None:
