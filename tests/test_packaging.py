@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -216,9 +217,12 @@ def pkg(tmp_path_factory):
         pytest.fail("the packaging tests install a .deb and need root (CI runs them as root)")
     if "gbalance" in installed_packages():
         pytest.fail("gbalance is already installed on this machine; purge it first")
-    tmp = tmp_path_factory.mktemp("pkg")
-    dist, repo = tmp / "dist", tmp / "repo"
-    os.chmod(tmp, 0o755)   # let apt's _apt user read the repository
+    dist = tmp_path_factory.mktemp("pkg") / "dist"
+    # apt reads the repository as its unprivileged _apt user: pytest's temp
+    # directories are private, so the repository gets a world-readable one.
+    repo_parent = Path(tempfile.mkdtemp(prefix="gbalance-test-"))
+    os.chmod(repo_parent, 0o755)
+    repo = repo_parent / "repo"
     env = dict(os.environ, DIST_DIR=str(dist), REPO_DIR=str(repo))
     run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=env, timeout=600)
     run(["sh", "packaging/build-rpm.sh"], cwd=ROOT, env=env, timeout=600)
@@ -253,6 +257,7 @@ def pkg(tmp_path_factory):
             conf.write_bytes(saved_conf)
         if not had_run_dir:
             shutil.rmtree("/run/balance", ignore_errors=True)
+        shutil.rmtree(repo_parent, ignore_errors=True)
         if made_locale and has_locale("es_ES.utf8"):
             run(["localedef", "--delete-from-archive", "es_ES.utf8"], check=False)
 
@@ -349,10 +354,14 @@ def test_init_script_runs_two_instances_from_balance_conf(pkg):
 @pytest.mark.packaging
 def test_installed_man_pages_english_and_spanish(pkg):
     assert run(["man", "-w", "balance"]).stdout.strip() == "/usr/share/man/man1/balance.1.gz"
-    env = dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="0", PAGER="cat")
-    en = run(["man", "balance"], env=dict(env, LANG="C.UTF-8", LC_ALL="C.UTF-8")).stdout
+    env = dict(os.environ, MANWIDTH="80", PAGER="cat")
+
+    def plain(text: str) -> str:   # drop the overstrike bold and underline
+        return re.sub(r".\x08", "", text)
+
+    en = plain(run(["man", "balance"], env=dict(env, LANG="C.UTF-8", LC_ALL="C.UTF-8")).stdout)
     assert "NAME" in en and "CONTROL SHELL" in en and "BALANCE_STATE_DIR" in en
-    es = run(["man", "balance"], env=dict(env, LANG="es_ES.UTF-8", LC_ALL="es_ES.UTF-8")).stdout
+    es = plain(run(["man", "balance"], env=dict(env, LANG="es_ES.UTF-8", LC_ALL="es_ES.UTF-8")).stdout)
     assert "NOMBRE" in es and "CONSOLA DE CONTROL" in es and "MONITORIZACIÓN" in es
     whatis = run(["whatis", "balance"], env=dict(env, LANG="C.UTF-8", LC_ALL="C.UTF-8")).stdout
     assert whatis.startswith("balance (1)") and "load-balancing TCP proxy" in whatis
