@@ -136,7 +136,8 @@ class Master:
         loop = get_hub().loop
         addresses = AddressCache(self.state)
         events = ChannelEvents(self.state, self.log, debug=cfg.debug,
-                               autodisable=cfg.autodisable, passive=monitoring)
+                               autodisable=cfg.autodisable,
+                               passive=monitoring and cfg.monitor.disable)
         connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
                               stagger=cfg.monitor.stagger if monitoring else 0.0,
                               source=self.source, keepalive=cfg.server_keepalive)

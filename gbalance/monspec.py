@@ -76,7 +76,7 @@ def _float(key: str, value: str | None, minimum: float = 0.0, strict: bool = Tru
 
 
 def _count(key: str, value: str | None) -> int:
-    if value is None or not value.isdigit() or int(value) < 1:
+    if value is None or not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise _bad(f"{key} needs a whole number of at least 1, got {value!r}")
     return int(value)
 
@@ -107,9 +107,10 @@ def parse_monitor(text: str) -> MonitorSpec:
         elif key == "pass":
             if not spec.checks or spec.checks[-1].kind != "command":
                 raise _bad("pass must follow a command action")
-            try:
-                codes = tuple(int(c) for c in (val or "").split(","))
-            except ValueError:
+            words = (val or "").split(",")
+            if all(w.strip().isascii() and w.strip().isdigit() for w in words):
+                codes = tuple(int(w) for w in words)
+            else:
                 codes = ()
             if not codes or any(not 0 <= c <= 255 for c in codes):
                 raise _bad(f"pass needs exit codes 0..255 separated by commas, got {val!r}")

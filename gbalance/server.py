@@ -22,8 +22,8 @@ from gbalance.connect import Connector, Hooks
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
-                            H_GENERATION, MAXCHANNELS, MAXGROUPS, SOFT_DISABLED, SharedState, slot)
+from gbalance.state import (C_C, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SOFT_DISABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
@@ -40,10 +40,6 @@ class ChannelEvents(Hooks):
     keeps balance's meaning: soft-disable, re-enable by hand.
     """
 
-    # Table names only this class uses, imported here so that the class can
-    # change without touching the module header (which others edit).
-    from gbalance.state import C_PASSES, H_MONITOR, MON_ENABLED
-
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
                  autodisable: bool = False, passive: bool = False):
         self.state = state
@@ -55,7 +51,7 @@ class ChannelEvents(Hooks):
 
     def _monitoring(self) -> bool:
         """Passive detection applies only while the shell leaves monitoring on."""
-        return self.passive and self.q[self.H_MONITOR] == self.MON_ENABLED
+        return self.passive and self.q[H_MONITOR] == MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
         q = self.q
@@ -99,11 +95,13 @@ class ChannelEvents(Hooks):
                 return False
             self.state.set_status(g, c, SOFT_DISABLED)
             # The monitor's rise count starts again from this failure.
-            self.q[slot(g, c, self.C_PASSES)] = 0
+            self.q[slot(g, c, C_PASSES)] = 0
         return True
 
     def cancel(self, g: int, c: int) -> None:
         self.q[slot(g, c, C_C)] -= 1
+        if self.debug:
+            self.log.trace(f"cancelled group {g} channel {c}: client gone\n")
 
     def suspect(self, g: int, c: int) -> None:
         if not self._monitoring():

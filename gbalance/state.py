@@ -239,9 +239,10 @@ class SharedState:
         except Exception:
             os.close(fd)
             raise
-        if st.q[H_VERSION] != LAYOUT_VERSION:
+        version = st.q[H_VERSION]
+        if version != LAYOUT_VERSION:
             st.close()
-            raise StateError(f"{path} has state layout {st.q[H_VERSION]}, expected {LAYOUT_VERSION}")
+            raise StateError(f"{path} has state layout {version}, expected {LAYOUT_VERSION}")
         return st
 
     def close(self) -> None:

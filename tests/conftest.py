@@ -29,26 +29,34 @@ BALANCE = [sys.executable, "-m", "gbalance"]
 _GIVEN: set[int] = set()
 
 
-def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` now and was not handed out before.
-
-    Ports come from below the kernel's ephemeral range (32768 and up here),
-    so a backend's ``bind(0)`` or an outgoing connection can never take the
-    port between this call and the proxy's bind.
-    """
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(1000):
-        port = rng.randrange(20000, 32000)
-        if port in _GIVEN:
-            continue
+def _bindable(port: int) -> bool:
+    """True if ``port`` binds on the IPv4 and the IPv6 wildcard right now."""
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
         with socket.socket(family, socket.SOCK_STREAM) as s:
             try:
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 s.bind((host, port))
             except OSError:
-                continue
-        _GIVEN.add(port)
-        return port
-    raise RuntimeError("no free port found")
+                return False
+    return True
+
+
+def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
+    """A TCP port that is free now (any address, both families), never handed out before.
+
+    Ports come from 20000-32000, below the kernel's ephemeral range
+    (32768 and up here), so a backend's ``bind(0)`` or an outgoing
+    connection can never take the port between this call and the proxy's
+    bind.  ``family`` and ``host`` are accepted for old callers.
+    """
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port not in _GIVEN and _bindable(port):
+            _GIVEN.add(port)
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
@@ -61,6 +69,48 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None
         except OSError:
             time.sleep(0.02)
     raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a socket reachable at ``host`` is in LISTEN state on ``port``.
+
+    Read from /proc/net/tcp*, so checking makes no connection: a probe
+    through the proxy would be routed and move counters and cursors.  For
+    an IPv4 ``host`` an IPv4 listener or a dual-stack ``::`` (or
+    v4-mapped) one counts; for an IPv6 host, only IPv6 listeners.
+    """
+    want = f":{port:04X}"
+    v6_host = ":" in host
+    tables = ("/proc/net/tcp6",) if v6_host else ("/proc/net/tcp", "/proc/net/tcp6")
+    for name in tables:
+        try:
+            with open(name) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local = fields[1]
+                    if not local.endswith(want) or fields[3] != "0A":
+                        continue
+                    addr = local.split(":")[0]
+                    if name.endswith("tcp6") and not v6_host and \
+                            addr != "0" * 32 and addr[:24] != "0000000000000000FFFF0000":
+                        continue
+                    return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def wait_listening(port: int, timeout: float = 10.0, proc: "Proc | None" = None,
+                   host: str = "127.0.0.1") -> None:
+    """Wait until ``port`` is in LISTEN state (the master listens only when ready)."""
+    deadline = time.monotonic() + timeout
+    while not listening(port, host):
+        if proc is not None and proc.p.poll() is not None:
+            raise TimeoutError(f"process exited with {proc.p.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"nothing listening on port {port}")
+        time.sleep(0.01)
 
 
 class Backend:
@@ -240,12 +290,16 @@ class BalanceRunner:
         self.daemon_pids: list[int] = []
 
     def start(self, *args: str, port: int, host: str = "127.0.0.1", wait: bool = True, **kw) -> Proc:
-        """Start ``balance -f args...`` and wait until it listens on ``port``."""
+        """Start ``balance -f args...`` and wait until it listens on ``port``.
+
+        Readiness is read from the kernel's socket table, not probed with a
+        connection, so no connection is routed before the test's own.
+        """
         proc = Proc(["-f", *args], self.env, **kw)
         self.procs.append(proc)
         if wait:
             try:
-                wait_port(port, host)
+                wait_listening(port, proc=proc, host=host)
             except TimeoutError:
                 out, err = proc.stop()
                 raise AssertionError(f"balance did not start: rc={proc.p.returncode} {err}")

@@ -14,13 +14,12 @@ import time
 
 import pytest
 
-from conftest import Backend, ipv6_available, read_tag, wait_port
+from conftest import free_port, Backend, ipv6_available, read_tag, wait_port
 from gbalance import __version__
 from gbalance.cli import USAGE, parse
 from gbalance.config import ProxyConfig, ShellConfig
 from gbalance.errors import BalanceError
 from gbalance.state import HASH, RR
-from portpick import quiet_port
 
 USAGE_LINE = "  balance [-b addr] [-B addr] [-t sec] [-T sec]"
 
@@ -101,7 +100,7 @@ def test_usage_errors_print_usage(balance):
 
 
 def test_address_in_use(balance):
-    port = quiet_port()
+    port = free_port()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen(1)
@@ -117,7 +116,7 @@ def test_address_in_use(balance):
 @pytest.mark.parametrize("bind,text", [("nosuchhost.invalid", "nosuchhost.invalid"),
                                        ("192.0.2.1", "Cannot assign requested address")])
 def test_bad_bind_address(balance, bind, text):
-    r = balance.run("-f", "-b", bind, str(quiet_port()), "127.0.0.1:1", timeout=20)
+    r = balance.run("-f", "-b", bind, str(free_port()), "127.0.0.1:1", timeout=20)
     assert r.returncode == 71, r.stderr
     assert text in r.stderr
     assert "Traceback" not in r.stderr
@@ -127,14 +126,14 @@ def test_unusable_state_directory(balance, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     balance.env["BALANCE_STATE_DIR"] = str(blocker / "sub")
-    r = balance.run("-f", str(quiet_port()), "127.0.0.1:1", timeout=20)
+    r = balance.run("-f", str(free_port()), "127.0.0.1:1", timeout=20)
     assert r.returncode == 71, r.stderr
     assert "cannot create state directory" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_no_master(balance):
-    r = balance.run("-c", "show", str(quiet_port()))
+    r = balance.run("-c", "show", str(free_port()))
     assert r.returncode in (69, 70), r.stderr
     assert "no master process" in r.stderr
     assert "Traceback" not in r.stderr
@@ -202,7 +201,7 @@ def test_dash6_listens_on_both_families(balance, backends):
     """docopt 0.6.2 reads ``-6`` as an option (docopt-ng would take it as a port)."""
     assert ipv6_available()
     b = backends("six")
-    port = quiet_port()
+    port = free_port()
     balance.start("-6", str(port), b.spec, port=port)
     assert read_tag(port, "::1") == "six"
     assert read_tag(port, "127.0.0.1") == "six"
@@ -210,7 +209,7 @@ def test_dash6_listens_on_both_families(balance, backends):
 
 def test_without_dash6_ipv4_only(balance, backends):
     b = backends("four")
-    port = quiet_port()
+    port = free_port()
     balance.start(str(port), b.spec, port=port)
     assert read_tag(port) == "four"
     with pytest.raises(OSError), socket.create_connection(("::1", port), timeout=2):
@@ -233,7 +232,7 @@ def test_service_names_for_listen_and_channel_ports(balance):
 def test_debug_trace(balance, backends):
     """``-d``: the channel list, then refused, timed out and successful attempts."""
     good = backends("good")
-    refused = quiet_port()
+    refused = free_port()
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
@@ -241,7 +240,7 @@ def test_debug_trace(balance, backends):
     try:
         _fill_accept_queue(full, fillers)
         fport = full.getsockname()[1]
-        port = quiet_port()
+        port = free_port()
         # No probe connection (it would add its own trace): wait for the bind instead.
         proc = balance.start("-d", "-t", "1", str(port), f"127.0.0.1:{refused}", "!",
                              f"127.0.0.1:{fport}:7", "!", good.spec, port=port, wait=False)
@@ -309,7 +308,7 @@ def _connected(s: socket.socket) -> bool:
 def test_started_master_is_really_serving(balance, backends):
     """Sanity for the cases above: a good command line proxies, and wait_port saw it."""
     b = backends("ok")
-    port = quiet_port()
+    port = free_port()
     balance.start("-b", "127.0.0.1", str(port), f"localhost:{b.port}", port=port)
     wait_port(port)
     assert read_tag(port) == "ok"
@@ -318,7 +317,7 @@ def test_started_master_is_really_serving(balance, backends):
 def test_bare_ipv6_channel_uses_the_listening_port(balance):
     """``::1`` (no brackets, no port) is an address, and its port is the listening port:
     the IPv4-only listener on 0.0.0.0:P and the backend on [::1]:P do not collide."""
-    port = quiet_port()
+    port = free_port()
     backend = Backend("bare-v6", host="::1", port=port)
     try:
         balance.start(str(port), "::1", port=port)

@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from gbalance.dump import dump, render
-from portpick import quiet_port
+from conftest import free_port
 
 
 @pytest.mark.parametrize("data,text", [
@@ -79,7 +79,7 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 def test_packet_dump_end_to_end(balance, backends, tmp_path):
     """``balance -fp``: each read as a header and its rendering, ``-> 0`` at client EOF."""
     echo = backends(mode="echo")
-    port = quiet_port()
+    port = free_port()
     # stdout goes to a file: a pipe nobody reads would fill up and stall the proxy.
     dump_file = tmp_path / "dump.out"
     with open(dump_file, "wb") as sink:

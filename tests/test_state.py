@@ -272,3 +272,11 @@ def test_other_user_attaches_read_only():
             h.stop()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_attach_rejects_other_layout(tmp_path):
+    st = SharedState.create(str(tmp_path / "old"))
+    st.q[S.H_VERSION] = S.LAYOUT_VERSION + 1
+    st.close()
+    with pytest.raises(StateError, match="state layout"):
+        SharedState.attach(str(tmp_path / "old"))
