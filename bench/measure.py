@@ -14,8 +14,34 @@ import time
 
 from lib import LOAD_CPU, BenchError, Proxy, pin, pss_kb
 
-WRK_CONNECTIONS = 10
+WRK_CONNECTIONS = 50
 IDLE_CONNECTIONS = 1000
+# Every short connection leaves a TIME_WAIT socket for 60 s; past about
+# 100,000 of them the kernel's port search slows every connect (a proxy
+# pays twice: two legs per request), so each run waits for them to drain.
+TIMEWAIT_SETTLE = 10_000
+TIMEWAIT_MAX_WAIT = 65.0
+
+
+def timewait_count() -> int:
+    """Sockets in TIME_WAIT, from /proc/net/sockstat (IPv4 and IPv6)."""
+    total = 0
+    for name in ("/proc/net/sockstat", "/proc/net/sockstat6"):
+        try:
+            with open(name) as f:
+                m = re.search(r"\btw (\d+)", f.read())
+        except OSError:
+            continue
+        if m:
+            total += int(m.group(1))
+    return total
+
+
+def settle_timewait(limit: int = TIMEWAIT_SETTLE, max_wait: float = TIMEWAIT_MAX_WAIT) -> None:
+    """Wait (bounded) until earlier runs' TIME_WAIT sockets have mostly expired."""
+    deadline = time.monotonic() + max_wait
+    while timewait_count() > limit and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def conn_rate(proxy: Proxy, seconds: float, warmup: float = 1.0) -> float:
@@ -25,6 +51,7 @@ def conn_rate(proxy: Proxy, seconds: float, warmup: float = 1.0) -> float:
     are not part of the figure.
     """
     url = f"http://127.0.0.1:{proxy.port}/100b"
+    settle_timewait()
     if warmup > 0:
         _wrk(url, warmup)
     return _wrk(url, seconds)

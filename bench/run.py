@@ -99,7 +99,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(PARTS),
                    help="comma-separated parts to run: " + ",".join(PARTS))
     p.add_argument("--runs", type=int, default=3, help="rounds of conn/bulk/mem (default 3)")
-    p.add_argument("--seconds", type=float, default=5, help="length of one wrk or iperf3 run")
+    p.add_argument("--seconds", type=float, default=3, help="length of one wrk or iperf3 run")
     p.add_argument("--failover-seconds", type=float, default=30)
     p.add_argument("--profile-seconds", type=float, default=10)
     p.add_argument("--output", default=str(BENCH / "results" / "latest.json"))

@@ -21,11 +21,28 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
+#: Errors that say this process is out of resources, not that a channel is bad.
+_LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Connected(NamedTuple):
+    """The winner of a race, with the (stopped) watchers it used.
+
+    The forwarder reuses the watchers instead of creating new ones: the
+    client's read watcher as is, the connect's write watcher turned into a
+    read watcher on the backend socket.  Either may be None.
+    """
+
+    sock: socket.socket
+    group: int
+    channel: int
+    client_watcher: object
+    server_watcher: object
 
 
 class Hooks:
@@ -88,7 +105,7 @@ class Connector:
             raise
         return sock
 
-    def race(self, client: socket.socket, candidates: Iterator[tuple[int, int]]) -> tuple[socket.socket, int, int] | None:
+    def race(self, client: socket.socket, candidates: Iterator[tuple[int, int]]) -> Connected | None:
         """Connect to the first candidate that answers; None when all fail."""
         return Race(self, client, candidates).run()
 
@@ -154,6 +171,12 @@ class Race:
             try:
                 sock = conn.open_socket(family)
             except OSError as exc:
+                if exc.errno in _LOCAL_SHORTAGE:
+                    # Out of descriptors or memory here: no channel is to
+                    # blame (no autodisable), and no other would fare better.
+                    hooks.cancel(g, c)
+                    self.exhausted = True
+                    break
                 hooks.failure(g, c, exc.strerror or "socket error")
                 continue
             rc = sock.connect_ex(addr)
@@ -204,7 +227,7 @@ class Race:
             return None
         winner.stop()
         self.conn.hooks.success(winner.g, winner.c)
-        return winner.sock, winner.g, winner.c
+        return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io)
 
     def _client_gone(self) -> bool:
         """Peek at the client: True if it hung up, False if it sent data."""
@@ -218,7 +241,7 @@ class Race:
 
     # -- the race ------------------------------------------------------------
 
-    def run(self) -> tuple[socket.socket, int, int] | None:
+    def run(self) -> Connected | None:
         """Race to a connected backend socket; None when none answered or the client left.
 
         Whatever happens (even an exception, or the greenlet being killed at
@@ -231,7 +254,7 @@ class Race:
             self._finish(None)
             raise
 
-    def _run(self) -> tuple[socket.socket, int, int] | None:
+    def _run(self) -> Connected | None:
         won = self._launch()
         if won is not None:
             return self._finish(won)

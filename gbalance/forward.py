@@ -43,19 +43,37 @@ PIPE_SIZE = 1 << 20
 SPLICE_CHUNK = PIPE_SIZE
 
 
+def read_watcher(loop, fd: int, reuse=None):
+    """A read watcher on ``fd``: ``reuse`` (a stopped watcher on that fd) if it can be.
+
+    Reusing the connect's watchers saves creating two per connection; a
+    watcher whose events cannot be changed (another loop backend) is
+    replaced by a new one.
+    """
+    if reuse is not None and not reuse.active and reuse.fd == fd:
+        try:
+            if reuse.events & 3 != 1:
+                reuse.events = 1
+            return reuse
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return loop.io(fd, 1)
+
+
 class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
     __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
                  "pipe_r", "pipe_w", "fill", "arrow", "done")
 
-    def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str):
+    def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str,
+                 rw=None):
         self.link = link
         self.src = src
         self.dst = dst
         self.q = link.q
         self.idx = idx
-        self.rw = link.loop.io(src.fileno(), 1)
+        self.rw = read_watcher(link.loop, src.fileno(), rw)
         self.ww = None
         self.pending = None
         self.pipe_r = -1
@@ -201,7 +219,8 @@ class Link:
                  sent_idx: int, rcvd_idx: int, c_idx: int,
                  on_close: Callable[["Link"], None] | None = None,
                  dump: Callable[[str], None] | None = None,
-                 urgent: "UrgentRelay | None" = None):
+                 urgent: "UrgentRelay | None" = None,
+                 client_watcher=None, server_watcher=None):
         self.loop = loop
         self.client = client
         self.server = server
@@ -213,8 +232,8 @@ class Link:
         self.splice = HAVE_SPLICE and dump is None
         self.on_close = on_close
         self.urgent = urgent
-        self.up = Flow(self, client, server, sent_idx, "->")
-        self.down = Flow(self, server, client, rcvd_idx, "-<")
+        self.up = Flow(self, client, server, sent_idx, "->", client_watcher)
+        self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
 
     def start(self) -> None:
         self.up.rw.start(self.up.on_read)

@@ -247,10 +247,10 @@ class BalanceServer(StreamServer):
         if result is None:
             client.close()
             return
-        server, g, c = result
-        base = slot(g, c, 0)
-        link = Link(self.loop, client, server, self.q, base + C_SENT, base + C_RCVD, base + C_C,
-                    on_close=self._closed, dump=self.dump, urgent=self.urgent)
+        base = slot(result.group, result.channel, 0)
+        link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
+                    on_close=self._closed, dump=self.dump, urgent=self.urgent,
+                    client_watcher=result.client_watcher, server_watcher=result.server_watcher)
         if self.idle_timeout > 0:
             self.links[link] = 0.0
         link.start()

@@ -134,24 +134,21 @@ class Shell:
         self.say("channel created")
 
     def cmd_disable(self, args: list[str]) -> None:
-        need(args, 1)
-        c = self.channel_arg(args[0])
-        with self.state.change():
-            if self.state.get(self.group, c, C_STATUS) == HARD_DISABLED:
-                self.say(f"channel {c} already disabled")
-                return
-            self.state.set_status(self.group, c, HARD_DISABLED)
-        self.say(f"channel {c} disabled")
+        self._switch(args, HARD_DISABLED, "disabled")
 
     def cmd_enable(self, args: list[str]) -> None:
+        self._switch(args, ENABLED, "enabled")
+
+    def _switch(self, args: list[str], status: int, word: str) -> None:
+        """Set a channel of the current group to ``status`` unless it already is."""
         need(args, 1)
         c = self.channel_arg(args[0])
         with self.state.change():
-            if self.state.get(self.group, c, C_STATUS) == ENABLED:
-                self.say(f"channel {c} already enabled")
+            if self.state.get(self.group, c, C_STATUS) == status:
+                self.say(f"channel {c} already {word}")
                 return
-            self.state.set_status(self.group, c, ENABLED)
-        self.say(f"channel {c} enabled")
+            self.state.set_status(self.group, c, status)
+        self.say(f"channel {c} {word}")
 
     def cmd_group(self, args: list[str]) -> None:
         need(args, 1)
