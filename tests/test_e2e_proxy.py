@@ -457,3 +457,32 @@ def test_bind_address_forms(balance, backends, bind, connect_to):
     assert read_tag(port, host=connect_to) == "X"
     # -c/-i find the master by port and -b address: the state file is keyed by both.
     assert os.path.exists(state_path(port, bind, str(balance.state_dir)))
+
+
+def test_fd_exhaustion_does_not_autodisable_channels(balance, backends, tmp_path):
+    """Running out of descriptors is this process's problem, not the channel's."""
+    be = backends("X")
+    port = free_port()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    p = subprocess.Popen(BALANCE + ["-f", "-a", str(port), be.spec], env=balance.env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit, cwd=ROOT)
+    try:
+        from conftest import wait_listening
+        wait_listening(port)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        time.sleep(1.0)
+        st = attach(balance, port)
+        try:
+            assert st.channel(0, 0).status == 0, "channel was autodisabled by EMFILE"
+        finally:
+            st.close()
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        assert read_tag(port) == "X"
+    finally:
+        p.terminate()
+        p.wait(10)
