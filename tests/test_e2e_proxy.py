@@ -486,3 +486,12 @@ def test_fd_exhaustion_does_not_autodisable_channels(balance, backends, tmp_path
     finally:
         p.terminate()
         p.wait(10)
+
+
+def test_M_is_accepted_and_means_the_same(balance, backends):
+    be = backends("M")
+    port = free_port()
+    balance.start("-M", str(port), be.spec, port=port)
+    assert read_tag(port) == "M"
+    r = balance.run("-M", "-c", "show", str(port))
+    assert r.returncode == 0 and be.spec.split(":")[0] in r.stdout, r.stderr
