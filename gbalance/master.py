@@ -173,6 +173,12 @@ class Master:
 
     def serve(self) -> int:
         """Serve until SIGTERM/SIGINT or a shell's ``kill``."""
+        if not self.cfg.foreground:   # in the foreground the terminal shows it all
+            st = self.state
+            nch = sum(st.nchannels(g) for g in range(st.ngroups))
+            where = f"{self.cfg.bind}:" if self.cfg.bind else ""
+            self.log.info(f"master pid {os.getpid()} listening on {where}{self.cfg.port}, "
+                          f"{nch} channels in {st.ngroups} groups")
         if self.monitor is not None:
             self.monitor.start()
         try:

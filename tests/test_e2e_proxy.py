@@ -495,3 +495,69 @@ def test_M_is_accepted_and_means_the_same(balance, backends):
     assert read_tag(port) == "M"
     r = balance.run("-M", "-c", "show", str(port))
     assert r.returncode == 0 and be.spec.split(":")[0] in r.stdout, r.stderr
+
+
+@pytest.fixture
+def syslog_socket(tmp_path):
+    """Messages sent to syslog (/dev/log) while the test runs.
+
+    Where no syslog daemon listens, the test binds /dev/log itself (and
+    removes it afterwards); otherwise the daemon under test is run in a
+    private mount namespace with our socket bound over /dev/log.  Yields
+    ``(prefix, messages)``: the command prefix to start the daemon with and
+    a function returning what arrived so far.
+    """
+    ours = tmp_path / "log.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    created = not os.path.exists("/dev/log")
+    if created:
+        sock.bind("/dev/log")
+        prefix: list[str] = []
+    else:
+        sock.bind(str(ours))
+        prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                  f'mount --bind "{ours}" /dev/log && exec "$0" "$@"']
+    sock.settimeout(0.2)
+    got: list[str] = []
+
+    def messages() -> list[str]:
+        while True:
+            try:
+                got.append(sock.recv(65536).decode(errors="replace"))
+            except (socket.timeout, BlockingIOError):
+                return got
+
+    try:
+        yield prefix, messages
+    finally:
+        sock.close()
+        if created:
+            os.unlink("/dev/log")
+
+
+def test_daemon_logs_to_syslog(balance, syslog_socket):
+    prefix, messages = syslog_socket
+    dead = free_port()
+    port = free_port()
+    r = subprocess.run(prefix + BALANCE + ["-a", str(port), f"127.0.0.1:{dead}"], env=balance.env,
+                       capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == ""            # detached: nothing on the terminal
+    st = attach(balance, port)
+    pid = st.q[H_PID]
+    st.close()
+    balance.daemon_pids.append(pid)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert s.recv(10) == b""                         # the only channel refuses
+    deadline = time.monotonic() + 10
+    while not any("needs to be enabled manually" in m for m in messages()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text = "\n".join(messages())
+    assert f"balance[{pid}]" in text                      # ident and pid, as syslog shows them
+    assert f"listening on {port}" in text
+    assert "connection failed group 0 channel 0" in text
+    assert f"127.0.0.1:{dead} needs to be enabled manually" in text
+    assert f"master on port {port} shut down" in text
