@@ -351,13 +351,18 @@ def ipv6_available() -> bool:
         return False
 
 
+def read_line(s: socket.socket) -> str:
+    """Read up to the first newline (or EOF); the text without it."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
 def read_tag(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     """Connect through the proxy and return the backend's tag line."""
     with socket.create_connection((host, port), timeout=timeout) as s:
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(100)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode().strip()
+        return read_line(s)

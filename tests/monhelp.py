@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 import time
+
+from conftest import read_line
 from typing import Callable
 
 from gbalance.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
@@ -70,12 +72,7 @@ def timed_tag(port: int, timeout: float = 1.0) -> tuple[str | None, float]:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.settimeout(max(0.01, timeout - (time.monotonic() - start)))
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(100)
-                if not chunk:
-                    break
-                data += chunk
+            tag = read_line(s)
     except OSError:
         return None, time.monotonic() - start
-    return (data.decode().strip() or None), time.monotonic() - start
+    return (tag or None), time.monotonic() - start
