@@ -15,11 +15,12 @@ from gbalance import __version__
 from gbalance.config import DEFAULT_CONNECT_TIMEOUT, ProxyConfig, ShellConfig
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
 from gbalance.monspec import parse_monitor
+from gbalance.proxyproto import parse_version
 from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-adfpHM6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-P ver] [-adfpHM6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -43,6 +44,9 @@ Options:
   -m spec     Monitor channels, e.g. connect:interval=10 (see balance(1)).
   -M          Accepted for compatibility (state is always a mapped file).
   -p          Packet dump: print all forwarded data on stdout.
+  -P ver      Start each backend connection with a PROXY protocol header
+              telling the client's address and port; ver is v1 (text) or v2
+              (binary).  Health checks (-m connect) send one too.
   -t sec      Connect timeout in seconds [default: 5].
   -T sec      Close connections idle this many seconds (0 = never) [default: 0].
   -h --help   Show this help.
@@ -53,7 +57,7 @@ group, hash, rr, kill, maxc, metrics, monitor, mrtg-bytes, mrtg-conns, quit,
 reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
 """
 
-KNOWN_SHORTS = set("6abBcdfHikKmMpth")
+KNOWN_SHORTS = set("6abBcdfHikKmMpPth")
 
 
 def short_usage() -> str:
@@ -61,7 +65,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBctTkKm")
+TAKES_ARG = set("bBctTkKmP")
 
 
 def _explain(argv: list[str]) -> str:
@@ -112,6 +116,7 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         client_keepalive=parse_keepalive(args["-k"], "-k") if args["-k"] else None,
         server_keepalive=parse_keepalive(args["-K"], "-K") if args["-K"] else None,
         monitor=parse_monitor(args["-m"]) if args["-m"] is not None else None,
+        proxy_protocol=parse_version(args["-P"]) if args["-P"] is not None else None,
     )
     cfg.groups = parse_groups(args["<channel>"], port)
     return cfg

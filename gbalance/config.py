@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gbalance.monspec import MonitorSpec
+from gbalance.proxyproto import Version as ProxyVersion
 from gbalance.spec import GroupSpec
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
@@ -29,6 +30,7 @@ class ProxyConfig:
     client_keepalive: tuple[int, int, int] | None = None   # -k idle,interval,probes
     server_keepalive: tuple[int, int, int] | None = None   # -K idle,interval,probes
     monitor: MonitorSpec | None = None  # -m
+    proxy_protocol: ProxyVersion | None = None   # -P v1|v2: PROXY header to backends
 
 
 @dataclass

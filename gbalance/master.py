@@ -10,6 +10,7 @@ its links and removes its own state file.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import socket
@@ -149,6 +150,11 @@ class Master:
             from gbalance.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
                                    source=self.source)
+        if cfg.proxy_protocol is not None:   # -P: headers for clients and health checks
+            from gbalance.proxyproto import check_header, header_maker
+            self.server.proxy = header_maker(cfg.proxy_protocol, self.listener)
+            if self.monitor is not None:
+                self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
 
     def trace_channels(self) -> None:
         """``-d``: list the active channels at start-up."""

@@ -90,6 +90,9 @@ def command_argv(line: str) -> list[str]:
 class Monitor:
     """Periodic checks of every channel; see the module docstring."""
 
+    #: -P: ``socket -> PROXY header`` sent right after a check's connect (set by the master).
+    proxy_header = None
+
     def __init__(self, state: SharedState, spec: MonitorSpec, connect_timeout: float, log: Log,
                  source: dict[int, tuple] | None = None):
         self.state = state
@@ -209,6 +212,8 @@ class Monitor:
                 sock.bind(src)
             sock.settimeout(wait)
             sock.connect(addr)
+            if self.proxy_header is not None:   # -P: a backend expecting a header gets one
+                sock.sendall(self.proxy_header(sock))
         except socket.timeout:
             if cut:
                 return "connect check still pending at the end of the interval"

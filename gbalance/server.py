@@ -21,6 +21,7 @@ from gevent.server import StreamServer
 from gbalance.connect import Connector, Hooks
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
+from gbalance.proxyproto import send_header
 from gbalance.routing import Router
 from gbalance.state import (C_C, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SOFT_DISABLED, SharedState, slot)
@@ -152,6 +153,9 @@ class AddressCache:
 class BalanceServer(StreamServer):
     """Accepts clients and proxies each to a channel chosen from the table."""
 
+    #: -P: ``(client_socket, client_address) -> PROXY header``, set by the master.
+    proxy: Callable[[socket.socket, tuple], bytes] | None = None
+
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
                  idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None):
@@ -247,6 +251,8 @@ class BalanceServer(StreamServer):
         if result is None:
             client.close()
             return
+        if self.proxy is not None:   # -P: the PROXY header goes first
+            rest = send_header(result.sock, self.proxy(client, address))
         base = slot(result.group, result.channel, 0)
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
@@ -254,6 +260,9 @@ class BalanceServer(StreamServer):
         if self.idle_timeout > 0:
             self.links[link] = 0.0
         link.start()
+        if self.proxy is not None and rest:   # rare: the rest goes before any client data
+            link.up.pending = rest
+            link.up._wait_writable(link.up.on_write)
 
     def _closed(self, link: Link) -> None:
         if self.idle_timeout > 0:
