@@ -367,3 +367,30 @@ def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch):
             master.server.stop()
         master.remove_state()
         backend.close()
+
+
+def test_cli_option_reaches_the_config():
+    from gbalance.cli import parse
+
+    assert parse(["-P", "v2", "8080", "127.0.0.1:81"]).proxy_protocol is Version.V2
+    assert parse(["-fP", "V1", "8080", "127.0.0.1:81"]).proxy_protocol is Version.V1
+    assert parse(["8080", "127.0.0.1:81"]).proxy_protocol is None
+
+
+@pytest.mark.parametrize("args,on", [([], False), (["-P", "v1"], True)])
+def test_without_P_nothing_is_hooked(tmp_path, monkeypatch, args, on):
+    """No -P: the server and the monitor get no header function (no per-connection cost)."""
+    from gbalance.cli import parse
+    from gbalance.log import Log
+    from gbalance.master import Master
+
+    monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path))
+    cfg = parse([*args, "-m", "connect", str(free_port()), "127.0.0.1:81"])
+    master = Master(cfg, Log(foreground=True))
+    try:
+        master.build()
+        assert (master.server.proxy is not None) is on
+        assert (master.monitor.proxy_header is not None) is on
+    finally:
+        master.listener.close()
+        master.remove_state()
