@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import Backend, free_port, pid_alive, read_tag
-from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Table, wait_for
+from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Op, Table, wait_for
 
 from gbalance.monitor import command_argv, expand
 
@@ -167,13 +167,15 @@ def test_channel_created_later_is_checked(balance, backends, table):
     balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, port=port)
     t = table(port)
     dead = free_port()
-    with t.state.change():                   # what "create" then "enable" do
-        c = t.state.add_channel(0, "127.0.0.1", dead)
+    c = t.request(Op.CREATE, 0, a=dead, address="127.0.0.1")      # "create", then "enable"
+    t.set_status(0, c, ENABLED)
     wait_for(lambda: t.status(0, c) == SOFT_DISABLED, INTERVAL + SLACK)
-    with t.state.change():                   # "assign" to a live backend
-        t.state.set_address(0, c, "127.0.0.1", b.port)
-        t.state.bump_generation()
-    wait_for(lambda: t.status(0, c) == ENABLED, INTERVAL + SLACK)
+    t.set_status(0, c, HARD_DISABLED)                             # "disable", "assign" a live
+    t.request(Op.ASSIGN, 0, c, a=b.port, address="127.0.0.1")     # backend, "enable"
+    assert t.snapshot(0, c)["fails"] == 0
+    t.set_status(0, c, ENABLED)
+    wait_for(lambda: t.snapshot(0, c)["passes"] >= 2, 2 * INTERVAL + SLACK)
+    assert t.status(0, c) == ENABLED
 
 
 # -- passive detection -----------------------------------------------------------------
@@ -339,12 +341,13 @@ def test_shell_sees_monitoring_and_controls_it(balance, backends):
     balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
     a.close()
     wait_for(lambda: shown_states(balance, port)[(0, 0)] == "dis", INTERVAL + 2)
-    assert balance.run("-c", "monitor disable", str(port)).stdout.startswith("monitoring is disabled")
+    assert balance.run("-c", "monitor disable", str(port)).stdout == "monitor is now disabled\n"
+    assert balance.run("-c", "monitor disable", str(port)).stdout == "monitor is already disabled\n"
     a2 = reopen(a, "A2")
     try:
         time.sleep(3 * INTERVAL)
         assert shown_states(balance, port)[(0, 0)] == "dis"      # checks change nothing now
-        assert balance.run("-c", "monitor enable", str(port)).stdout.startswith("monitoring is enabled")
+        assert balance.run("-c", "monitor enable", str(port)).stdout == "monitor is now enabled\n"
         wait_for(lambda: shown_states(balance, port)[(0, 0)] == "ENA", INTERVAL + 2)
         assert balance.run("-c", "disable 0", str(port)).stdout.strip() == "channel 0 disabled"
         time.sleep(3 * INTERVAL)

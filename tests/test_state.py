@@ -69,7 +69,7 @@ def holder(path):
 
 def test_layout_constants():
     assert S.MAXGROUPS == 32 and S.MAXCHANNELS == 64
-    assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + S.MAXGROUPS * S.MAXCHANNELS * S.ADDR_LEN
+    assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + (S.MAXGROUPS * S.MAXCHANNELS + 1) * S.ADDR_LEN   # + request address
     assert S.slot(0, 0, 0) == S.CHANNEL_BASE
     assert S.slot(1, 0, 0) - S.slot(0, 0, 0) == S.MAXCHANNELS * S.C_SLOTS
     assert S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1) == S.NSLOTS - 1
