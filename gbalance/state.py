@@ -343,6 +343,7 @@ class SharedState:
         self.fd = fd
         self.writable = writable
         self.lock_fd = lock_fd
+        self.owner = os.geteuid()   # the state file's owner (set by attach)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
         self.q = memoryview(self.mm)[len(MAGIC):ADDR_OFFSET].cast("q")
@@ -474,14 +475,16 @@ class SharedState:
                 raise UnsafeState(f"refusing state file {path}: not a regular file")
             if info.st_mode & 0o022:
                 raise UnsafeState(f"refusing state file {path}: writable by other users")
+            if info.st_uid not in (os.geteuid(), 0) and _shared_directory(path):
+                # In a directory anybody may write to (/tmp), anybody may have put it there.
+                raise UnsafeState(f"refusing state file {path}: owned by uid {info.st_uid}"
+                                  " in a directory other users may write to")
             if writable and info.st_uid != os.geteuid() and os.geteuid() != 0:
                 writable = False
             if info.st_size < FILE_SIZE or os.pread(fd, len(MAGIC), 0) != MAGIC:
                 raise StateError(f"{path} is not a gbalance state file")
-            if writable:
-                st = cls(path, fd, True)
-            else:
-                st = cls(path, fd, False)
+            st = cls(path, fd, writable)
+            st.owner = info.st_uid
         except Exception:
             os.close(fd)
             raise
@@ -515,7 +518,7 @@ class SharedState:
                 return None
             try:
                 info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077:
+                if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077 or info.st_uid != self.owner:
                     os.close(fd)
                     return None
             except OSError:
@@ -700,6 +703,15 @@ class SharedState:
         for g in range(max(0, min(self.ngroups, MAXGROUPS))):
             for c in range(max(0, min(self.nchannels(g), MAXCHANNELS))):
                 yield self.channel(g, c)
+
+
+def _shared_directory(path: str) -> bool:
+    """True if users other than its owner may create files in ``path``'s directory."""
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return True
+    return bool(st.st_mode & 0o022)
 
 
 def _read_pid_at(path: str) -> int:

@@ -23,6 +23,7 @@ import pytest
 
 from gbalance.state import SOFT_DISABLED, SharedState, StateError, state_path
 
+import otheruser
 from conftest import BALANCE, ROOT, free_port, pid_alive, read_tag
 
 HEADER = "GRP Type  #   S       ip-address  port    c      totalc maxc        sent        rcvd"
@@ -745,8 +746,7 @@ def shared_state_dir():
 
 
 def test_other_user_may_show_but_not_change(balance, backends, shared_state_dir):
-    if os.geteuid() != 0:
-        pytest.fail("this test must run as root to start a second user's shell")
+    otheruser.require_root()
     balance.state_dir = shared_state_dir
     balance.env["BALANCE_STATE_DIR"] = str(shared_state_dir)
     a, b = backends("A"), backends("B")
@@ -754,12 +754,9 @@ def test_other_user_may_show_but_not_change(balance, backends, shared_state_dir)
     proc = launch(balance, str(port), a.spec, b.spec, port=port, rows=2)
     path = shared_state_dir / f"balance.{port}.any"
     assert path.stat().st_mode & 0o777 == 0o644
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
     def as_nobody(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(nobody + BALANCE + list(args), env=balance.env, cwd=ROOT, text=True,
-                              capture_output=True, timeout=20, input=stdin,
-                              stdin=None if stdin is not None else subprocess.DEVNULL)
+        return otheruser.run(otheruser.balance_argv(*args), balance.env, stdin=stdin)
 
     root_view = ctl(balance, port, "show")
     r = as_nobody("-c", "show", str(port))
