@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from gbalance.mailbox import Op, ask
-from gbalance.state import H_PID, H_START_TICKS, SharedState, lock_path, process_start_ticks, state_path
+from gbalance.state import H_PID, H_START_TICKS, SharedState, process_start_ticks, state_path
 
 import otheruser
 from conftest import free_port, listening, pid_alive, read_tag

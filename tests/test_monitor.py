@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 import time
 
 import pytest
 from conftest import Backend, free_port, pid_alive, read_tag
 from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Op, Table, wait_for
 
-from gbalance.monitor import command_argv, expand
+from gbalance.monitor import check_argv, command_argv, expand
 
 INTERVAL = 0.3
 SLACK = 0.45   # scheduling and polling slack on a busy 2-core machine
@@ -48,6 +49,17 @@ def test_command_runs_without_shell_unless_needed():
     for line in ("check > /dev/null", "a | b", "a; b", "a && b", "echo $HOME", "echo 'x y'",
                  "ls *.py", "X=1 prog", "exit 2"):
         assert command_argv(line) == ["/bin/sh", "-c", line], line
+
+
+def test_placeholders_are_quoted_when_a_shell_runs_the_check(tmp_path):
+    """Even an address that slipped past validation stays one word for /bin/sh."""
+    hostile = "1.2.3.4; touch " + str(tmp_path / "pwned")
+    line, argv = check_argv("test -n %H && echo %H:%P > " + str(tmp_path / "out"), hostile, 80)
+    assert argv[:2] == ["/bin/sh", "-c"] and "'1.2.3.4; touch" in argv[2]
+    assert subprocess.run(argv).returncode == 0
+    assert (tmp_path / "out").read_text() == hostile + ":80\n"
+    assert not (tmp_path / "pwned").exists()
+    assert check_argv("/bin/true %H %P", "::1", 80) == ("/bin/true ::1 80", ["/bin/true", "::1", "80"])
 
 
 # -- connect checks ------------------------------------------------------------------
