@@ -24,7 +24,7 @@ import os
 import sys
 from typing import TextIO
 
-from gbalance.commands import Quit, Shell
+from gbalance.commands import COMMANDS, Quit, Shell  # noqa: F401 (COMMANDS: the table, for docs tests)
 from gbalance.config import ShellConfig
 from gbalance.control import open_master
 from gbalance.errors import EX_OK
