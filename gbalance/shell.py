@@ -24,11 +24,13 @@ import os
 import sys
 from typing import TextIO
 
-from gbalance.commands import COMMANDS, Quit, Shell  # noqa: F401 (COMMANDS: the table, for docs tests)
+from gbalance.commands import COMMANDS, Quit, Shell
 from gbalance.config import ShellConfig
 from gbalance.control import open_master
 from gbalance.errors import EX_OK
 from gbalance.render import banner
+
+__all__ = ["COMMANDS", "Shell", "interactive", "one_command", "run_shell"]
 
 #: Longer than any valid command (a 253-character host name included).
 MAX_LINE = 512
