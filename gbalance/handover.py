@@ -50,6 +50,8 @@ PROTOCOL = b"HANDOVER 1\n"
 #: Bound on every step of a hand-over, on both sides.
 STEP_TIMEOUT = 5.0
 MAX_LINE = 128
+#: Control connections served at once; more are closed at once.
+MAX_PEERS = 8
 #: sun_path holds 108 bytes; longer paths are reached through /proc/self/fd.
 _SUN_PATH_MAX = 107
 
@@ -122,6 +124,8 @@ class HandoverServer:
         self.sock = None
         self.ino = 0
         self._greenlet = None
+        self.peers = 0
+        self.busy = False       # a hand-over is under way
 
     def start(self) -> bool:
         """Bind the control socket (replacing a stale one); False if that fails."""
@@ -169,8 +173,10 @@ class HandoverServer:
             if os.lstat(self.path).st_ino == self.ino:
                 os.unlink(self.path)
         sock.close()
+        import gevent
+
         g, self._greenlet = self._greenlet, None
-        if g is not None and g is not __import__("gevent").getcurrent():
+        if g is not None and g is not gevent.getcurrent():
             g.kill(block=False)
 
     def _accept_loop(self) -> None:
@@ -184,13 +190,23 @@ class HandoverServer:
                     return
                 gevent.sleep(0.1)       # out of descriptors or similar: try again soon
                 continue
-            try:
-                with gevent.Timeout(STEP_TIMEOUT, False):
-                    self._serve(conn)
-            except OSError:
-                pass
-            finally:
+            if self.peers >= MAX_PEERS:
                 conn.close()
+                continue
+            self.peers += 1
+            gevent.spawn(self._serve_one, conn)
+
+    def _serve_one(self, conn) -> None:
+        import gevent
+
+        try:
+            with gevent.Timeout(STEP_TIMEOUT, False):
+                self._serve(conn)
+        except OSError:
+            pass
+        finally:
+            self.peers -= 1
+            conn.close()
 
     def _serve(self, conn) -> None:
         pid, uid = peer_uid(conn)
@@ -199,12 +215,19 @@ class HandoverServer:
             return
         if _read_line(conn) != PROTOCOL:
             return
-        msg = f"FD {os.getpid()}\n".encode()
-        conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.listener_fd]))])
-        if _read_line(conn) != b"TAKE\n":
-            return          # the new master gave up: we keep serving
-        self.on_take(pid)
-        conn.sendall(b"DONE\n")
+        if self.busy or self.sock is None:
+            conn.sendall(b"BUSY\n")
+            return
+        self.busy = True
+        try:
+            msg = f"FD {os.getpid()}\n".encode()
+            conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [self.listener_fd]))])
+            if _read_line(conn) != b"TAKE\n":
+                return          # the new master gave up: we keep serving
+            self.on_take(pid)
+            conn.sendall(b"DONE\n")
+        finally:
+            self.busy = False
 
 
 def _read_line(conn) -> bytes:
@@ -276,6 +299,8 @@ def request(path: str, timeout: float = STEP_TIMEOUT) -> Inherited | None:
         conn.sendall(PROTOCOL)
         msg, ancdata, _flags, _addr = conn.recvmsg(MAX_LINE, socket.CMSG_SPACE(4 * 4))
         fds = _received_fds(ancdata)
+        if msg == b"BUSY\n":
+            raise BalanceError(f"the running master (pid {pid}) is already being replaced", EX_OSERR)
         if not msg.startswith(b"FD ") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)

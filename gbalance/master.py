@@ -168,6 +168,17 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
         state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
 
 
+def _preload(cfg: ProxyConfig) -> None:
+    """Import what :meth:`Master.build` needs (no hub is created)."""
+    import gevent.event  # noqa: F401
+
+    import gbalance.connect  # noqa: F401
+    import gbalance.routing  # noqa: F401
+    import gbalance.server  # noqa: F401
+    if cfg.monitor is not None:
+        import gbalance.monitor  # noqa: F401
+
+
 class Master:
     """A running proxy: state, listener, server and (optionally) monitor."""
 
@@ -175,6 +186,8 @@ class Master:
         self.cfg = cfg
         self.log = log
         self.replaced_pid = 0
+        if cfg.replace:
+            _preload(cfg)   # import before taking over: the port waits while we start
         inherited = inherit_listener(cfg, log) if cfg.replace else None
         if inherited is not None:
             self.listener, self.replaced_pid = inherited
