@@ -19,7 +19,7 @@ from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_secon
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-g sec] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-adfpHMr6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
