@@ -149,8 +149,7 @@ class HandoverServer:
         old_umask = os.umask(0o177)
         try:
             with _short_path(self.path) as name:
-                sock.bind(name)
-            os.chmod(self.path, 0o600)
+                sock.bind(name)     # created 0600 through the umask: no chmod by name
             sock.listen(4)
             self.ino = os.lstat(self.path).st_ino
         except OSError as exc:
