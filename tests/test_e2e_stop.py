@@ -283,3 +283,26 @@ def test_new_master_starts_while_the_old_one_drains(balance, backends):
     assert old.p.returncode == 0, err
     assert new.p.poll() is None
     wait_listening(port)
+
+
+def test_idle_timeout_still_applies_while_draining(balance, backends):
+    be = backends("T")
+    port = free_port()
+    proc = balance.start("-T", "1", "-g", "60", str(port), be.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert read_line(client) == "T"
+    start = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert client.recv(100) == b""                 # -T closes the idle link as usual
+    client.close()
+    out, err = proc.stop(timeout=10)
+    assert time.monotonic() - start < 10           # long before the 60 s grace period
+    assert proc.p.returncode == 0, err
+    assert "timed out after 1 seconds" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1e3", "nan"])
+def test_bad_grace_period_is_a_usage_error(balance, value):
+    r = balance.run("-f", "-g", value, "8080", "127.0.0.1:1")
+    assert r.returncode == 64
+    assert r.stderr == f"balance: invalid timeout [{value}] for -g\n"
