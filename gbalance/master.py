@@ -106,7 +106,7 @@ def resolve_source(source: str | None) -> dict[int, tuple]:
     return result
 
 
-def inherit_listener(cfg: ProxyConfig, log: Log) -> tuple[socket.socket, int] | None:
+def inherit_listener(cfg: ProxyConfig) -> tuple[socket.socket, int] | None:
     """``-r``: take the listening socket of the master running on this port.
 
     Returns the socket (already listening) and the old master's pid, or None
@@ -150,7 +150,12 @@ def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
                     raise
                 time.sleep(0.02)
     except MasterRunning as exc:
-        hint = "; use -r to replace it" if not retry else ""
+        if not cfg.replace:
+            hint = "; use -r to replace it"
+        elif not retry:
+            hint = " and offers no hand-over (no control socket): stop it first"
+        else:
+            hint = ""
         raise BalanceError(f"another balance master (pid {exc.pid}) is already running on {where}{hint}",
                            EX_OSERR)
     except StateError as exc:
@@ -188,7 +193,7 @@ class Master:
         self.replaced_pid = 0
         if cfg.replace:
             _preload(cfg)   # import before taking over: the port waits while we start
-        inherited = inherit_listener(cfg, log) if cfg.replace else None
+        inherited = inherit_listener(cfg) if cfg.replace else None
         if inherited is not None:
             self.listener, self.replaced_pid = inherited
             try:

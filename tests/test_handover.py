@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BALANCE, ROOT, free_port, listening, pid_alive, read_line, wait_listening
+from conftest import free_port, listening, pid_alive, read_line
 from gbalance.handover import control_path
 from gbalance.master import LISTEN_BACKLOG
-from gbalance.state import SharedState, state_path
+from gbalance.state import state_path
 
 NOBODY = 65534
 
@@ -332,3 +332,17 @@ def test_a_control_socket_of_another_user_is_not_trusted(balance, backends, open
         bait.close()
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_replace_a_master_without_control_socket_says_why(balance, backends):
+    a = backends("A")
+    port = free_port()
+    first = balance.start(str(port), a.spec, port=port)
+    os.unlink(control_path(state_path(port, None, str(balance.state_dir))))   # as an older master
+    r = balance.run("-f", "-r", str(port), a.spec, timeout=20)
+    assert r.returncode == 71
+    assert r.stderr == (f"balance: another balance master (pid {first.pid}) is already running on port {port}"
+                        " and offers no hand-over (no control socket): stop it first\n")
+    assert first.p.poll() is None
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert read_line(s) == "A"
