@@ -67,6 +67,12 @@ def refused(port: int) -> bool:
     return False
 
 
+def exited(proc, timeout: float = 10.0) -> tuple[str, str]:
+    """Wait for a master that must exit by itself (no signal is sent); its output."""
+    out, err = proc.p.communicate(timeout=timeout)
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -93,7 +99,7 @@ def test_sigterm_lets_a_download_finish_while_new_connects_are_refused(balance, 
     assert refused(port)
     assert not os.path.exists(path)                # given up at once: a new master may start
     assert proc.p.poll() is None                   # but the link is still served
-    chunks = 0
+    chunks = refusals = 0
     while True:
         chunk = client.recv(65536)
         if not chunk:
@@ -104,10 +110,13 @@ def test_sigterm_lets_a_download_finish_while_new_connects_are_refused(balance, 
         if chunks % 40 == 0:                       # read slowly: the drain must wait for us
             time.sleep(0.02)
             assert proc.p.poll() is None or got == SIZE
+            assert refused(port)                   # refused all along the download
+            refusals += 1
     client.close()
     assert got == SIZE
     assert digest.hexdigest() == bulk.digest
-    out, err = proc.stop(timeout=10)               # exits by itself once the link has ended
+    assert refusals >= 3
+    out, err = exited(proc)               # exits by itself once the link has ended
     assert proc.p.returncode == 0, err
     assert "SIGTERM: no longer accepting; waiting up to 60 seconds for 1 open connection" in err
     assert "Traceback" not in err
@@ -129,7 +138,7 @@ def test_grace_deadline_resets_a_stuck_link_and_exits(balance, backends):
     elapsed = time.monotonic() - start
     assert 0.9 <= elapsed < 5, elapsed
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert proc.p.returncode == 0, err
     assert "grace period of 1 seconds over: reset 1 open connection" in err
     assert "Traceback" not in err
@@ -145,7 +154,7 @@ def test_grace_zero_resets_at_once(balance, backends):
     with pytest.raises(ConnectionResetError):
         client.recv(100)
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert proc.p.returncode == 0, err
 
 
@@ -166,7 +175,7 @@ def test_second_signal_stops_at_once(balance, backends, second):
     with pytest.raises(ConnectionResetError):
         client.recv(100)
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert time.monotonic() - start < 5
     assert proc.p.returncode == 0, err
     assert "stopping now" in err and "reset 1 open connection" in err
@@ -182,7 +191,7 @@ def test_sigint_alone_stops_at_once(balance, backends):
     with pytest.raises(ConnectionResetError):
         client.recv(100)
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert proc.p.returncode == 0, err
     assert not os.path.exists(state_path(port, None, str(balance.state_dir)))
 
@@ -220,7 +229,7 @@ def test_pending_connect_is_reset_at_the_deadline(balance, hanging):
     with pytest.raises(ConnectionResetError):
         client.recv(100)
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert 0.9 <= time.monotonic() - start < 5
     assert proc.p.returncode == 0, err
     assert "reset 1 open connection" in err
@@ -235,7 +244,7 @@ def test_pending_connect_that_fails_ends_the_drain(balance, hanging):
     os.kill(proc.pid, signal.SIGTERM)
     assert client.recv(100) == b""                  # connect timed out: closed as usual
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert proc.p.returncode == 0, err
     assert "waiting up to 60 seconds for 1 open connection" in err
 
@@ -279,7 +288,7 @@ def test_new_master_starts_while_the_old_one_drains(balance, backends):
     client.sendall(b"old link\n")
     assert read_line(client) == "old link"
     client.close()
-    out, err = old.stop(timeout=10)
+    out, err = exited(old)
     assert old.p.returncode == 0, err
     assert new.p.poll() is None
     wait_listening(port)
@@ -295,7 +304,7 @@ def test_idle_timeout_still_applies_while_draining(balance, backends):
     os.kill(proc.pid, signal.SIGTERM)
     assert client.recv(100) == b""                 # -T closes the idle link as usual
     client.close()
-    out, err = proc.stop(timeout=10)
+    out, err = exited(proc)
     assert time.monotonic() - start < 10           # long before the 60 s grace period
     assert proc.p.returncode == 0, err
     assert "timed out after 1 seconds" in err
