@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, listening, pid_alive, read_line
+from conftest import free_port, ipv6_available, listening, pid_alive, read_line
 from gbalance.handover import control_path
 from gbalance.master import LISTEN_BACKLOG
 from gbalance.state import state_path
@@ -346,3 +346,24 @@ def test_replace_a_master_without_control_socket_says_why(balance, backends):
     assert first.p.poll() is None
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         assert read_line(s) == "A"
+
+
+@pytest.mark.parametrize("opts,hosts", [
+    (["-b", "127.0.0.1"], ["127.0.0.1"]),
+    (["-6"], ["127.0.0.1", "::1"]),
+], ids=["bind", "dual-stack"])
+def test_replace_keeps_the_address(balance, backends, opts, hosts):
+    if "-6" in opts and not ipv6_available():
+        pytest.skip("no IPv6 on this host")
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    bind = opts[1] if opts[0] == "-b" else None
+    old = balance.start(*opts, str(port), a.spec, port=port)
+    new = balance.start("-r", *opts, str(port), b.spec, port=port, wait=False)
+    old.p.wait(15)
+    assert old.p.returncode == 0
+    for host in hosts:
+        with socket.create_connection((host, port), timeout=10) as s:
+            assert read_line(s) == "B"
+    r = balance.run(*(["-b", bind] if bind else []), "-i", str(port), input="quit\n")
+    assert f"PID of master process is {new.pid}" in r.stdout
