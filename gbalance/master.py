@@ -191,6 +191,9 @@ class Master:
         self.cfg = cfg
         self.log = log
         self.replaced_pid = 0
+        # Everything that can fail on our own arguments fails before a
+        # hand-over, while the running master still serves.
+        self.source = resolve_source(cfg.source)
         if cfg.replace:
             _preload(cfg)   # import before taking over: the port waits while we start
         inherited = inherit_listener(cfg) if cfg.replace else None
@@ -206,7 +209,6 @@ class Master:
         try:
             if inherited is None:
                 self.listener = make_listener(cfg)
-            self.source = resolve_source(cfg.source)
             fill_table(self.state, cfg)
         except BaseException:
             self.remove_state()

@@ -367,3 +367,15 @@ def test_replace_keeps_the_address(balance, backends, opts, hosts):
             assert read_line(s) == "B"
     r = balance.run(*(["-b", bind] if bind else []), "-i", str(port), input="quit\n")
     assert f"PID of master process is {new.pid}" in r.stdout
+
+
+def test_bad_arguments_fail_before_the_running_master_lets_go(balance, backends):
+    a = backends("A")
+    port = free_port()
+    first = balance.start(str(port), a.spec, port=port)
+    r = balance.run("-f", "-r", "-B", "no-such-host.invalid", str(port), a.spec, timeout=30)
+    assert r.returncode == 65, r.stderr
+    assert first.p.poll() is None and listening(port)
+    assert master_pid(balance, port) == first.pid
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert read_line(s) == "A"
