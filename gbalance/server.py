@@ -179,10 +179,11 @@ class BalanceServer(StreamServer):
         self.idle_timeout = idle_timeout
         self.dump = dump
         self.family = listener.family
-        # Every open link (value: idle seconds, for -T) and every client
-        # whose backend connect is still pending: what a drain waits for.
+        # Every open link (value: idle seconds, for -T) and the descriptor
+        # of every accepted client without a link yet (its handler not yet
+        # run, or its backend connect pending): what a drain waits for.
         self.links: dict[Link, float] = {}
-        self.pending: set[socket.socket] = set()
+        self.pending: set[int] = set()
         self.draining = False
         self.aborted = False
         self._on_drained: Callable[[], None] | None = None
@@ -221,6 +222,7 @@ class BalanceServer(StreamServer):
         return fd, address
 
     def do_handle(self, fd, address) -> None:
+        self.pending.add(fd)
         self._spawn_raw(self.handle_client, fd, address)
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
@@ -292,8 +294,10 @@ class BalanceServer(StreamServer):
         self.aborted = True
         self._on_drained = None
         count = self.open_count
-        for client in self.pending:
+        for fd in self.pending:
+            client = socket.socket(fileno=fd)
             set_reset_on_close(client)
+            client.detach()
         for link in list(self.links):
             set_reset_on_close(link.client)
             set_reset_on_close(link.server)
@@ -314,18 +318,22 @@ class BalanceServer(StreamServer):
     def handle_client(self, fd: int, address) -> None:
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         pending = self.pending
-        pending.add(client)
+        if self.aborted:        # accepted just before a stop-at-once
+            pending.discard(fd)
+            set_reset_on_close(client)
+            client.close()
+            return
         try:
             client.setblocking(False)
             self.addresses.refresh()
             result = self.connector.race(client, self.router.candidates(address[0]))
         except Exception as exc:  # never let one client take the server down
-            pending.discard(client)
+            pending.discard(fd)
             client.close()
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
             self._check_drained()
             return
-        pending.discard(client)
+        pending.discard(fd)
         if result is None or self.aborted:
             if result is not None:   # stopped while connecting: reset both ends
                 set_reset_on_close(client)
