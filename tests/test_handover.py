@@ -379,3 +379,29 @@ def test_bad_arguments_fail_before_the_running_master_lets_go(balance, backends)
     assert master_pid(balance, port) == first.pid
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         assert read_line(s) == "A"
+
+
+def test_four_clients_across_eight_handovers(balance, backends):
+    """The README's second figure: repeated hand-overs under more load."""
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    procs = [balance.start(str(port), a.spec, b.spec, port=port)]
+    loads = [Load(port, {"A", "B"}).start() for _ in range(4)]
+    try:
+        assert wait_for(lambda: min(x.attempts for x in loads) >= 50)
+        for _ in range(8):
+            procs.append(balance.start("-r", str(port), a.spec, b.spec, port=port, wait=False))
+            procs[-2].p.wait(30)
+            assert procs[-2].p.returncode == 0
+            target = min(x.attempts for x in loads) + 30
+            assert wait_for(lambda: min(x.attempts for x in loads) >= target)
+    finally:
+        for x in loads:
+            x.stop()
+    attempts = sum(x.attempts for x in loads)
+    failures = [f for x in loads for f in x.failures]
+    print(f"\n8 hand-overs, 4 clients: {attempts} connections attempted, {len(failures)} failed, "
+          f"max connect {max(x.max_connect for x in loads) * 1000:.1f} ms, "
+          f"max round trip {max(x.max_round_trip for x in loads) * 1000:.1f} ms")
+    assert failures == []
+    assert master_pid(balance, port) == procs[-1].pid
