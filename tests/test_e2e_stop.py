@@ -363,3 +363,27 @@ def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, monkeyp
         client.close()
         server.reset_all()
         master.remove_state()
+
+
+def test_monitor_stops_when_draining_starts(balance, backends, tmp_path):
+    be = backends("M")
+    port = free_port()
+    ticks = tmp_path / "ticks"
+    script = tmp_path / "check.sh"
+    script.write_text(f"#!/bin/sh\necho x >> {ticks}\nexit 0\n")
+    script.chmod(0o755)
+    proc = balance.start("-m", f"command={script}:interval=0.1", str(port), be.spec, port=port)
+    assert wait_for(lambda: ticks.exists() and len(ticks.read_text()) >= 6)   # checks run
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert read_line(client) == "M"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert wait_for(lambda: not listening(port))
+    time.sleep(0.3)                                # a check already started may finish
+    before = ticks.read_text().count("x")
+    time.sleep(0.6)                                # six intervals: no new check may run
+    assert ticks.read_text().count("x") == before
+    client.sendall(b"z\n")
+    assert read_line(client) == "z"                # the link is still served
+    client.close()
+    out, err = exited(proc)
+    assert proc.p.returncode == 0, err
