@@ -8,6 +8,7 @@ tried with a process of another uid when the tests run as root.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ import pytest
 from conftest import free_port, ipv6_available, listening, pid_alive, read_line
 from gbalance.handover import control_path
 from gbalance.master import LISTEN_BACKLOG
-from gbalance.state import state_path
+from gbalance.state import SharedState, StateError, state_path
 
 NOBODY = 65534
 
@@ -125,10 +126,14 @@ def test_restart_loses_no_connection(balance, backends):
         assert wait_for(lambda: load.attempts >= 250)
         # Hand-over 2: a daemon replaces the foreground one; it exits 0 once listening.
         r = balance.run("-r", str(port), a.spec, b.spec, timeout=30)
+        with contextlib.suppress(StateError):     # the daemon dies with the test whatever happens
+            st = SharedState.attach(state_path(port, None, str(balance.state_dir)))
+            balance.daemon_pids.append(st.pid)
+            st.close()
         assert r.returncode == 0, r.stderr
         assert r.stderr == ""
         new_pid = master_pid(balance, port)
-        balance.daemon_pids.append(new_pid)
+        assert new_pid in balance.daemon_pids
         assert new_pid != mid.pid
         mid.p.wait(15)                             # no links of its own: exits at once
         assert mid.p.returncode == 0

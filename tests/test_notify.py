@@ -101,12 +101,12 @@ def test_daemon_sends_ready_from_the_detached_master(balance, backends, systemd)
     balance.env["NOTIFY_SOCKET"] = sd.env_value
     r = balance.run(str(port), be.spec, timeout=30)
     assert r.returncode == 0, r.stderr
-    message = sd.receive(10)
-    assert message is not None
     st = SharedState.attach(state_path(port, None, str(balance.state_dir)))
     pid = st.pid
     st.close()
-    balance.daemon_pids.append(pid)
+    balance.daemon_pids.append(pid)               # killed at the end whatever happens
+    message = sd.receive(10)
+    assert message is not None
     assert fields(message) == {"READY": "1", "MAINPID": str(pid)}
     assert accepts(port)
     os.kill(pid, signal.SIGTERM)
