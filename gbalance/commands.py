@@ -153,6 +153,9 @@ class Shell:
         need(args, 0)
         self.control.kill()
         self.say("shutdown complete, exiting.")
+        if self.control.draining:
+            self.say(f"(master process {self.control.draining} no longer accepts; it exits when"
+                     " its open connections end or its -g grace period is over)")
         raise Quit(EX_OK)
 
     def cmd_maxc(self, args: list[str]) -> None:

@@ -22,6 +22,8 @@ from gbalance.state import (H_START_TICKS, SharedState, StateError, UnsafeState,
 
 #: How long ``kill`` waits for the master to exit.
 KILL_WAIT = 10.0
+#: How long ``kill`` then waits for a draining master to finish its connections.
+KILL_DRAIN_WAIT = 2.0
 
 
 class MasterGone(Exception):
@@ -65,6 +67,7 @@ class Control:
     def __init__(self, state: SharedState, timeout: float = REQUEST_TIMEOUT):
         self.state = state
         self.timeout = timeout
+        self.draining = 0     # pid of a master that was killed and still drains
 
     def alive(self) -> bool:
         return self.state.master_alive()
@@ -90,7 +93,15 @@ class Control:
         pid, ticks = state.pid, state.q[H_START_TICKS]
         self.request(Op.KILL)
         deadline = time.monotonic() + wait
-        while state.master_alive() or master_process_alive(pid, ticks):
+        # The master stops accepting and gives up its state file at once,
+        # then lets its open connections finish (up to its -g grace period).
+        while state.master_alive():
             if time.monotonic() > deadline:
                 raise NoAnswer(f"master process {pid} did not shut down within {wait:g} seconds")
+            time.sleep(0.01)
+        drained = time.monotonic() + min(wait, KILL_DRAIN_WAIT)
+        while master_process_alive(pid, ticks):
+            if time.monotonic() > drained:
+                self.draining = pid
+                return
             time.sleep(0.01)

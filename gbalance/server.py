@@ -1,10 +1,13 @@
 """The master's listening server: accept, route, connect, forward.
 
-:class:`BalanceServer` is a ``gevent.server.StreamServer`` with three
+:class:`BalanceServer` is a ``gevent.server.StreamServer`` with these
 changes: accepted connections stay plain (non-gevent) sockets because the
 forwarder drives them with watchers; a handler's end does not close the
-client, the link does; and running out of file descriptors pauses accepting
-(with one log line) instead of printing a traceback per attempt.
+client, the link does; running out of file descriptors pauses accepting
+(with one log line) instead of printing a traceback per attempt; and it
+can *drain*: close the listener, let every open link (and every connect
+still pending) finish, and say when the last one has ended, or reset
+whatever is still open when told to.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import _socket
 import errno
 import socket
+import struct
 import sys
 from typing import Callable
 
@@ -29,6 +33,16 @@ from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
+#: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Make the next close of ``sock`` abort the connection (RST)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
 
 
 class ChannelEvents(Hooks):
@@ -170,7 +184,14 @@ class BalanceServer(StreamServer):
         self.idle_timeout = idle_timeout
         self.dump = dump
         self.family = listener.family
+        # Every open link (value: idle seconds, for -T) and the descriptor
+        # of every accepted client without a link yet (its handler not yet
+        # run, or its backend connect pending): what a drain waits for.
         self.links: dict[Link, float] = {}
+        self.pending: set[int] = set()
+        self.draining = False
+        self.aborted = False
+        self._on_drained: Callable[[], None] | None = None
         self.paused = False
         self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
@@ -206,6 +227,7 @@ class BalanceServer(StreamServer):
         return fd, address
 
     def do_handle(self, fd, address) -> None:
+        self.pending.add(fd)
         self._spawn_raw(self.handle_client, fd, address)
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
@@ -234,37 +256,112 @@ class BalanceServer(StreamServer):
         if self._resume_timer is not None:
             self._resume_timer.stop()
             self._resume_timer = None
-        if self.started:
+        if self.started and not self.draining:
             self.start_accepting()
+
+    # -- draining ---------------------------------------------------------
+
+    @property
+    def open_count(self) -> int:
+        """Links plus connects still pending."""
+        return len(self.links) + len(self.pending)
+
+    def drain(self, on_drained: Callable[[], None]) -> None:
+        """Close the listener (new connects are refused) and call
+        ``on_drained`` once every link and pending connect has ended.
+
+        Only this process's descriptor is closed: a listening socket that
+        was handed to a new master keeps listening there.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self._on_drained = on_drained
+        if self._resume_timer is not None:
+            self._resume_timer.stop()
+            self._resume_timer = None
+        self.paused = False
+        self.close()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.links and not self.pending and self._on_drained is not None:
+            callback, self._on_drained = self._on_drained, None
+            callback()
+
+    def reset_all(self) -> int:
+        """Abort every open link and pending connect (clients see a reset).
+
+        Returns how many were open.  Pending connects are marked so that
+        their handlers reset the client instead of starting a link; any
+        client socket still held when the process exits goes with a reset.
+        """
+        self.aborted = True
+        self._on_drained = None
+        count = self.open_count
+        for fd in self.pending:
+            client = socket.socket(fileno=fd)
+            set_reset_on_close(client)
+            client.detach()
+        for link in list(self.links):
+            set_reset_on_close(link.client)
+            set_reset_on_close(link.server)
+            link.close()
+        return count
+
+    def stop_timers(self) -> None:
+        """Stop the idle sweeper and the accept-resume timer (at exit)."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+        if self._resume_timer is not None:
+            self._resume_timer.stop()
+            self._resume_timer = None
 
     # -- per connection -------------------------------------------------
 
     def handle_client(self, fd: int, address) -> None:
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        pending = self.pending
+        if self.aborted:        # accepted just before a stop-at-once
+            pending.discard(fd)
+            set_reset_on_close(client)
+            client.close()
+            return
         try:
             client.setblocking(False)
             self.addresses.refresh()
             result = self.connector.race(client, self.router.candidates(address[0]))
         except Exception as exc:  # never let one client take the server down
+            pending.discard(fd)
             client.close()
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
+            self._check_drained()
             return
-        if result is None:
+        pending.discard(fd)
+        if result is None or self.aborted:
+            if result is not None:   # stopped while connecting: reset both ends
+                set_reset_on_close(client)
+                set_reset_on_close(result.sock)
+                result.sock.close()
+                self.q[slot(result.group, result.channel, C_C)] -= 1
             client.close()
+            if self.draining:
+                self._check_drained()
             return
         base = slot(result.group, result.channel, 0)
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
                     client_watcher=result.client_watcher, server_watcher=result.server_watcher)
-        if self.idle_timeout > 0:
-            self.links[link] = 0.0
+        self.links[link] = 0.0
         link.start()
 
     def _closed(self, link: Link) -> None:
-        if self.idle_timeout > 0:
-            self.links.pop(link, None)
+        self.links.pop(link, None)
         if self.paused:
             self._resume()
+        elif self.draining:
+            self._check_drained()
 
     def _sweep(self, step: float) -> None:
         """Close links idle (no bytes either way) for ``idle_timeout`` seconds."""
