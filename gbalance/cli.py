@@ -12,7 +12,7 @@ import sys
 from docopt import DocoptExit, docopt
 
 from gbalance import __version__
-from gbalance.config import DEFAULT_CONNECT_TIMEOUT, ProxyConfig, ShellConfig
+from gbalance.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, ProxyConfig, ShellConfig
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
 from gbalance.monspec import parse_monitor
 from gbalance.proxyproto import parse_version
@@ -20,7 +20,7 @@ from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_secon
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-P ver] [-adfpHM6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -37,6 +37,8 @@ Options:
   -c cmd      Send one control command to the running master and exit.
   -d          Debug: trace channels and connection attempts on stderr.
   -f          Stay in the foreground (default: detach and log to syslog).
+  -g sec      Grace period after SIGTERM: open connections may finish for
+              this long, then are reset (0 = at once) [default: 30].
   -H          Hash failover: a failed hash channel tries the next channel.
   -i          Interactive control shell for the running master.
   -k t,i,p    Client-side TCP keepalive: idle secs, interval secs, probes.
@@ -47,6 +49,9 @@ Options:
   -P ver      Start each backend connection with a PROXY protocol header
               telling the client's address and port; ver is v1 (text) or v2
               (binary).  Health checks (-m connect) send one too.
+  -r          Replace the master running on this port and address: take
+              over its listening socket (no connection is refused) while it
+              finishes its open connections as on SIGTERM.
   -t sec      Connect timeout in seconds [default: 5].
   -T sec      Close connections idle this many seconds (0 = never) [default: 0].
   -h --help   Show this help.
@@ -55,9 +60,10 @@ Options:
 Control shell commands (-i, -c): help, ?, assign, create, disable, enable,
 group, hash, rr, kill, maxc, metrics, monitor, mrtg-bytes, mrtg-conns, quit,
 reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
+The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 
-KNOWN_SHORTS = set("6abBcdfHikKmMpPth")
+KNOWN_SHORTS = set("6abBcdfgHikKmMpPrth")
 
 
 def short_usage() -> str:
@@ -65,7 +71,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBctTkKmP")
+TAKES_ARG = set("bBcgtTkKmP")
 
 
 def _explain(argv: list[str]) -> str:
@@ -116,6 +122,8 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         client_keepalive=parse_keepalive(args["-k"], "-k") if args["-k"] else None,
         server_keepalive=parse_keepalive(args["-K"], "-K") if args["-K"] else None,
         monitor=parse_monitor(args["-m"]) if args["-m"] is not None else None,
+        grace=parse_seconds(args["-g"], "-g") if args["-g"] is not None else DEFAULT_GRACE,
+        replace=args["-r"],
         proxy_protocol=parse_version(args["-P"]) if args["-P"] is not None else None,
     )
     cfg.groups = parse_groups(args["<channel>"], port)

@@ -9,6 +9,7 @@ from gbalance.proxyproto import Version as ProxyVersion
 from gbalance.spec import GroupSpec
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_GRACE = 30.0   # -g: seconds open links may run on after SIGTERM
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ProxyConfig:
     client_keepalive: tuple[int, int, int] | None = None   # -k idle,interval,probes
     server_keepalive: tuple[int, int, int] | None = None   # -K idle,interval,probes
     monitor: MonitorSpec | None = None  # -m
+    grace: float = DEFAULT_GRACE        # -g drain grace period (0 = reset at once)
+    replace: bool = False               # -r take over from the running master
     proxy_protocol: ProxyVersion | None = None   # -P v1|v2: PROXY header to backends
 
 

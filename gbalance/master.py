@@ -3,18 +3,29 @@
 Order matters: detach first (before any gevent hub exists), then take the
 state file (a live master on the same port and address is an error), then
 bind the listener, fill the table, start the server and report success to
-the waiting parent.  On SIGTERM/SIGINT the master stops accepting, closes
-its links and removes its own state file.
+the waiting parent (and to systemd: ``READY=1``).  With ``-r`` the listener
+and the right to the state file come from the running master instead
+(:mod:`gbalance.handover`).
+
+Stopping: SIGTERM (or the shell's ``kill``) *drains*: the listener is
+closed at once, the state file given up (a new master may start at once)
+and the open links run on until the last one ends or the ``-g`` grace
+period is over; then whatever is still open is reset.  A second SIGTERM,
+or SIGINT at any time, resets everything and exits at once.  SIGHUP is
+logged and ignored.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import os
 import signal
 import socket
+import time
 
+from gbalance import handover, notify
 from gbalance.config import ProxyConfig
 from gbalance.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
@@ -24,8 +35,20 @@ from gbalance.state import MON_ENABLED, MON_NONE, MasterRunning, SharedState, St
 LISTEN_BACKLOG = socket.SOMAXCONN
 
 
-def make_listener(cfg: ProxyConfig) -> socket.socket:
-    """Bind and listen as balance does: IPv4 by default, dual-stack with -6."""
+#: How long a new master (-r) retries taking the state file the old one gave up.
+STATE_RETRY = 1.0
+
+
+class Phase(enum.Enum):
+    """Where a master is in its life."""
+
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+def listen_address(cfg: ProxyConfig) -> tuple[int, tuple]:
+    """The family and socket address balance listens on: IPv4 by default, dual-stack with -6."""
     if cfg.bind:
         family = socket.AF_INET6 if cfg.ipv6 else socket.AF_UNSPEC
         try:
@@ -33,10 +56,24 @@ def make_listener(cfg: ProxyConfig) -> socket.socket:
         except (OSError, UnicodeError) as exc:
             raise BalanceError(f"cannot bind to [{cfg.bind}]: {getattr(exc, 'strerror', None) or exc}", EX_OSERR)
         family, _, _, _, sockaddr = infos[0]
-    elif cfg.ipv6:
-        family, sockaddr = socket.AF_INET6, ("::", cfg.port, 0, 0)
-    else:
-        family, sockaddr = socket.AF_INET, ("0.0.0.0", cfg.port)
+        return family, sockaddr
+    if cfg.ipv6:
+        return socket.AF_INET6, ("::", cfg.port, 0, 0)
+    return socket.AF_INET, ("0.0.0.0", cfg.port)
+
+
+def set_listener_options(sock: socket.socket, cfg: ProxyConfig) -> None:
+    """Options accepted sockets inherit on Linux: no per-connection syscalls."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if cfg.client_keepalive:
+        from gbalance.connect import set_keepalive
+        set_keepalive(sock, cfg.client_keepalive)
+
+
+def make_listener(cfg: ProxyConfig) -> socket.socket:
+    """Bind (not yet listen) as balance does."""
+    family, sockaddr = listen_address(cfg)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,12 +82,7 @@ def make_listener(cfg: ProxyConfig) -> socket.socket:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             except OSError:
                 pass
-        # Accepted sockets inherit these on Linux: no per-connection syscalls.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if cfg.client_keepalive:
-            from gbalance.connect import set_keepalive
-            set_keepalive(sock, cfg.client_keepalive)
+        set_listener_options(sock, cfg)
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
@@ -75,14 +107,58 @@ def resolve_source(source: str | None) -> dict[int, tuple]:
     return result
 
 
-def open_state(cfg: ProxyConfig) -> SharedState:
-    """Take the state file for this port and address, or explain why not."""
+def inherit_listener(cfg: ProxyConfig) -> tuple[socket.socket, int] | None:
+    """``-r``: take the listening socket of the master running on this port.
+
+    Returns the socket (already listening) and the old master's pid, or None
+    when no master answers (then we start as usual).  On return the old
+    master has stopped accepting and given up its state file.
+    """
+    inherited = handover.request(handover.control_path(state_path(cfg.port, cfg.bind)))
+    if inherited is None:
+        return None
+    family, sockaddr = listen_address(cfg)
+    why = handover.check_listener(inherited.sock, family, sockaddr)
+    if why is not None:
+        inherited.abandon()
+        raise BalanceError(f"the running master (pid {inherited.pid}) cannot be replaced: its socket {why}"
+                           " (stop it first)", EX_OSERR)
+    inherited.take()
+    sock = inherited.sock
+    try:
+        set_listener_options(sock, cfg)
+    except OSError:
+        pass
+    sock.setblocking(False)
+    return sock, inherited.pid
+
+
+def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
+    """Take the state file for this port and address, or explain why not.
+
+    ``retry``: keep trying this long while another master still holds it
+    (the one we replace is letting go of it).
+    """
     path = state_path(cfg.port, cfg.bind)
     where = f"port {cfg.port}" + (f" address {cfg.bind}" if cfg.bind else "")
+    deadline = time.monotonic() + retry
     try:
-        return SharedState.create(path)
+        while True:
+            try:
+                return SharedState.create(path)
+            except MasterRunning:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
     except MasterRunning as exc:
-        raise BalanceError(f"another balance master (pid {exc.pid}) is already running on {where}", EX_OSERR)
+        if not cfg.replace:
+            hint = "; use -r to replace it"
+        elif not retry:
+            hint = " and offers no hand-over (no control socket): stop it first"
+        else:
+            hint = ""
+        raise BalanceError(f"another balance master (pid {exc.pid}) is already running on {where}{hint}",
+                           EX_OSERR)
     except StateError as exc:
         code = EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EX_OSERR
         raise BalanceError(f"{exc} (set $BALANCE_STATE_DIR to use another directory)", code)
@@ -90,12 +166,25 @@ def open_state(cfg: ProxyConfig) -> SharedState:
 
 def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     """Write the groups and channels of the command line into the table."""
-    with state.change():
-        for group in cfg.groups:
-            g = state.add_group(group.kind)
-            for ch in group.channels:
-                state.add_channel(g, ch.address, ch.port, ch.maxc)
-        state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+    from gbalance.channels import Channels
+
+    channels = Channels(state)
+    for group in cfg.groups:
+        g = channels.add_group(group.kind)
+        for ch in group.channels:
+            channels.add_channel(g, ch.address, ch.port, ch.maxc)
+    state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+
+
+def _preload(cfg: ProxyConfig) -> None:
+    """Import what :meth:`Master.build` needs (no hub is created)."""
+    import gevent.event  # noqa: F401
+
+    import gbalance.connect  # noqa: F401
+    import gbalance.routing  # noqa: F401
+    import gbalance.server  # noqa: F401
+    if cfg.monitor is not None:
+        import gbalance.monitor  # noqa: F401
 
 
 class Master:
@@ -104,41 +193,64 @@ class Master:
     def __init__(self, cfg: ProxyConfig, log: Log):
         self.cfg = cfg
         self.log = log
-        self.state = open_state(cfg)
+        self.replaced_pid = 0
+        # Everything that can fail on our own arguments fails before a
+        # hand-over, while the running master still serves.
+        self.source = resolve_source(cfg.source)
+        if cfg.replace:
+            _preload(cfg)   # import before taking over: the port waits while we start
+        inherited = inherit_listener(cfg) if cfg.replace else None
+        if inherited is not None:
+            self.listener, self.replaced_pid = inherited
+            try:
+                self.state = open_state(cfg, retry=STATE_RETRY)
+            except BaseException:
+                self.listener.close()
+                raise
+        else:
+            self.state = open_state(cfg)
         try:
-            self.listener = make_listener(cfg)
-            self.source = resolve_source(cfg.source)
+            if inherited is None:
+                self.listener = make_listener(cfg)
             fill_table(self.state, cfg)
         except BaseException:
             self.remove_state()
             raise
         self.server = None
         self.monitor = None
+        self.mailbox = None
+        self.control: handover.HandoverServer | None = None
+        self.phase = Phase.SERVING
+        self.done = None
+        self.grace_timer = None
+        self.monitor_stopper = None
 
     def remove_state(self) -> None:
-        """Delete our state file (only if it is still ours) and unmap it."""
-        try:
-            if os.stat(self.state.path).st_ino == os.fstat(self.state.fd).st_ino:
-                os.unlink(self.state.path)
-        except OSError:
-            pass
-        self.state.close()
+        """Give up our state file (removed if it is still ours); the mapping stays."""
+        handover.release_state(self.state)
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
         from gevent import get_hub
+        from gevent.event import Event
 
+        import gevent
+
+        from gbalance.channels import Channels
         from gbalance.connect import Connector
+        from gbalance.mailbox import Mailbox
         from gbalance.routing import Router
         from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
         loop = get_hub().loop
-        addresses = AddressCache(self.state)
+        self.done = Event()
+        channels = Channels(self.state)
+        addresses = AddressCache(self.state, channels, self.log)
         events = ChannelEvents(self.state, self.log, debug=cfg.debug,
                                autodisable=cfg.autodisable,
-                               passive=monitoring and cfg.monitor.disable)
+                               passive=monitoring and cfg.monitor.disable, channels=channels)
         connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
                               stagger=cfg.monitor.stagger if monitoring else 0.0,
                               source=self.source, keepalive=cfg.server_keepalive)
@@ -149,7 +261,10 @@ class Master:
         if monitoring:
             from gbalance.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
-                                   source=self.source)
+                                   source=self.source, channels=channels)
+        # A shell's ``kill`` request drains as SIGTERM does (balance's forked
+        # children, too, finished their transfers when the master was killed).
+        self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.begin_drain, "kill from the shell"))
         if cfg.proxy_protocol is not None:   # -P: headers for clients and health checks
             from gbalance.proxyproto import check_header, header_maker
             self.server.proxy = header_maker(cfg.proxy_protocol, self.listener)
@@ -166,33 +281,148 @@ class Master:
         """Install signal handlers, then start listening.
 
         In this order a SIGTERM that follows the first accepted connection
-        always finds its handler.
+        always finds its handler.  ``listen()`` on an inherited socket that
+        already listens only sets the backlog; its queue is kept.
         """
         import gevent
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            gevent.signal_handler(sig, self.server.stop)
+        gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
+        gevent.signal_handler(signal.SIGINT, self.on_sigint)
+        gevent.signal_handler(signal.SIGHUP, self.on_sighup)
         try:
             self.listener.listen(LISTEN_BACKLOG)
         except OSError as exc:
             raise BalanceError(f"cannot listen on port {self.cfg.port}: {exc.strerror}", EX_OSERR)
 
+    # -- signals -------------------------------------------------------------
+
+    def on_sigterm(self) -> None:
+        if self.phase is Phase.SERVING:
+            self.begin_drain("SIGTERM")
+        else:
+            self.stop_now("second SIGTERM")
+
+    def on_sigint(self) -> None:
+        self.stop_now("SIGINT")
+
+    def on_sighup(self) -> None:
+        self.log.info("SIGHUP ignored (SIGTERM drains and stops, balance -r replaces this master)")
+
+    # -- stopping ------------------------------------------------------------
+
+    def begin_drain(self, why: str, handed_over: bool = False, at_once: bool = False) -> None:
+        """Stop accepting, give up the state file, let the open links finish.
+
+        Stops accepting before the state file goes, so that after a hand-over
+        no new link starts here.  ``at_once``: the caller resets what is open.
+        """
+        if self.phase is not Phase.SERVING:
+            return
+        self.phase = Phase.DRAINING
+        server = self.server
+        server.stop_accepting()
+        if self.control is not None:
+            self.control.close()
+        if self.mailbox is not None:
+            self.mailbox.stop()     # the file goes now: no shell can reach us any more
+        self.remove_state()
+        if not handed_over:
+            notify.stopping()
+        if self.monitor is not None:
+            import gevent
+            self.monitor_stopper = gevent.spawn(self.monitor.stop)
+        grace = self.cfg.grace
+        count = server.open_count
+        if at_once:
+            self.log.info(f"{why}: stopping now")
+        elif count:
+            self.log.info(f"{why}: no longer accepting; waiting up to {grace:g} seconds for"
+                          f" {count} open connection{'s' if count != 1 else ''}")
+        else:
+            self.log.info(f"{why}: no longer accepting; no open connections")
+        server.drain(self._drained)
+        if self.phase is not Phase.DRAINING or at_once:
+            return
+        if grace <= 0:
+            self._grace_over()
+            return
+        self.grace_timer = server.loop.timer(grace)
+        self.grace_timer.start(self._grace_over)
+
+    def stop_now(self, why: str) -> None:
+        """Reset whatever is open and exit."""
+        if self.phase is Phase.STOPPED:
+            return
+        if self.phase is Phase.SERVING:
+            self.begin_drain(why, at_once=True)
+        elif why:
+            self.log.info(f"{why}: stopping now")
+        if self.phase is Phase.STOPPED:
+            return
+        count = self.server.reset_all()
+        if count:
+            self.log.info(f"reset {count} open connection{'s' if count != 1 else ''}")
+        self._finish()
+
+    def _drained(self) -> None:
+        if self.phase is Phase.DRAINING:
+            self._finish()
+
+    def _grace_over(self) -> None:
+        if self.phase is not Phase.DRAINING:
+            return
+        count = self.server.reset_all()
+        self.log.info(f"grace period of {self.cfg.grace:g} seconds over: reset {count} open"
+                      f" connection{'s' if count != 1 else ''}")
+        self._finish()
+
+    def _finish(self) -> None:
+        self.phase = Phase.STOPPED
+        if self.grace_timer is not None:
+            self.grace_timer.stop()
+            self.grace_timer = None
+        self.done.set()
+
+    def _handed_over(self, pid: int) -> None:
+        """The new master (``pid``) has our socket: drain as on SIGTERM."""
+        self.begin_drain(f"replaced by master pid {pid}", handed_over=True)
+
+    # -- serving -------------------------------------------------------------
+
     def serve(self) -> int:
-        """Serve until SIGTERM/SIGINT or a shell's ``kill``."""
+        """Serve until stopped (SIGTERM, SIGINT, the shell's ``kill``, or ``-r``)."""
+        where = f"{self.cfg.bind}:" if self.cfg.bind else ""
         if not self.cfg.foreground:   # in the foreground the terminal shows it all
             st = self.state
             nch = sum(st.nchannels(g) for g in range(st.ngroups))
-            where = f"{self.cfg.bind}:" if self.cfg.bind else ""
             self.log.info(f"master pid {os.getpid()} listening on {where}{self.cfg.port}, "
                           f"{nch} channels in {st.ngroups} groups")
+        if self.replaced_pid:
+            self.log.info(f"took over {where}{self.cfg.port} from master pid {self.replaced_pid}")
         if self.monitor is not None:
             self.monitor.start()
+        if self.mailbox is not None:
+            self.mailbox.start(self.server.loop)
         try:
-            self.server.serve_forever()
+            self.server.start()
+            self.control = handover.HandoverServer(handover.control_path(self.state.path),
+                                                   self.listener.fileno(), self._handed_over,
+                                                   self.log.warning)
+            if not self.control.start():
+                self.control = None
+            notify.ready()
+            self.done.wait()
         finally:
+            if self.mailbox is not None:
+                self.mailbox.stop()
+            self.server.stop_timers()
+            if self.control is not None:
+                self.control.close()
             if self.monitor is not None:
-                self.monitor.stop()
-            self.server.close_links()
+                if self.monitor_stopper is not None:
+                    self.monitor_stopper.join(timeout=5)
+                else:
+                    self.monitor.stop()
             self.remove_state()
             self.log.info(f"master on port {self.cfg.port} shut down")
         return 0
@@ -200,6 +430,7 @@ class Master:
 
 def run_master(cfg: ProxyConfig) -> int:
     """Start a master in the foreground (``-f``) or as a daemon."""
+    notify.notify_address()       # read (and unset) $NOTIFY_SOCKET before any child runs
     report = None if cfg.foreground else detach()
     log = Log(foreground=cfg.foreground)
     master = None

@@ -1,10 +1,13 @@
 """The master's listening server: accept, route, connect, forward.
 
-:class:`BalanceServer` is a ``gevent.server.StreamServer`` with three
+:class:`BalanceServer` is a ``gevent.server.StreamServer`` with these
 changes: accepted connections stay plain (non-gevent) sockets because the
 forwarder drives them with watchers; a handler's end does not close the
-client, the link does; and running out of file descriptors pauses accepting
-(with one log line) instead of printing a traceback per attempt.
+client, the link does; running out of file descriptors pauses accepting
+(with one log line) instead of printing a traceback per attempt; and it
+can *drain*: close the listener, let every open link (and every connect
+still pending) finish, and say when the last one has ended, or reset
+whatever is still open when told to.
 """
 
 from __future__ import annotations
@@ -12,23 +15,35 @@ from __future__ import annotations
 import _socket
 import errno
 import socket
+import struct
 import sys
 from typing import Callable
 
 import gevent
 from gevent.server import StreamServer
 
+from gbalance.channels import Channels
 from gbalance.connect import Connector, Hooks
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
-                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SOFT_DISABLED, SharedState, slot)
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
+#: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Make the next close of ``sock`` abort the connection (RST)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except OSError:
+        pass
 
 
 class ChannelEvents(Hooks):
@@ -38,17 +53,21 @@ class ChannelEvents(Hooks):
     failed or timed-out connect soft-disables the channel at once (the
     monitor re-enables it when its checks pass) and a connect pending past
     the stagger delay marks the channel suspect.  Without monitoring, ``-a``
-    keeps balance's meaning: soft-disable, re-enable by hand.
+    keeps balance's meaning: soft-disable, re-enable by hand.  The state
+    changes themselves are :class:`~gbalance.channels.Channels`'; only the
+    connection counters are added here.
     """
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
-                 autodisable: bool = False, passive: bool = False):
+                 autodisable: bool = False, passive: bool = False,
+                 channels: Channels | None = None):
         self.state = state
         self.q = state.q
         self.log = log
         self.debug = debug
         self.autodisable = autodisable
         self.passive = passive
+        self.channels = channels if channels is not None else Channels(state)
 
     def _monitoring(self) -> bool:
         """Passive detection applies only while the shell leaves monitoring on."""
@@ -65,9 +84,7 @@ class ChannelEvents(Hooks):
     def success(self, g: int, c: int) -> None:
         if self.debug:
             self.log.trace(f"connect to channel {c} successful\n")
-        idx = slot(g, c, C_SUSPECT)
-        if self.q[idx]:
-            self.q[idx] = 0
+        if self.q[slot(g, c, C_SUSPECT)] and self.channels.clear_suspect(g, c):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
@@ -80,24 +97,14 @@ class ChannelEvents(Hooks):
         if self.q[slot(g, c, C_STATUS)] != ENABLED:
             return
         if self._monitoring():
-            if self._soft_disable(g, c):
+            if self.channels.soft_disable(g, c):
                 self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
                                  " (monitoring re-enables it when checks pass)")
         elif self.autodisable:
-            if self._soft_disable(g, c):
+            if self.channels.soft_disable(g, c):
                 self.log.warning(f"connection failed group {g} channel {c}")
                 self.log.warning(f"{self._where(g, c)} needs to be enabled manually using balance -i"
                                  " after the problem is solved")
-
-    def _soft_disable(self, g: int, c: int) -> bool:
-        """Soft-disable an enabled channel; False if someone changed it first."""
-        with self.state.change():
-            if self.q[slot(g, c, C_STATUS)] != ENABLED:
-                return False
-            self.state.set_status(g, c, SOFT_DISABLED)
-            # The monitor's rise count starts again from this failure.
-            self.q[slot(g, c, C_PASSES)] = 0
-        return True
 
     def cancel(self, g: int, c: int) -> None:
         self.q[slot(g, c, C_C)] -= 1
@@ -107,9 +114,7 @@ class ChannelEvents(Hooks):
     def suspect(self, g: int, c: int) -> None:
         if not self._monitoring():
             return
-        idx = slot(g, c, C_SUSPECT)
-        if not self.q[idx]:
-            self.q[idx] = 1
+        if self.channels.mark_suspect(g, c):
             self.log.warning(f"group {g} channel {c} {self._where(g, c)} suspect: connect still pending,"
                              " new connections skip it")
 
@@ -121,11 +126,19 @@ class ChannelEvents(Hooks):
 
 class AddressCache:
     """Numeric socket addresses of the channels, rebuilt when the table's
-    generation changes (so ``create``/``assign`` apply to the next connection)."""
+    generation changes (so ``create``/``assign`` apply to the next connection).
 
-    def __init__(self, state: SharedState):
+    Every address is checked as it is read back from the file: a channel
+    whose address is not a numeric IPv4/IPv6 address (or whose port is out of
+    range) is hard-disabled, logged, and never connected to.
+    """
+
+    def __init__(self, state: SharedState, channels: Channels | None = None,
+                 log: Log | None = None):
         self.state = state
         self.q = state.q
+        self.channels = channels if channels is not None else Channels(state)
+        self.log = log
         self.generation = -1
         self.entries: list = []
 
@@ -135,10 +148,16 @@ class AddressCache:
             return
         st = self.state
         entries: list = [None] * (MAXGROUPS * MAXCHANNELS)
-        for g in range(st.ngroups):
-            for c in range(st.nchannels(g)):
-                addr = st.address(g, c)
-                port = st.get(g, c, C_PORT)
+        for g in range(min(st.ngroups, MAXGROUPS)):
+            for c in range(min(st.nchannels(g), MAXCHANNELS)):
+                found = self.channels.address_of(g, c)
+                if found is None:
+                    if self.channels.invalidate(g, c) and self.log is not None:
+                        self.log.warning(f"group {g} channel {c}: invalid address in the state file,"
+                                         " channel disabled")
+                    entries[g * MAXCHANNELS + c] = (socket.AF_INET, ("0.0.0.0", 0))
+                    continue
+                addr, port = found
                 if ":" in addr:
                     entries[g * MAXCHANNELS + c] = (socket.AF_INET6, (addr, port, 0, 0))
                 else:
@@ -169,7 +188,14 @@ class BalanceServer(StreamServer):
         self.idle_timeout = idle_timeout
         self.dump = dump
         self.family = listener.family
+        # Every open link (value: idle seconds, for -T) and the descriptor
+        # of every accepted client without a link yet (its handler not yet
+        # run, or its backend connect pending): what a drain waits for.
         self.links: dict[Link, float] = {}
+        self.pending: set[int] = set()
+        self.draining = False
+        self.aborted = False
+        self._on_drained: Callable[[], None] | None = None
         self.paused = False
         self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
@@ -205,6 +231,7 @@ class BalanceServer(StreamServer):
         return fd, address
 
     def do_handle(self, fd, address) -> None:
+        self.pending.add(fd)
         self._spawn_raw(self.handle_client, fd, address)
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
@@ -233,23 +260,98 @@ class BalanceServer(StreamServer):
         if self._resume_timer is not None:
             self._resume_timer.stop()
             self._resume_timer = None
-        if self.started:
+        if self.started and not self.draining:
             self.start_accepting()
+
+    # -- draining ---------------------------------------------------------
+
+    @property
+    def open_count(self) -> int:
+        """Links plus connects still pending."""
+        return len(self.links) + len(self.pending)
+
+    def drain(self, on_drained: Callable[[], None]) -> None:
+        """Close the listener (new connects are refused) and call
+        ``on_drained`` once every link and pending connect has ended.
+
+        Only this process's descriptor is closed: a listening socket that
+        was handed to a new master keeps listening there.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self._on_drained = on_drained
+        if self._resume_timer is not None:
+            self._resume_timer.stop()
+            self._resume_timer = None
+        self.paused = False
+        self.close()
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.draining and not self.links and not self.pending and self._on_drained is not None:
+            callback, self._on_drained = self._on_drained, None
+            callback()
+
+    def reset_all(self) -> int:
+        """Abort every open link and pending connect (clients see a reset).
+
+        Returns how many were open.  Pending connects are marked so that
+        their handlers reset the client instead of starting a link; any
+        client socket still held when the process exits goes with a reset.
+        """
+        self.aborted = True
+        self._on_drained = None
+        count = self.open_count
+        for fd in self.pending:
+            client = socket.socket(fileno=fd)
+            set_reset_on_close(client)
+            client.detach()
+        for link in list(self.links):
+            set_reset_on_close(link.client)
+            set_reset_on_close(link.server)
+            link.close()
+        return count
+
+    def stop_timers(self) -> None:
+        """Stop the idle sweeper and the accept-resume timer (at exit)."""
+        if self._sweeper is not None:
+            self._sweeper.stop()
+            self._sweeper = None
+        if self._resume_timer is not None:
+            self._resume_timer.stop()
+            self._resume_timer = None
 
     # -- per connection -------------------------------------------------
 
     def handle_client(self, fd: int, address) -> None:
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+        pending = self.pending
+        if self.aborted:        # accepted just before a stop-at-once
+            pending.discard(fd)
+            set_reset_on_close(client)
+            client.close()
+            return
         try:
             client.setblocking(False)
             self.addresses.refresh()
             result = self.connector.race(client, self.router.candidates(address[0]))
         except Exception as exc:  # never let one client take the server down
+            pending.discard(fd)
             client.close()
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
+            self._check_drained()
             return
-        if result is None:
+        pending.discard(fd)
+        if result is None or self.aborted:
+            if result is not None:   # stopped while connecting: reset both ends
+                set_reset_on_close(client)
+                set_reset_on_close(result.sock)
+                result.sock.close()
+                self.q[slot(result.group, result.channel, C_C)] -= 1
             client.close()
+            if self.draining:
+                self._check_drained()
             return
         if self.proxy is not None:   # -P: the PROXY header goes first
             rest = send_header(result.sock, self.proxy(client, address))
@@ -257,18 +359,18 @@ class BalanceServer(StreamServer):
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
                     client_watcher=result.client_watcher, server_watcher=result.server_watcher)
-        if self.idle_timeout > 0:
-            self.links[link] = 0.0
+        self.links[link] = 0.0
         link.start()
         if self.proxy is not None and rest:   # rare: the rest goes before any client data
             link.up.pending = rest
             link.up._wait_writable(link.up.on_write)
 
     def _closed(self, link: Link) -> None:
-        if self.idle_timeout > 0:
-            self.links.pop(link, None)
+        self.links.pop(link, None)
         if self.paused:
             self._resume()
+        elif self.draining:
+            self._check_drained()
 
     def _sweep(self, step: float) -> None:
         """Close links idle (no bytes either way) for ``idle_timeout`` seconds."""
