@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import socket
 import threading
-import time
 
 import pytest
 from conftest import free_port, ipv6_available
