@@ -307,8 +307,10 @@ def test_shell_command_and_builtin(balance, backends, table, tmp_path):
                   str(port), a.spec, b.spec, port=port)
     t = table(port)
     # The two channels are checked in parallel: wait for both results.
-    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED and marker.exists(), INTERVAL + SLACK)
-    assert t.status(0, 0) == ENABLED and marker.read_text() == "ok\n"
+    # The shell creates the file before echo writes to it: wait for the text.
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED and marker.exists()
+             and marker.read_text() == "ok\n", INTERVAL + SLACK)
+    assert t.status(0, 0) == ENABLED
 
 
 def test_hung_command_killed_at_interval_and_next_interval_skipped(balance, backends, table, tmp_path):
