@@ -28,7 +28,6 @@ import pytest
 
 from conftest import ROOT, Backend, free_port, pid_alive, read_tag, wait_port
 
-HELPER = ROOT / "etc" / "balance-instances"
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gbalance" / "__init__.py").read_text()).group(1)
 APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8")
 
@@ -75,128 +74,17 @@ def test_build_scripts_refuse_version_drift(tmp_path):
     assert not (tmp_path / "dist").exists()
 
 
-# -- the instance helper, from the tree ------------------------------------------
-
-def helper_env(tmp_path: Path, conf_text: str) -> dict:
-    conf = tmp_path / "balance.conf"
-    conf.write_text(conf_text)
-    return dict(os.environ, BALANCE_CONF=str(conf), BALANCE_STATE_DIR=str(tmp_path / "state"),
-                BALANCE_BIN=str(Path(sys.executable).parent / "balance"), PYTHONUNBUFFERED="1")
-
-
-def helper(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(HELPER), *args], env=env, timeout=timeout, check=False, cwd=ROOT)
-
-
-def test_helper_reads_one_instance_per_line(tmp_path):
-    env = helper_env(tmp_path, "\n".join([
-        "# a comment",
-        "",
-        "   # indented comment",
-        "8080 web1:80 web2:80 ! backup:80   # trailing comment",
-        "-b 127.0.0.1 -m 'connect:interval=10' 8080 app1 % app2",
-        "-6 smtp mail1 mail2",
-        "8080 other",                    # same port and address as line 4
-        "-f 9000 host",                   # -f is the init system's business
-        "-c show 9001",                   # not a proxy
-        "70000 host",                     # bad port
-        "-x 9002 host",                   # unknown option
-        "9003 'unterminated",
-    ]) + "\n")
-    done = helper(env, "list")
-    assert done.returncode == 0
-    assert done.stdout.splitlines() == [
-        "4 8080.any 8080 web1:80 web2:80 '!' backup:80",
-        "5 8080.127.0.0.1 -b 127.0.0.1 -m connect:interval=10 8080 app1 % app2",
-        "6 25.any -6 smtp mail1 mail2",
-    ]
-    err = done.stderr
-    for line, why in ((7, "already used on line 4"), (8, "-f is not allowed"), (9, "do not start a proxy"),
-                      (10, "invalid port [70000]"), (11, "not a valid balance command line"),
-                      (12, "No closing quotation")):
-        assert re.search(rf"line {line}: .*{re.escape(why)}", err), (line, err)
-    assert "Traceback" not in err
-
-
-def test_generator_wants_one_template_instance_per_line(tmp_path):
-    env = helper_env(tmp_path, "8080 a b\n-b ::1 8080 c\n# 9090 off\nbogus line\n")
-    out = tmp_path / "gen"
-    done = helper(env, "generate", str(out), str(tmp_path / "early"), str(tmp_path / "late"))
-    assert done.returncode == 0, done.stderr
-    wants = out / "balance.service.wants"
-    links = sorted(p.name for p in wants.iterdir())
-    assert links == ["balance@8080.::1.service", "balance@8080.any.service"]
-    assert os.readlink(wants / links[0]) == "/lib/systemd/system/balance@.service"
-    assert "line 4" in done.stderr
-
-
-def test_helper_start_status_stop_exactly_its_instances(tmp_path, backends, balance):
-    """Two good lines, one that fails at start, one invalid: the good ones run.
-
-    ``stop`` ends exactly the instances of the file (found by the pid in
-    their state files) and leaves another balance master alone.
-    """
-    a, b = backends("A"), backends("B")
-    p1, p2, p3 = free_port(), free_port(), free_port()
-    env = helper_env(tmp_path, f"-b 127.0.0.1 {p1} {a.spec}\n{p2} {b.spec}\n"
-                               f"{p3} no-such-host.invalid\n-x 1 2\n")
-    balance.state_dir = tmp_path / "state"
-    balance.env["BALANCE_STATE_DIR"] = str(tmp_path / "state")
-    other_port = free_port()
-    other = balance.start(str(other_port), a.spec, port=other_port)
-    try:
-        done = helper(env, "start")
-        assert done.returncode == 1
-        assert f"{p3}.any: " in done.stderr and "line 3: failed (exit 65)" in done.stderr
-        assert "line 4: not a valid balance command line" in done.stderr
-        pids = [int(m) for m in re.findall(r"started \(pid (\d+)\)", done.stdout)]
-        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
-        assert read_tag(p1) == "A" and read_tag(p2) == "B"
-
-        again = helper(env, "start")
-        assert f"{p1}.127.0.0.1: already running (pid {pids[0]})" in again.stdout
-        assert f"{p2}.any: already running (pid {pids[1]})" in again.stdout
-
-        status = helper(env, "status")
-        assert status.returncode == 3, status.stdout   # line 3 does not run
-        assert f"{p1}.127.0.0.1: running (pid {pids[0]})" in status.stdout
-        assert f"{p3}.any: not running" in status.stdout
-
-        stop = helper(env, "stop")
-        assert stop.returncode == 0
-        assert stop.stdout.count("stopped (pid") == 2
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not any(pid_alive(p) for p in pids)
-        assert other.p.poll() is None and read_tag(other_port) == "A"
-
-        status = helper(env, "status")
-        assert status.returncode == 3 and status.stdout.count("not running") == 3
-        assert helper(env, "stop").stdout.strip() == "balance: no instance was running"
-    finally:
-        helper(env, "stop")
-
-
-def test_helper_status_without_instances_or_file(tmp_path):
-    env = helper_env(tmp_path, "# nothing\n")
-    done = helper(env, "status")
-    assert done.returncode == 3 and "no instances configured" in done.stdout
-    env["BALANCE_CONF"] = str(tmp_path / "missing.conf")
-    done = helper(env, "status")
-    assert done.returncode == 4
-    assert done.stderr.startswith("balance: cannot read ") and "Traceback" not in done.stderr
-
+# -- the init script ------------------------------------------------------------
 
 def test_init_script_is_lsb_and_valid_sh():
     script = (ROOT / "etc" / "init.d" / "balance").read_text()
     for field in ("Provides:", "Required-Start:", "Required-Stop:", "Default-Start:", "Default-Stop:",
                   "Short-Description:"):
         assert re.search(rf"^# {field}\s+\S", script, re.M), field
-    for action in ("start", "stop", "restart", "force-reload", "status"):
+    for action in ("start", "stop", "restart", "reload", "force-reload", "status"):
         assert re.search(rf"(^|[\s|]){action}[|)]", script, re.M), action
     run(["sh", "-n", str(ROOT / "etc" / "init.d" / "balance")])
-    assert os.access(ROOT / "etc" / "init.d" / "balance", os.X_OK) and os.access(HELPER, os.X_OK)
+    assert os.access(ROOT / "etc" / "init.d" / "balance", os.X_OK)
 
 
 # -- the real packages ------------------------------------------------------------
