@@ -11,6 +11,7 @@ read the file the same way::
   balance-instances exec INSTANCE      systemd ExecStart: become "balance -f <arguments>"
   balance-instances replace INSTANCE   systemd ExecReload: run "balance -r <arguments>"
   balance-instances generate DIR ...   systemd generator: one balance@ unit per line
+  balance-instances metrics DIR        node_exporter textfile collector files
 
 An instance is named after its state file (``state.state_path``),
 "<port>.<bind address or any>", because that pair is what makes two balance
@@ -33,9 +34,11 @@ BALANCE_UNIT_DIR (where the generator's links point).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -85,6 +88,8 @@ class Instance:
     key: str
     args: tuple[str, ...]
     grace: float = DEFAULT_GRACE
+    port: int = 0
+    bind: str | None = None
 
     @property
     def stop_timeout(self) -> int:
@@ -130,7 +135,13 @@ def unit_dir() -> str:
 
 
 def parse_line(args: list[str]) -> tuple[str, float]:
-    """(instance name, grace seconds) of a balance command line, or raise ConfigError.
+    """(instance name, grace seconds) of a balance command line, or raise ConfigError."""
+    inst = parse_args(args)
+    return inst.key, inst.grace
+
+
+def parse_args(args: list[str], line: int = 0) -> Instance:
+    """The instance of a balance command line, or raise ConfigError.
 
     Only the port, -b and -g matter; host names are not resolved here (a
     generator runs before the network is up), balance itself checks them.
@@ -149,7 +160,8 @@ def parse_line(args: list[str]) -> tuple[str, float]:
         grace = parse_seconds(opts["-g"], "-g") if opts.get("-g") is not None else DEFAULT_GRACE
     except BalanceError as exc:
         raise ConfigError(exc.message)
-    return os.path.basename(state_path(port, opts["-b"], directory="/"))[len("balance."):], grace
+    key = os.path.basename(state_path(port, opts["-b"], directory="/"))[len("balance."):]
+    return Instance(line, key, tuple(args), grace, port, opts["-b"])
 
 
 def read_config(path: str | None = None) -> Config:
@@ -171,15 +183,15 @@ def read_config(path: str | None = None) -> Config:
         if not args:
             continue
         try:
-            key, grace = parse_line(args)
+            inst = parse_args(args, number)
         except ConfigError as exc:
             cfg.problems.append(f"{path} line {number}: {exc}: {text.strip()}")
             continue
-        if key in seen:
-            cfg.problems.append(f"{path} line {number}: port and address already used on line {seen[key]}")
+        if inst.key in seen:
+            cfg.problems.append(f"{path} line {number}: port and address already used on line {seen[inst.key]}")
             continue
-        seen[key] = number
-        cfg.instances.append(Instance(number, key, tuple(args), grace))
+        seen[inst.key] = number
+        cfg.instances.append(inst)
     return cfg
 
 
@@ -483,8 +495,65 @@ def do_generate(normal_dir: str, out: Out) -> int:
     return 0
 
 
+def metrics_name(key: str) -> str:
+    """The textfile collector file of one instance: ``balance_<key>.prom``."""
+    return "balance_" + re.sub(r"[^A-Za-z0-9._-]", "_", key) + ".prom"
+
+
+def do_metrics(directory: str, out: Out) -> int:
+    """Write ``balance -c metrics`` of every running instance into ``directory``.
+
+    For node_exporter's textfile collector: one file per instance (each
+    file's HELP/TYPE lines stand alone), written to a temporary name and
+    renamed, so the collector never reads half a file.  Files of instances
+    that are gone or not running are removed.
+    """
+    cfg = load(out)
+    written: set[str] = set()
+    failed = 0
+    for inst in cfg.instances:
+        if not master_pid(inst.key)[0]:
+            continue
+        argv = [balance_bin(), *(["-b", inst.bind] if inst.bind else []), "-c", "metrics", str(inst.port)]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=START_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            out.problem(f"balance {inst.key}: metrics: {exc}", LOG_WARNING)
+            failed += 1
+            continue
+        if done.returncode != 0 or not done.stdout.strip():
+            why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+            out.problem(f"balance {inst.key}: metrics: {why}", LOG_WARNING)
+            failed += 1
+            continue
+        name = metrics_name(inst.key)
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(done.stdout if done.stdout.endswith("\n") else done.stdout + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, os.path.join(directory, name))
+        except OSError as exc:
+            out.problem(f"balance: cannot write {os.path.join(directory, name)}: {exc.strerror}")
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return 1
+        written.add(name)
+    try:
+        stale = [n for n in os.listdir(directory)
+                 if n.startswith("balance_") and n.endswith(".prom") and n not in written]
+    except OSError as exc:
+        out.problem(f"balance: cannot read {directory}: {exc.strerror}")
+        return 1
+    for name in stale:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, name))
+    return 1 if failed else 0
+
+
 USAGE = ("usage: balance-instances start|stop|restart|status|list|check"
-         " | exec INSTANCE | replace INSTANCE | generate DIR...")
+         " | exec INSTANCE | replace INSTANCE | generate DIR... | metrics DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             return do_exec(argv[1], out, "-r")
         if len(argv) >= 2 and argv[0] == "generate":
             return do_generate(argv[1], out)
+        if len(argv) == 2 and argv[0] == "metrics":
+            return do_metrics(argv[1], out)
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:

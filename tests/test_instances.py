@@ -318,3 +318,36 @@ def test_problems_carry_journal_priorities_under_systemd(tmp_path):
     # Not the journal (stderr is another file): plain text.
     plain = helper(env, "check")
     assert plain.stderr.startswith("balance: ") and "<4>" not in plain.stderr
+
+
+def test_metrics_files_for_the_textfile_collector(tmp_path, backends):
+    """One .prom file per running instance, renamed into place; gone when the instance stops."""
+    a, b = backends("A"), backends("B")
+    p1, p2 = free_port(), free_port()
+    env = helper_env(tmp_path, f"{p1} {a.spec}\n-b 127.0.0.1 {p2} {b.spec}\n{free_port()} c\n")
+    textfile = tmp_path / "node-exporter"
+    textfile.mkdir()
+    (textfile / "other.prom").write_text("# another exporter's file\n")
+    (textfile / f"balance_{p2}.any.prom").write_text("stale\n")   # an instance no longer configured
+    try:
+        start = helper(env, "start")
+        assert len(re.findall(r"started \(pid \d+\)", start.stdout)) == 2   # line 3 fails to resolve
+        assert read_tag(p2) == "B"
+        done = helper(env, "metrics", str(textfile))
+        assert done.returncode == 0, done.stderr
+        names = sorted(p.name for p in textfile.iterdir())
+        assert names == [f"balance_{p1}.any.prom", f"balance_{p2}.127.0.0.1.prom", "other.prom"], names
+        text = (textfile / f"balance_{p2}.127.0.0.1.prom").read_text()
+        direct = subprocess.run([REAL_BALANCE, "-b", "127.0.0.1", "-c", "metrics", str(p2)], env=env,
+                                capture_output=True, text=True, timeout=30).stdout
+        assert text == direct and "# TYPE " in text
+        assert re.search(r"^\S+\{[^}]*\} 1$", text, re.M), text   # B's one connection is counted
+        assert oct((textfile / f"balance_{p1}.any.prom").stat().st_mode & 0o777) == "0o644"
+
+        helper(env, "stop")
+        assert helper(env, "metrics", str(textfile)).returncode == 0
+        assert sorted(p.name for p in textfile.iterdir()) == ["other.prom"]
+        missing = helper(env, "metrics", str(tmp_path / "nowhere"))
+        assert missing.returncode == 1 and "cannot read" in missing.stderr
+    finally:
+        stop_all(env)
