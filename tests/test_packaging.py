@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Backend, free_port, pid_alive, read_tag, wait_port
+from conftest import ROOT, Backend, free_port, pid_alive, read_line, read_tag, wait_port
 
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gbalance" / "__init__.py").read_text()).group(1)
 APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8")
@@ -98,6 +99,25 @@ def has_locale(name: str) -> bool:
     return name in run(["locale", "-a"]).stdout.split()
 
 
+def build_fake_balance(where: Path) -> Path:
+    """A tiny package named balance owning /usr/sbin/balance and man1/balance.1.gz."""
+    root = where / "balance"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr" / "sbin").mkdir(parents=True)
+    (root / "usr" / "share" / "man" / "man1").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: balance\nVersion: 3.57-1\nArchitecture: all\nMaintainer: test <test@example.invalid>\n"
+        "Description: stand-in for the C balance\n")
+    tool = root / "usr" / "sbin" / "balance"
+    tool.write_text("#!/bin/sh\necho 'this is the C balance'\n")
+    tool.chmod(0o755)
+    subprocess.run(f"echo '.TH BALANCE 1' | gzip -9n > {root}/usr/share/man/man1/balance.1.gz", shell=True, check=True)
+    out = where / "balance_3.57-1_all.deb"
+    run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(out)])
+    os.chmod(where, 0o755)
+    return out
+
+
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
     """Build .deb, .rpm and apt repo; apt install gbalance; undo it all after."""
@@ -123,17 +143,24 @@ def pkg(tmp_path_factory):
     before = installed_packages()
     source = Path(f"/etc/apt/sources.list.d/gbalance-test-{os.getpid()}.list")
     made_locale = not has_locale("es_ES.utf8")
+    fake = build_fake_balance(Path(tempfile.mkdtemp(prefix="gbalance-fake-")))
     try:
         source.write_text(sources_line + "\n")
         run(["apt-get", "update", "-qq"], env=APT_ENV, timeout=600)
-        run(["apt-get", "install", "-y", "-q", "gbalance"], env=APT_ENV, timeout=900)
+        # The C balance's package, as every distribution lays it out.
+        run(["dpkg", "-i", str(fake)], env=APT_ENV)
+        assert "balance" in installed_packages()
+        install = run(["apt-get", "install", "-y", "-q", "gbalance"], env=APT_ENV, timeout=900)
         if made_locale:
             run(["localedef", "-i", "es_ES", "-c", "-f", "UTF-8", "es_ES.UTF-8"], check=False)
-        yield {"dist": dist, "repo": repo, "sources": sources_line, "pulled": installed_packages() - before}
+        yield {"dist": dist, "repo": repo, "sources": sources_line, "pulled": installed_packages() - before,
+               "install": install.stdout}
     finally:
         if Path("/etc/init.d/balance").exists():
             run(["/etc/init.d/balance", "stop"], check=False)
         run(["apt-get", "purge", "-y", "-q", "gbalance"], env=APT_ENV, check=False, timeout=300)
+        run(["dpkg", "--purge", "balance"], env=APT_ENV, check=False)
+        shutil.rmtree(fake.parent, ignore_errors=True)
         extra = sorted(installed_packages() - before)
         if extra:
             run(["apt-get", "purge", "-y", "-q", *extra], env=APT_ENV, check=False, timeout=300)
@@ -154,12 +181,21 @@ def pkg(tmp_path_factory):
 def test_deb_installs_everything_and_is_lintian_clean(pkg):
     deb = pkg["dist"] / f"gbalance_{VERSION}_all.deb"
     listing = run(["dpkg-deb", "-c", str(deb)]).stdout
-    for path in ("./usr/bin/balance", "./usr/share/man/man1/balance.1.gz", "./usr/share/man/es/man1/balance.1.gz",
-                 "./etc/init.d/balance", "./etc/balance.conf", "./lib/systemd/system/balance.service",
-                 "./lib/systemd/system/balance@.service", "./lib/systemd/system-generators/balance-generator",
+    for path in ("./usr/sbin/balance", "./usr/bin/balance -> ../sbin/balance", "./usr/share/man/man1/balance.1.gz",
+                 "./usr/share/man/es/man1/balance.1.gz", "./etc/init.d/balance", "./etc/balance.conf",
+                 "./lib/systemd/system/balance.service", "./lib/systemd/system/balance@.service",
+                 "./lib/systemd/system/balance-metrics.service", "./lib/systemd/system/balance-metrics.timer",
+                 "./lib/systemd/system-generators/balance-generator", "./usr/lib/tmpfiles.d/balance.conf",
                  "./usr/lib/gbalance/balance-instances", "./usr/share/doc/gbalance/copyright",
-                 "./usr/lib/python3/dist-packages/gbalance/cli.py"):
+                 "./usr/lib/python3/dist-packages/gbalance/cli.py",
+                 "./usr/lib/python3/dist-packages/gbalance/instances.py"):
         assert path in listing, path
+    info = run(["dpkg", "-I", str(deb)]).stdout
+    for relation in (" Provides: balance\n", " Conflicts: balance\n", " Replaces: balance\n",
+                     " Homepage: https://"):
+        assert relation in info, relation
+    control = (ROOT / "debian" / "control").read_text()
+    assert "pybuild-plugin-pyproject" in control and "Standards-Version: 4.6.2" in control
     conffiles = run(["dpkg-query", "--control-show", "gbalance", "conffiles"]).stdout
     assert "/etc/balance.conf" in conffiles and "/etc/init.d/balance" in conffiles
     depends = run(["dpkg-query", "-W", "-f", "${Depends}", "gbalance"]).stdout
@@ -173,11 +209,17 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
 def test_rpm_lists_same_files_with_systemd_scriptlets(pkg):
     rpm = pkg["dist"] / f"gbalance-{VERSION}-1.noarch.rpm"
     files = run(["rpm", "-qlp", str(rpm)]).stdout.split()
-    for path in ("/usr/bin/balance", "/usr/share/man/man1/balance.1.gz", "/usr/share/man/es/man1/balance.1.gz",
-                 "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
-                 "/usr/lib/systemd/system/balance@.service", "/usr/lib/gbalance/balance-instances"):
+    for path in ("/usr/sbin/balance", "/usr/bin/balance", "/usr/share/man/man1/balance.1.gz",
+                 "/usr/share/man/es/man1/balance.1.gz", "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
+                 "/usr/lib/systemd/system/balance@.service", "/usr/lib/systemd/system/balance-metrics.timer",
+                 "/usr/lib/tmpfiles.d/balance.conf", "/usr/lib/gbalance/balance-instances"):
         assert path in files, path
-    assert any(f.endswith("/init.d/balance") for f in files)
+    assert not any("init.d" in f for f in files), "no SysV script in the rpm"
+    assert "balance = 3.58" in run(["rpm", "-qp", "--provides", str(rpm)]).stdout.splitlines()
+    assert "balance < 3.58" in run(["rpm", "-qp", "--conflicts", str(rpm)]).stdout.splitlines()
+    assert "balance < 3.58" in run(["rpm", "-qp", "--obsoletes", str(rpm)]).stdout.splitlines()
+    spec = (ROOT / "rpm" / "gbalance.spec").read_text()
+    assert "Release:        1%{?dist}" in spec and "%pyproject_wheel" in spec and "%pyproject_install" in spec
     assert any(re.search(r"/site-packages/gbalance/cli\.py$", f) for f in files)
     scripts = run(["rpm", "-qp", "--scripts", str(rpm)]).stdout
     assert "systemctl" in scripts and "balance.service" in scripts
@@ -191,9 +233,15 @@ def test_installed_by_name_from_the_apt_repository(pkg):
     policy = run(["apt-cache", "policy", "gbalance"]).stdout
     assert f"Installed: {VERSION}" in policy and f"file:{pkg['repo']}" in policy
     assert {"python3-gevent", "python3-greenlet", "python3-docopt"} <= installed_packages()
+    # The fake C balance was replaced: its package is gone, the path is ours.
+    assert "balance" not in installed_packages()
+    assert "Removing balance" in pkg["install"] or "balance*" in pkg["install"], pkg["install"]
+    assert run(["/usr/sbin/balance", "--version"]).stdout.strip() == f"balance {VERSION} (gbalance)"
     assert run(["/usr/bin/balance", "--version"]).stdout.strip() == f"balance {VERSION} (gbalance)"
-    assert run(["head", "-1", "/usr/bin/balance"]).stdout.strip() == "#!/usr/bin/python3"
-    bad = run(["/usr/bin/balance", "-x", "80"], check=False)
+    assert run(["dpkg-query", "-S", "/usr/sbin/balance"]).stdout.startswith("gbalance: ")
+    assert run(["head", "-1", "/usr/sbin/balance"]).stdout.strip() == "#!/usr/bin/python3"
+    assert os.stat("/run/balance").st_mode & 0o7777 == 0o755 and os.stat("/run/balance").st_uid == 0
+    bad = run(["/usr/sbin/balance", "-x", "80"], check=False)
     assert bad.returncode == 64 and "unknown option -x" in bad.stderr
 
 
@@ -223,20 +271,51 @@ def test_init_script_runs_two_instances_from_balance_conf(pkg):
 
         again = run(["/etc/init.d/balance", "start"])
         assert again.stdout.count("already running") == 2
-        restart = run(["/etc/init.d/balance", "restart"])
-        new_pids = [int(x) for x in re.findall(r"started \(pid (\d+)\)", restart.stdout)]
-        assert len(new_pids) == 2 and not set(new_pids) & set(pids)
-        assert read_tag(p2) == "B"   # a fresh master: channel 0 enabled again
-
         stop = run(["/etc/init.d/balance", "stop"])
         assert stop.stdout.count("stopped (pid") == 2
-        assert not any(pid_alive(p) for p in pids + new_pids)
+        assert not any(pid_alive(p) for p in pids)
         assert run(["/etc/init.d/balance", "status"], check=False).returncode == 3
         assert run(["/etc/init.d/balance", "bogus"], check=False).returncode == 2
     finally:
         run(["/etc/init.d/balance", "stop"], check=False)
         for backend in (a, b, c):
             backend.close()
+
+
+@pytest.mark.packaging
+def test_init_script_restart_hands_over_without_refusing_or_cutting(pkg):
+    """restart = "balance -r <line>" per line (the -r contract of the stop/restart work).
+
+    A connection held open across the restart keeps working on the old
+    master, which exits once it closes; connects during the restart are
+    never refused; afterwards the new master answers.
+    """
+    a = Backend("A", mode="tag")
+    p1 = free_port()
+    Path("/etc/balance.conf").write_text(f"-b 127.0.0.1 {p1} {a.spec}\n")
+    try:
+        old = int(re.search(r"started \(pid (\d+)\)", run(["/etc/init.d/balance", "start"]).stdout).group(1))
+        held = socket.create_connection(("127.0.0.1", p1), timeout=10)
+        assert read_line(held) == "A"
+        restart = run(["/etc/init.d/balance", "restart"], timeout=60)
+        m = re.search(rf"{p1}\.127\.0\.0\.1: restarted \(pid (\d+); pid {old} drains", restart.stdout)
+        assert m, restart.stdout + restart.stderr
+        new = int(m.group(1))
+        for _ in range(20):   # never refused
+            assert read_tag(p1) == "A"
+        held.sendall(b"still here\n")
+        assert read_line(held) == "still here"
+        assert pid_alive(old)
+        held.close()
+        deadline = time.monotonic() + 30
+        while pid_alive(old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(old) and pid_alive(new)
+        status = run(["/etc/init.d/balance", "status"])
+        assert f"running (pid {new})" in status.stdout
+    finally:
+        run(["/etc/init.d/balance", "stop"], check=False)
+        a.close()
 
 
 @pytest.mark.packaging
