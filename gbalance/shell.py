@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from gbalance import __version__
+from gbalance.completion import install_completion
 from gbalance.config import ShellConfig
 from gbalance.errors import EX_NOPERM, EX_OK, EX_UNAVAILABLE, BalanceError
 from gbalance.spec import resolve_host
@@ -597,6 +598,8 @@ def interactive(shell: Shell) -> int:
     out = shell.out
     out.write(banner(shell.state))
     reader = LineReader(out)
+    if reader.tty:
+        install_completion(shell)   # Tab completion (gbalance/completion.py)
     try:
         while True:
             try:
