@@ -9,7 +9,7 @@ read the file the same way::
   balance-instances start|stop|status  the SysV init script's actions
   balance-instances restart            hand every instance over to a new master (-r)
   balance-instances exec INSTANCE      systemd ExecStart: become "balance -f <arguments>"
-  balance-instances replace INSTANCE   systemd ExecReload: run "balance -r <arguments>"
+  balance-instances replace INSTANCE   systemd ExecReload: "balance -r <arguments>", MAINPID=
   balance-instances generate DIR ...   systemd generator: one balance@ unit per line
   balance-instances metrics DIR        node_exporter textfile collector files
 
@@ -41,6 +41,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -453,6 +454,42 @@ def find(key: str, out: Out) -> Instance | None:
     return None
 
 
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's ``$NOTIFY_SOCKET``; False when there is none or it fails."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@") and len(address) > 1:
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(1.0)
+            sock.sendto(message.encode("utf-8"), address)
+        return True
+    except OSError:
+        return False
+
+
+def do_replace(key: str, out: Out) -> int:
+    """systemd ExecReload: ``balance -r <line>``, then tell systemd the new main pid.
+
+    The old master may exit (nothing left to drain) before the new one has
+    said ``MAINPID=`` itself; systemd must learn the new pid before this
+    reload command exits, or it would take the service for stopped.  So
+    the new master's pid, read from its state file, is sent from here
+    (``NotifyAccess=all``), before we exit.
+    """
+    inst = find(key, out)
+    if inst is None:
+        return EX_CONFIG
+    pid = run_balance(inst, conf_path(), out, "-r")
+    if pid is None:
+        return 1
+    sd_notify(f"MAINPID={pid}\nREADY=1\n")
+    out.say(f"balance {key}: replaced by a new master (pid {pid})")
+    return 0
+
+
 def do_exec(key: str, out: Out, *mode: str) -> int:
     """Become ``balance <mode> <line>`` (systemd keeps the same process)."""
     inst = find(key, out)
@@ -568,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) == 2 and argv[0] == "exec":
             return do_exec(argv[1], out, "-f")
         if len(argv) == 2 and argv[0] == "replace":
-            return do_exec(argv[1], out, "-r")
+            return do_replace(argv[1], out)
         if len(argv) >= 2 and argv[0] == "generate":
             return do_generate(argv[1], out)
         if len(argv) == 2 and argv[0] == "metrics":

