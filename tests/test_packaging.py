@@ -338,14 +338,47 @@ def test_installed_man_pages_english_and_spanish(pkg):
 def test_installed_systemd_units_verify_and_generator(pkg, tmp_path):
     units = tmp_path / "units"
     units.mkdir()
-    shutil.copy("/lib/systemd/system/balance.service", units)
-    shutil.copy("/lib/systemd/system/balance@.service", units)
+    for unit in ("balance.service", "balance@.service", "balance-metrics.service", "balance-metrics.timer"):
+        shutil.copy(f"/lib/systemd/system/{unit}", units)
     (units / "balance@8080.any.service").symlink_to("balance@.service")
-    done = run(["systemd-analyze", "verify", str(units / "balance.service"),
-                str(units / "balance@8080.any.service")], check=False, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run(["systemd-analyze", "verify", str(units / "balance.service"), str(units / "balance@8080.any.service"),
+                str(units / "balance-metrics.service"), str(units / "balance-metrics.timer")],
+               check=False, timeout=120)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
+    template = (units / "balance@.service").read_text()
+    for setting in ("Type=notify", "NotifyAccess=all", "ExecReload=/usr/lib/gbalance/balance-instances replace %i",
+                    "TimeoutStopSec=45", "SyslogIdentifier=balance", "ReloadPropagatedFrom=balance.service"):
+        assert re.search(rf"^{re.escape(setting)}$", template, re.M), setting
+    tmpfiles = Path("/usr/lib/tmpfiles.d/balance.conf").read_text()
+    assert re.search(r"^d /run/balance 0755 root root -$", tmpfiles, re.M)
     Path("/etc/balance.conf").write_text("8080 a b\n-b 127.0.0.1 8081 c\n")
     gen = tmp_path / "gen"
     run(["/lib/systemd/system-generators/balance-generator", str(gen), str(tmp_path / "e"), str(tmp_path / "l")])
     assert sorted(p.name for p in (gen / "balance.service.wants").iterdir()) == [
         "balance@8080.any.service", "balance@8081.127.0.0.1.service"]
+    target = os.readlink(gen / "balance.service.wants" / "balance@8080.any.service")
+    assert target == "/lib/systemd/system/balance@.service" and os.path.exists(target)
+
+
+@pytest.mark.packaging
+def test_pip_install_from_pyproject_alone(tmp_path):
+    """README's quick start: "pip install ." in a fresh venv, from a tree with no setup.py."""
+    assert not (ROOT / "setup.py").exists() and not (ROOT / "setup.cfg").exists()
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and meta["project"]["dynamic"] == ["version"]
+    assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "gbalance.__version__"}
+    assert meta["project"]["scripts"]["balance"] == "gbalance.cli:main"
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "dist", "repo", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache", "build"))
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], timeout=300)
+    run([str(venv / "bin" / "pip"), "install", "-q", str(tree)], timeout=900)
+    assert run([str(venv / "bin" / "balance"), "--version"]).stdout.strip() == f"balance {VERSION} (gbalance)"
+    usage = run([str(venv / "bin" / "balance-instances")], check=False)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: balance-instances")
+    show = run([str(venv / "bin" / "pip"), "show", "gbalance"]).stdout
+    assert f"Version: {VERSION}" in show and "Requires: docopt, gevent" in show
+    assert "License: GPL-2.0-or-later" in show
