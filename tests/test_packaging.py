@@ -347,7 +347,8 @@ def test_installed_systemd_units_verify_and_generator(pkg, tmp_path):
     assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
     template = (units / "balance@.service").read_text()
     for setting in ("Type=notify", "NotifyAccess=all", "ExecReload=/usr/lib/gbalance/balance-instances replace %i",
-                    "TimeoutStopSec=45", "SyslogIdentifier=balance", "ReloadPropagatedFrom=balance.service"):
+                    "TimeoutStopSec=45", "SyslogIdentifier=balance", "ReloadPropagatedFrom=balance.service",
+                    "KillMode=mixed"):
         assert re.search(rf"^{re.escape(setting)}$", template, re.M), setting
     tmpfiles = Path("/usr/lib/tmpfiles.d/balance.conf").read_text()
     assert re.search(r"^d /run/balance 0755 root root -$", tmpfiles, re.M)
