@@ -223,6 +223,7 @@ def test_rpm_lists_same_files_with_systemd_scriptlets(pkg):
     assert any(re.search(r"/site-packages/gbalance/cli\.py$", f) for f in files)
     scripts = run(["rpm", "-qp", "--scripts", str(rpm)]).stdout
     assert "systemctl" in scripts and "balance.service" in scripts
+    assert re.search(r"posttrans scriptlet.*\n(.*\n)*.*systemctl reload balance.service", scripts), scripts
     assert "%config(noreplace)" in (ROOT / "rpm" / "gbalance.spec").read_text()
     lint = run(["rpmlint", "-c", str(ROOT / "rpm" / "rpmlint.toml"), str(rpm)], check=False, timeout=300)
     assert " 0 errors" in lint.stdout, lint.stdout
