@@ -8,6 +8,7 @@ import subprocess
 import time
 
 from conftest import BALANCE, ROOT, free_port, wait_listening
+from test_e2e_proxy import syslog_socket  # noqa: F401  (the fixture: our own /dev/log)
 
 
 def run_master(tmp_path, journal: bool) -> list[str]:
@@ -63,3 +64,35 @@ def test_start_up_errors_are_err_priority(tmp_path):
     assert done.returncode == 64
     lines = err_path.read_text().splitlines()
     assert lines[0] == "<3>unknown option -x" and all(line.startswith("<3>") for line in lines), lines
+
+
+def test_detached_master_logs_to_syslog_with_priorities(balance, syslog_socket):
+    """Detached: syslog datagrams "<PRI>... balance[pid]: ..." with facility daemon and each line's severity."""
+    import re
+    import signal
+
+    from conftest import pid_alive
+
+    prefix, messages = syslog_socket
+    dead, port = free_port(), free_port()
+    r = subprocess.run(prefix + BALANCE + ["-a", "-b", "127.0.0.1", str(port), f"127.0.0.1:{dead}"], env=balance.env,
+                       capture_output=True, text=True, timeout=20, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert s.recv(10) == b""
+    deadline = time.monotonic() + 10
+    while not any("needs to be enabled manually" in m for m in messages()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(re.search(r"balance\[(\d+)\]", "\n".join(messages())).group(1))
+    balance.daemon_pids.append(pid)
+    os.kill(pid, signal.SIGTERM)
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    by_text = {}
+    for m in messages():
+        got = re.match(r"<(\d+)>.*?balance\[(\d+)\]: (.*)", m, re.S)
+        assert got, m
+        by_text[got.group(3).strip()] = int(got.group(1))
+    daemon = 3 << 3   # LOG_DAEMON
+    assert by_text["connection failed group 0 channel 0"] == daemon | 4            # warning
+    assert by_text[f"master on port {port} shut down"] == daemon | 6               # info
