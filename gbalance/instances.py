@@ -107,6 +107,10 @@ class Config:
     problems: list[str]
 
 
+#: Bytes no command line holds (tabs are blanks); a NUL would even reach getservbyname.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class ConfigError(Exception):
     """A line that cannot become an instance."""
 
@@ -161,6 +165,8 @@ def parse_args(args: list[str], line: int = 0) -> Instance:
         grace = parse_seconds(opts["-g"], "-g") if opts.get("-g") is not None else DEFAULT_GRACE
     except BalanceError as exc:
         raise ConfigError(exc.message)
+    except (ValueError, OSError) as exc:   # whatever a service-name lookup may raise
+        raise ConfigError(f"invalid port [{opts['<port>']}]: {exc}")
     key = os.path.basename(state_path(port, opts["-b"], directory="/"))[len("balance."):]
     return Instance(line, key, tuple(args), grace, port, opts["-b"])
 
@@ -176,6 +182,9 @@ def read_config(path: str | None = None) -> Config:
     cfg = Config(path, [], [])
     seen: dict[str, int] = {}
     for number, text in enumerate(lines, 1):
+        if CONTROL_CHARS.search(text):
+            cfg.problems.append(f"{path} line {number}: control characters in the line")
+            continue
         try:
             args = shlex.split(text, comments=True)
         except ValueError as exc:
@@ -516,19 +525,23 @@ def do_generate(normal_dir: str, out: Out) -> int:
     for p in cfg.problems:
         out.problem(f"balance-generator: {p}", LOG_WARNING)
     wants = os.path.join(normal_dir, "balance.service.wants")
-    os.makedirs(wants, exist_ok=True)
     target = os.path.join(unit_dir(), TEMPLATE)
-    for inst in cfg.instances:
-        unit = f"balance@{inst.key}.service"
-        link = os.path.join(wants, unit)
-        if not os.path.lexists(link):
-            os.symlink(target, link)
-        if inst.grace != DEFAULT_GRACE:
-            dropin = os.path.join(normal_dir, unit + ".d")
-            os.makedirs(dropin, exist_ok=True)
-            with open(os.path.join(dropin, "50-grace.conf"), "w", encoding="utf-8") as f:
-                f.write(f"# From {cfg.path} line {inst.line}: -g {inst.grace:g}\n"
-                        f"[Service]\nTimeoutStopSec={inst.stop_timeout}\n")
+    try:
+        os.makedirs(wants, exist_ok=True)
+        for inst in cfg.instances:
+            unit = f"balance@{inst.key}.service"
+            link = os.path.join(wants, unit)
+            if not os.path.lexists(link):
+                os.symlink(target, link)
+            if inst.grace != DEFAULT_GRACE:
+                dropin = os.path.join(normal_dir, unit + ".d")
+                os.makedirs(dropin, exist_ok=True)
+                with open(os.path.join(dropin, "50-grace.conf"), "w", encoding="utf-8") as f:
+                    f.write(f"# From {cfg.path} line {inst.line}: -g {inst.grace:g}\n"
+                            f"[Service]\nTimeoutStopSec={inst.stop_timeout}\n")
+    except OSError as exc:
+        out.problem(f"balance-generator: cannot write into {normal_dir}: {exc.strerror}")
+        return 1
     return 0
 
 
@@ -614,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: one line, never a traceback
+        out.problem(f"balance-instances: internal error: {type(exc).__name__}: {exc}")
+        return 70
     out.problem(USAGE)
     return 2
 

@@ -369,3 +369,22 @@ def test_metrics_files_for_the_textfile_collector(tmp_path, backends):
         assert missing.returncode == 1 and "cannot read" in missing.stderr
     finally:
         stop_all(env)
+
+
+def test_hostile_config_files_never_trace_back(tmp_path):
+    """Binary junk, a directory, an unwritable generator target: one-line messages, no traceback."""
+    env = helper_env(tmp_path, "")
+    (tmp_path / "balance.conf").write_bytes(b"\xff\xfe\x00junk\n8080 a\n" + b"x" * 100000 + b"\n\t'\n")
+    done = helper(env, "list")
+    assert done.returncode == 0 and done.stdout.splitlines() == ["2 8080.any 8080 a"]
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 3, done.stderr
+    env["BALANCE_CONF"] = str(tmp_path)   # a directory
+    for action, code in (("start", 78), ("status", 4), ("list", 78)):
+        bad = helper(env, action)
+        assert bad.returncode == code and bad.stderr.startswith("balance: cannot read ") and "Traceback" not in bad.stderr
+    env["BALANCE_CONF"] = str(tmp_path / "balance.conf")
+    blocker = tmp_path / "gen"
+    blocker.write_text("a file where the generator wants a directory\n")
+    gen = helper(env, "generate", str(blocker))
+    assert gen.returncode == 1 and "balance-generator: cannot write into" in gen.stderr
+    assert "Traceback" not in gen.stderr
