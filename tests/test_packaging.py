@@ -384,3 +384,69 @@ def test_pip_install_from_pyproject_alone(tmp_path):
     show = run([str(venv / "bin" / "pip"), "show", "gbalance"]).stdout
     assert f"Version: {VERSION}" in show and "Requires: docopt, gevent" in show
     assert "License: GPL-2.0-or-later" in show
+
+
+def bumped_tree(where: Path, version: str) -> Path:
+    """A copy of the tree that says ``version`` everywhere build-deb.sh checks."""
+    tree = where / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "dist", "repo", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache", "build"))
+    init = tree / "gbalance" / "__init__.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{VERSION}"', f'__version__ = "{version}"'))
+    spec = tree / "rpm" / "gbalance.spec"
+    spec.write_text(re.sub(r"^Version:(\s+)\S+$", rf"Version:\g<1>{version}", spec.read_text(), flags=re.M))
+    for page in ("balance.1", "balance.es.1"):
+        p = tree / "man" / page
+        p.write_text(p.read_text().replace(f'"gbalance {VERSION}"', f'"gbalance {version}"'))
+    changelog = tree / "debian" / "changelog"
+    changelog.write_text(f"gbalance ({version}) unstable; urgency=medium\n\n  * Upgrade test build.\n\n"
+                         f" -- test <test@example.invalid>  Mon, 30 Nov 2026 12:00:00 +0000\n\n"
+                         + changelog.read_text())
+    return tree
+
+
+@pytest.mark.packaging
+def test_deb_upgrade_on_a_sysv_host_hands_over_without_cutting(pkg, tmp_path):
+    """dpkg -i of a newer .deb: its postinst restarts the init script, which hands over (balance -r).
+
+    This container's policy-rc.d forbids service actions; the upgrade runs in
+    a private mount namespace with an allowing one bound over it (the host's
+    file is untouched).  The connection held across the upgrade keeps
+    working on the old master; new connections reach the new one.
+    """
+    version = f"{VERSION}+uptest1"
+    tree = bumped_tree(tmp_path, version)
+    dist = tmp_path / "dist"
+    run(["sh", str(tree / "packaging" / "build-deb.sh")], env=dict(os.environ, DIST_DIR=str(dist)), timeout=600)
+    deb = dist / f"gbalance_{version}_all.deb"
+    allow = tmp_path / "policy-rc.d"
+    allow.write_text("#!/bin/sh\nexit 0\n")
+    allow.chmod(0o755)
+    a = Backend("A")
+    p1 = free_port()
+    Path("/etc/balance.conf").write_text(f"-b 127.0.0.1 {p1} {a.spec}\n")
+    try:
+        old = int(re.search(r"started \(pid (\d+)\)", run(["/etc/init.d/balance", "start"]).stdout).group(1))
+        held = socket.create_connection(("127.0.0.1", p1), timeout=10)
+        assert read_line(held) == "A"
+        upgrade = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                       'mount --bind "$0" /usr/sbin/policy-rc.d && exec dpkg -i "$1"', str(allow), str(deb)],
+                      env=APT_ENV, timeout=300)
+        out = upgrade.stdout + upgrade.stderr
+        assert re.search(rf"{p1}\.127\.0\.0\.1: restarted \(pid \d+; pid {old} drains", out), out
+        assert run(["dpkg-query", "-W", "-f", "${Version}", "gbalance"]).stdout == version
+        assert run(["/usr/sbin/balance", "--version"]).stdout.strip() == f"balance {version} (gbalance)"
+        held.sendall(b"across the upgrade\n")
+        assert read_line(held) == "across the upgrade"
+        assert read_tag(p1) == "A"
+        status = run(["/etc/init.d/balance", "status"]).stdout
+        new = int(re.search(r"running \(pid (\d+)\)", status).group(1))
+        assert new != old and pid_alive(old)
+        held.close()
+        deadline = time.monotonic() + 30
+        while pid_alive(old) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(old)
+    finally:
+        run(["/etc/init.d/balance", "stop"], check=False)
+        a.close()
