@@ -1,16 +1,19 @@
-"""The OS packages: one version, the instance helper, the .deb, .rpm and apt repo.
+"""The OS packages: one version, the .deb, the .rpm, the apt repo, pip.
 
-The first tests are fast and need no root: they check that the version is
-defined once, and run the instance helper (shared by the init script and
-the systemd units) from the tree against a private config file and state
-directory.  The tests marked ``packaging`` build the real .deb, .rpm and a
-flat apt repository, ``apt install gbalance`` from it (dependencies from
-Debian), drive the installed init script against loopback backends, read
-the installed man pages, and purge everything again: packages the install
-pulled in, the apt source, /etc/balance.conf (restored if one existed) and
-the Spanish locale if the test had to create it.
+The first tests are fast and need no root: the version is defined once,
+and the init script is LSB and valid sh (the instance helper it calls is
+tested in test_instances.py).  The tests marked ``packaging`` build the
+real .deb, .rpm and a flat apt repository, install a stand-in for the C
+balance package and then ``apt install gbalance`` over it (it must replace
+it), check the relations (dpkg -I, rpm -qp), lintian, rpmlint and
+systemd-analyze, drive the installed init script against loopback
+backends (start, status, stop; restart and a .deb upgrade hand every
+instance over with ``balance -r``), read the installed man pages, install
+from pyproject.toml alone with pip in a fresh venv, and purge everything
+again: packages the install pulled in, the apt source, /etc/balance.conf
+(restored if one existed) and the Spanish locale if the test had to create
+it.
 """
-
 from __future__ import annotations
 
 import contextlib
