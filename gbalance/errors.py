@@ -11,6 +11,7 @@ EX_DATAERR = 65      # unknown or invalid host address
 EX_UNAVAILABLE = 69  # empty/too many groups, bad -m spec, no master process
 EX_SOFTWARE = 70     # internal error (a bug)
 EX_OSERR = 71        # cannot listen, address in use, state directory unusable
+EX_CANTCREAT = 73    # cannot write an output file (balance -c "metrics FILE")
 EX_NOPERM = 77       # permission denied on the state file
 
 

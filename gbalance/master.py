@@ -89,12 +89,14 @@ def open_state(cfg: ProxyConfig) -> SharedState:
 
 def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     """Write the groups and channels of the command line into the table."""
-    with state.change():
-        for group in cfg.groups:
-            g = state.add_group(group.kind)
-            for ch in group.channels:
-                state.add_channel(g, ch.address, ch.port, ch.maxc)
-        state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+    from gbalance.channels import Channels
+
+    channels = Channels(state)
+    for group in cfg.groups:
+        g = channels.add_group(group.kind)
+        for ch in group.channels:
+            channels.add_channel(g, ch.address, ch.port, ch.maxc)
+    state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
 
 
 class Master:
@@ -113,6 +115,7 @@ class Master:
             raise
         self.server = None
         self.monitor = None
+        self.mailbox = None
 
     def remove_state(self) -> None:
         """Delete our state file (only if it is still ours) and unmap it."""
@@ -127,17 +130,22 @@ class Master:
         """Create the gevent objects (after any fork)."""
         from gevent import get_hub
 
+        import gevent
+
+        from gbalance.channels import Channels
         from gbalance.connect import Connector
+        from gbalance.mailbox import Mailbox
         from gbalance.routing import Router
         from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
         loop = get_hub().loop
-        addresses = AddressCache(self.state)
+        channels = Channels(self.state)
+        addresses = AddressCache(self.state, channels, self.log)
         events = ChannelEvents(self.state, self.log, debug=cfg.debug,
                                autodisable=cfg.autodisable,
-                               passive=monitoring and cfg.monitor.disable)
+                               passive=monitoring and cfg.monitor.disable, channels=channels)
         connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
                               stagger=cfg.monitor.stagger if monitoring else 0.0,
                               source=self.source, keepalive=cfg.server_keepalive)
@@ -148,7 +156,9 @@ class Master:
         if monitoring:
             from gbalance.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
-                                   source=self.source)
+                                   source=self.source, channels=channels)
+        # A shell's ``kill`` request stops the master as SIGTERM does.
+        self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.server.stop))
 
     def trace_channels(self) -> None:
         """``-d``: list the active channels at start-up."""
@@ -181,9 +191,13 @@ class Master:
                           f"{nch} channels in {st.ngroups} groups")
         if self.monitor is not None:
             self.monitor.start()
+        if self.mailbox is not None:
+            self.mailbox.start(self.server.loop)
         try:
             self.server.serve_forever()
         finally:
+            if self.mailbox is not None:
+                self.mailbox.stop()
             if self.monitor is not None:
                 self.monitor.stop()
             self.server.close_links()

@@ -11,7 +11,13 @@ at the first failure.  Each result is applied as soon as it is known:
 * ``rise`` consecutive passes re-enable a soft-disabled channel (unless
   ``noenable``); any pass clears the channel's *suspect* mark;
 * hard-disabled channels are never checked nor touched;
-* while the shell has monitoring disabled nothing changes at all.
+* while the shell has monitoring disabled nothing changes at all;
+* a channel whose address in the file is not a numeric address is not
+  checked (the server hard-disables it).
+
+The state changes themselves are :class:`~gbalance.channels.Channels`'.
+A ``command=`` check runs directly when it is plain words; when it needs
+``/bin/sh``, ``%H`` and ``%P`` are substituted shell-quoted.
 
 Checks never outlive their round: whatever is still running at the end of
 the interval (a connect that hangs, a command that hangs) fails and is
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -35,10 +42,11 @@ import gevent.pool
 import gevent.socket
 import gevent.subprocess
 
+from gbalance.channels import Channels
 from gbalance.log import Log
 from gbalance.monspec import Check, MonitorSpec
-from gbalance.state import (C_FAILS, C_PASSES, C_PORT, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
-                            MON_ENABLED, SOFT_DISABLED, SharedState, slot)
+from gbalance.state import (C_PORT, C_STATUS, ENABLED, HARD_DISABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
+                            SharedState, slot)
 
 #: Characters that only mean something to a shell: a command containing one
 #: of them runs under ``/bin/sh -c``, any other is executed directly.
@@ -65,11 +73,25 @@ class Target:
         return f"group {self.group} channel {self.channel} {host}:{self.port}"
 
 
-def expand(template: str, address: str, port: int) -> str:
-    """Substitute ``%H`` (address), ``%P`` (port) and ``%%``; other ``%x`` stay as written."""
+def expand(template: str, address: str, port: int, quote: bool = False) -> str:
+    """Substitute ``%H`` (address), ``%P`` (port) and ``%%``; other ``%x`` stay as written.
+
+    With ``quote`` the address and port are quoted for ``/bin/sh``.
+    """
+    host, num = (shlex.quote(address), shlex.quote(str(port))) if quote else (address, str(port))
+
     def repl(m: re.Match) -> str:
-        return {"%H": address, "%P": str(port), "%%": "%"}.get(m.group(0), m.group(0))
+        return {"%H": host, "%P": num, "%%": "%"}.get(m.group(0), m.group(0))
     return re.sub(r"%.", repl, template)
+
+
+def check_argv(template: str, address: str, port: int) -> tuple[str, list[str]]:
+    """The command line (for log messages) and the argv that runs one check."""
+    line = expand(template, address, port)
+    argv = command_argv(line)
+    if argv[:2] == ["/bin/sh", "-c"]:
+        argv = ["/bin/sh", "-c", expand(template, address, port, quote=True)]
+    return line, argv
 
 
 def command_argv(line: str) -> list[str]:
@@ -91,9 +113,10 @@ class Monitor:
     """Periodic checks of every channel; see the module docstring."""
 
     def __init__(self, state: SharedState, spec: MonitorSpec, connect_timeout: float, log: Log,
-                 source: dict[int, tuple] | None = None):
+                 source: dict[int, tuple] | None = None, channels: Channels | None = None):
         self.state = state
         self.q = state.q
+        self.channels = channels if channels is not None else Channels(state)
         self.spec = spec
         self.connect_timeout = connect_timeout
         self.log = log
@@ -158,11 +181,13 @@ class Monitor:
         """Every channel that may be checked now, read fresh from the table."""
         st, q = self.state, self.q
         found = []
-        for g in range(st.ngroups):
-            for c in range(st.nchannels(g)):
+        for g in range(min(st.ngroups, MAXGROUPS)):
+            for c in range(min(st.nchannels(g), MAXCHANNELS)):
                 if q[slot(g, c, C_STATUS)] == HARD_DISABLED:
                     continue
-                found.append(Target(g, c, st.address(g, c), q[slot(g, c, C_PORT)]))
+                where = self.channels.address_of(g, c)
+                if where is not None:
+                    found.append(Target(g, c, *where))
         return found
 
     def run_round(self, deadline: float) -> None:
@@ -222,17 +247,14 @@ class Monitor:
         return None
 
     def _mark_suspect(self, target: Target) -> None:
-        g, c = target.group, target.channel
-        if not self._still_same(target) or self.q[slot(g, c, C_SUSPECT)]:
+        if not self._still_same(target) or not self.channels.mark_suspect(target.group, target.channel):
             return
-        self.q[slot(g, c, C_SUSPECT)] = 1
         self.log.warning(f"{target.where} suspect: connect check still pending after"
                          f" {self.spec.stagger:g}s, new connections skip it")
 
     def _command(self, target: Target, check: Check, remaining: float) -> str | None:
         """None when the command exits with a passing code, else why not."""
-        line = expand(check.command, target.address, target.port)
-        argv = command_argv(line)
+        line, argv = check_argv(check.command, target.address, target.port)
         try:
             proc = gevent.subprocess.Popen(argv, stdin=gevent.subprocess.DEVNULL,
                                            stdout=gevent.subprocess.PIPE,
@@ -279,16 +301,12 @@ class Monitor:
 
     def apply(self, target: Target, reason: str | None) -> None:
         """Record one chain's result (None = passed) and change the channel's state if due."""
-        messages: list[tuple[str, str]] = []
-        with self.state.change():
-            if not self._still_same(target):
-                return
-            if reason is None:
-                self._passed(target, messages)
-            else:
-                self._failed(target, reason, messages)
-        for level, text in messages:
-            getattr(self.log, level)(text)
+        if not self._still_same(target):
+            return
+        if reason is None:
+            self._passed(target)
+        else:
+            self._failed(target, reason)
 
     def _still_same(self, target: Target) -> bool:
         """False when monitoring was switched off or the channel changed meanwhile."""
@@ -298,49 +316,31 @@ class Monitor:
                 and st.address(g, c) == target.address and self.q[slot(g, c, C_PORT)] == target.port
                 and self.q[slot(g, c, C_STATUS)] != HARD_DISABLED)
 
-    def _passed(self, target: Target, messages: list[tuple[str, str]]) -> None:
-        q, st, spec = self.q, self.state, self.spec
-        g, c = target.group, target.channel
-        q[slot(g, c, C_FAILS)] = 0
-        passes = q[slot(g, c, C_PASSES)] + 1
-        q[slot(g, c, C_PASSES)] = passes
-        if q[slot(g, c, C_SUSPECT)]:
-            q[slot(g, c, C_SUSPECT)] = 0
-            messages.append(("info", f"{target.where} no longer suspect: checks pass"))
-        if q[slot(g, c, C_STATUS)] != SOFT_DISABLED or not spec.enable:
-            return
-        if passes >= spec.rise:
-            st.set_status(g, c, ENABLED)
-            messages.append(("warning", f"{target.where} enabled by monitoring: checks pass"
-                                        f" ({passes} in a row)"))
-        else:
-            messages.append(("info", f"{target.where} check passed ({passes} of {spec.rise} to enable)"))
+    def _passed(self, target: Target) -> None:
+        spec = self.spec
+        out = self.channels.check_passed(target.group, target.channel, spec.rise, spec.enable)
+        if out.unsuspected:
+            self.log.info(f"{target.where} no longer suspect: checks pass")
+        if out.changed:
+            self.log.warning(f"{target.where} enabled by monitoring: checks pass ({out.count} in a row)")
+        elif out.counting:
+            self.log.info(f"{target.where} check passed ({out.count} of {spec.rise} to enable)")
 
-    def _failed(self, target: Target, reason: str, messages: list[tuple[str, str]]) -> None:
-        q, st, spec = self.q, self.state, self.spec
-        g, c = target.group, target.channel
-        q[slot(g, c, C_PASSES)] = 0
-        fails = q[slot(g, c, C_FAILS)] + 1
-        q[slot(g, c, C_FAILS)] = fails
-        if q[slot(g, c, C_STATUS)] != ENABLED:
-            return
-        if not spec.disable:
-            if fails == 1:
-                messages.append(("info", f"{target.where} check failed: {reason} (nodisable: stays enabled)"))
-            return
-        if fails >= spec.fall:
-            st.set_status(g, c, SOFT_DISABLED)
-            messages.append(("warning", f"{target.where} soft-disabled by monitoring: {reason}"
-                                        f" ({fails} failed check{'s' if fails > 1 else ''} in a row)"))
-        else:
-            messages.append(("info", f"{target.where} check failed: {reason} ({fails} of {spec.fall} to disable)"))
+    def _failed(self, target: Target, reason: str) -> None:
+        spec = self.spec
+        enabled = self.channels.status(target.group, target.channel) == ENABLED
+        out = self.channels.check_failed(target.group, target.channel, spec.fall, spec.disable)
+        if out.changed:
+            self.log.warning(f"{target.where} soft-disabled by monitoring: {reason}"
+                             f" ({out.count} failed check{'s' if out.count > 1 else ''} in a row)")
+        elif out.counting:
+            self.log.info(f"{target.where} check failed: {reason} ({out.count} of {spec.fall} to disable)")
+        elif enabled and not spec.disable and out.count == 1:
+            self.log.info(f"{target.where} check failed: {reason} (nodisable: stays enabled)")
 
     def _clear_suspects(self) -> None:
         """Monitoring was switched off: nothing would clear suspect marks, so drop them now."""
-        st, q = self.state, self.q
-        for g in range(st.ngroups):
-            for c in range(st.nchannels(g)):
-                q[slot(g, c, C_SUSPECT)] = 0
+        self.channels.clear_suspects()
 
 
 def _kill_group(proc: gevent.subprocess.Popen) -> None:

@@ -94,19 +94,21 @@ def parse_monitor(text: str) -> MonitorSpec:
             raise _bad("empty key (two colons in a row or a colon at an end?)")
         if key == "connect":
             if val is not None:
-                raise _bad("connect takes no value")
+                raise _bad("unexpected value for 'connect'")
             spec.checks.append(Check("connect"))
         elif key == "command":
             if not val or not val.strip():
-                raise _bad("command needs a command line")
+                raise _bad("'command' action requires a value")
             spec.checks.append(Check("command", command=val))
         elif key == "timeout":
             if not spec.checks or spec.checks[-1].kind != "connect":
                 raise _bad("timeout must follow a connect action")
             spec.checks[-1].timeout = _float(key, val)
         elif key == "pass":
-            if not spec.checks or spec.checks[-1].kind != "command":
-                raise _bad("pass must follow a command action")
+            if not spec.checks:
+                raise _bad("'pass' option given without action")
+            if spec.checks[-1].kind != "command":
+                raise _bad("'pass' option unsupported for this action")
             words = (val or "").split(",")
             if all(w.strip().isascii() and w.strip().isdigit() for w in words):
                 codes = tuple(int(w) for w in words)
@@ -116,7 +118,10 @@ def parse_monitor(text: str) -> MonitorSpec:
                 raise _bad(f"pass needs exit codes 0..255 separated by commas, got {val!r}")
             spec.checks[-1].passes = codes
         elif key == "interval":
-            spec.interval = _float(key, val)
+            try:
+                spec.interval = _float(key, val)
+            except BalanceError:
+                raise _bad(f"error parsing interval (a number of seconds above 0, got {val!r})")
         elif key in ("noenable", "nodisable"):
             if val is not None:
                 raise _bad(f"{key} takes no value")

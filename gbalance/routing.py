@@ -8,7 +8,9 @@ channels are skipped.  When monitoring is on and nothing usable is left,
 the soft-disabled and suspect channels are tried in order as a last resort,
 so a monitor that misjudges cannot take the whole service down.
 
-No sockets here: the server asks for candidates and acts on them.
+No sockets here: the server asks for candidates and acts on them.  Which
+channel may take a connection is decided by :mod:`gbalance.channels`; the
+only slot written here is each group's round-robin cursor.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import zlib
 from typing import Iterator
 
-from gbalance.state import (C_C, C_MAXC, C_STATUS, C_SUSPECT, ENABLED, G_NCHANNELS, G_RR_NEXT,
-                            G_TYPE, H_NGROUPS, HARD_DISABLED, HASH, SharedState, gslot, slot)
+from gbalance.channels import last_resort, usable
+from gbalance.state import (G_NCHANNELS, G_RR_NEXT, G_TYPE, H_NGROUPS, HASH, MAXCHANNELS,
+                            MAXGROUPS, SharedState, gslot, slot)
 
 
 def client_hash(address: str) -> int:
@@ -40,12 +43,7 @@ class Router:
         self.last_resort = last_resort
 
     def _usable(self, g: int, c: int) -> bool:
-        q = self.q
-        base = slot(g, c, 0)
-        if q[base + C_STATUS] != ENABLED or q[base + C_SUSPECT]:
-            return False
-        maxc = q[base + C_MAXC]
-        return not maxc or q[base + C_C] < maxc
+        return usable(self.q, slot(g, c, 0))
 
     def candidates(self, client: str) -> Iterator[tuple[int, int]]:
         """Yield ``(group, channel)`` pairs to try, best first.
@@ -55,8 +53,8 @@ class Router:
         """
         q = self.q
         yielded = False
-        for g in range(q[H_NGROUPS]):
-            n = q[gslot(g, G_NCHANNELS)]
+        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+            n = min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)
             if n <= 0:
                 continue
             if q[gslot(g, G_TYPE)] == HASH:
@@ -82,11 +80,7 @@ class Router:
     def _last_resort(self) -> Iterator[tuple[int, int]]:
         """Soft-disabled and suspect channels, in order, when nothing else is left."""
         q = self.q
-        for g in range(q[H_NGROUPS]):
-            for c in range(q[gslot(g, G_NCHANNELS)]):
-                base = slot(g, c, 0)
-                if q[base + C_STATUS] == HARD_DISABLED:
-                    continue
-                maxc = q[base + C_MAXC]
-                if not maxc or q[base + C_C] < maxc:
+        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+            for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
+                if last_resort(q, slot(g, c, 0)):
                     yield g, c

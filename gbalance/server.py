@@ -18,12 +18,13 @@ from typing import Callable
 import gevent
 from gevent.server import StreamServer
 
+from gbalance.channels import Channels
 from gbalance.connect import Connector, Hooks
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
-                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SOFT_DISABLED, SharedState, slot)
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
@@ -37,17 +38,21 @@ class ChannelEvents(Hooks):
     failed or timed-out connect soft-disables the channel at once (the
     monitor re-enables it when its checks pass) and a connect pending past
     the stagger delay marks the channel suspect.  Without monitoring, ``-a``
-    keeps balance's meaning: soft-disable, re-enable by hand.
+    keeps balance's meaning: soft-disable, re-enable by hand.  The state
+    changes themselves are :class:`~gbalance.channels.Channels`'; only the
+    connection counters are added here.
     """
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
-                 autodisable: bool = False, passive: bool = False):
+                 autodisable: bool = False, passive: bool = False,
+                 channels: Channels | None = None):
         self.state = state
         self.q = state.q
         self.log = log
         self.debug = debug
         self.autodisable = autodisable
         self.passive = passive
+        self.channels = channels if channels is not None else Channels(state)
 
     def _monitoring(self) -> bool:
         """Passive detection applies only while the shell leaves monitoring on."""
@@ -64,9 +69,7 @@ class ChannelEvents(Hooks):
     def success(self, g: int, c: int) -> None:
         if self.debug:
             self.log.trace(f"connect to channel {c} successful\n")
-        idx = slot(g, c, C_SUSPECT)
-        if self.q[idx]:
-            self.q[idx] = 0
+        if self.q[slot(g, c, C_SUSPECT)] and self.channels.clear_suspect(g, c):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
@@ -79,24 +82,14 @@ class ChannelEvents(Hooks):
         if self.q[slot(g, c, C_STATUS)] != ENABLED:
             return
         if self._monitoring():
-            if self._soft_disable(g, c):
+            if self.channels.soft_disable(g, c):
                 self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
                                  " (monitoring re-enables it when checks pass)")
         elif self.autodisable:
-            if self._soft_disable(g, c):
+            if self.channels.soft_disable(g, c):
                 self.log.warning(f"connection failed group {g} channel {c}")
                 self.log.warning(f"{self._where(g, c)} needs to be enabled manually using balance -i"
                                  " after the problem is solved")
-
-    def _soft_disable(self, g: int, c: int) -> bool:
-        """Soft-disable an enabled channel; False if someone changed it first."""
-        with self.state.change():
-            if self.q[slot(g, c, C_STATUS)] != ENABLED:
-                return False
-            self.state.set_status(g, c, SOFT_DISABLED)
-            # The monitor's rise count starts again from this failure.
-            self.q[slot(g, c, C_PASSES)] = 0
-        return True
 
     def cancel(self, g: int, c: int) -> None:
         self.q[slot(g, c, C_C)] -= 1
@@ -106,9 +99,7 @@ class ChannelEvents(Hooks):
     def suspect(self, g: int, c: int) -> None:
         if not self._monitoring():
             return
-        idx = slot(g, c, C_SUSPECT)
-        if not self.q[idx]:
-            self.q[idx] = 1
+        if self.channels.mark_suspect(g, c):
             self.log.warning(f"group {g} channel {c} {self._where(g, c)} suspect: connect still pending,"
                              " new connections skip it")
 
@@ -120,11 +111,19 @@ class ChannelEvents(Hooks):
 
 class AddressCache:
     """Numeric socket addresses of the channels, rebuilt when the table's
-    generation changes (so ``create``/``assign`` apply to the next connection)."""
+    generation changes (so ``create``/``assign`` apply to the next connection).
 
-    def __init__(self, state: SharedState):
+    Every address is checked as it is read back from the file: a channel
+    whose address is not a numeric IPv4/IPv6 address (or whose port is out of
+    range) is hard-disabled, logged, and never connected to.
+    """
+
+    def __init__(self, state: SharedState, channels: Channels | None = None,
+                 log: Log | None = None):
         self.state = state
         self.q = state.q
+        self.channels = channels if channels is not None else Channels(state)
+        self.log = log
         self.generation = -1
         self.entries: list = []
 
@@ -134,10 +133,16 @@ class AddressCache:
             return
         st = self.state
         entries: list = [None] * (MAXGROUPS * MAXCHANNELS)
-        for g in range(st.ngroups):
-            for c in range(st.nchannels(g)):
-                addr = st.address(g, c)
-                port = st.get(g, c, C_PORT)
+        for g in range(min(st.ngroups, MAXGROUPS)):
+            for c in range(min(st.nchannels(g), MAXCHANNELS)):
+                found = self.channels.address_of(g, c)
+                if found is None:
+                    if self.channels.invalidate(g, c) and self.log is not None:
+                        self.log.warning(f"group {g} channel {c}: invalid address in the state file,"
+                                         " channel disabled")
+                    entries[g * MAXCHANNELS + c] = (socket.AF_INET, ("0.0.0.0", 0))
+                    continue
+                addr, port = found
                 if ":" in addr:
                     entries[g * MAXCHANNELS + c] = (socket.AF_INET6, (addr, port, 0, 0))
                 else:

@@ -1,22 +1,56 @@
-"""The shared channel table: an mmap'd file plus fcntl locks.
+"""The shared channel table: an mmap'd file, one writer, and who may touch it.
 
 One file per master, named by listening port and bind address, holds the
-whole routing table (groups, channels, states, counters) and the master's
-pid.  The master routes every connection from it; ``balance -i``/``-c``
-sessions map the same file and change it, so a change applies to the next
-connection.  The layout is fixed and versioned:
+whole routing table (groups, channels, states, counters), the master's pid
+and start time, and a one-slot request mailbox.  The master routes every
+connection from it; ``balance -i``/``-c`` sessions map the same file.  The
+layout is fixed and versioned:
 
 * bytes 0..7: the magic ``GBALSTAT``;
-* then one array of signed 64-bit slots: a header, ``MAXGROUPS`` group
-  records and ``MAXGROUPS * MAXCHANNELS`` channel records;
-* then one fixed-size, NUL-padded text field per channel: its numeric address.
+* then one array of signed 64-bit slots: a header (with the mailbox),
+  ``MAXGROUPS`` group records and ``MAXGROUPS * MAXCHANNELS`` channel records;
+* then one fixed-size, NUL-padded text field per channel: its numeric
+  address; then one more such field: the address argument of a request.
 
 Every number is a 64-bit slot so that the master can update counters with a
 plain indexed add on a ``memoryview`` (no struct packing, no allocation, no
-lock).  Only the master writes counters; changes made by a shell take the
-*change lock* (byte 1) so two shells never interleave a read-modify-write.
-The master holds the *master lock* (byte 0) for its whole life: a file whose
-master lock is free belongs to a dead master and may be taken over.
+lock).
+
+Who writes which slot
+---------------------
+
+==========================  ==========================================  =====================
+slots                       writer                                      when
+==========================  ==========================================  =====================
+header identity (version,   the master, in :meth:`SharedState.create`   once, before the file
+pid, start time, limits)                                                is renamed into place
+``H_REQ_*`` and the         a shell of the master's own user            under the change lock
+request address                                                         (owner-only lock file)
+``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
+groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
+addresses, status, maxc,                                                connect results,
+suspect/fails/passes,                                                   monitoring
+monitor switch, generation
+``C_TOTALC``, ``C_C``       the master (server's channel events,        per connection
+                            :mod:`gbalance.forward` on close)
+``C_SENT``, ``C_RCVD``      the master (:mod:`gbalance.forward`)        per chunk
+``G_RR_NEXT``               the master (:mod:`gbalance.routing`)        per connection
+==========================  ==========================================  =====================
+
+A shell never writes the table itself: it posts a request in the mailbox
+and waits for the master's acknowledgement (see :mod:`gbalance.mailbox`), so
+a ``reset`` can never race with the master's counting.  The master takes no
+lock while it serves: it holds the *master lock* (byte 0 of the lock file)
+for its life, and shells of the same user take the *change lock* (byte 1)
+to use the mailbox one at a time.
+
+Permissions: the state file is 0644 (everybody may ``show``), the lock file
+beside it (``.balance.<port>.<bind>.lock``) is 0600, so no other user can
+hold a lock the master or its shells wait for.  Files are opened without
+following symbolic links; a directory writable by others (unless sticky) or
+a file owned by another user is refused.  Liveness is decided by the lock
+file for the owner, and by pid plus process start time plus command line
+for everybody else, so no other user can make a dead master look alive.
 
 This module imports nothing from the rest of the package.
 """
@@ -29,13 +63,15 @@ import fcntl
 import mmap
 import os
 import re
+import stat
+import struct
 import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 MAGIC = b"GBALSTAT"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 MAXGROUPS = 32
 MAXCHANNELS = 64
 ADDR_LEN = 64
@@ -43,6 +79,8 @@ ADDR_LEN = 64
 #: Environment variable that moves the state directory (for non-root users).
 STATE_DIR_ENV = "BALANCE_STATE_DIR"
 DEFAULT_STATE_DIR = "/var/run/balance"
+#: How long a shell waits for another shell of the same user to finish a change.
+CHANGE_LOCK_WAIT = 5.0
 
 # Header slots.
 H_VERSION = 0
@@ -52,9 +90,20 @@ H_MAXCHANNELS = 3
 H_GENERATION = 4   # bumped whenever a channel's address or the channel set changes
 H_MONITOR = 5      # MON_NONE / MON_ENABLED / MON_DISABLED
 H_PORT = 6
-H_STARTED = 7
+H_STARTED = 7      # unix time the master started
 H_NGROUPS = 8
-H_SLOTS = 16
+H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
+# The request mailbox (see gbalance.mailbox).
+H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
+H_REQ_OP = 17
+H_REQ_G = 18
+H_REQ_C = 19
+H_REQ_A = 20
+H_REQ_B = 21
+H_ACK_SEQ = 24     # written last by the master: the request it answered
+H_ACK_RESULT = 25
+H_ACK_VALUE = 26
+H_SLOTS = 32
 
 # Group record slots.
 G_NCHANNELS = 0
@@ -80,7 +129,8 @@ GROUP_BASE = H_SLOTS
 CHANNEL_BASE = GROUP_BASE + MAXGROUPS * G_SLOTS
 NSLOTS = CHANNEL_BASE + MAXGROUPS * MAXCHANNELS * C_SLOTS
 ADDR_OFFSET = len(MAGIC) + NSLOTS * 8
-FILE_SIZE = ADDR_OFFSET + MAXGROUPS * MAXCHANNELS * ADDR_LEN
+REQ_ADDR_OFFSET = ADDR_OFFSET + MAXGROUPS * MAXCHANNELS * ADDR_LEN
+FILE_SIZE = REQ_ADDR_OFFSET + ADDR_LEN
 
 # Channel states.
 ENABLED = 0
@@ -105,6 +155,13 @@ class StateError(Exception):
     def __init__(self, message: str, errno_: int | None = None):
         super().__init__(message)
         self.errno = errno_
+
+
+class UnsafeState(StateError):
+    """A state directory or file that another user could control: refused."""
+
+    def __init__(self, message: str):
+        super().__init__(message, errno.EPERM)
 
 
 class MasterRunning(StateError):
@@ -148,6 +205,12 @@ def state_path(port: int, bind: str | None, directory: str | None = None) -> str
     return os.path.join(directory or state_dir(), f"balance.{port}.{key}")
 
 
+def lock_path(path: str) -> str:
+    """The owner-only lock file that goes with the state file ``path``."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.lock")
+
+
 def slot(group: int, channel: int, field: int) -> int:
     """Index into :attr:`SharedState.q` of one field of one channel."""
     return CHANNEL_BASE + (group * MAXCHANNELS + channel) * C_SLOTS + field
@@ -158,6 +221,116 @@ def gslot(group: int, field: int) -> int:
     return GROUP_BASE + group * G_SLOTS + field
 
 
+# -- safety checks -------------------------------------------------------------
+
+def check_directory(directory: str) -> None:
+    """Refuse a state directory another user could use to swap our files.
+
+    It must be a real directory owned by us or by root, and not writable by
+    group or others unless it is sticky (like /tmp), where nobody else may
+    rename or remove our files.
+    """
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise StateError(f"cannot use state directory {directory}: {exc.strerror}", exc.errno)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeState(f"refusing state directory {directory}: not a directory")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafeState(f"refusing state directory {directory}: owned by uid {st.st_uid}")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeState(f"refusing state directory {directory}: writable by other users")
+
+
+def check_own_file(path: str, st: os.stat_result, what: str = "state file") -> None:
+    """Refuse anything but a plain file of ours with a single name."""
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeState(f"refusing {what} {path}: not a regular file")
+    if st.st_uid != os.geteuid():
+        raise UnsafeState(f"refusing {what} {path}: owned by uid {st.st_uid}")
+    if st.st_nlink != 1:
+        raise UnsafeState(f"refusing {what} {path}: it has other names (hard links)")
+
+
+def _open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that never follows a symbolic link at ``path``."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeState(f"refusing {path}: it is a symbolic link")
+        raise
+
+
+# -- locks ---------------------------------------------------------------------------
+# Open-file-description locks: they belong to the open file, not the process,
+# so closing another descriptor of the lock file never drops them, and two
+# opens in one process exclude each other like two processes would.
+
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = "hhqqi4x"   # struct flock: type, whence, start, len, pid
+
+
+def _try_lock(fd: int, kind: int, start: int) -> bool:
+    """Take (``F_WRLCK``/``F_RDLCK``) or drop (``F_UNLCK``) one byte without waiting."""
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, start, 1, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _locked(fd: int, start: int) -> bool:
+    """True if someone holds a lock on byte ``start`` that a read lock would conflict with."""
+    res = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, start, 1, 0))
+    return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
+
+
+# -- liveness --------------------------------------------------------------------
+
+def process_start_ticks(pid: int) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (start time after boot, clock ticks); None if gone.
+
+    A zombie counts as gone: it has exited.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def is_balance_process(pid: int) -> bool:
+    """True if ``pid``'s command line names a balance program."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return any(b"balance" in os.path.basename(arg) for arg in argv[:3])
+
+
+def master_process_alive(pid: int, start_ticks: int) -> bool:
+    """True if ``pid`` is the very balance master that recorded ``start_ticks``.
+
+    Decided from /proc alone, so no other process can fake it; never true
+    for pid 0 or 1 (never a master we may signal or trust).
+    """
+    if pid <= 1:
+        return False
+    ticks = process_start_ticks(pid)
+    return ticks is not None and ticks == start_ticks and is_balance_process(pid)
+
+
 class SharedState:
     """A mapped state file.
 
@@ -165,10 +338,12 @@ class SharedState:
     indices from :func:`slot`.  Everything else goes through the methods.
     """
 
-    def __init__(self, path: str, fd: int, writable: bool):
+    def __init__(self, path: str, fd: int, writable: bool, lock_fd: int = -1):
         self.path = path
         self.fd = fd
         self.writable = writable
+        self.lock_fd = lock_fd
+        self.owner = os.geteuid()   # the state file's owner (set by attach)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
         self.q = memoryview(self.mm)[len(MAGIC):ADDR_OFFSET].cast("q")
@@ -177,65 +352,139 @@ class SharedState:
 
     @classmethod
     def create(cls, path: str) -> "SharedState":
-        """Create (or take over) the state file for a new master.
+        """Create the state file for a new master (replacing a dead master's).
 
-        Takes the master lock for the life of the process.  Raises
-        :class:`MasterRunning` when a live master holds it, and
-        :class:`StateError` when the directory or file cannot be used.
+        Takes the master lock (on the owner-only lock file) for the life of
+        the process, then writes a fresh file beside the old one and renames
+        it into place, so nothing another process holds or planted at
+        ``path`` is ever written through.  Raises :class:`MasterRunning`
+        when a live master holds the lock, :class:`UnsafeState` for a
+        directory or file another user controls, and :class:`StateError`
+        when the directory or file cannot be used.
         """
-        directory = os.path.dirname(path)
+        directory = os.path.dirname(path) or "."
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
         except OSError as exc:
             raise StateError(f"cannot create state directory {directory}: {exc.strerror}", exc.errno)
+        check_directory(directory)
+        lock_fd = cls._take_master_lock(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
-        except OSError as exc:
-            pid = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise MasterRunning(path, pid)
-            raise StateError(f"cannot lock state file {path}: {exc.strerror}", exc.errno)
-        try:
-            # Group and others may read (show), only the owner may change.
-            os.fchmod(fd, 0o644)
-            os.ftruncate(fd, 0)
-            os.ftruncate(fd, FILE_SIZE)
-        except OSError as exc:
-            os.close(fd)
-            raise StateError(f"cannot initialise state file {path}: {exc.strerror}", exc.errno)
-        st = cls(path, fd, True)
+            try:
+                old = os.lstat(path)
+            except FileNotFoundError:
+                old = None
+            except OSError as exc:
+                raise StateError(f"cannot use state file {path}: {exc.strerror}", exc.errno)
+            if old is not None:
+                if stat.S_ISLNK(old.st_mode):
+                    raise UnsafeState(f"refusing state file {path}: it is a symbolic link")
+                check_own_file(path, old)
+            fd = cls._fresh_file(path)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        st = cls(path, fd, True, lock_fd)
         st.mm[: len(MAGIC)] = MAGIC
         q = st.q
         q[H_VERSION] = LAYOUT_VERSION
         q[H_MAXGROUPS] = MAXGROUPS
         q[H_MAXCHANNELS] = MAXCHANNELS
         q[H_PID] = os.getpid()
+        q[H_START_TICKS] = process_start_ticks(os.getpid()) or 0
         q[H_STARTED] = int(time.time())
         return st
 
+    @staticmethod
+    def _take_master_lock(path: str) -> int:
+        """Open (creating, 0600) the lock file and take the master lock, or raise."""
+        lpath = lock_path(path)
+        try:
+            fd = _open_nofollow(lpath, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise UnsafeState(f"refusing lock file {lpath}: {exc.strerror}")
+            raise StateError(f"cannot open lock file {lpath}: {exc.strerror}", exc.errno)
+        try:
+            info = os.fstat(fd)
+            check_own_file(lpath, info, "lock file")
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+            try:
+                taken = _try_lock(fd, fcntl.F_WRLCK, 0)
+            except OSError as exc:
+                raise StateError(f"cannot lock {lpath}: {exc.strerror}", exc.errno)
+            if not taken:
+                raise MasterRunning(path, _read_pid_at(path))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _fresh_file(path: str) -> int:
+        """A new, initialised-to-zero state file renamed onto ``path``; its fd."""
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory or ".", f".{name}.new.{os.getpid()}")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)   # our own left-over from a crashed start with our pid
+            fd = _open_nofollow(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except StateError:
+            raise
+        except OSError as exc:
+            raise StateError(f"cannot create state file in {directory}: {exc.strerror}", exc.errno)
+        try:
+            # Group and others may read (show), only the owner may change.
+            os.fchmod(fd, 0o644)
+            os.ftruncate(fd, FILE_SIZE)
+            os.rename(tmp, path)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise UnsafeState(f"refusing state file {path}: {exc.strerror}")
+            raise StateError(f"cannot initialise state file {path}: {exc.strerror}", exc.errno)
+        return fd
+
     @classmethod
     def attach(cls, path: str) -> "SharedState":
-        """Map an existing state file, writable if permissions allow."""
+        """Map an existing state file: writable for the master's user, else read-only.
+
+        Never follows a symbolic link; refuses a file that others may write.
+        """
         writable = True
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = _open_nofollow(path, os.O_RDWR)
         except PermissionError:
             writable = False
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = _open_nofollow(path, os.O_RDONLY)
+            except StateError:
+                raise
             except OSError as exc:
                 raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
+        except StateError:
+            raise
         except OSError as exc:
             raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
         try:
-            if os.fstat(fd).st_size < FILE_SIZE or os.pread(fd, len(MAGIC), 0) != MAGIC:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UnsafeState(f"refusing state file {path}: not a regular file")
+            if info.st_mode & 0o022:
+                raise UnsafeState(f"refusing state file {path}: writable by other users")
+            if info.st_uid not in (os.geteuid(), 0) and _shared_directory(path):
+                # In a directory anybody may write to (/tmp), anybody may have put it there.
+                raise UnsafeState(f"refusing state file {path}: owned by uid {info.st_uid}"
+                                  " in a directory other users may write to")
+            if writable and info.st_uid != os.geteuid() and os.geteuid() != 0:
+                writable = False
+            if info.st_size < FILE_SIZE or os.pread(fd, len(MAGIC), 0) != MAGIC:
                 raise StateError(f"{path} is not a gbalance state file")
             st = cls(path, fd, writable)
+            st.owner = info.st_uid
         except Exception:
             os.close(fd)
             raise
@@ -252,46 +501,100 @@ class SharedState:
             self.mm.close()
         except (BufferError, ValueError):
             pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        for fd in (self.fd, self.lock_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.lock_fd = -1
 
     # -- locks and liveness ------------------------------------------------
 
+    def _lock_file(self) -> int | None:
+        """The lock file, opened on first use; None if this user may not open it."""
+        if self.lock_fd < 0:
+            try:
+                fd = _open_nofollow(lock_path(self.path), os.O_RDWR if self.writable else os.O_RDONLY)
+            except (OSError, StateError):
+                return None
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_mode & 0o077 or info.st_uid != self.owner:
+                    os.close(fd)
+                    return None
+            except OSError:
+                os.close(fd)
+                return None
+            self.lock_fd = fd
+        return self.lock_fd
+
     def master_alive(self) -> bool:
-        """True while some process holds the master lock of this file."""
-        if self.q[H_PID] == os.getpid():
+        """True while the master that wrote this file runs.
+
+        The owner asks the master lock; anybody else (who cannot open the
+        owner-only lock file) checks pid, start time and command line.
+        """
+        q = self.q
+        pid, ticks = q[H_PID], q[H_START_TICKS]
+        if pid == os.getpid() and ticks == (process_start_ticks(pid) or 0):
             return True
-        kind = fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH
+        fd = self._lock_file()
+        if fd is None:
+            return master_process_alive(pid, ticks)
         try:
-            fcntl.lockf(self.fd, kind | fcntl.LOCK_NB, 1, 0)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 0)
-        return False
+            return _locked(fd, 0)
+        except OSError:
+            return master_process_alive(pid, ticks)
+
+    def live_pid(self) -> int:
+        """The master's pid if it is alive and really a balance master, else 0.
+
+        The only pid it is ever safe to signal.
+        """
+        pid = self.q[H_PID]
+        if self.master_alive() and master_process_alive(pid, self.q[H_START_TICKS]):
+            return pid
+        return 0
 
     @contextlib.contextmanager
-    def change(self) -> Iterator["SharedState"]:
-        """Hold the change lock while editing the table.
+    def change(self, wait: float = CHANGE_LOCK_WAIT) -> Iterator["SharedState"]:
+        """Hold the change lock (byte 1 of the owner-only lock file).
 
-        Raises ``PermissionError`` when this process may only read the file.
+        Shells of the master's user take it to use the mailbox one at a
+        time; only they can open the lock file, so only they can delay each
+        other, and never for more than ``wait`` seconds.  Raises
+        ``PermissionError`` when this process may only read the table.
         """
         if not self.writable:
             raise PermissionError(errno.EACCES, "permission denied")
-        fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, 1)
+        fd = self._lock_file()
+        if fd is None:
+            raise PermissionError(errno.EACCES, "permission denied")
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                if _try_lock(fd, fcntl.F_WRLCK, 1):
+                    break
+            except OSError as exc:
+                raise StateError(f"cannot lock {lock_path(self.path)}: {exc.strerror}", exc.errno)
+            if time.monotonic() >= deadline:
+                raise StateError(f"another session kept the table busy for {wait:g} seconds",
+                                 errno.EBUSY)
+            time.sleep(0.005)
         try:
             yield self
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, 1)
+            _try_lock(fd, fcntl.F_UNLCK, 1)
 
     # -- header ------------------------------------------------------------
 
     @property
     def pid(self) -> int:
         return self.q[H_PID]
+
+    @property
+    def started(self) -> int:
+        """Unix time the master started."""
+        return self.q[H_STARTED]
 
     @property
     def ngroups(self) -> int:
@@ -368,6 +671,15 @@ class SharedState:
         self.mm[off: off + ADDR_LEN] = data.ljust(ADDR_LEN, b"\0")
         self.q[slot(group, channel, C_PORT)] = port
 
+    def request_address(self) -> str:
+        """The address argument of the pending request."""
+        raw = self.mm[REQ_ADDR_OFFSET: REQ_ADDR_OFFSET + ADDR_LEN]
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+    def set_request_address(self, address: str) -> None:
+        data = address.encode("ascii", "replace")[: ADDR_LEN - 1]
+        self.mm[REQ_ADDR_OFFSET: REQ_ADDR_OFFSET + ADDR_LEN] = data.ljust(ADDR_LEN, b"\0")
+
     def get(self, group: int, channel: int, field: int) -> int:
         return self.q[slot(group, channel, field)]
 
@@ -387,10 +699,31 @@ class SharedState:
                        q[b + C_SENT], q[b + C_RCVD], q[b + C_SUSPECT])
 
     def channels(self) -> Iterator[Channel]:
-        """Every channel of every group, in order."""
-        for g in range(self.ngroups):
-            for c in range(self.nchannels(g)):
+        """Every channel of every group, in order (bounded even in a damaged file)."""
+        for g in range(max(0, min(self.ngroups, MAXGROUPS))):
+            for c in range(max(0, min(self.nchannels(g), MAXCHANNELS))):
                 yield self.channel(g, c)
+
+
+def _shared_directory(path: str) -> bool:
+    """True if users other than its owner may create files in ``path``'s directory."""
+    try:
+        st = os.stat(os.path.dirname(path) or ".")
+    except OSError:
+        return True
+    return bool(st.st_mode & 0o022)
+
+
+def _read_pid_at(path: str) -> int:
+    """The pid recorded in the state file at ``path``, or 0 if it cannot be read."""
+    try:
+        fd = _open_nofollow(path, os.O_RDONLY)
+    except (OSError, StateError):
+        return 0
+    try:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> int:

@@ -3,6 +3,9 @@
 Tests look at the master's shared state file directly (the same file the
 control shell maps), so they observe states and counters without going
 through the proxy and without depending on the shell's output format.
+Changes an admin can make go through the master's request mailbox, as the
+shell's do; a soft-disable (what only ``-a`` or monitoring do) is written
+straight into the table, standing in for the master.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import time
 from conftest import read_line
 from typing import Callable
 
+from gbalance.mailbox import Op, ask
 from gbalance.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
                             MON_DISABLED, MON_ENABLED, SOFT_DISABLED, SharedState, slot, state_path)
 
-__all__ = ["Table", "wait_for", "timed_tag", "ENABLED", "SOFT_DISABLED", "HARD_DISABLED",
+__all__ = ["Table", "wait_for", "timed_tag", "Op", "ENABLED", "SOFT_DISABLED", "HARD_DISABLED",
            "MON_ENABLED", "MON_DISABLED"]
 
 
@@ -32,11 +36,10 @@ class Table:
         self.state.close()
 
     def snapshot(self, g: int, c: int) -> dict[str, int]:
-        """Status and monitoring counters of one channel, read under the change lock."""
-        with self.state.change():
-            return {name: self.q[slot(g, c, f)] for name, f in
-                    (("status", C_STATUS), ("fails", C_FAILS), ("passes", C_PASSES),
-                     ("suspect", C_SUSPECT), ("c", C_C))}
+        """Status and monitoring counters of one channel."""
+        return {name: self.q[slot(g, c, f)] for name, f in
+                (("status", C_STATUS), ("fails", C_FAILS), ("passes", C_PASSES),
+                 ("suspect", C_SUSPECT), ("c", C_C))}
 
     def status(self, g: int, c: int) -> int:
         return self.q[slot(g, c, C_STATUS)]
@@ -45,14 +48,19 @@ class Table:
         return self.q[slot(g, c, field)]
 
     def set_status(self, g: int, c: int, status: int) -> None:
-        """What the shell's ``disable``/``enable`` do."""
-        with self.state.change():
+        """What the shell's ``disable``/``enable`` do (a soft-disable: what ``-a`` does)."""
+        if status == SOFT_DISABLED:
             self.state.set_status(g, c, status)
+            return
+        ask(self.state, Op.ENABLE if status == ENABLED else Op.DISABLE, g, c)
 
     def set_monitor(self, value: int) -> None:
         """What the shell's ``monitor enable|disable`` do."""
-        with self.state.change():
-            self.state.set_monitor(value)
+        ask(self.state, Op.MONITOR, a=1 if value == MON_ENABLED else 0)
+
+    def request(self, op: Op, g: int = 0, c: int = 0, a: int = 0, address: str = "") -> int:
+        """Any other shell request; the master's index value (``create``)."""
+        return ask(self.state, op, g, c, a, address=address).value
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, step: float = 0.01) -> float:

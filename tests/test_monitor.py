@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import stat
+import subprocess
 import time
 
 import pytest
 from conftest import Backend, free_port, pid_alive, read_tag
-from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Table, wait_for
+from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Op, Table, wait_for
 
-from gbalance.monitor import command_argv, expand
+from gbalance.monitor import check_argv, command_argv, expand
 
 INTERVAL = 0.3
 SLACK = 0.45   # scheduling and polling slack on a busy 2-core machine
@@ -48,6 +49,17 @@ def test_command_runs_without_shell_unless_needed():
     for line in ("check > /dev/null", "a | b", "a; b", "a && b", "echo $HOME", "echo 'x y'",
                  "ls *.py", "X=1 prog", "exit 2"):
         assert command_argv(line) == ["/bin/sh", "-c", line], line
+
+
+def test_placeholders_are_quoted_when_a_shell_runs_the_check(tmp_path):
+    """Even an address that slipped past validation stays one word for /bin/sh."""
+    hostile = "1.2.3.4; touch " + str(tmp_path / "pwned")
+    line, argv = check_argv("test -n %H && echo %H:%P > " + str(tmp_path / "out"), hostile, 80)
+    assert argv[:2] == ["/bin/sh", "-c"] and "'1.2.3.4; touch" in argv[2]
+    assert subprocess.run(argv).returncode == 0
+    assert (tmp_path / "out").read_text() == hostile + ":80\n"
+    assert not (tmp_path / "pwned").exists()
+    assert check_argv("/bin/true %H %P", "::1", 80) == ("/bin/true ::1 80", ["/bin/true", "::1", "80"])
 
 
 # -- connect checks ------------------------------------------------------------------
@@ -167,13 +179,15 @@ def test_channel_created_later_is_checked(balance, backends, table):
     balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, port=port)
     t = table(port)
     dead = free_port()
-    with t.state.change():                   # what "create" then "enable" do
-        c = t.state.add_channel(0, "127.0.0.1", dead)
+    c = t.request(Op.CREATE, 0, a=dead, address="127.0.0.1")      # "create", then "enable"
+    t.set_status(0, c, ENABLED)
     wait_for(lambda: t.status(0, c) == SOFT_DISABLED, INTERVAL + SLACK)
-    with t.state.change():                   # "assign" to a live backend
-        t.state.set_address(0, c, "127.0.0.1", b.port)
-        t.state.bump_generation()
-    wait_for(lambda: t.status(0, c) == ENABLED, INTERVAL + SLACK)
+    t.set_status(0, c, HARD_DISABLED)                             # "disable", "assign" a live
+    t.request(Op.ASSIGN, 0, c, a=b.port, address="127.0.0.1")     # backend, "enable"
+    assert t.snapshot(0, c)["fails"] == 0
+    t.set_status(0, c, ENABLED)
+    wait_for(lambda: t.snapshot(0, c)["passes"] >= 2, 2 * INTERVAL + SLACK)
+    assert t.status(0, c) == ENABLED
 
 
 # -- passive detection -----------------------------------------------------------------
@@ -339,12 +353,13 @@ def test_shell_sees_monitoring_and_controls_it(balance, backends):
     balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
     a.close()
     wait_for(lambda: shown_states(balance, port)[(0, 0)] == "dis", INTERVAL + 2)
-    assert balance.run("-c", "monitor disable", str(port)).stdout.startswith("monitoring is disabled")
+    assert balance.run("-c", "monitor disable", str(port)).stdout == "monitor is now disabled\n"
+    assert balance.run("-c", "monitor disable", str(port)).stdout == "monitor is already disabled\n"
     a2 = reopen(a, "A2")
     try:
         time.sleep(3 * INTERVAL)
         assert shown_states(balance, port)[(0, 0)] == "dis"      # checks change nothing now
-        assert balance.run("-c", "monitor enable", str(port)).stdout.startswith("monitoring is enabled")
+        assert balance.run("-c", "monitor enable", str(port)).stdout == "monitor is now enabled\n"
         wait_for(lambda: shown_states(balance, port)[(0, 0)] == "ENA", INTERVAL + 2)
         assert balance.run("-c", "disable 0", str(port)).stdout.strip() == "channel 0 disabled"
         time.sleep(3 * INTERVAL)

@@ -23,6 +23,7 @@ import pytest
 
 from gbalance.state import SOFT_DISABLED, SharedState, StateError, state_path
 
+import otheruser
 from conftest import BALANCE, ROOT, free_port, pid_alive, read_tag
 
 HEADER = "GRP Type  #   S       ip-address  port    c      totalc maxc        sent        rcvd"
@@ -206,9 +207,9 @@ def test_show_counts_and_bytes_then_reset_and_mrtg(balance, backends):
     assert ctl(balance, port, "mrtg-bytes 0 1") == f"8\n5\nUNKNOWN\ngroup 0 channel 1\n"
     assert ctl(balance, port, "reset 0") == "channel 0 counters reset\n"
     assert ctl(balance, port, "mrtg-bytes 0 0") == "0\n0\nUNKNOWN\ngroup 0 channel 0\n"
-    assert ctl(balance, port, "mrtg-conns 0 0") == "2\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
+    assert ctl(balance, port, "mrtg-conns 0 0") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
     assert ctl(balance, port, "show") == table(
-        row(0, "RR", 0, "ENA", "127.0.0.1", a.port, 0, 2, 0, 0, 0),
+        row(0, "RR", 0, "ENA", "127.0.0.1", a.port, 0, 0, 0, 0, 0),
         row(0, "RR", 1, "ENA", "127.0.0.1", b.port, 0, 1, 7, 5, 8))
 
 
@@ -404,7 +405,7 @@ def test_bad_input_messages(two, balance):
     port, proc, a, b = two
     long_line = "show " + "x" * 600
     pairs = [
-        ("frobnicate", "unknown command: frobnicate (type help for a list)\n"),
+        ("frobnicate", "syntax error\nunknown command: frobnicate (type help for a list)\n"),
         ("disable", "syntax error\n"),
         ("disable x", "syntax error\n"),
         ("disable 5", "no such channel 5\n"),
@@ -423,8 +424,11 @@ def test_bad_input_messages(two, balance):
         ("create 127.0.0.1 0", "value out of range\n"),
         ("create 127.0.0.1 no-such-service", "syntax error\n"),
         ("assign 0 127.0.0.1 80", "channel must be disabled to assign new address\n"),
-        ("assign 7 127.0.0.1 80", "no such channel 7\n"),
-        ("monitor sideways", "syntax error\n"),
+        ("assign 7 127.0.0.1 80", "unknown channel\n"),
+        ("maxc 7 1", "unknown channel\n"),
+        ("reset 7", "no such channel 7\n"),
+        ("group -1", "value out of range\n"),
+        ("monitor sideways", "no monitor process running\n(start the master with -m to use monitoring)\n"),
         ("show me", "syntax error\n"),
         (long_line, "line too long (more than 512 characters), ignored\n"),
         ("", ""),
@@ -448,9 +452,9 @@ def test_garbage_input_cannot_hurt_the_master(two, balance):
     r = session(balance, port, garbage)
     assert r.returncode == 0 and r.stderr == ""
     answers = r.stdout.split("balance[0] ")[1:-1]
-    assert answers == ["unknown command: show? (type help for a list)\n",
-                       "unknown command: ?[2J? (type help for a list)\n",
-                       "unknown command: ???? (type help for a list)\n"] + ["syntax error\n"] * 5 + \
+    unknown = "syntax error\nunknown command: {} (type help for a list)\n"
+    assert answers == [unknown.format("show?"), unknown.format("?[2J?"),
+                       unknown.format("????")] + ["syntax error\n"] * 5 + \
                       ["invalid address\n", "syntax error\n", "invalid address\n"]
     assert ctl(balance, port, "show") == before
     assert pid_alive(proc.pid)
@@ -470,7 +474,7 @@ def test_no_channel_slots_available(balance, backends):
 def test_c_exits_zero_even_after_an_error_message(two, balance):
     port, proc, a, b = two
     assert ctl(balance, port, "disable 9") == "no such channel 9\n"
-    assert ctl(balance, port, "nonsense") == "unknown command: nonsense (type help for a list)\n"
+    assert ctl(balance, port, "nonsense") == "syntax error\nunknown command: nonsense (type help for a list)\n"
     assert ctl(balance, port, "x" * 1000) == "line too long (more than 512 characters), ignored\n"
     assert ctl(balance, port, "quit") == ""
 
@@ -492,7 +496,7 @@ def test_abbreviations_take_the_first_command_in_help_order(two, balance):
         ("mrtg-c 0 1", "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"),
         ("d 1", "channel 1 disabled\n"),
         ("e 1", "channel 1 enabled\n"),
-        ("mo", "monitoring is not configured (start the master with -m to use it)\n"),
+        ("mo", "no monitor process running\n(start the master with -m to use monitoring)\n"),
         ("g 3", ""),
         ("q", ""),
     ]
@@ -548,18 +552,27 @@ def parse_metrics(text: str) -> dict[tuple, int]:
 def test_metrics_in_prometheus_text_format(balance, backends):
     a, b = backends("AAAA"), backends("BB")
     port = free_port()
+    before = int(time.time())
     proc = launch(balance, str(port), a.spec, f"{b.spec}:5", port=port, rows=2)
     assert tags(port, 3) == ["AAAA", "BB", "AAAA"]
     wait_idle(balance, port, 3)
     ctl(balance, port, "disable 1")
     wait_idle(balance, port, 3, rcvd=13)
-    m = parse_metrics(ctl(balance, port, "metrics"))
-    ch0 = (("address", "127.0.0.1"), ("channel", "0"), ("group", "0"), ("port", str(a.port)))
-    ch1 = (("address", "127.0.0.1"), ("channel", "1"), ("group", "0"), ("port", str(b.port)))
-    assert m[("balance_up", (("bind", "any"), ("pid", str(proc.pid)), ("port", str(port))))] == 1
-    assert m[("balance_monitoring", (("state", "none"),))] == 1
-    assert m[("balance_group_type", (("group", "0"), ("type", "rr")))] == 1
-    assert m[("balance_group_type", (("group", "0"), ("type", "hash")))] == 0
+    text = ctl(balance, port, "metrics")
+    m = parse_metrics(text)
+    inst = (("bind", "any"), ("port", str(port)))
+    ch0 = tuple(sorted((("address", "127.0.0.1"), ("channel", "0"), ("group", "0"),
+                        ("channel_port", str(a.port))) + inst))
+    ch1 = tuple(sorted((("address", "127.0.0.1"), ("channel", "1"), ("group", "0"),
+                        ("channel_port", str(b.port))) + inst))
+    for name, labels in m:                       # every series names its instance, none a pid
+        assert dict(labels)["port"] == str(port) and dict(labels)["bind"] == "any", name
+        assert "pid" not in dict(labels) and str(proc.pid) not in text
+    assert m[("balance_up", inst)] == 1
+    assert before - 1 <= m[("balance_start_time_seconds", inst)] <= int(time.time())
+    assert m[("balance_monitoring", tuple(sorted(inst + (("state", "none"),))))] == 1
+    assert m[("balance_group_type", tuple(sorted(inst + (("group", "0"), ("type", "rr")))))] == 1
+    assert m[("balance_group_type", tuple(sorted(inst + (("group", "0"), ("type", "hash")))))] == 0
     assert m[("balance_channel_connections_total", ch0)] == 2
     assert m[("balance_channel_connections_total", ch1)] == 1
     assert m[("balance_channel_connections", ch0)] == 0
@@ -568,36 +581,89 @@ def test_metrics_in_prometheus_text_format(balance, backends):
     assert m[("balance_channel_sent_bytes_total", ch0)] == 0
     assert m[("balance_channel_maxc", ch1)] == 5
     assert m[("balance_channel_suspect", ch1)] == 0
-    assert m[("balance_channel_state", ch0 + (("state", "enabled"),))] == 1
-    assert m[("balance_channel_state", ch1 + (("state", "hard_disabled"),))] == 1
-    assert m[("balance_channel_state", ch1 + (("state", "enabled"),))] == 0
+    assert m[("balance_channel_state", tuple(sorted(ch0 + (("state", "enabled"),))))] == 1
+    assert m[("balance_channel_state", tuple(sorted(ch1 + (("state", "hard_disabled"),))))] == 1
+    assert m[("balance_channel_state", tuple(sorted(ch1 + (("state", "enabled"),))))] == 0
+
+
+def test_metrics_labels_survive_a_restart_and_tell_instances_apart(balance, backends):
+    a = backends("A")
+    port = free_port()
+    first = launch(balance, "-b", "127.0.0.1", str(port), a.spec, port=port, rows=1)
+    other = launch(balance, "-b", "127.0.0.2", str(port), a.spec, port=port, rows=1)
+    one = parse_metrics(ctl(balance, port, "metrics", "-b", "127.0.0.1"))
+    two = parse_metrics(ctl(balance, port, "metrics", "-b", "127.0.0.2"))
+    assert not set(one) & set(two)               # one textfile directory may hold both
+    first.stop()
+    time.sleep(1.1)                              # a start time in another second
+    launch(balance, "-b", "127.0.0.1", str(port), a.spec, port=port, rows=1)
+    again = parse_metrics(ctl(balance, port, "metrics", "-b", "127.0.0.1"))
+    assert set(again) == set(one)                # the same series, no label changed
+    start = [k for k in one if k[0] == "balance_start_time_seconds"][0]
+    assert again[start] > one[start]
+    assert other.p.poll() is None
+
+
+def test_metrics_file_is_replaced_atomically(balance, backends, tmp_path):
+    a = backends("A")
+    port = free_port()
+    launch(balance, str(port), a.spec, port=port, rows=1)
+    out = tmp_path / "textfile"
+    out.mkdir()
+    target = out / f"balance_{port}_any.prom"
+    target.write_text("old\n")
+    inode = target.stat().st_ino
+    r = balance.run("-c", f"metrics {target}", str(port))
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    text = target.read_text()
+    assert text == ctl(balance, port, "metrics")
+    assert target.stat().st_ino != inode             # a new file renamed into place
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in out.iterdir()) == [target.name]   # no temporary left
+    r = balance.run("-c", f"metrics {tmp_path}/missing/x.prom", str(port))
+    assert r.returncode == 73 and r.stdout == ""
+    assert r.stderr == (f"balance: cannot write metrics to {tmp_path}/missing/x.prom: "
+                        "No such file or directory\n")
 
 
 def test_monitor_enable_disable_show(balance, backends):
     a = backends("A")
     dead = free_port()
     port = free_port()
-    launch(balance, "-m", "connect:interval=0.2", str(port), a.spec, f"127.0.0.1:{dead}", port=port, rows=2)
+    proc = launch(balance, "-m", "connect:interval=0.2", str(port), a.spec, f"127.0.0.1:{dead}",
+                  port=port, rows=2)
     wait_for(lambda: channels(balance, port)[1].status == SOFT_DISABLED, "the check to soft-disable")
     assert rows_of(ctl(balance, port, "show"))[1][3] == "dis"
-    out = ctl(balance, port, "monitor disable").splitlines()
-    assert out[0] == "monitoring is disabled"
+    assert ctl(balance, port, "monitor disable") == "monitor is now disabled\n"
+    assert ctl(balance, port, "monitor disable") == "monitor is already disabled\n"
+    out = ctl(balance, port, "monitor show").splitlines()
+    assert out[0] == f"monitor process running as pid {proc.pid} and is disabled"
     assert out[1].split() == ["GRP", "#", "S", "ip-address", "port", "suspect", "fails", "passes", "since"]
     assert out[3].split()[:5] == ["0", "1", "dis", "127.0.0.1", str(dead)]
     assert ctl(balance, port, "enable 1") == "channel 1 enabled\n"
     time.sleep(0.6)                                       # three intervals: checks are off
     assert rows_of(ctl(balance, port, "show"))[1][3] == "ENA"
-    assert ctl(balance, port, "monitor show").splitlines()[0] == "monitoring is disabled"
-    assert ctl(balance, port, "monitor enable").splitlines()[0] == "monitoring is enabled"
+    assert ctl(balance, port, "monitor enable") == "monitor is now enabled\n"
+    assert ctl(balance, port, "monitor enable") == "monitor is already enabled\n"
     wait_for(lambda: channels(balance, port)[1].status == SOFT_DISABLED, "checks to resume")
-    assert ctl(balance, port, "monitor").splitlines()[0] == "monitoring is enabled"
-    assert parse_metrics(ctl(balance, port, "metrics"))[("balance_monitoring", (("state", "enabled"),))] == 1
+    assert ctl(balance, port, "monitor show").splitlines()[0] == \
+        f"monitor process running as pid {proc.pid} and is enabled"
+    for bad in ("monitor", "monitor sideways", "monitor show now"):
+        assert ctl(balance, port, bad) == "syntax error\n"
+    m = parse_metrics(ctl(balance, port, "metrics"))
+    assert m[("balance_monitoring", (("bind", "any"), ("port", str(port)), ("state", "enabled")))] == 1
 
 
 def test_monitor_not_configured(two, balance):
     port, proc, a, b = two
-    for cmd in ("monitor", "monitor enable", "monitor show"):
-        assert ctl(balance, port, cmd) == "monitoring is not configured (start the master with -m to use it)\n"
+    for cmd in ("monitor", "monitor enable", "monitor show", "monitor sideways"):
+        assert ctl(balance, port, cmd) == \
+            "no monitor process running\n(start the master with -m to use monitoring)\n"
+
+
+def test_help_has_balance_fm_monitor_line(two, balance):
+    port, proc, a, b = two
+    assert "  monitor [enable|disable|show]  control the monitor process\n" in ctl(balance, port, "help")
 
 
 # -- terminals, pipes, permissions ------------------------------------------------------------
@@ -680,8 +746,7 @@ def shared_state_dir():
 
 
 def test_other_user_may_show_but_not_change(balance, backends, shared_state_dir):
-    if os.geteuid() != 0:
-        pytest.fail("this test must run as root to start a second user's shell")
+    otheruser.require_root()
     balance.state_dir = shared_state_dir
     balance.env["BALANCE_STATE_DIR"] = str(shared_state_dir)
     a, b = backends("A"), backends("B")
@@ -689,12 +754,9 @@ def test_other_user_may_show_but_not_change(balance, backends, shared_state_dir)
     proc = launch(balance, str(port), a.spec, b.spec, port=port, rows=2)
     path = shared_state_dir / f"balance.{port}.any"
     assert path.stat().st_mode & 0o777 == 0o644
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
     def as_nobody(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(nobody + BALANCE + list(args), env=balance.env, cwd=ROOT, text=True,
-                              capture_output=True, timeout=20, input=stdin,
-                              stdin=None if stdin is not None else subprocess.DEVNULL)
+        return otheruser.run(otheruser.balance_argv(*args), balance.env, stdin=stdin)
 
     root_view = ctl(balance, port, "show")
     r = as_nobody("-c", "show", str(port))

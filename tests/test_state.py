@@ -1,27 +1,29 @@
 """The shared state file: layout, locks, take-over and read-only access.
 
-fcntl locks belong to a process, so every "other master" here is a real
-second process (a small Python helper), and read-only access is tried by a
-real non-root user.
+Every "other master" here is a real second process (a small Python helper
+whose command line names balance, as a master's does), and read-only
+access, read locks and planted files come from a real non-root user
+(uid 65534, see ``otheruser.py``).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from gbalance import state as S
-from gbalance.state import SharedState, StateError, MasterRunning
+from gbalance.state import SharedState, StateError, MasterRunning, UnsafeState
 
+import otheruser
 from conftest import ROOT, pid_alive
 
 HOLDER = textwrap.dedent("""
@@ -31,8 +33,8 @@ HOLDER = textwrap.dedent("""
     g = st.add_group()
     st.add_channel(g, "127.0.0.1", 8080, 3)
     if sys.argv[2] == "lock-change":
-        import fcntl
-        fcntl.lockf(st.fd, fcntl.LOCK_EX, 1, 1)
+        held = st.change()
+        held.__enter__()
     print("ready", flush=True)
     if sys.argv[2] == "exit":
         import os
@@ -45,8 +47,13 @@ class Holder:
     """A second process that creates the state file and holds its master lock."""
 
     def __init__(self, path: Path, mode: str = "hold"):
-        self.p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), mode], cwd=ROOT,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        script = path.parent.parent / "balance_holder.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(HOLDER)
+        script.chmod(0o644)
+        self.p = subprocess.Popen([sys.executable, str(script), str(path), mode], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert self.p.stdout.readline() == "ready\n"
 
     def stop(self) -> None:
@@ -69,7 +76,7 @@ def holder(path):
 
 def test_layout_constants():
     assert S.MAXGROUPS == 32 and S.MAXCHANNELS == 64
-    assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + S.MAXGROUPS * S.MAXCHANNELS * S.ADDR_LEN
+    assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + (S.MAXGROUPS * S.MAXCHANNELS + 1) * S.ADDR_LEN   # + request address
     assert S.slot(0, 0, 0) == S.CHANNEL_BASE
     assert S.slot(1, 0, 0) - S.slot(0, 0, 0) == S.MAXCHANNELS * S.C_SLOTS
     assert S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1) == S.NSLOTS - 1
@@ -174,19 +181,55 @@ def test_master_alive_follows_the_lock(path):
         st.close()
 
 
-def test_change_lock_excludes_other_processes(path):
+def test_change_lock_excludes_other_sessions_for_a_bounded_time(path):
     h = Holder(path, "lock-change")
     st = SharedState.attach(str(path))
     try:
-        with pytest.raises(OSError) as info:
-            fcntl.lockf(st.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 1)
-        assert info.value.errno in (errno.EAGAIN, errno.EACCES)
+        start = time.monotonic()
+        with pytest.raises(StateError, match="busy") as info:
+            with st.change(wait=0.3):
+                pass
+        assert info.value.errno == errno.EBUSY
+        assert 0.3 <= time.monotonic() - start < 2
         h.stop()
-        with st.change():                      # free again once the holder is gone
-            st.set_group_type(0, S.HASH)
-        assert st.group_type(0) == S.HASH
+        with st.change(wait=0.3):              # free again once the holder is gone
+            pass
     finally:
         st.close()
+
+
+def test_lock_file_is_owner_only_and_beside_the_state_file(path):
+    st = SharedState.create(str(path))
+    try:
+        lock = path.parent / f".{path.name}.lock"
+        assert S.lock_path(str(path)) == str(lock)
+        assert lock.stat().st_mode & 0o777 == 0o600
+        assert path.stat().st_mode & 0o777 == 0o644
+        assert sorted(p.name for p in path.parent.iterdir()) == [lock.name, path.name]
+    finally:
+        st.close()
+
+
+def test_liveness_needs_pid_start_time_and_a_balance_command_line(path):
+    h = Holder(path)
+    try:
+        st = SharedState.attach(str(path))
+        ticks = st.q[S.H_START_TICKS]
+        assert ticks == S.process_start_ticks(h.p.pid) > 0
+        assert S.master_process_alive(h.p.pid, ticks)
+        assert not S.master_process_alive(h.p.pid, ticks + 1)      # a recycled pid
+        assert not S.master_process_alive(1, S.process_start_ticks(1) or 0)
+        assert not S.master_process_alive(0, 0)
+        sleeper = subprocess.Popen(["sleep", "30"])
+        try:                                                     # alive, but no balance master
+            assert not S.master_process_alive(sleeper.pid, S.process_start_ticks(sleeper.pid))
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        assert st.live_pid() == h.p.pid
+        st.close()
+    finally:
+        h.stop()
 
 
 def test_attach_rejects_what_is_not_a_state_file(tmp_path):
@@ -253,17 +296,14 @@ READER = textwrap.dedent("""
 
 
 def test_other_user_attaches_read_only():
-    if os.geteuid() != 0:
-        pytest.fail("this test must run as root to try a second user")
+    otheruser.require_root()
     d = Path(tempfile.mkdtemp(prefix="gbal-state-"))
     try:
         d.chmod(0o755)
-        path = d / "balance.8080.any"
+        path = d / "run" / "balance.8080.any"
         h = Holder(path)
         try:
-            r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                sys.executable, "-c", READER, str(path)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=20)
+            r = otheruser.run(otheruser.argv("-c", READER, str(path)))
             assert r.stderr == ""
             assert r.stdout.splitlines() == ["writable False", "alive True",
                                              "channels [('127.0.0.1', 8080)]",
@@ -280,3 +320,131 @@ def test_attach_rejects_other_layout(tmp_path):
     st.close()
     with pytest.raises(StateError, match="state layout"):
         SharedState.attach(str(tmp_path / "old"))
+
+
+# -- hostile users and planted files ----------------------------------------------------
+
+@pytest.fixture
+def sticky_dir():
+    """A directory like /tmp: world-writable and sticky, readable by the other user."""
+    d = Path(tempfile.mkdtemp(prefix="gbal-sticky-"))
+    d.chmod(0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_nobody(code: str, *args: str) -> subprocess.CompletedProcess:
+    r = otheruser.run(otheruser.argv("-c", textwrap.dedent(code), *args))
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_symlink_planted_by_another_user_is_refused(sticky_dir):
+    otheruser.require_root()
+    target = sticky_dir / "precious"
+    target.write_text("root's data\n")
+    target.chmod(0o600)
+    path = sticky_dir / "balance.8080.any"
+    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(target), str(path))
+    with pytest.raises(UnsafeState, match="symbolic link"):
+        SharedState.create(str(path))
+    with pytest.raises(UnsafeState, match="symbolic link"):
+        SharedState.attach(str(path))
+    assert target.read_text() == "root's data\n" and target.stat().st_mode & 0o777 == 0o600
+    assert path.is_symlink()
+
+
+def test_symlink_planted_at_the_lock_file_is_refused(sticky_dir):
+    otheruser.require_root()
+    target = sticky_dir / "precious"
+    target.write_text("x")
+    path = sticky_dir / "balance.8080.any"
+    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(target),
+              S.lock_path(str(path)))
+    # O_NOFOLLOW refuses it (or the kernel's protected_symlinks does first)
+    with pytest.raises(UnsafeState, match="refusing lock file .*(symbolic link|Permission denied)"):
+        SharedState.create(str(path))
+    assert target.read_text() == "x" and target.stat().st_mode & 0o777 == 0o644
+    assert not path.exists()
+
+
+def test_file_precreated_by_another_user_is_refused(sticky_dir):
+    otheruser.require_root()
+    path = sticky_dir / "balance.8080.any"
+    # A well-formed table whose address field would reach a shell as root.
+    as_nobody("""
+        import os, sys
+        from gbalance import state as S
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, S.FILE_SIZE)
+        os.pwrite(fd, S.MAGIC, 0)
+        os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
+        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
+    """, str(path))
+    before = path.read_bytes()
+    with pytest.raises(UnsafeState, match="owned by uid 65534"):
+        SharedState.create(str(path))
+    with pytest.raises(UnsafeState, match="owned by uid 65534"):
+        SharedState.attach(str(path))
+    assert path.read_bytes() == before and path.stat().st_uid == otheruser.NOBODY
+
+
+def test_directory_others_may_write_is_refused_unless_sticky(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(UnsafeState, match="writable by other users"):
+        SharedState.create(str(open_dir / "balance.1.any"))
+    assert list(open_dir.iterdir()) == []
+    open_dir.chmod(0o1777)                      # sticky: nobody may replace our files
+    st = SharedState.create(str(open_dir / "balance.1.any"))
+    st.close()
+
+
+def test_directory_of_another_user_is_refused(tmp_path):
+    otheruser.require_root()
+    d = tmp_path / "theirs"
+    d.mkdir()
+    os.chown(d, otheruser.NOBODY, otheruser.NOBODY)
+    with pytest.raises(UnsafeState, match="owned by uid 65534"):
+        SharedState.create(str(d / "balance.1.any"))
+
+
+def test_read_locks_of_another_user_change_nothing_for_a_restart(tmp_path):
+    """The other user read-locks every byte of a dead master's file: a new master starts."""
+    otheruser.require_root()
+    d = Path(tempfile.mkdtemp(prefix="gbal-locks-"))
+    try:
+        d.chmod(0o755)
+        path = d / "run" / "balance.8080.any"
+        h = Holder(path, "exit")
+        h.stop()
+        (d / "run").chmod(0o755)
+        locker = otheruser.popen(otheruser.argv("-c", textwrap.dedent("""
+            import fcntl, os, struct, sys
+            fd = os.open(sys.argv[1], os.O_RDONLY)
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, 0, 0)      # every byte, process lock
+            ofd = os.open(sys.argv[1], os.O_RDONLY)
+            fcntl.fcntl(ofd, 37, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))   # and an OFD lock
+            try:
+                os.open(sys.argv[2], os.O_RDONLY)
+                print("lock file readable", flush=True)
+            except PermissionError:
+                print("locked", flush=True)
+            sys.stdin.read()
+        """), str(path), S.lock_path(str(path))))
+        try:
+            assert locker.stdout.readline() == "locked\n"
+            old = SharedState.attach(str(path))
+            assert not old.master_alive()
+            old.close()
+            st = SharedState.create(str(path))
+            try:
+                assert st.pid == os.getpid() and st.master_alive()
+            finally:
+                st.close()
+        finally:
+            locker.stdin.close()
+            locker.wait(timeout=10)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

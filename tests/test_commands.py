@@ -1,0 +1,159 @@
+"""The shell's commands in process (as test_routing.py does for routing).
+
+A real state file, the master's mailbox polled by a thread, and a
+:class:`~gbalance.commands.Shell` writing into a string: every command's
+exact answer and its effect on the table.  ``test_shell.py`` runs the same
+commands through the CLI against real masters.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from gbalance import state as S
+from gbalance.channels import Channels
+from gbalance.commands import COMMANDS, DENIED, Quit, Shell, lookup
+from gbalance.config import ShellConfig
+
+from test_mailbox import Poller
+
+
+@pytest.fixture
+def st(tmp_path):
+    state = S.SharedState.create(str(tmp_path / "balance.8080.any"))
+    ch = Channels(state)
+    ch.add_group()
+    ch.add_channel(0, "127.0.0.1", 8001)
+    ch.add_channel(0, "127.0.0.1", 8002)
+    yield state
+    state.close()
+
+
+@pytest.fixture
+def sh(st):
+    p = Poller(st)
+    shell = Shell(st, ShellConfig(port=8080), io.StringIO())
+    yield shell
+    p.close()
+
+
+def run(shell: Shell, line: str) -> str:
+    shell.out.seek(0)
+    shell.out.truncate()
+    shell.execute(line)
+    return shell.out.getvalue()
+
+
+@pytest.mark.parametrize("line, answer", [
+    ("frobnicate", "syntax error\nunknown command: frobnicate (type help for a list)\n"),
+    ("disable", "syntax error\n"),
+    ("disable 7", "no such channel 7\n"),
+    ("enable -1", "no such channel -1\n"),
+    ("reset 7", "no such channel 7\n"),
+    ("assign 7 127.0.0.1 80", "unknown channel\n"),
+    ("maxc 7 1", "unknown channel\n"),
+    ("maxc 0 -1", "value out of range\n"),
+    ("group 32", "value out of range\n"),
+    ("group -1", "value out of range\n"),
+    ("group x", "syntax error\n"),
+    ("mrtg-bytes 1 0", "unknown group\n"),
+    ("mrtg-conns 0 2", "unknown channel\n"),
+    ("assign 0 127.0.0.1 80", "channel must be disabled to assign new address\n"),
+    ("create 127.0.0.1 0", "value out of range\n"),
+    ("create no-such-host.invalid 80", "invalid address\n"),
+    ("monitor", "no monitor process running\n(start the master with -m to use monitoring)\n"),
+    ("metrics a b", "syntax error\n"),
+    ("", ""),
+])
+def test_messages(sh, st, line, answer):
+    assert run(sh, line) == answer
+    assert [c.status for c in st.channels()] == [S.ENABLED, S.ENABLED]
+
+
+def test_enable_disable(sh, st):
+    assert run(sh, "disable 1") == "channel 1 disabled\n"
+    assert run(sh, "disable 1") == "channel 1 already disabled\n"
+    assert st.channel(0, 1).status == S.HARD_DISABLED
+    assert run(sh, "enable 1") == "channel 1 enabled\n"
+    assert run(sh, "e 1") == "channel 1 already enabled\n"
+
+
+def test_assign_only_on_hard_disabled(sh, st):
+    st.set_status(0, 0, S.SOFT_DISABLED)
+    assert run(sh, "assign 0 ::1 9") == "channel must be disabled to assign new address\n"
+    run(sh, "disable 0")
+    assert run(sh, "assign 0 [::1] 9") == "channel reassigned\n"
+    assert (st.address(0, 0), st.get(0, 0, S.C_PORT)) == ("::1", 9)
+
+
+def test_create_group_hash_rr(sh, st):
+    assert run(sh, "group 2") == ""
+    assert sh.group == 2
+    assert run(sh, "create 10.0.0.1 80") == "channel created\n"
+    assert st.ngroups == 3 and st.channel(2, 0).status == S.HARD_DISABLED
+    assert run(sh, "hash") == "group 2 set to hash\n" and st.group_type(2) == S.HASH
+    assert run(sh, "rr") == "group 2 set to round robin\n" and st.group_type(2) == S.RR
+    for _ in range(S.MAXCHANNELS - 1):
+        run(sh, "create 10.0.0.1 80")
+    assert run(sh, "create 10.0.0.1 80") == "no channel slots available\n"
+
+
+def test_maxc_reset_mrtg(sh, st):
+    assert run(sh, "maxc 1 5") == "maxc of channel 1 changed to 5\n"
+    for field, value in ((S.C_TOTALC, 3), (S.C_SENT, 10), (S.C_RCVD, 20)):
+        st.put(0, 0, field, value)
+    assert run(sh, "mrtg-bytes 0 0") == "20\n10\nUNKNOWN\ngroup 0 channel 0\n"
+    assert run(sh, "mrtg-conns 0 0") == "3\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
+    assert run(sh, "reset 0") == "channel 0 counters reset\n"
+    assert run(sh, "mrtg-conns 0 0") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
+    assert run(sh, "mrtg-bytes 0 0") == "0\n0\nUNKNOWN\ngroup 0 channel 0\n"
+
+
+def test_monitor_commands(sh, st):
+    st.set_monitor(S.MON_ENABLED)
+    pid = os.getpid()
+    assert run(sh, "monitor show").startswith(f"monitor process running as pid {pid} and is enabled\nGRP")
+    assert run(sh, "monitor disable") == "monitor is now disabled\n"
+    assert run(sh, "monitor disable") == "monitor is already disabled\n"
+    assert run(sh, "monitor show").startswith(f"monitor process running as pid {pid} and is disabled\n")
+    assert run(sh, "monitor enable") == "monitor is now enabled\n"
+    assert run(sh, "monitor enable") == "monitor is already enabled\n"
+    assert run(sh, "monitor") == "syntax error\n"
+    assert run(sh, "monitor up") == "syntax error\n"
+
+
+def test_help_version_and_abbreviations(sh):
+    text = run(sh, "help")
+    assert text.startswith("available commands:\n")
+    assert "  monitor [enable|disable|show]  control the monitor process\n" in text
+    assert run(sh, "?") == text and run(sh, "h") == text
+    assert lookup("ha").name == "hash" and lookup("r").name == "reset" and lookup("zz") is None
+    assert [c.name for c in COMMANDS if c.summary][0] == "help"
+    assert run(sh, "v") == "  This is balance 1.0.0 (gbalance)\n  MAXGROUPS=32\n  MAXCHANNELS=64\n"
+    with pytest.raises(Quit) as info:
+        run(sh, "q")
+    assert info.value.code == 0
+
+
+def test_read_only_session_is_denied_changes(st):
+    fd = os.open(st.path, os.O_RDONLY)
+    ro = S.SharedState(st.path, fd, False)
+    try:
+        shell = Shell(ro, ShellConfig(port=8080), io.StringIO())
+        for line in ("disable 0", "reset 0", "create 127.0.0.1 1", "hash", "maxc 0 1", "kill"):
+            assert run(shell, line) == DENIED + "\n", line
+        assert run(shell, "mrtg-conns 0 1") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"
+    finally:
+        ro.close()
+
+
+def test_metrics_to_a_file(sh, st, tmp_path):
+    target = tmp_path / "m.prom"
+    assert run(sh, f"metrics {target}") == ""
+    assert target.read_text().startswith("# HELP balance_up ")
+    assert sh.status == 0
+    sh.execute(f"metrics {tmp_path}/nowhere/m.prom")
+    assert sh.status == 73
