@@ -551,20 +551,29 @@ def metrics_name(key: str) -> str:
 
 
 def do_metrics(directory: str, out: Out) -> int:
-    """Write ``balance -c metrics`` of every running instance into ``directory``.
+    """Write the metrics of every running instance into ``directory``.
 
     For node_exporter's textfile collector: one file per instance (each
-    file's HELP/TYPE lines stand alone), written to a temporary name and
-    renamed, so the collector never reads half a file.  Files of instances
-    that are gone or not running are removed.
+    file's HELP/TYPE lines stand alone), written by the instance's own
+    ``balance -c "metrics FILE"``, which replaces the file atomically
+    (temporary file and rename), so the collector never reads half a file.
+    Files of instances that are gone or not running are removed.
     """
     cfg = load(out)
+    if not os.path.isdir(directory):
+        out.problem(f"balance: cannot read {directory}: not a directory")
+        return 1
+    if re.search(r"\s", directory):   # "-c" splits the command at blanks
+        out.problem(f"balance: metrics directory {directory!r} has blanks in its name")
+        return 1
     written: set[str] = set()
     failed = 0
     for inst in cfg.instances:
         if not master_pid(inst.key)[0]:
             continue
-        argv = [balance_bin(), *(["-b", inst.bind] if inst.bind else []), "-c", "metrics", str(inst.port)]
+        name = metrics_name(inst.key)
+        argv = [balance_bin(), *(["-b", inst.bind] if inst.bind else []),
+                "-c", f"metrics {os.path.join(directory, name)}", str(inst.port)]
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                   timeout=START_TIMEOUT)
@@ -572,23 +581,11 @@ def do_metrics(directory: str, out: Out) -> int:
             out.problem(f"balance {inst.key}: metrics: {exc}", LOG_WARNING)
             failed += 1
             continue
-        if done.returncode != 0 or not done.stdout.strip():
+        if done.returncode != 0:
             why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
             out.problem(f"balance {inst.key}: metrics: {why}", LOG_WARNING)
             failed += 1
             continue
-        name = metrics_name(inst.key)
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(done.stdout if done.stdout.endswith("\n") else done.stdout + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, os.path.join(directory, name))
-        except OSError as exc:
-            out.problem(f"balance: cannot write {os.path.join(directory, name)}: {exc.strerror}")
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return 1
         written.add(name)
     try:
         stale = [n for n in os.listdir(directory)
