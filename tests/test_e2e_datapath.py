@@ -1,0 +1,335 @@
+"""The data path under hostile or unlucky conditions, through the real ``balance`` CLI.
+
+Urgent bytes on the splice path, resets passed on as resets (also while a
+flow waits for the other side, and when the backend resets before the
+master saw its connect complete), client hang-ups during a pending connect,
+local port exhaustion, and the file-descriptor limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import resource
+import select
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import BALANCE, ROOT, free_port, read_line, wait_listening
+
+from gbalance.state import C_C, C_STATUS, SharedState, slot, state_path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def attach(balance, port: int) -> SharedState:
+    return SharedState.attach(state_path(port, None, str(balance.state_dir)))
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Non-repeating data (a repeated pattern could hide lost or reordered chunks)."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest() * 32
+        i += 1
+    return bytes(out[:size])
+
+
+class Receiver(threading.Thread):
+    """Reads a socket to EOF, taking urgent bytes as they come (like a careful peer).
+
+    Before each read it asks select() for exceptional conditions: an urgent
+    byte is taken with ``MSG_OOB`` before a normal read could step over its
+    mark (which would discard it).
+    """
+
+    def __init__(self, sock: socket.socket, limit: float = 30.0):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.sock.settimeout(None)
+        self.limit = limit
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.urgent = b""
+        self.eof = False
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        try:
+            while time.monotonic() < deadline:
+                r, _, x = select.select([self.sock], [], [self.sock], 0.5)
+                if x:
+                    try:
+                        self.urgent += self.sock.recv(1, socket.MSG_OOB)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EINVAL, errno.EAGAIN):
+                            raise
+                if r:
+                    data = self.sock.recv(1 << 20)
+                    if not data:
+                        self.eof = True
+                        return
+                    self.digest.update(data)
+                    self.count += len(data)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+class RawBackend:
+    """One listening socket; the test takes the accepted connection itself."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.spec = f"127.0.0.1:{self.port}"
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_backend():
+    b = RawBackend()
+    yield b
+    b.close()
+
+
+# -- 1. urgent data on the splice path ------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["client-to-backend", "backend-to-client"])
+def test_urgent_byte_mid_bulk_loses_nothing_and_master_goes_idle(balance, raw_backend, direction):
+    """2 MB (the flow splices), one urgent byte, 1 MB more: every normal byte
+    arrives, the urgent byte is relayed, and the master does not spin."""
+    port = free_port()
+    proc = balance.start(str(port), raw_backend.spec, port=port)
+    first, second = pattern(2 << 20, 1), pattern(1 << 20, 2)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with client, server:
+        sender, receiver = (client, server) if direction == "client-to-backend" else (server, client)
+        rx = Receiver(receiver)
+        sender.sendall(first)
+        wait_for(lambda: rx.count >= len(first) or rx.error or rx.eof, 20, "the first 2 MB")
+        sender.send(b"!", socket.MSG_OOB)
+        sender.sendall(second)
+        total = len(first) + len(second)
+        deadline = time.monotonic() + 20
+        while rx.count < total and not (rx.error or rx.eof) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got_before_close = rx.count
+        # The link is idle now (both sockets open): the master must sleep.
+        before = cpu_seconds(proc.pid)
+        time.sleep(3)
+        idle_cpu = cpu_seconds(proc.pid) - before
+        sender.shutdown(socket.SHUT_WR)
+        rx.join(20)
+        assert rx.error is None, rx.error
+        assert rx.eof, "no end of stream after the half-close"
+        assert got_before_close == total, f"only {got_before_close} of {total} bytes before the half-close"
+        assert rx.count == total
+        assert rx.digest.digest() == hashlib.sha256(first + second).digest()
+        assert rx.urgent == b"!"
+        assert idle_cpu < 0.5, f"idle master used {idle_cpu:.2f} s of CPU in 3 s"
+
+
+# -- 2. resets look like resets -------------------------------------------------------------
+
+def test_backend_reset_reaches_client_as_reset(balance, backends):
+    """A backend that aborts after 100 KB: the client sees the bytes, then ECONNRESET."""
+    dying = backends(mode="rst")
+    port = free_port()
+    balance.start(str(port), dying.spec, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            while True:
+                chunk = s.recv(65536)
+                assert chunk, f"clean EOF after {got} bytes: the reset was hidden"
+                got += len(chunk)
+    assert got <= 100_000
+
+
+def test_client_reset_reaches_backend_as_reset(balance, raw_backend):
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with server:
+        client.sendall(b"request")
+        assert server.recv(100) == b"request"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        client.close()
+        with pytest.raises(ConnectionResetError):
+            data = server.recv(100)
+            assert data, "clean EOF: the client's reset was hidden"
+
+
+def _pending_error(sock: socket.socket, timeout: float) -> int:
+    """Wait (bounded) until ``sock`` has a pending error, without reading its data."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return err
+        time.sleep(0.02)
+    return 0
+
+
+@pytest.mark.parametrize("who_resets", ["client", "backend"])
+def test_reset_passes_while_the_other_side_applies_back_pressure(balance, raw_backend, who_resets):
+    """A flow that waits for a slow reader does not read its source: a reset
+    of that source must still reach the slow side at once (not when it reads)."""
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with client, server:
+        resetter, slow = (client, server) if who_resets == "client" else (server, client)
+        resetter.setblocking(False)
+        sent, block = 0, b"z" * 65536
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:      # fill every buffer on the way
+            try:
+                sent += resetter.send(block)
+            except BlockingIOError:
+                if not select.select([], [resetter], [], 0.5)[1]:
+                    break
+        assert sent > 0
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        resetter.close()
+        assert _pending_error(slow, 5) == errno.ECONNRESET, "the reset did not reach the slow side"
+
+
+def _syn_sent_to(port: int) -> bool:
+    """A connection in SYN-SENT towards 127.0.0.1:port (from /proc/net/tcp)."""
+    want = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(line.split()[2].endswith(want) and line.split()[3] == "02" for line in f)
+
+
+def test_backend_reset_before_master_saw_connect_complete(balance, backends):
+    """The flake of test_backend_dying_mid_transfer_closes_only_that_client.
+
+    A loaded master may look at its connect only after the backend has
+    already sent its bytes and reset: SO_ERROR then says ECONNRESET.  That
+    connect did succeed: the client must get the bytes and the reset, not
+    be failed over to another channel (where it waited for data that never
+    came).  Reproduced exactly: the backend's accept queue is full, so the
+    master's SYN is dropped; the master is stopped (SIGSTOP), the queue
+    freed, the retransmitted SYN completes, the backend sends 100 KB and
+    resets, and only then does the master run again.
+    """
+    steady = backends("S")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    lsock.settimeout(10)
+    bport = lsock.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", bport), timeout=5)   # fills the queue
+    port = free_port()
+    proc = balance.start("-t", "15", str(port), f"127.0.0.1:{bport}", steady.spec, port=port)
+    stopped = False
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=15)
+        wait_for(lambda: _syn_sent_to(bport), 5, "the master's connect")
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = True
+        lsock.accept()[0].close()              # the filler: the queue has room again
+        filler.close()
+        conn, _ = lsock.accept()               # the master's retransmitted SYN (about 1 s)
+        conn.sendall(b"x" * 100_000)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        conn.close()
+        time.sleep(0.2)                        # the reset reaches the master's socket
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped = False
+        got = b""
+        with client, pytest.raises(ConnectionResetError):
+            while True:
+                chunk = client.recv(65536)
+                assert chunk, f"clean EOF after {len(got)} bytes"
+                got += chunk
+        assert got == b"x" * len(got) and len(got) <= 100_000, got[:20]
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        lsock.close()
+    st = attach(balance, port)
+    try:
+        assert st.get(0, 0, C_STATUS) == 0
+    finally:
+        st.close()
+
+
+# -- 6. connects: client hang-up with data, local port exhaustion ----------------------------
+
+def test_client_reset_after_sending_data_cancels_pending_connect(balance, hanging):
+    primary = hanging()
+    port = free_port()
+    balance.start("-t", "10", str(port), primary.spec, port=port)
+    st = attach(balance, port)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        wait_for(lambda: st.get(0, 0, C_C) == 1, 2, "the pending connect")
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        time.sleep(0.2)                       # the master has read the request by now
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        s.close()
+        start = time.monotonic()
+        wait_for(lambda: st.get(0, 0, C_C) == 0, 3, "the connect to be cancelled")
+        assert time.monotonic() - start < 1.0
+    finally:
+        st.close()
+
+
+def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
+    """What the client sends while the connect is pending is held and sent first."""
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    payload = pattern(300_000, 5)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        writer = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
+        writer.start()
+        server = raw_backend.accept()
+        with server:
+            rx = Receiver(server)
+            rx.join(20)
+            writer.join(10)
+            assert rx.eof and rx.count == len(payload)
+            assert rx.digest.digest() == hashlib.sha256(payload).digest()
