@@ -63,9 +63,9 @@ def pattern(size: int, seed: int) -> bytes:
 class Receiver(threading.Thread):
     """Reads a socket to EOF, taking urgent bytes as they come (like a careful peer).
 
-    Before each read it asks select() for exceptional conditions: an urgent
-    byte is taken with ``MSG_OOB`` before a normal read could step over its
-    mark (which would discard it).
+    Before each read it polls for ``POLLPRI``: an urgent byte is taken with
+    ``MSG_OOB`` before a normal read could step over its mark (which would
+    discard it).
     """
 
     def __init__(self, sock: socket.socket, limit: float = 30.0):
@@ -82,9 +82,13 @@ class Receiver(threading.Thread):
 
     def run(self) -> None:
         deadline = time.monotonic() + self.limit
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLPRI)
         try:
             while time.monotonic() < deadline:
-                r, _, x = select.select([self.sock], [], [self.sock], 0.5)
+                events = poller.poll(500)
+                ev = events[0][1] if events else 0
+                x, r = ev & select.POLLPRI, ev & ~select.POLLPRI
                 if x:
                     try:
                         self.urgent += self.sock.recv(1, socket.MSG_OOB)
@@ -333,3 +337,191 @@ def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
             writer.join(10)
             assert rx.eof and rx.count == len(payload)
             assert rx.digest.digest() == hashlib.sha256(payload).digest()
+
+
+def _ports_exhausted_probe() -> str:
+    return str(ROOT / "tests" / "port_exhaustion_probe.py")
+
+
+def test_local_port_exhaustion_does_not_disable_channels(netns, tmp_path):
+    """EADDRNOTAVAIL (no ephemeral port left for a destination) is a local
+    shortage: with -a the channel stays enabled and the client goes to the
+    next group.  Real exhaustion: a private network namespace whose
+    ip_local_port_range holds two ports."""
+    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    r = subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], _ports_exhausted_probe()],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["A", "A", "B", "status=0", "c=2"], r.stdout + r.stderr
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace with loopback up (root and iproute2 needed)."""
+    name = f"gbdp{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+# -- 3. file descriptors -------------------------------------------------------------------
+
+class EchoServer(threading.Thread):
+    """A single-threaded echo server for thousands of idle connections."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.spec = f"127.0.0.1:{self.port}"
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.conns: list[socket.socket] = []
+        self.stopping = False
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopping:
+            for key, _ in self.sel.select(0.2):
+                s = key.fileobj
+                if s is self.sock:
+                    with contextlib.suppress(BlockingIOError):
+                        conn, _ = self.sock.accept()
+                        conn.setblocking(False)
+                        self.conns.append(conn)
+                        self.sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        s.send(data)
+                else:
+                    self.sel.unregister(s)
+                    s.close()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+        self.sel.close()
+
+
+def soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
+def test_2000_idle_connections_from_a_soft_limit_of_1024(balance, tmp_path):
+    """Started with the usual soft limit of 1024 (hard 20000), the master
+    raises it and holds 2,000 idle proxied connections, each one working."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 20000:
+        pytest.fail(f"this test needs a hard fd limit of 20000 (have {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # for our own 4,000 sockets
+    echo = EchoServer()
+    port = free_port()
+    err_path = tmp_path / "err"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 20000))
+
+    held: list[socket.socket] = []
+    with open(err_path, "wb") as err:
+        p = subprocess.Popen(BALANCE + ["-f", "-d", str(port), echo.spec], env=balance.env,
+                             stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit, cwd=ROOT)
+        try:
+            wait_listening(port)
+            assert soft_nofile(p.pid) == 20000
+            for i in range(2000):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(s)
+                msg = b"ping %d\n" % i
+                s.sendall(msg)
+                assert read_line(s) == msg.decode().strip(), f"connection {i} got no echo"
+            # All still open and working, proxied by the same master.
+            for i in (0, 999, 1999):
+                held[i].sendall(b"again\n")
+                assert read_line(held[i]) == "again"
+            assert p.poll() is None
+            assert len(os.listdir(f"/proc/{p.pid}/fd")) >= 4000
+        finally:
+            for s in held:
+                s.close()
+            p.terminate()
+            p.wait(10)
+            echo.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    text = err_path.read_text()
+    assert "file descriptor limit raised from 1024 to 20000" in text, text[:500]
+    assert "Traceback" not in text
+
+
+def _pipes_of(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+    return n
+
+
+def test_spent_pipe_budget_falls_back_to_copying(balance, backends, tmp_path):
+    """Over the per-user pipe budget (pipe-user-pages-soft) the kernel gives
+    an unprivileged process one-page pipes; the master then copies instead
+    of splicing, and every byte still arrives.
+
+    The budget is spent for real: this (privileged) test process holds
+    enough pipes to put the user over the soft limit, and the master runs
+    without CAP_SYS_RESOURCE and CAP_SYS_ADMIN, the capabilities that
+    exempt a process from it.
+    """
+    with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+        budget_pages = int(f.read())
+    if budget_pages == 0:
+        pytest.fail("pipe-user-pages-soft is 0 (no budget): cannot test")
+    be = backends(mode="echo")
+    port = free_port()
+    proc_env = balance.env
+    hoard = []
+    try:
+        for _ in range(budget_pages // 16 + 64):      # 16 pages per default pipe
+            hoard.append(os.pipe())
+        p = subprocess.Popen(["setpriv", "--bounding-set", "-sys_resource,-sys_admin", *BALANCE,
+                              "-f", str(port), be.spec], env=proc_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, cwd=ROOT)
+        try:
+            wait_listening(port)
+            pipes_at_start = _pipes_of(p.pid)         # its stderr, gevent's own
+            payload = pattern(8 << 20, 9)
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                rx = Receiver(s)
+                s.sendall(payload[: 4 << 20])
+                wait_for(lambda: rx.count >= 2 << 20 or rx.error is not None, 20, "bulk data")
+                pipes_mid_transfer = _pipes_of(p.pid)
+                s.sendall(payload[4 << 20:])
+                s.shutdown(socket.SHUT_WR)
+                rx.join(30)
+            assert rx.error is None and rx.eof
+            assert rx.count == len(payload)
+            assert rx.digest.digest() == hashlib.sha256(payload).digest()
+            assert pipes_mid_transfer == pipes_at_start, "spliced through budget-starved pipes"
+        finally:
+            p.terminate()
+            p.wait(10)
+    finally:
+        for r, w in hoard:
+            os.close(r)
+            os.close(w)
