@@ -356,3 +356,45 @@ def test_urgent_byte_is_relayed(rigs):
     assert byte == b"!"
     rig.link.close()
     assert relay.peers == {}
+
+
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_urgent_byte_in_bulk_keeps_the_stream_whole(rigs, splice):
+    """Bulk, one urgent byte, more bulk, half-close: both paths pass the mark,
+    relay the urgent byte once and lose no normal byte."""
+    import select
+    import threading
+
+    relay = UrgentRelay(get_hub().loop)
+    rig = rigs(urgent=relay, splice=splice)
+    first, second = payload(512 << 10, 21), payload(256 << 10, 22)
+    plain = socket.socket(fileno=os.dup(rig.server.fileno()))   # a real thread reads it
+    plain.setblocking(True)
+    got, urgent = bytearray(), bytearray()
+
+    def reader():
+        poller = select.poll()
+        poller.register(plain, select.POLLIN | select.POLLPRI)
+        while True:
+            ev = poller.poll(LIMIT * 1000)[0][1]
+            if ev & select.POLLPRI:
+                with contextlib.suppress(OSError):
+                    urgent.extend(plain.recv(1, socket.MSG_OOB))
+            if ev & ~select.POLLPRI:
+                chunk = plain.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    rig.client.sendall(first)
+    rig.client.send(b"!", socket.MSG_OOB)
+    rig.client.sendall(second)
+    rig.client.shutdown(socket.SHUT_WR)
+    while t.is_alive():
+        gevent.sleep(0.01)
+    plain.close()
+    assert bytes(got) == first + second
+    assert bytes(urgent) == b"!"
+    assert splice == (rig.link.up.pipe_r >= 0)
