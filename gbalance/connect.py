@@ -156,7 +156,7 @@ class Race:
         self.client_io = None
         self.stagger_timer = None
         self.exhausted = False
-        self.early = bytearray()
+        self.early: bytearray | None = None    # made only if the client talks first
 
     # -- event plumbing --------------------------------------------------
 
@@ -255,7 +255,7 @@ class Race:
         winner.stop()
         self.conn.hooks.success(winner.g, winner.c)
         return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
-                         bytes(self.early), reset)
+                         bytes(self.early) if self.early else b"", reset)
 
     def _client_gone(self) -> bool:
         """Read from the client: True if it hung up.
@@ -266,7 +266,7 @@ class Race:
         """
         early = self.early
         try:
-            data = self.client.recv(EARLY_MAX - len(early))
+            data = self.client.recv(EARLY_MAX - len(early) if early else EARLY_MAX)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -276,6 +276,8 @@ class Race:
                 return True
             self.client_io.stop()
             return False
+        if early is None:
+            early = self.early = bytearray()
         early += data
         if len(early) >= EARLY_MAX:
             self.client_io.stop()
