@@ -247,6 +247,14 @@ def _syn_sent_to(port: int) -> bool:
         return any(line.split()[2].endswith(want) and line.split()[3] == "02" for line in f)
 
 
+def _connected_to(port: int) -> bool:
+    """An established connection towards 127.0.0.1:port (from /proc/net/tcp)."""
+    want = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(line.split()[2].endswith(want) and line.split()[3] == "01" for line in f)
+
+
 def test_backend_reset_before_master_saw_connect_complete(balance, backends):
     """The flake of test_backend_dying_mid_transfer_closes_only_that_client.
 
@@ -280,7 +288,7 @@ def test_backend_reset_before_master_saw_connect_complete(balance, backends):
         conn.sendall(b"x" * 100_000)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         conn.close()
-        time.sleep(0.2)                        # the reset reaches the master's socket
+        wait_for(lambda: not _connected_to(bport), 2, "the reset to reach the master's socket")
         os.kill(proc.pid, signal.SIGCONT)
         stopped = False
         got = b""
@@ -303,6 +311,18 @@ def test_backend_reset_before_master_saw_connect_complete(balance, backends):
 
 # -- 6. connects: client hang-up with data, local port exhaustion ----------------------------
 
+def _unread(local_port: int, remote_port: int) -> int | None:
+    """Bytes queued unread on the socket local_port <- remote_port (from /proc/net/tcp)."""
+    want_l, want_r = f":{local_port:04X}", f":{remote_port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1].endswith(want_l) and fields[2].endswith(want_r):
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def test_client_reset_after_sending_data_cancels_pending_connect(balance, hanging):
     primary = hanging()
     port = free_port()
@@ -312,7 +332,8 @@ def test_client_reset_after_sending_data_cancels_pending_connect(balance, hangin
         s = socket.create_connection(("127.0.0.1", port), timeout=2)
         wait_for(lambda: st.get(0, 0, C_C) == 1, 2, "the pending connect")
         s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        time.sleep(0.2)                       # the master has read the request by now
+        me = s.getsockname()[1]
+        wait_for(lambda: _unread(port, me) == 0, 2, "the master to read the request")
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
         s.close()
         start = time.monotonic()
