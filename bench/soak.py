@@ -161,6 +161,7 @@ class ModeBackend:
                     return
                 mode = words[0]
                 if mode == b"echo":
+                    conn.settimeout(None)      # idle connections stay until the client leaves
                     while True:
                         chunk = conn.recv(65536)
                         if not chunk:
