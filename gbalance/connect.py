@@ -4,7 +4,7 @@ For each client the server runs one :class:`Race` in the client's greenlet.
 It asks the router for candidates and connects to them one after another,
 each with the ``-t`` timeout, until one succeeds; refusals and timeouts are
 reported through :class:`Hooks` so the server can count, trace, autodisable
-and log.  Two additions over balance:
+and log.  Additions over balance:
 
 * a client that hangs up while its connect is pending cancels it: what it
   sends meanwhile is read into a small buffer (passed to the link, which
