@@ -345,6 +345,38 @@ def test_client_reset_after_sending_data_cancels_pending_connect(balance, hangin
         st.close()
 
 
+def test_half_close_during_pending_connect_still_gets_the_answer(balance):
+    """Request, then SHUT_WR, while the connect is pending: an end of stream
+    after data may be a client waiting for its reply (a direct connection
+    would serve it), so the connect goes on and the request is delivered.
+    (Only a reset, or an end of stream before any data, cancels.)"""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    lsock.settimeout(10)
+    bport = lsock.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", bport), timeout=5)   # SYNs are dropped now
+    port = free_port()
+    balance.start("-t", "15", str(port), f"127.0.0.1:{bport}", port=port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as c:
+            wait_for(lambda: _syn_sent_to(bport), 5, "the master's connect")
+            c.sendall(b"question\n")
+            c.shutdown(socket.SHUT_WR)
+            me = c.getsockname()[1]
+            wait_for(lambda: _unread(port, me) == 0, 2, "the master to read the request")
+            lsock.accept()[0].close()             # room in the queue: the SYN retransmit completes
+            filler.close()
+            conn, _ = lsock.accept()
+            with conn:
+                assert read_line(conn) == "question"
+                assert conn.recv(10) == b""       # the half-close, passed on
+                conn.sendall(b"answer\n")
+            assert read_line(c) == "answer"
+    finally:
+        lsock.close()
+
+
 def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
     """What the client sends while the connect is pending is held and sent first."""
     port = free_port()
