@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit bench deb rpm apt-repo clean
+.PHONY: all deps venv test unit bench soak deb rpm apt-repo clean
 
 all: venv
 
@@ -30,6 +30,11 @@ unit: venv
 
 bench: deps venv
 	$(VPY) bench/run.py
+
+# Mixed traffic against a real master for SOAK_SECONDS (default 180), then
+# 9,000 idle connections (SOAK_SCALE); see bench/soak.py.
+soak: venv
+	$(VPY) bench/soak.py
 
 deb:
 	sh packaging/build-deb.sh
