@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit bench deb rpm apt-repo sdeb clean
+.PHONY: all deps venv test unit bench soak deb rpm apt-repo clean
 
 all: venv
 
@@ -13,7 +13,7 @@ all: venv
 deps:
 	@sh packaging/deps.sh
 
-$(VPY): setup.py pyproject.toml
+$(VPY): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e . 'pytest>=7'
@@ -31,6 +31,11 @@ unit: venv
 bench: deps venv
 	$(VPY) bench/run.py
 
+# Mixed traffic against a real master for SOAK_SECONDS (default 180), then
+# 9,000 idle connections (SOAK_SCALE); see bench/soak.py.
+soak: venv
+	$(VPY) bench/soak.py
+
 deb:
 	sh packaging/build-deb.sh
 
@@ -39,9 +44,6 @@ rpm:
 
 apt-repo: deb
 	sh packaging/build-apt-repo.sh
-
-sdeb: venv
-	sh packaging/build-sdeb.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache repo rpmbuild bench/results

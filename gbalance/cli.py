@@ -14,6 +14,7 @@ from docopt import DocoptExit, docopt
 from gbalance import __version__
 from gbalance.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, ProxyConfig, ShellConfig
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
+from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monspec import parse_monitor
 from gbalance.proxyproto import parse_version
 from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         from gbalance.master import run_master
         return run_master(cfg)
     except BalanceError as exc:
-        sys.stderr.write(f"balance: {exc.message}\n")
+        write_stderr(LOG_ERR, exc.message)   # with its priority under systemd
         return exc.code
     except KeyboardInterrupt:
         return 130

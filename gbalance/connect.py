@@ -4,9 +4,16 @@ For each client the server runs one :class:`Race` in the client's greenlet.
 It asks the router for candidates and connects to them one after another,
 each with the ``-t`` timeout, until one succeeds; refusals and timeouts are
 reported through :class:`Hooks` so the server can count, trace, autodisable
-and log.  Two additions over balance:
+and log.  Additions over balance:
 
-* a client that hangs up while its connect is pending cancels it;
+* a client that hangs up while its connect is pending cancels it: what it
+  sends meanwhile is read into a small buffer (passed to the link, which
+  sends it first), so the watch goes on after a request too.  A reset
+  always cancels; an end of stream cancels only before any data (after a
+  request it may be a half-close that awaits the reply);
+* a connect that completed and was reset before this process saw it
+  (``ECONNRESET``) is not a failed connect: the link passes on what the
+  backend sent, then the reset, as a direct connection would show;
 * with a *stagger* delay (monitoring only), a connect still pending after
   the delay starts a parallel attempt on the next candidate, the first to
   connect wins and the others are closed (RFC 8305 "happy eyeballs",
@@ -27,7 +34,17 @@ from gevent.hub import Waiter
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
-_LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                   errno.EADDRNOTAVAIL, errno.EADDRINUSE)
+#: connect() errors that say no local port is free for this destination
+#: (ephemeral ports exhausted): no channel is to blame, but another
+#: destination may still have ports.
+_NO_PORT = (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAGAIN)
+#: SO_ERROR after a connect that did complete but was reset since.
+_RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
+#: Client bytes held while a connect is pending; past this the client is
+#: no longer read (nor watched) until the link starts.
+EARLY_MAX = 65536
 
 
 class Connected(NamedTuple):
@@ -43,6 +60,10 @@ class Connected(NamedTuple):
     channel: int
     client_watcher: object
     server_watcher: object
+    #: What the client sent while the connect was pending (send it first).
+    early: bytes = b""
+    #: The backend reset the connection before the link began.
+    reset: bool = False
 
 
 class Hooks:
@@ -135,6 +156,7 @@ class Race:
         self.client_io = None
         self.stagger_timer = None
         self.exhausted = False
+        self.early: bytearray | None = None    # made only if the client talks first
 
     # -- event plumbing --------------------------------------------------
 
@@ -183,7 +205,12 @@ class Race:
             att = Attempt(g, c, sock)
             if rc == 0:
                 return att
-            if rc not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+            if rc in _NO_PORT:
+                # Out of local ports for this destination: not the channel's fault.
+                sock.close()
+                hooks.cancel(g, c)
+                continue
+            if rc not in (errno.EINPROGRESS, errno.EALREADY):
                 sock.close()
                 hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
                 continue
@@ -211,7 +238,7 @@ class Race:
         self.pending.remove(att)
         self.conn.hooks.failure(att.g, att.c, reason)
 
-    def _finish(self, winner: Attempt | None):
+    def _finish(self, winner: Attempt | None, reset: bool = False):
         """Stop every watcher, close the losers, return the winner's result."""
         for att in self.pending:
             att.stop()
@@ -227,17 +254,34 @@ class Race:
             return None
         winner.stop()
         self.conn.hooks.success(winner.g, winner.c)
-        return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io)
+        return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
+                         bytes(self.early) if self.early else b"", reset)
 
     def _client_gone(self) -> bool:
-        """Peek at the client: True if it hung up, False if it sent data."""
+        """Read from the client: True if it hung up.
+
+        Data is kept for the link and the watch goes on, so a reset that
+        follows a request is still seen.  The watch stops once the buffer
+        is full, or at an end of stream after data (a half-close).
+        """
+        early = self.early
         try:
-            data = self.client.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
+            data = self.client.recv(EARLY_MAX - len(early) if early else EARLY_MAX)
+        except (BlockingIOError, InterruptedError):
             return False
         except OSError:
             return True
-        return not data
+        if not data:
+            if not early:
+                return True
+            self.client_io.stop()
+            return False
+        if early is None:
+            early = self.early = bytearray()
+        early += data
+        if len(early) >= EARLY_MAX:
+            self.client_io.stop()
+        return False
 
     # -- the race ------------------------------------------------------------
 
@@ -270,6 +314,9 @@ class Race:
                 err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err == 0:
                     return self._finish(att)
+                if err in _RESET_AFTER_CONNECT:
+                    # Connected, then reset before we looked (reading SO_ERROR cleared it).
+                    return self._finish(att, reset=True)
                 self._fail(att, "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err)))
             elif kind == "timeout":
                 if att not in self.pending:
@@ -283,7 +330,6 @@ class Race:
             elif kind == "client":
                 if self._client_gone():
                     return self._finish(None)
-                self.client_io.stop()
                 continue
             won = self._launch()
             if won is not None:

@@ -18,16 +18,29 @@ The packet dump (``-p``) always uses the copy path.
 
 Half-close is propagated: EOF in one direction shuts down the write side of
 the other socket and the opposite direction keeps flowing until it ends too.
-An error on either socket closes both.  Byte counters are slots of the
-shared table, updated with a plain indexed add.
+An error on either socket (a reset, a timeout) is passed on as an error:
+what the link still holds for the surviving side is sent if the socket
+takes it at once, then that side is closed with a reset (``SO_LINGER``
+zero), as a direct connection would show it.  Byte counters are slots of
+the shared table, updated with a plain indexed add.
+
+Urgent data: Linux keeps the urgent byte out of the stream (no
+``SO_OOBINLINE``) and stops every read at the urgent mark.  ``recv``
+steps over the mark on the next call, but ``splice`` never does: it
+returns EAGAIN there (or 0 once the peer half-closed), with the rest of the
+stream still queued.  So a splicing flow that gets nothing from a readable
+socket takes the urgent byte if it is still there and reads once with
+``recv``, which moves past the mark; splicing then goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
 import socket
+import struct
 import sys
 from typing import Callable
 
@@ -39,8 +52,14 @@ SCRATCH_MV = memoryview(SCRATCH)
 
 HAVE_SPLICE = hasattr(os, "splice") and sys.platform.startswith("linux")
 SPLICE_FLAGS = (getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)) if HAVE_SPLICE else 0
-PIPE_SIZE = 1 << 20
+#: Splice pipe size: what one stalled direction can pin in the kernel.  A
+#: pipe starts with this (the Linux default); one the kernel made smaller
+#: (the user's pipe budget, pipe-user-pages-soft, is spent) is not used.
+PIPE_SIZE = 1 << 16
 SPLICE_CHUNK = PIPE_SIZE
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+#: SO_LINGER {on, 0}: close() sends a reset.
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def read_watcher(loop, fd: int, reuse=None):
@@ -64,7 +83,7 @@ class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
     __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "arrow", "done")
+                 "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset")
 
     def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str,
                  rw=None):
@@ -81,6 +100,7 @@ class Flow:
         self.fill = 0
         self.arrow = arrow
         self.done = False
+        self.src_reset = False
 
     # -- copy path ---------------------------------------------------------
 
@@ -109,7 +129,7 @@ class Flow:
         if m < n:
             self.pending = bytes(SCRATCH_MV[m:n])
             self._wait_writable(self.on_write)
-        elif n == CHUNK and self.link.splice:
+        elif n == CHUNK and self.link.splice and self.pipe_r < 0:
             self._start_splice()
 
     def on_write(self) -> None:
@@ -125,7 +145,7 @@ class Flow:
             return
         self.pending = None
         self.ww.stop()
-        self.rw.start(self.on_read)
+        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self.on_read)
 
     def _wait_writable(self, callback: Callable[[], None]) -> None:
         self.rw.stop()
@@ -139,11 +159,19 @@ class Flow:
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return  # out of fds: stay on the copy path
+            self.link.splice = False   # out of fds: this link stays on the copy path
+            return
         try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            small = fcntl.fcntl(w, F_GETPIPE_SZ) < PIPE_SIZE
         except OSError:
-            pass
+            small = True
+        if small:
+            # Over the per-user pipe budget the kernel hands out one-page
+            # pipes: copying is faster than splicing through those.
+            os.close(r)
+            os.close(w)
+            self.link.splice = False
+            return
         self.pipe_r, self.pipe_w = r, w
         self.rw.stop()
         self.rw.start(self.on_read_splice)
@@ -152,12 +180,17 @@ class Flow:
         try:
             n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=SPLICE_FLAGS)
         except BlockingIOError:
-            return
+            n = 0
         except OSError:
             self.link.abort()
             return
         if not n:
-            self.eof()
+            # Nothing from a readable socket: the end, a spurious wake-up,
+            # or the urgent mark, which splice cannot pass.  The pipe is
+            # empty here, so the urgent byte and one recv keep the order.
+            if self.link.urgent is not None:
+                self.take_urgent()
+            self.on_read()
             return
         self.q[self.idx] += n
         self.link.active = True
@@ -181,6 +214,26 @@ class Flow:
             self.ww.stop()
             self.rw.start(self.on_read_splice)
 
+    def take_urgent(self) -> None:
+        """Relay the urgent byte of ``src`` if one is waiting (as UrgentRelay does)."""
+        try:
+            byte = self.src.recv(1, socket.MSG_OOB)
+            if byte:
+                self.dst.send(byte, socket.MSG_OOB)
+        except OSError:
+            pass  # none, already taken, or not yet arrived; errors show on the next read
+
+    def flush(self) -> None:
+        """Pass on what this flow holds if ``dst`` takes it at once (before a reset)."""
+        try:
+            if self.pending is not None:
+                self.dst.send(self.pending)
+                self.pending = None
+            if self.fill:
+                self.fill -= os.splice(self.pipe_r, self.dst.fileno(), self.fill, flags=SPLICE_FLAGS)
+        except OSError:
+            pass
+
     # -- ends ----------------------------------------------------------------
 
     def eof(self) -> None:
@@ -188,6 +241,11 @@ class Flow:
         self.rw.stop()
         self.done = True
         link = self.link
+        if self.src_reset:
+            # The source was reset before the link began (the connect
+            # reported it and so cleared the error): its end is an abort.
+            link.abort()
+            return
         if link.dump is not None and self.arrow == "->":
             link.dump("-> 0\n\n")
         if link.up.done and link.down.done:
@@ -213,14 +271,18 @@ class Link:
     """One proxied connection: two flows and the bookkeeping around them."""
 
     __slots__ = ("loop", "client", "server", "q", "up", "down", "c_idx", "closed",
-                 "active", "dump", "splice", "on_close", "urgent")
+                 "active", "dump", "splice", "on_close", "urgent", "early")
 
     def __init__(self, loop, client: socket.socket, server: socket.socket, q: memoryview,
                  sent_idx: int, rcvd_idx: int, c_idx: int,
                  on_close: Callable[["Link"], None] | None = None,
                  dump: Callable[[str], None] | None = None,
                  urgent: "UrgentRelay | None" = None,
-                 client_watcher=None, server_watcher=None):
+                 client_watcher=None, server_watcher=None,
+                 early: bytes = b"", server_reset: bool = False):
+        """``early``: client bytes read while the connect was pending, sent
+        first; ``server_reset``: the backend reset the connection before the
+        link began (its queued bytes are still passed on, then the reset)."""
         self.loop = loop
         self.client = client
         self.server = server
@@ -232,19 +294,60 @@ class Link:
         self.splice = HAVE_SPLICE and dump is None
         self.on_close = on_close
         self.urgent = urgent
+        self.early = early
         self.up = Flow(self, client, server, sent_idx, "->", client_watcher)
         self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
+        self.down.src_reset = server_reset
 
     def start(self) -> None:
-        self.up.rw.start(self.up.on_read)
+        up = self.up
+        if self.early:
+            early, self.early = self.early, b""
+            self.q[up.idx] += len(early)
+            self.active = True
+            if self.dump is not None:
+                self.dump(render_dump(up.arrow, early))
+            up.pending = early
+            up._wait_writable(up.on_write)
+        else:
+            up.rw.start(up.on_read)
         self.down.rw.start(self.down.on_read)
         if self.urgent is not None:
-            self.urgent.add(self.client, self.server)
-            self.urgent.add(self.server, self.client)
+            self.urgent.add(self.client, self.server, self)
+            self.urgent.add(self.server, self.client, self)
 
     def abort(self) -> None:
-        """An error on either side: close both at once."""
+        """An error on either side: reset both, after passing on what can go at once.
+
+        The failed socket is closed either way; the other one learns of the
+        failure as a reset, not as a clean end it could take for a whole
+        reply.  Bytes the failed side sent before failing were read (and
+        forwarded) before the error showed; what the link still holds is
+        sent if the survivor takes it without waiting.
+        """
+        if self.closed:
+            return
+        self.up.flush()
+        self.down.flush()
+        for sock in (self.client, self.server):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            except OSError:
+                pass
         self.close()
+
+    def socket_failed(self, sock: socket.socket) -> None:
+        """The relay saw an error or hang-up on ``sock``.
+
+        The flow reading ``sock`` finds it itself if it is reading; one
+        that waits for its destination (or has ended) would not look at
+        ``sock`` again, so the link is aborted now.
+        """
+        if self.closed:
+            return
+        flow = self.up if sock is self.client else self.down
+        if not flow.rw.active:
+            self.abort()
 
     def close(self) -> None:
         if self.closed:
@@ -263,22 +366,28 @@ class Link:
 
 
 class UrgentRelay:
-    """Forward TCP urgent (out-of-band) bytes as balance 3.56 does.
+    """Forward TCP urgent (out-of-band) bytes as balance 3.56 does, and
+    report errors on sockets nobody is reading.
 
     libev cannot watch for exceptional conditions, so one epoll set (Linux)
     watches every proxied socket for ``EPOLLPRI``; its own fd is watched by
-    the hub.  Each urgent byte is read with ``MSG_OOB`` and sent on with
-    ``MSG_OOB``.  Elsewhere urgent data is simply not relayed.
+    the hub, at the highest priority so an urgent byte is taken before a
+    flow's read can step over its mark (which would discard it).  Each
+    urgent byte is read with ``MSG_OOB`` and sent on with ``MSG_OOB``.
+    epoll also reports ``EPOLLERR``/``EPOLLHUP`` unasked: those go to the
+    link (see :meth:`Link.socket_failed`), so a reset on a socket whose
+    flow waits for the other side is not missed.  Elsewhere urgent data is
+    simply not relayed.
     """
 
     def __init__(self, loop):
         self.ep = select.epoll() if hasattr(select, "epoll") else None
-        self.peers: dict[int, tuple[socket.socket, socket.socket]] = {}
+        self.peers: dict[int, tuple] = {}
         if self.ep is not None:
-            self.watcher = loop.io(self.ep.fileno(), 1)
+            self.watcher = loop.io(self.ep.fileno(), 1, priority=2)
             self.watcher.start(self._on_event)
 
-    def add(self, src: socket.socket, dst: socket.socket) -> None:
+    def add(self, src: socket.socket, dst: socket.socket, link: "Link | None" = None) -> None:
         if self.ep is None:
             return
         fd = src.fileno()
@@ -286,7 +395,7 @@ class UrgentRelay:
             self.ep.register(fd, select.EPOLLPRI)
         except OSError:
             return
-        self.peers[fd] = (src, dst)
+        self.peers[fd] = (src, dst, link)
 
     def remove(self, src: socket.socket) -> None:
         """Forget a socket about to be closed.
@@ -296,20 +405,33 @@ class UrgentRelay:
         """
         self.peers.pop(src.fileno(), None)
 
+    def _forget(self, fd: int) -> None:
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        self.peers.pop(fd, None)
+
     def _on_event(self) -> None:
-        for fd, _ev in self.ep.poll(0):
-            pair = self.peers.get(fd)
-            if pair is None:
+        for fd, ev in self.ep.poll(0):
+            entry = self.peers.get(fd)
+            if entry is None:
                 continue
-            src, dst = pair
-            try:
-                byte = src.recv(1, socket.MSG_OOB)
-                if byte:
-                    dst.send(byte, socket.MSG_OOB)
-            except OSError:
-                # Nothing urgent after all, or a dead peer: the flows see it.
+            src, dst, link = entry
+            if ev & select.EPOLLPRI:
                 try:
-                    self.ep.unregister(fd)
-                except OSError:
+                    byte = src.recv(1, socket.MSG_OOB)
+                    if byte:
+                        dst.send(byte, socket.MSG_OOB)
+                except (BlockingIOError, InterruptedError):
                     pass
-                self.peers.pop(fd, None)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:   # EINVAL: a flow took it first
+                        ev |= select.EPOLLERR
+            if ev & (select.EPOLLERR | select.EPOLLHUP):
+                # Level-triggered: stop watching, or this would fire forever.
+                # A hang-up alone is a socket shut both ways, a clean end
+                # the flows see; only an error is reported to the link.
+                self._forget(fd)
+                if link is not None and ev & select.EPOLLERR:
+                    link.socket_failed(src)

@@ -29,6 +29,7 @@ from gbalance import handover, notify
 from gbalance.config import ProxyConfig
 from gbalance.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
+from gbalance.limits import raise_and_report
 from gbalance.log import Log
 from gbalance.state import MON_ENABLED, MON_NONE, MasterRunning, SharedState, StateError, state_path
 
@@ -433,6 +434,7 @@ def run_master(cfg: ProxyConfig) -> int:
     notify.notify_address()       # read (and unset) $NOTIFY_SOCKET before any child runs
     report = None if cfg.foreground else detach()
     log = Log(foreground=cfg.foreground)
+    raise_and_report(log, quiet=cfg.foreground and not cfg.debug)
     master = None
     try:
         master = Master(cfg, log)

@@ -54,6 +54,9 @@ SHELL_CHARS = re.compile(r"[|&;<>()$`\\\"'*?\[#~\n]")
 #: How many lines (and characters per line) of a command's output are logged.
 OUTPUT_LINES = 20
 OUTPUT_WIDTH = 200
+#: At most this much of a check's output is kept (the rest is read and dropped).
+OUTPUT_BYTES = 64 * 1024
+READ_CHUNK = 65536
 #: Time allowed to reap a command after it was killed.
 REAP_GRACE = 2.0
 
@@ -269,19 +272,25 @@ class Monitor:
             return f"cannot run {argv[0]}: {exc.strerror or exc}"
         killed = False
         try:
-            try:
-                out, _ = proc.communicate(timeout=remaining)
-            except gevent.subprocess.TimeoutExpired:
+            out, finished = read_bounded(proc, remaining)
+            if finished:
+                try:
+                    proc.wait(timeout=REAP_GRACE)
+                except gevent.subprocess.TimeoutExpired:
+                    finished = False   # closed its output but still runs
+            if not finished:
                 killed = True
                 _kill_group(proc)
                 try:
-                    out, _ = proc.communicate(timeout=REAP_GRACE)
+                    proc.wait(timeout=REAP_GRACE)
                 except gevent.subprocess.TimeoutExpired:
-                    out = b""
+                    pass
         finally:
             if proc.returncode is None:
                 _kill_group(proc)
                 gevent.spawn(_reap, proc)
+            elif proc.stdout is not None:
+                proc.stdout.close()
         self._log_output(target, out)
         if killed:
             return f"command {line!r} still running at the end of the interval (killed)"
@@ -346,6 +355,40 @@ class Monitor:
     def _clear_suspects(self) -> None:
         """Monitoring was switched off: nothing would clear suspect marks, so drop them now."""
         self.channels.clear_suspects()
+
+
+def read_bounded(proc: gevent.subprocess.Popen, timeout: float,
+                 limit: int = OUTPUT_BYTES) -> tuple[bytes, bool]:
+    """Read a check's output until it closes it or ``timeout`` passes.
+
+    At most ``limit`` bytes are kept; the rest is read and dropped, so a
+    command that floods its output neither fills the master's memory nor
+    blocks on a full pipe.  Returns the kept bytes and whether the output
+    ended (EOF) in time.
+    """
+    kept = bytearray()
+    stream = proc.stdout
+    fd = stream.fileno()
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(kept), False
+        try:
+            gevent.socket.wait_read(fd, timeout=left)
+        except gevent.socket.timeout:
+            return bytes(kept), False
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            return bytes(kept), True
+        if not chunk:
+            return bytes(kept), True
+        room = limit - len(kept)
+        if room > 0:
+            kept += chunk[:room]
 
 
 def _kill_group(proc: gevent.subprocess.Popen) -> None:

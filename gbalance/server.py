@@ -358,7 +358,8 @@ class BalanceServer(StreamServer):
         base = slot(result.group, result.channel, 0)
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
-                    client_watcher=result.client_watcher, server_watcher=result.server_watcher)
+                    client_watcher=result.client_watcher, server_watcher=result.server_watcher,
+                    early=result.early, server_reset=result.reset)
         self.links[link] = 0.0
         link.start()
         if self.proxy is not None and rest:   # rare: the rest goes before any client data

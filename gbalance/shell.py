@@ -25,6 +25,7 @@ import sys
 from typing import TextIO
 
 from gbalance.commands import COMMANDS, Quit, Shell
+from gbalance.completion import install_completion
 from gbalance.config import ShellConfig
 from gbalance.control import open_master
 from gbalance.errors import EX_OK
@@ -107,6 +108,8 @@ def interactive(shell: Shell) -> int:
     out = shell.out
     out.write(banner(shell.state))
     reader = LineReader(out)
+    if reader.tty:
+        install_completion(shell)   # Tab completion (gbalance/completion.py)
     try:
         while True:
             try:

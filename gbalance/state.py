@@ -35,6 +35,8 @@ monitor switch, generation
                             :mod:`gbalance.forward` on close)
 ``C_SENT``, ``C_RCVD``      the master (:mod:`gbalance.forward`)        per chunk
 ``G_RR_NEXT``               the master (:mod:`gbalance.routing`)        per connection
+``C_STAGGER_US``,           the master (:mod:`gbalance.connect`, from   per connect (with -m)
+``C_STAGGERED``             :mod:`gbalance.stagger`'s estimates)
 ==========================  ==========================================  =====================
 
 A shell never writes the table itself: it posts a request in the mailbox
@@ -123,6 +125,8 @@ C_SUSPECT = 7   # a connect has been pending too long (monitoring)
 C_FAILS = 8     # consecutive failed checks (monitoring)
 C_PASSES = 9    # consecutive passed checks (monitoring)
 C_CHANGED = 10  # unix time of the last state change
+C_STAGGER_US = 11  # adaptive stagger delay now, in microseconds (monitoring; gauge)
+C_STAGGERED = 12   # parallel connects started because this channel's connect hung (counter)
 C_SLOTS = 16
 
 GROUP_BASE = H_SLOTS

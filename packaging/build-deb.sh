@@ -34,7 +34,9 @@ mkdir "$SRC"
 tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results -cf - . | tar -C "$SRC" -xf -
-(cd "$SRC" && dpkg-buildpackage -us -uc -b) > "$WORK/build.log" 2>&1 || {
+# Debian's own interpreter and tools only: pybuild runs "python3.11" from
+# PATH, which must not be a developer's pyenv or venv interpreter.
+(cd "$SRC" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b) > "$WORK/build.log" 2>&1 || {
     tail -40 "$WORK/build.log" >&2
     echo "build-deb: dpkg-buildpackage failed (log above)" >&2
     exit 1

@@ -10,8 +10,10 @@ with it the link's watcher callbacks.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import resource
 import socket
 
 import gevent
@@ -19,7 +21,7 @@ import gevent.socket as gsocket
 import pytest
 from gevent import get_hub
 
-from gbalance.forward import CHUNK, HAVE_SPLICE, Link, UrgentRelay
+from gbalance.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
 LIMIT = 20  # seconds any single test may spend waiting
@@ -256,7 +258,9 @@ def test_back_pressure_stops_reading_and_holds_little(rigs, splice):
     flow = rig.link.up
     assert not flow.rw.active                   # not reading the client any more
     if flow.pipe_r >= 0:
-        assert flow.fill > 0
+        assert 0 < flow.fill <= PIPE_SIZE
+        # A stalled reader pins at most one small pipe in the kernel, not a megabyte.
+        assert fcntl.fcntl(flow.pipe_w, F_GETPIPE_SZ) <= 256 << 10
         assert flow.ww is not None and flow.ww.active
     else:
         assert flow.pending is not None and len(flow.pending) <= CHUNK
@@ -268,6 +272,29 @@ def test_back_pressure_stops_reading_and_holds_little(rigs, splice):
     sender.get()
     assert rig.q[SENT] == len(data)
     assert flow.rw.active and not flow.ww.active  # reading again once drained
+
+
+def test_no_pipe_left_falls_back_to_copying(rigs):
+    """pipe2 failing (out of descriptors) keeps the link on the copy path: no error, no retry per chunk."""
+    rig = rigs()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    fillers = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 8, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:                           # use every descriptor number left
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        data = payload(4 << 20, 11)
+        sender = gevent.spawn(rig.client.sendall, data)
+        assert recv_exactly(rig.server, len(data)) == data
+        sender.get()
+        assert rig.link.up.pipe_r < 0 and not rig.link.splice
+        assert not rig.link.closed
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -329,3 +356,45 @@ def test_urgent_byte_is_relayed(rigs):
     assert byte == b"!"
     rig.link.close()
     assert relay.peers == {}
+
+
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_urgent_byte_in_bulk_keeps_the_stream_whole(rigs, splice):
+    """Bulk, one urgent byte, more bulk, half-close: both paths pass the mark,
+    relay the urgent byte once and lose no normal byte."""
+    import select
+    import threading
+
+    relay = UrgentRelay(get_hub().loop)
+    rig = rigs(urgent=relay, splice=splice)
+    first, second = payload(512 << 10, 21), payload(256 << 10, 22)
+    plain = socket.socket(fileno=os.dup(rig.server.fileno()))   # a real thread reads it
+    plain.setblocking(True)
+    got, urgent = bytearray(), bytearray()
+
+    def reader():
+        poller = select.poll()
+        poller.register(plain, select.POLLIN | select.POLLPRI)
+        while True:
+            ev = poller.poll(LIMIT * 1000)[0][1]
+            if ev & select.POLLPRI:
+                with contextlib.suppress(OSError):
+                    urgent.extend(plain.recv(1, socket.MSG_OOB))
+            if ev & ~select.POLLPRI:
+                chunk = plain.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    rig.client.sendall(first)
+    rig.client.send(b"!", socket.MSG_OOB)
+    rig.client.sendall(second)
+    rig.client.shutdown(socket.SHUT_WR)
+    while t.is_alive():
+        gevent.sleep(0.01)
+    plain.close()
+    assert bytes(got) == first + second
+    assert bytes(urgent) == b"!"
+    assert splice == (rig.link.up.pipe_r >= 0)

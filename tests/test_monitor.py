@@ -5,6 +5,7 @@ from __future__ import annotations
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import Backend, free_port, pid_alive, read_tag
@@ -307,8 +308,10 @@ def test_shell_command_and_builtin(balance, backends, table, tmp_path):
                   str(port), a.spec, b.spec, port=port)
     t = table(port)
     # The two channels are checked in parallel: wait for both results.
-    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED and marker.exists(), INTERVAL + SLACK)
-    assert t.status(0, 0) == ENABLED and marker.read_text() == "ok\n"
+    # The shell creates the file before echo writes to it: wait for the text.
+    wait_for(lambda: t.status(0, 1) == SOFT_DISABLED and marker.exists()
+             and marker.read_text() == "ok\n", INTERVAL + SLACK)
+    assert t.status(0, 0) == ENABLED
 
 
 def test_hung_command_killed_at_interval_and_next_interval_skipped(balance, backends, table, tmp_path):
@@ -366,3 +369,25 @@ def test_shell_sees_monitoring_and_controls_it(balance, backends):
         assert shown_states(balance, port) == {(0, 0): "DIS", (0, 1): "ENA"}
     finally:
         a2.close()
+
+
+def test_flooding_check_output_is_bounded(balance, backends, table, tmp_path):
+    """A check that writes without end is read with a bound: the master's memory
+    stays flat, the check still counts (killed at the interval's end), only
+    the first lines reach the log."""
+    a = backends("A")
+    port = free_port()
+    flood = tmp_path / "flood"
+    flood.write_text("#!/bin/sh\nexec yes 0123456789abcdef0123456789abcdef\n")
+    flood.chmod(0o755)
+    proc = balance.start("-m", f"command={flood}:interval={INTERVAL}", str(port), a.spec, port=port)
+    t = table(port)
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, 2 * INTERVAL + SLACK)
+    rss_kb = int(next(line.split()[1] for line in
+                      Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")))
+    _, err = proc.stop()
+    assert rss_kb < 200_000, rss_kb
+    assert "still running at the end of the interval" in err
+    assert err.count("check output: 0123456789abcdef") <= 20
+    assert "Traceback" not in err

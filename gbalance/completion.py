@@ -1,0 +1,126 @@
+"""Tab completion for ``balance -i`` on a terminal.
+
+Completes command names, then each argument from the command's synopsis
+(as the shell's command table writes it): ``<channel>`` with the channel
+numbers of the current group (or, after a ``<group>`` argument, of that
+group), ``<group>`` with the group numbers, ``[a|b|c]`` with its words.
+The numbers are read from the state file at each Tab, so channels created
+by another session complete too.  :class:`Completer` knows nothing about
+readline; :func:`install_completion` connects it to a shell session.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A command as completion sees it: its name and argument kinds."""
+
+    name: str
+    args: tuple[str, ...]   # "channel", "group", "words:a|b|c" or "other"
+
+
+def arg_kinds(synopsis: str) -> tuple[str, ...]:
+    """``"<group> <channel>"`` -> ``("group", "channel")``; ``"[a|b]"`` -> ``("words:a|b",)``."""
+    kinds = []
+    for token in synopsis.split():
+        bare = token.strip("<>[]")
+        if bare in ("channel", "group"):
+            kinds.append(bare)
+        elif "|" in bare:
+            kinds.append("words:" + bare)
+        else:
+            kinds.append("other")
+    return tuple(kinds)
+
+
+class Completer:
+    """Candidates for the word under the cursor; ``complete`` is readline's protocol."""
+
+    def __init__(self, specs: Iterable[Spec], groups: Callable[[], int], channels: Callable[[int], int],
+                 current_group: Callable[[], int]):
+        self.specs = [s for s in specs if re.fullmatch(r"[a-z][a-z-]*", s.name)]
+        self.groups = groups
+        self.channels = channels
+        self.current_group = current_group
+        self._matches: list[str] = []
+
+    def _spec(self, word: str) -> Spec | None:
+        """The command ``word`` names: exactly, else the first it abbreviates (as the shell does)."""
+        word = word.lower()
+        for spec in self.specs:
+            if spec.name == word:
+                return spec
+        return next((s for s in self.specs if s.name.startswith(word)), None)
+
+    def candidates(self, before: str, text: str) -> list[str]:
+        """Completions of ``text``, the word being typed after ``before`` (the line up to it)."""
+        words = before.split()
+        if not words:
+            return [s.name + " " for s in self.specs if s.name.startswith(text.lower())]
+        spec = self._spec(words[0])
+        position = len(words) - 1
+        if spec is None or position >= len(spec.args):
+            return []
+        kind = spec.args[position]
+        try:
+            if kind == "group":
+                options = [str(g) for g in range(max(0, self.groups()))]
+            elif kind == "channel":
+                group = self.current_group()
+                if position > 0 and spec.args[position - 1] == "group":
+                    try:
+                        group = int(words[position])
+                    except ValueError:
+                        return []
+                options = [str(c) for c in range(max(0, self.channels(group)))]
+            elif kind.startswith("words:"):
+                options = kind[len("words:"):].split("|")
+            else:
+                return []
+        except (OSError, ValueError, IndexError):
+            return []   # the state file went away or changed under us: no candidates
+        last = position == len(spec.args) - 1
+        return [o + ("" if last else " ") for o in options if o.startswith(text)]
+
+    def complete(self, text: str, state: int) -> str | None:
+        """readline's completer: the ``state``-th candidate, None when there are no more."""
+        if state == 0:
+            import readline
+            line = readline.get_line_buffer()
+            self._matches = self.candidates(line[:readline.get_begidx()], text)
+        return self._matches[state] if state < len(self._matches) else None
+
+
+def specs_from(commands: Sequence) -> list[Spec]:
+    """Specs from the shell's command table (objects with ``name`` and ``synopsis``)."""
+    return [Spec(c.name, arg_kinds(c.synopsis)) for c in commands]
+
+
+def install_completion(shell) -> None:
+    """Bind Tab to completion for an interactive ``shell`` session (readline only)."""
+    try:
+        import readline
+    except ImportError:
+        return
+    from gbalance.shell import COMMANDS
+
+    state = shell.state
+
+    def groups() -> int:
+        return state.ngroups
+
+    def channels(group: int) -> int:
+        return state.nchannels(group) if 0 <= group < state.ngroups else 0
+
+    completer = Completer(specs_from(COMMANDS), groups, channels, lambda: shell.group)
+    readline.set_completer(completer.complete)
+    readline.set_completer_delims(" \t")
+    if "libedit" in (readline.__doc__ or ""):
+        readline.parse_and_bind("bind ^I rl_complete")
+    else:
+        readline.parse_and_bind("tab: complete")

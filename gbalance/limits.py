@@ -1,0 +1,64 @@
+"""Process limits a proxy needs: enough file descriptors for its connections.
+
+One process holds every proxied connection: two sockets each, plus two
+pipe descriptors per direction while it splices.  The usual soft limit of
+1024 open files would stop it at about 500 connections, so the master
+raises its soft limit to the hard limit at start (a process may always do
+that) and logs what it got.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FdLimit:
+    """RLIMIT_NOFILE before and after :func:`raise_fd_limit`."""
+
+    before: int
+    after: int
+    hard: int
+
+    def describe(self) -> str:
+        """One log line saying what the master may open."""
+        hard = "unlimited" if self.hard == resource.RLIM_INFINITY else str(self.hard)
+        if self.after == self.before:
+            return f"file descriptor limit {self.after} (hard limit {hard})"
+        return f"file descriptor limit raised from {self.before} to {self.after} (hard limit {hard})"
+
+
+def raise_fd_limit() -> FdLimit:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as far as the kernel allows.
+
+    An unlimited hard limit cannot be a soft limit for descriptors: then
+    ``/proc/sys/fs/nr_open`` (the most one process may have) is used.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if want == resource.RLIM_INFINITY:
+        want = _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+    after = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return FdLimit(before=soft, after=after, hard=hard)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def raise_and_report(log, quiet: bool = False) -> FdLimit:
+    """Raise the descriptor limit and log one info line about it (unless ``quiet``)."""
+    limit = raise_fd_limit()
+    if not quiet:
+        log.info(limit.describe())
+    return limit

@@ -1,0 +1,582 @@
+"""The data path under hostile or unlucky conditions, through the real ``balance`` CLI.
+
+Urgent bytes on the splice path, resets passed on as resets (also while a
+flow waits for the other side, and when the backend resets before the
+master saw its connect complete), client hang-ups during a pending connect,
+local port exhaustion, and the file-descriptor limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import resource
+import select
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import BALANCE, ROOT, free_port, read_line, wait_listening
+
+from gbalance.state import C_C, C_STATUS, SharedState, slot, state_path
+
+TICKS = os.sysconf("SC_CLK_TCK")
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def attach(balance, port: int) -> SharedState:
+    return SharedState.attach(state_path(port, None, str(balance.state_dir)))
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Non-repeating data (a repeated pattern could hide lost or reordered chunks)."""
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest() * 32
+        i += 1
+    return bytes(out[:size])
+
+
+class Receiver(threading.Thread):
+    """Reads a socket to EOF, taking urgent bytes as they come (like a careful peer).
+
+    Before each read it polls for ``POLLPRI``: an urgent byte is taken with
+    ``MSG_OOB`` before a normal read could step over its mark (which would
+    discard it).
+    """
+
+    def __init__(self, sock: socket.socket, limit: float = 30.0):
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.sock.settimeout(None)
+        self.limit = limit
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.urgent = b""
+        self.eof = False
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLPRI)
+        try:
+            while time.monotonic() < deadline:
+                events = poller.poll(500)
+                ev = events[0][1] if events else 0
+                x, r = ev & select.POLLPRI, ev & ~select.POLLPRI
+                if x:
+                    try:
+                        self.urgent += self.sock.recv(1, socket.MSG_OOB)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EINVAL, errno.EAGAIN):
+                            raise
+                if r:
+                    data = self.sock.recv(1 << 20)
+                    if not data:
+                        self.eof = True
+                        return
+                    self.digest.update(data)
+                    self.count += len(data)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+class RawBackend:
+    """One listening socket; the test takes the accepted connection itself."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(10)
+        self.port = self.sock.getsockname()[1]
+        self.spec = f"127.0.0.1:{self.port}"
+
+    def accept(self) -> socket.socket:
+        conn, _ = self.sock.accept()
+        conn.settimeout(10)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_backend():
+    b = RawBackend()
+    yield b
+    b.close()
+
+
+# -- 1. urgent data on the splice path ------------------------------------------------------
+
+@pytest.mark.parametrize("direction", ["client-to-backend", "backend-to-client"])
+def test_urgent_byte_mid_bulk_loses_nothing_and_master_goes_idle(balance, raw_backend, direction):
+    """2 MB (the flow splices), one urgent byte, 1 MB more: every normal byte
+    arrives, the urgent byte is relayed, and the master does not spin."""
+    port = free_port()
+    proc = balance.start(str(port), raw_backend.spec, port=port)
+    first, second = pattern(2 << 20, 1), pattern(1 << 20, 2)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with client, server:
+        sender, receiver = (client, server) if direction == "client-to-backend" else (server, client)
+        rx = Receiver(receiver)
+        sender.sendall(first)
+        wait_for(lambda: rx.count >= len(first) or rx.error or rx.eof, 20, "the first 2 MB")
+        sender.send(b"!", socket.MSG_OOB)
+        sender.sendall(second)
+        total = len(first) + len(second)
+        deadline = time.monotonic() + 20
+        while rx.count < total and not (rx.error or rx.eof) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got_before_close = rx.count
+        # The link is idle now (both sockets open): the master must sleep.
+        before = cpu_seconds(proc.pid)
+        time.sleep(3)
+        idle_cpu = cpu_seconds(proc.pid) - before
+        sender.shutdown(socket.SHUT_WR)
+        rx.join(20)
+        assert rx.error is None, rx.error
+        assert rx.eof, "no end of stream after the half-close"
+        assert got_before_close == total, f"only {got_before_close} of {total} bytes before the half-close"
+        assert rx.count == total
+        assert rx.digest.digest() == hashlib.sha256(first + second).digest()
+        assert rx.urgent == b"!"
+        assert idle_cpu < 0.5, f"idle master used {idle_cpu:.2f} s of CPU in 3 s"
+
+
+# -- 2. resets look like resets -------------------------------------------------------------
+
+def test_backend_reset_reaches_client_as_reset(balance, backends):
+    """A backend that aborts after 100 KB: the client sees the bytes, then ECONNRESET."""
+    dying = backends(mode="rst")
+    port = free_port()
+    balance.start(str(port), dying.spec, port=port)
+    got = 0
+    with pytest.raises(ConnectionResetError):
+        # A loaded client may learn of the reset from connect() itself (its
+        # SO_ERROR), as it would on a direct connection.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            while True:
+                chunk = s.recv(65536)
+                assert chunk, f"clean EOF after {got} bytes: the reset was hidden"
+                got += len(chunk)
+    assert got <= 100_000
+
+
+def test_client_reset_reaches_backend_as_reset(balance, raw_backend):
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with server:
+        client.sendall(b"request")
+        assert server.recv(100) == b"request"
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        client.close()
+        with pytest.raises(ConnectionResetError):
+            data = server.recv(100)
+            assert data, "clean EOF: the client's reset was hidden"
+
+
+def _pending_error(sock: socket.socket, timeout: float) -> int:
+    """Wait (bounded) until ``sock`` has a pending error, without reading its data."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return err
+        time.sleep(0.02)
+    return 0
+
+
+@pytest.mark.parametrize("who_resets", ["client", "backend"])
+def test_reset_passes_while_the_other_side_applies_back_pressure(balance, raw_backend, who_resets):
+    """A flow that waits for a slow reader does not read its source: a reset
+    of that source must still reach the slow side at once (not when it reads)."""
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server = raw_backend.accept()
+    with client, server:
+        resetter, slow = (client, server) if who_resets == "client" else (server, client)
+        resetter.setblocking(False)
+        sent, block = 0, b"z" * 65536
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:      # fill every buffer on the way
+            try:
+                sent += resetter.send(block)
+            except BlockingIOError:
+                if not select.select([], [resetter], [], 0.5)[1]:
+                    break
+        assert sent > 0
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        resetter.close()
+        assert _pending_error(slow, 5) == errno.ECONNRESET, "the reset did not reach the slow side"
+
+
+def _syn_sent_to(port: int) -> bool:
+    """A connection in SYN-SENT towards 127.0.0.1:port (from /proc/net/tcp)."""
+    want = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(line.split()[2].endswith(want) and line.split()[3] == "02" for line in f)
+
+
+def _connected_to(port: int) -> bool:
+    """An established connection towards 127.0.0.1:port (from /proc/net/tcp)."""
+    want = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        return any(line.split()[2].endswith(want) and line.split()[3] == "01" for line in f)
+
+
+def test_backend_reset_before_master_saw_connect_complete(balance, backends):
+    """The flake of test_backend_dying_mid_transfer_closes_only_that_client.
+
+    A loaded master may look at its connect only after the backend has
+    already sent its bytes and reset: SO_ERROR then says ECONNRESET.  That
+    connect did succeed: the client must get the bytes and the reset, not
+    be failed over to another channel (where it waited for data that never
+    came).  Reproduced exactly: the backend's accept queue is full, so the
+    master's SYN is dropped; the master is stopped (SIGSTOP), the queue
+    freed, the retransmitted SYN completes, the backend sends 100 KB and
+    resets, and only then does the master run again.
+    """
+    steady = backends("S")
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    lsock.settimeout(10)
+    bport = lsock.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", bport), timeout=5)   # fills the queue
+    port = free_port()
+    proc = balance.start("-t", "15", str(port), f"127.0.0.1:{bport}", steady.spec, port=port)
+    stopped = False
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=15)
+        wait_for(lambda: _syn_sent_to(bport), 5, "the master's connect")
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = True
+        lsock.accept()[0].close()              # the filler: the queue has room again
+        filler.close()
+        conn, _ = lsock.accept()               # the master's retransmitted SYN (about 1 s)
+        conn.sendall(b"x" * 100_000)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        conn.close()
+        wait_for(lambda: not _connected_to(bport), 2, "the reset to reach the master's socket")
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped = False
+        got = b""
+        with client, pytest.raises(ConnectionResetError):
+            while True:
+                chunk = client.recv(65536)
+                assert chunk, f"clean EOF after {len(got)} bytes"
+                got += chunk
+        assert got == b"x" * len(got) and len(got) <= 100_000, got[:20]
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        lsock.close()
+    st = attach(balance, port)
+    try:
+        assert st.get(0, 0, C_STATUS) == 0
+    finally:
+        st.close()
+
+
+# -- 6. connects: client hang-up with data, local port exhaustion ----------------------------
+
+def _unread(local_port: int, remote_port: int) -> int | None:
+    """Bytes queued unread on the socket local_port <- remote_port (from /proc/net/tcp)."""
+    want_l, want_r = f":{local_port:04X}", f":{remote_port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1].endswith(want_l) and fields[2].endswith(want_r):
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def test_client_reset_after_sending_data_cancels_pending_connect(balance, hanging):
+    primary = hanging()
+    port = free_port()
+    balance.start("-t", "10", str(port), primary.spec, port=port)
+    st = attach(balance, port)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        wait_for(lambda: st.get(0, 0, C_C) == 1, 2, "the pending connect")
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        me = s.getsockname()[1]
+        wait_for(lambda: _unread(port, me) == 0, 2, "the master to read the request")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        s.close()
+        start = time.monotonic()
+        wait_for(lambda: st.get(0, 0, C_C) == 0, 3, "the connect to be cancelled")
+        assert time.monotonic() - start < 1.0
+    finally:
+        st.close()
+
+
+def test_half_close_during_pending_connect_still_gets_the_answer(balance):
+    """Request, then SHUT_WR, while the connect is pending: an end of stream
+    after data may be a client waiting for its reply (a direct connection
+    would serve it), so the connect goes on and the request is delivered.
+    (Only a reset, or an end of stream before any data, cancels.)"""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    lsock.settimeout(10)
+    bport = lsock.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", bport), timeout=5)   # SYNs are dropped now
+    port = free_port()
+    balance.start("-t", "15", str(port), f"127.0.0.1:{bport}", port=port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as c:
+            wait_for(lambda: _syn_sent_to(bport), 5, "the master's connect")
+            c.sendall(b"question\n")
+            c.shutdown(socket.SHUT_WR)
+            me = c.getsockname()[1]
+            wait_for(lambda: _unread(port, me) == 0, 2, "the master to read the request")
+            lsock.accept()[0].close()             # room in the queue: the SYN retransmit completes
+            filler.close()
+            conn, _ = lsock.accept()
+            with conn:
+                assert read_line(conn) == "question"
+                assert conn.recv(10) == b""       # the half-close, passed on
+                conn.sendall(b"answer\n")
+            assert read_line(c) == "answer"
+    finally:
+        lsock.close()
+
+
+def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
+    """What the client sends while the connect is pending is held and sent first."""
+    port = free_port()
+    balance.start(str(port), raw_backend.spec, port=port)
+    payload = pattern(300_000, 5)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        writer = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
+        writer.start()
+        server = raw_backend.accept()
+        with server:
+            rx = Receiver(server)
+            rx.join(20)
+            writer.join(10)
+            assert rx.eof and rx.count == len(payload)
+            assert rx.digest.digest() == hashlib.sha256(payload).digest()
+
+
+def _ports_exhausted_probe() -> str:
+    return str(ROOT / "tests" / "port_exhaustion_probe.py")
+
+
+def test_local_port_exhaustion_does_not_disable_channels(netns, tmp_path):
+    """EADDRNOTAVAIL (no ephemeral port left for a destination) is a local
+    shortage: with -a the channel stays enabled and the client goes to the
+    next group.  Real exhaustion: a private network namespace whose
+    ip_local_port_range holds two ports."""
+    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    r = subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], _ports_exhausted_probe()],
+                       env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == ["A", "A", "B", "status=0", "c=2"], r.stdout + r.stderr
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace with loopback up (root and iproute2 needed)."""
+    name = f"gbdp{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+# -- 3. file descriptors -------------------------------------------------------------------
+
+class EchoServer(threading.Thread):
+    """A single-threaded echo server for thousands of idle connections."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.spec = f"127.0.0.1:{self.port}"
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ)
+        self.conns: list[socket.socket] = []
+        self.stopping = False
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopping:
+            for key, _ in self.sel.select(0.2):
+                s = key.fileobj
+                if s is self.sock:
+                    with contextlib.suppress(BlockingIOError):
+                        conn, _ = self.sock.accept()
+                        conn.setblocking(False)
+                        self.conns.append(conn)
+                        self.sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    with contextlib.suppress(OSError):
+                        s.send(data)
+                else:
+                    self.sel.unregister(s)
+                    s.close()
+
+    def close(self) -> None:
+        self.stopping = True
+        self.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+        self.sel.close()
+
+
+def soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
+def test_2000_idle_connections_from_a_soft_limit_of_1024(balance, tmp_path):
+    """Started with the usual soft limit of 1024 (hard 20000), the master
+    raises it and holds 2,000 idle proxied connections, each one working."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 20000:
+        pytest.fail(f"this test needs a hard fd limit of 20000 (have {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # for our own 4,000 sockets
+    echo = EchoServer()
+    port = free_port()
+    err_path = tmp_path / "err"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 20000))
+
+    held: list[socket.socket] = []
+    with open(err_path, "wb") as err:
+        p = subprocess.Popen(BALANCE + ["-f", "-d", str(port), echo.spec], env=balance.env,
+                             stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit, cwd=ROOT)
+        try:
+            wait_listening(port)
+            assert soft_nofile(p.pid) == 20000
+            for i in range(2000):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                held.append(s)
+                msg = b"ping %d\n" % i
+                s.sendall(msg)
+                assert read_line(s) == msg.decode().strip(), f"connection {i} got no echo"
+            # All still open and working, proxied by the same master.
+            for i in (0, 999, 1999):
+                held[i].sendall(b"again\n")
+                assert read_line(held[i]) == "again"
+            assert p.poll() is None
+            assert len(os.listdir(f"/proc/{p.pid}/fd")) >= 4000
+        finally:
+            for s in held:
+                s.close()
+            p.terminate()
+            p.wait(10)
+            echo.close()
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    text = err_path.read_text()
+    assert "file descriptor limit raised from 1024 to 20000" in text, text[:500]
+    assert "Traceback" not in text
+
+
+def _pipes_of(pid: int) -> int:
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:")
+    return n
+
+
+def test_spent_pipe_budget_falls_back_to_copying(balance, backends, tmp_path):
+    """Over the per-user pipe budget (pipe-user-pages-soft) the kernel gives
+    an unprivileged process one-page pipes; the master then copies instead
+    of splicing, and every byte still arrives.
+
+    The budget is spent for real: this (privileged) test process holds
+    enough pipes to put the user over the soft limit, and the master runs
+    without CAP_SYS_RESOURCE and CAP_SYS_ADMIN, the capabilities that
+    exempt a process from it.
+    """
+    with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+        budget_pages = int(f.read())
+    if budget_pages == 0:
+        pytest.fail("pipe-user-pages-soft is 0 (no budget): cannot test")
+    be = backends(mode="echo")
+    port = free_port()
+    proc_env = balance.env
+    hoard = []
+    try:
+        for _ in range(budget_pages // 16 + 64):      # 16 pages per default pipe
+            hoard.append(os.pipe())
+        p = subprocess.Popen(["setpriv", "--bounding-set", "-sys_resource,-sys_admin", *BALANCE,
+                              "-f", str(port), be.spec], env=proc_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, cwd=ROOT)
+        try:
+            wait_listening(port)
+            pipes_at_start = _pipes_of(p.pid)         # its stderr, gevent's own
+            payload = pattern(8 << 20, 9)
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                rx = Receiver(s)
+                s.sendall(payload[: 4 << 20])
+                wait_for(lambda: rx.count >= 2 << 20 or rx.error is not None, 20, "bulk data")
+                pipes_mid_transfer = _pipes_of(p.pid)
+                s.sendall(payload[4 << 20:])
+                s.shutdown(socket.SHUT_WR)
+                rx.join(30)
+            assert rx.error is None and rx.eof
+            assert rx.count == len(payload)
+            assert rx.digest.digest() == hashlib.sha256(payload).digest()
+            assert pipes_mid_transfer == pipes_at_start, "spliced through budget-starved pipes"
+        finally:
+            p.terminate()
+            p.wait(10)
+    finally:
+        for r, w in hoard:
+            os.close(r)
+            os.close(w)
