@@ -363,8 +363,12 @@ class BalanceServer(StreamServer):
         self.links[link] = 0.0
         link.start()
         if self.proxy is not None and rest:   # rare: the rest goes before any client data
-            link.up.pending = rest
-            link.up._wait_writable(link.up.on_write)
+            up = link.up
+            if up.pending:                    # early client bytes wait already: go before them
+                up.pending = rest + up.pending
+            else:
+                up.pending = rest
+                up._wait_writable(up.on_write)
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)

@@ -225,3 +225,18 @@ def test_bad_version_is_a_usage_error(balance):
     assert done.stderr == "balance: invalid PROXY protocol version [v3] for -P (use v1 or v2)\n"
     done = balance.run("-f", str(free_port()), "127.0.0.1:1", "-P")
     assert done.returncode == 64 and done.stderr.startswith("balance: option -P requires an argument\n")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_client_bytes_sent_while_the_connect_hangs_follow_the_header(balance, proxy_backend, hanging, version):
+    """The first channel's connect hangs until -t; the client sends at once.
+    Its bytes, read while the connect was pending, reach the backend after
+    the whole header and intact."""
+    backend = proxy_backend()
+    port = free_port()
+    balance.start("-P", version, "-t", "0.5", str(port), hanging().spec, "!", backend.spec, port=port)
+    addr, cport = transfer(port, "127.0.0.1", "127.0.0.10")
+    wait_for(lambda: len(backend.headers) == 1, 5)
+    assert backend.errors == []
+    info, _ = backend.headers[0]
+    assert (info["command"], info["src"], info["sport"]) == ("PROXY", addr, cport)

@@ -317,28 +317,43 @@ def test_send_header_on_a_full_socket_keeps_every_byte():
 
 # -- the server's hook: a partial send still puts the whole header first ------------
 
-def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch):
+@pytest.mark.parametrize("early", [False, True], ids=["direct", "client-talks-first"])
+def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch, hanging, early):
     """Force the rare partial send in a real in-process master: the backend
-    must read the whole header, then the client's bytes, in order."""
+    must read the whole header, then the client's bytes, in order.  With a
+    first channel whose connect hangs, the client's bytes arrive while the
+    connect is pending (read early by the race, sent by the link on start):
+    they too must follow the whole header."""
     from gbalance import server as server_mod
     from gbalance.cli import parse
     from gbalance.log import Log
     from gbalance.master import Master
 
     sent_parts: list[bytes] = []
+    early_seen: list[bool] = []
 
     def partial(sock, header):
         n = sock.send(header[:5])
         sent_parts.append(header[:n])
         return header[n:]
 
+    real_start = server_mod.Link.start
+
+    def start(link):
+        early_seen.append(bool(link.early))
+        real_start(link)
+
     monkeypatch.setattr(server_mod, "send_header", partial)
+    monkeypatch.setattr(server_mod.Link, "start", start)
     monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path))
     backend = gsocket.socket()
     backend.bind(("127.0.0.1", 0))
     backend.listen(4)
     port = free_port()
-    cfg = parse(["-f", "-P", "v1", "-b", "127.0.0.1", str(port), f"127.0.0.1:{backend.getsockname()[1]}"])
+    channels = [f"127.0.0.1:{backend.getsockname()[1]}"]
+    if early:
+        channels = ["-t", "0.5", hanging().spec, "!", *channels]
+    cfg = parse(["-f", "-P", "v1", "-b", "127.0.0.1", str(port), *channels])
     master = Master(cfg, Log(foreground=True))
     try:
         master.build()
@@ -360,6 +375,8 @@ def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch):
             conn.sendall(b"reply")
             assert client.recv(100) == b"reply"
         assert sent_parts == [b"PROXY"]
+        if early:   # (with a direct backend the client's bytes may or may not come early)
+            assert early_seen == [True]
         client.close()
         conn.close()
     finally:
