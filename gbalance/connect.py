@@ -17,8 +17,12 @@ and log.  Additions over balance:
 * with a *stagger* delay (monitoring only), a connect still pending after
   the delay starts a parallel attempt on the next candidate, the first to
   connect wins and the others are closed (RFC 8305 "happy eyeballs",
-  applied to failover).  Without monitoring the delay is 0 and connects are
-  strictly one after another, exactly as balance documents.
+  applied to failover).  The delay adapts to each channel's measured
+  connect times (:mod:`gbalance.stagger`), between a floor and the
+  configured ``stagger=``; before a parallel attempt starts, the pending
+  one is asked once more whether it has connected meanwhile (a busy loop
+  may not have seen it yet).  Without monitoring the delay is 0 and
+  connects are strictly one after another, exactly as balance documents.
 
 Everything waits on libev watchers whose callbacks post events to the
 racing greenlet, so one loop handles connects, timers and the client.
@@ -27,10 +31,13 @@ racing greenlet, so one loop handles connects, timers and the client.
 from __future__ import annotations
 
 import errno
+import select
 import socket
 from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
+
+from gbalance.stagger import StaggerEstimator
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
@@ -74,12 +81,14 @@ class Hooks:
     def failure(self, g: int, c: int, reason: str) -> None: ...
     def cancel(self, g: int, c: int) -> None: ...
     def suspect(self, g: int, c: int) -> None: ...
+    def staggered(self, g: int, c: int) -> None: ...
+    def measured(self, g: int, c: int, delay: float) -> None: ...
 
 
 class Attempt:
     """One pending connect."""
 
-    __slots__ = ("g", "c", "sock", "io", "timer")
+    __slots__ = ("g", "c", "sock", "io", "timer", "t0")
 
     def __init__(self, g: int, c: int, sock: socket.socket):
         self.g = g
@@ -87,6 +96,7 @@ class Attempt:
         self.sock = sock
         self.io = None
         self.timer = None
+        self.t0 = -1.0     # loop time the connect started (adaptive stagger only)
 
     def stop(self) -> None:
         if self.io is not None:
@@ -101,12 +111,16 @@ class Connector:
     def __init__(self, loop, address_of: Callable[[int, int], tuple[int, tuple]],
                  hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
                  source: dict[int, tuple] | None = None,
-                 keepalive: tuple[int, int, int] | None = None):
+                 keepalive: tuple[int, int, int] | None = None,
+                 estimator: StaggerEstimator | None = None):
         self.loop = loop
         self.address_of = address_of
         self.hooks = hooks
         self.timeout = timeout
-        self.stagger = stagger
+        # With an estimator the delay adapts per channel (its ceiling is the
+        # configured stagger); without one, ``stagger`` is a fixed delay.
+        self.estimator = estimator if estimator is not None and estimator.ceiling > 0 else None
+        self.stagger = self.estimator.ceiling if self.estimator is not None else stagger
         self.source = source or {}
         self.keepalive = keepalive
 
@@ -205,6 +219,8 @@ class Race:
             att = Attempt(g, c, sock)
             if rc == 0:
                 return att
+            if conn.estimator is not None:
+                att.t0 = conn.loop.now()
             if rc in _NO_PORT:
                 # Out of local ports for this destination: not the channel's fault.
                 sock.close()
@@ -220,17 +236,19 @@ class Race:
                 att.timer = conn.loop.timer(conn.timeout)
                 att.timer.start(self._post, "timeout", att)
             self.pending.append(att)
-            self._arm_stagger()
+            self._arm_stagger(att)
             return None
         return None
 
-    def _arm_stagger(self) -> None:
-        if self.conn.stagger <= 0 or self.exhausted:
+    def _arm_stagger(self, att: Attempt) -> None:
+        conn = self.conn
+        if conn.stagger <= 0 or self.exhausted:
             return
+        delay = conn.estimator.delay(att.g, att.c) if conn.estimator is not None else conn.stagger
         if self.stagger_timer is not None:
             self.stagger_timer.stop()
-        self.stagger_timer = self.conn.loop.timer(self.conn.stagger)
-        self.stagger_timer.start(self._post, "stagger", None)
+        self.stagger_timer = conn.loop.timer(delay)
+        self.stagger_timer.start(self._post, "stagger", att)
 
     def _fail(self, att: Attempt, reason: str) -> None:
         att.stop()
@@ -253,7 +271,13 @@ class Race:
         if winner is None:
             return None
         winner.stop()
-        self.conn.hooks.success(winner.g, winner.c)
+        conn = self.conn
+        if conn.estimator is not None and not reset:
+            # A connect that was pending: fold its time in (Karn: a reset
+            # or a lost race gives no sample); an instant one counts as 0.
+            took = conn.loop.now() - winner.t0 if winner.t0 >= 0 else 0.0
+            conn.hooks.measured(winner.g, winner.c, conn.estimator.sample(winner.g, winner.c, took))
+        conn.hooks.success(winner.g, winner.c)
         return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
                          bytes(self.early) if self.early else b"", reset)
 
@@ -325,8 +349,18 @@ class Race:
             elif kind == "stagger":
                 if not self.pending or self.exhausted:
                     continue
+                done = _settled(self.pending)
+                if done is not None:
+                    # Connected (or failed) already; the loop had not told us yet.
+                    self._post("io", done)
+                    continue
+                hooks = self.conn.hooks
                 for p in self.pending:
-                    self.conn.hooks.suspect(p.g, p.c)
+                    hooks.suspect(p.g, p.c)
+                if att in self.pending:
+                    hooks.staggered(att.g, att.c)
+                    if self.conn.estimator is not None:
+                        hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
             elif kind == "client":
                 if self._client_gone():
                     return self._finish(None)
@@ -336,3 +370,18 @@ class Race:
                 return self._finish(won)
             if not self.pending:
                 return self._finish(None)
+
+
+def _settled(pending: list[Attempt]) -> Attempt | None:
+    """The first pending attempt whose connect has finished, one way or the other.
+
+    A zero-timeout poll per attempt, made only when a stagger delay runs out.
+    """
+    p = select.poll()
+    for att in pending:
+        p.register(att.sock.fileno(), select.POLLOUT)
+    ready = {fd for fd, _ in p.poll(0)}
+    for att in pending:
+        if att.sock.fileno() in ready:
+            return att
+    return None

@@ -188,6 +188,14 @@ def _preload(cfg: ProxyConfig) -> None:
         import gbalance.monitor  # noqa: F401
 
 
+def _forget_connect_times(estimator, q, g: int, c: int) -> None:
+    """A channel points elsewhere now: its connect times start over."""
+    from gbalance.state import C_STAGGER_US, slot
+
+    estimator.forget(g, c)
+    q[slot(g, c, C_STAGGER_US)] = 0
+
+
 class Master:
     """A running proxy: state, listener, server and (optionally) monitor."""
 
@@ -242,19 +250,29 @@ class Master:
         from gbalance.mailbox import Mailbox
         from gbalance.routing import Router
         from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
+        from gbalance.stagger import StaggerEstimator, StaggerRule
+        from gbalance.state import H_STAGGER_US, MAXCHANNELS, MAXGROUPS
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
         loop = get_hub().loop
         self.done = Event()
         channels = Channels(self.state)
-        addresses = AddressCache(self.state, channels, self.log)
+        estimator = None
+        if monitoring and cfg.monitor.stagger > 0:
+            estimator = StaggerEstimator(StaggerRule(cfg.monitor.stagger), MAXGROUPS, MAXCHANNELS)
+            self.state.q[H_STAGGER_US] = int(estimator.initial * 1e6)
+        readdress = None
+        if estimator is not None:
+            readdress = functools.partial(_forget_connect_times, estimator, self.state.q)
+        addresses = AddressCache(self.state, channels, self.log, on_readdress=readdress)
         events = ChannelEvents(self.state, self.log, debug=cfg.debug,
                                autodisable=cfg.autodisable,
                                passive=monitoring and cfg.monitor.disable, channels=channels)
         connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
                               stagger=cfg.monitor.stagger if monitoring else 0.0,
-                              source=self.source, keepalive=cfg.server_keepalive)
+                              source=self.source, keepalive=cfg.server_keepalive,
+                              estimator=estimator)
         router = Router(self.state, hash_failover=cfg.hash_failover, last_resort=monitoring)
         self.server = BalanceServer(self.listener, self.state, router, connector, self.log,
                                     addresses, idle_timeout=cfg.idle_timeout,

@@ -16,7 +16,8 @@ import time
 from typing import Iterable
 
 from gbalance import __version__
-from gbalance.state import (C_CHANGED, C_FAILS, C_PASSES, ENABLED, HARD_DISABLED, HASH,
+from gbalance.state import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGER_US, C_STAGGERED, ENABLED, H_STAGGER_US,
+                            HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
                             SOFT_DISABLED, STATUS_NAMES, TYPE_NAMES, Channel, SharedState)
 
@@ -55,17 +56,28 @@ def monitor_table(state: SharedState) -> str:
     """Each channel as monitoring sees it (gbalance's extra lines after balance.fm's)."""
     channels = list(state.channels())
     width = address_width(channels)
-    lines = [f"GRP  #   S {'ip-address'.rjust(width)}  port suspect fails passes since"]
+    lines = [f"GRP  #   S {'ip-address'.rjust(width)}  port suspect fails passes stagger"
+             " staggered since"]
     now = int(time.time())
     for ch in channels:
         changed = state.get(ch.group, ch.index, C_CHANGED)
         since = f"{max(0, now - changed)}s" if changed else "-"
+        delay = stagger_seconds(state, ch.group, ch.index)
         lines.append(f"{ch.group:3d} {ch.index:2d} {STATUS_NAMES.get(ch.status, '???'):>3s} "
                      f"{ch.address.rjust(width)} {ch.port:5d} "
                      f"{'yes' if ch.suspect else 'no':>7s} "
                      f"{state.get(ch.group, ch.index, C_FAILS):5d} "
-                     f"{state.get(ch.group, ch.index, C_PASSES):6d} {since}")
+                     f"{state.get(ch.group, ch.index, C_PASSES):6d} "
+                     f"{delay * 1000:5.1f}ms "
+                     f"{state.get(ch.group, ch.index, C_STAGGERED):9d} {since}")
     return "\n".join(lines) + "\n"
+
+
+def stagger_seconds(state: SharedState, g: int, c: int) -> float:
+    """A channel's adaptive stagger delay now: its own once it has one, else
+    the delay of an unmeasured channel (0 when staggering is off)."""
+    own = state.get(g, c, C_STAGGER_US)
+    return (own if own > 0 else state.q[H_STAGGER_US]) / 1e6
 
 
 def mrtg_bytes(ch: Channel) -> str:
@@ -160,6 +172,17 @@ def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
         family(name, kind, text)
         for ch in channels:
             out.append(f"{name}{{{labels[ch.group, ch.index]}}} {int(getattr(ch, attr))}")
+    family("balance_channel_stagger_seconds", "gauge",
+           "Adaptive stagger delay: how long a connect to the channel may pend before a"
+           " parallel one starts (monitoring; 0 = off).")
+    for ch in channels:
+        out.append(f"balance_channel_stagger_seconds{{{labels[ch.group, ch.index]}}} "
+                   f"{stagger_seconds(state, ch.group, ch.index):.6f}")
+    family("balance_channel_staggered_total", "counter",
+           "Parallel connects started because a connect to the channel hung past its delay.")
+    for ch in channels:
+        out.append(f"balance_channel_staggered_total{{{labels[ch.group, ch.index]}}} "
+                   f"{state.get(ch.group, ch.index, C_STAGGERED)}")
     return "\n".join(out) + "\n"
 
 

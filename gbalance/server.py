@@ -28,7 +28,8 @@ from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED, C_STATUS, C_SUSPECT,
+                            C_TOTALC, ENABLED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -118,6 +119,14 @@ class ChannelEvents(Hooks):
             self.log.warning(f"group {g} channel {c} {self._where(g, c)} suspect: connect still pending,"
                              " new connections skip it")
 
+    def staggered(self, g: int, c: int) -> None:
+        """A connect to this channel hung past its delay: a parallel one started."""
+        self.q[slot(g, c, C_STAGGERED)] += 1
+
+    def measured(self, g: int, c: int, delay: float) -> None:
+        """The channel's adaptive stagger delay after its latest connect."""
+        self.q[slot(g, c, C_STAGGER_US)] = int(delay * 1e6)
+
     def _where(self, g: int, c: int) -> str:
         addr = self.state.address(g, c)
         port = self.q[slot(g, c, C_PORT)]
@@ -134,11 +143,13 @@ class AddressCache:
     """
 
     def __init__(self, state: SharedState, channels: Channels | None = None,
-                 log: Log | None = None):
+                 log: Log | None = None,
+                 on_readdress: Callable[[int, int], None] | None = None):
         self.state = state
         self.q = state.q
         self.channels = channels if channels is not None else Channels(state)
         self.log = log
+        self.on_readdress = on_readdress   # a channel now points elsewhere
         self.generation = -1
         self.entries: list = []
 
@@ -162,6 +173,11 @@ class AddressCache:
                     entries[g * MAXCHANNELS + c] = (socket.AF_INET6, (addr, port, 0, 0))
                 else:
                     entries[g * MAXCHANNELS + c] = (socket.AF_INET, (addr, port))
+        if self.on_readdress is not None and self.entries:
+            old = self.entries
+            for i, entry in enumerate(entries):
+                if entry != old[i]:
+                    self.on_readdress(i // MAXCHANNELS, i % MAXCHANNELS)
         self.entries = entries
         self.generation = gen
 

@@ -6,7 +6,11 @@ from every successful connect the way TCP updates its retransmission timer
 (RFC 6298): ``srtt += (sample - srtt) / 8`` and ``rttvar += (|srtt - sample|
 - rttvar) / 4``.  The delay is ``srtt + K * rttvar`` clamped between a floor
 and the configured ``stagger=`` value (the ceiling).  A channel with no
-measurement yet uses the ceiling, so a cold start behaves as before.
+measurement yet starts at :data:`INITIAL` (at most the ceiling).  Each time
+a channel's delay runs out and a parallel connect starts, its delay doubles
+(up to the ceiling), as TCP backs its timer off: a channel that is merely
+slower than assumed stops being raced after a few connects, and the next
+measured connect sets the delay from the estimates again.
 
 The estimates live in the process that connects (one list per master); the
 master copies the current delay of each channel into the table for
@@ -20,6 +24,8 @@ from dataclasses import dataclass
 
 #: Lowest delay: below this a busy loop's own latency would look like a hang.
 DEFAULT_FLOOR = 0.005
+#: Delay of a channel with no measured connect yet.
+INITIAL = 0.02
 #: Deviations added to the smoothed connect time (RFC 6298's K).
 DEVIATIONS = 4.0
 ALPHA = 1.0 / 8.0
@@ -39,26 +45,30 @@ class StaggerRule:
 
 
 class StaggerEstimator:
-    """Per-channel connect-time estimates, indexed by a flat channel number."""
+    """Connect-time estimates of every channel (``groups`` x ``channels``)."""
 
-    __slots__ = ("rule", "srtt", "rttvar", "delays", "floor", "ceiling")
+    __slots__ = ("rule", "srtt", "rttvar", "delays", "floor", "ceiling", "width", "initial")
 
-    def __init__(self, rule: StaggerRule, nslots: int):
+    def __init__(self, rule: StaggerRule, groups: int, channels: int):
         self.rule = rule
         self.ceiling = rule.ceiling
         self.floor = min(rule.floor, rule.ceiling)
+        self.width = channels
+        nslots = groups * channels
         self.srtt: list[float] = [-1.0] * nslots     # -1: not measured yet
         self.rttvar: list[float] = [0.0] * nslots
-        self.delays: list[float] = [rule.ceiling] * nslots
+        self.initial = min(INITIAL, rule.ceiling)
+        self.delays: list[float] = [self.initial] * nslots
 
-    def delay(self, idx: int) -> float:
-        """The stagger delay for channel ``idx`` now (0 when staggering is off)."""
-        return self.delays[idx]
+    def delay(self, g: int, c: int) -> float:
+        """The stagger delay for group ``g`` channel ``c`` now (0 when off)."""
+        return self.delays[g * self.width + c]
 
-    def sample(self, idx: int, seconds: float) -> None:
-        """Fold one measured successful connect time into channel ``idx``."""
+    def sample(self, g: int, c: int, seconds: float) -> float:
+        """Fold one measured successful connect time in; return the new delay."""
         if self.ceiling <= 0:
-            return
+            return 0.0
+        idx = g * self.width + c
         if seconds < 0:
             seconds = 0.0
         srtt = self.srtt[idx]
@@ -77,9 +87,21 @@ class StaggerEstimator:
         elif d > self.ceiling:
             d = self.ceiling
         self.delays[idx] = d
+        return d
 
-    def forget(self, idx: int) -> None:
-        """Drop channel ``idx``'s history (its address changed)."""
+    def backoff(self, g: int, c: int) -> float:
+        """The channel's delay ran out (a parallel connect starts): double it, up
+        to the ceiling, until a measured connect sets it again.  Returns it."""
+        idx = g * self.width + c
+        d = self.delays[idx] * 2
+        if d > self.ceiling:
+            d = self.ceiling
+        self.delays[idx] = d
+        return d
+
+    def forget(self, g: int, c: int) -> None:
+        """Drop a channel's history (its address changed)."""
+        idx = g * self.width + c
         self.srtt[idx] = -1.0
         self.rttvar[idx] = 0.0
-        self.delays[idx] = self.ceiling
+        self.delays[idx] = self.initial

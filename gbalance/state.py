@@ -95,6 +95,7 @@ H_PORT = 6
 H_STARTED = 7      # unix time the master started
 H_NGROUPS = 8
 H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
+H_STAGGER_US = 10  # stagger delay of a channel not measured yet, microseconds (0 = off)
 # The request mailbox (see gbalance.mailbox).
 H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
 H_REQ_OP = 17

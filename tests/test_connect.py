@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import time
@@ -26,7 +27,7 @@ def test_stagger_serves_first_client_quickly_and_marks_primary_suspect(balance, 
     try:
         tag, first = timed_tag(port)
         assert tag == "BACKUP"
-        assert 0.2 <= first < 0.6              # the stagger delay (0.25 s), not -t
+        assert 0.01 <= first < 0.15            # the initial stagger delay (20 ms), not -t
         assert t.get(0, 0, C_SUSPECT) == 1
         rest = [timed_tag(port) for _ in range(5)]
         assert [r[0] for r in rest] == ["BACKUP"] * 5
@@ -38,13 +39,35 @@ def test_stagger_serves_first_client_quickly_and_marks_primary_suspect(balance, 
     assert f"group 0 channel 0 127.0.0.1:{primary.port} suspect: connect still pending" in err
 
 
-def test_stagger_setting_changes_the_delay(balance, backends, hanging):
+def stagger_column(balance, port: int) -> list[str]:
+    """The stagger delay of each channel as ``monitor show`` prints it."""
+    import subprocess
+
+    from conftest import BALANCE
+
+    env = dict(os.environ, BALANCE_STATE_DIR=str(balance.state_dir))
+    out = subprocess.run(BALANCE + ["-c", "monitor show", str(port)], env=env,
+                         capture_output=True, text=True, timeout=10).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [r[8] for r in rows if len(r) > 8 and r[0].isdigit()]
+
+
+def test_stagger_setting_is_the_ceiling_and_backoff_climbs_to_it(balance, backends, hanging):
+    """``stagger=`` bounds the delay: an unmeasured channel starts at 20 ms (or
+    the ceiling when lower), and each staggered connect doubles the hung
+    channel's delay up to the ceiling."""
     primary, backup = hanging(), backends("BACKUP")
     port = free_port()
-    balance.start("-t", "5", "-m", "command=true:interval=60:stagger=0.6",
+    balance.start("-t", "5", "-m", "command=true:interval=60:stagger=0.01",
                   str(port), primary.spec, "!", backup.spec, port=port)
-    tag, first = timed_tag(port, timeout=2)
-    assert tag == "BACKUP" and 0.55 <= first < 1.0
+    assert stagger_column(balance, port) == ["10.0ms", "10.0ms"]
+    port2 = free_port()
+    balance.start("-t", "5", "-m", "command=true:interval=60:stagger=0.05:nodisable",
+                  str(port2), primary.spec, "!", backup.spec, port=port2)
+    assert stagger_column(balance, port2) == ["20.0ms", "20.0ms"]
+    tag, first = timed_tag(port2, timeout=2)
+    assert tag == "BACKUP" and first < 0.15
+    assert stagger_column(balance, port2)[0] == "40.0ms"     # backed off once
 
 
 def test_stagger_zero_keeps_connects_sequential(balance, backends, hanging):
@@ -168,6 +191,8 @@ class RecordingHooks:
     def failure(self, g, c, reason): self.events.append(("failure", g, c, reason))
     def cancel(self, g, c): self.events.append(("cancel", g, c))
     def suspect(self, g, c): self.events.append(("suspect", g, c))
+    def staggered(self, g, c): self.events.append(("staggered", g, c))
+    def measured(self, g, c, delay): self.events.append(("measured", g, c))
 
 
 def test_race_gives_back_attempts_when_routing_raises(hanging):
@@ -194,4 +219,137 @@ def test_race_gives_back_attempts_when_routing_raises(hanging):
     finally:
         client.close()
         peer.close()
-    assert hooks.events == [("attempt", 0, 0), ("suspect", 0, 0), ("cancel", 0, 0)]
+    assert hooks.events == [("attempt", 0, 0), ("suspect", 0, 0), ("staggered", 0, 0), ("cancel", 0, 0)]
+
+
+class DyingListener:
+    """A backend that greets (``PRIMARY``) until :meth:`die`, then hangs every connect.
+
+    Dying stops accepting, shrinks the backlog to 0 and fills the accept
+    queue, so further SYNs are dropped: a machine that just went down.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.02)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        self.down = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def spec(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self.down.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"PRIMARY\n")
+
+    def die(self) -> None:
+        self.down.set()
+        self.thread.join(2)
+        self.sock.listen(0)
+        for _ in range(8):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(f)
+        time.sleep(0.05)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            probe.connect(("127.0.0.1", self.port))
+            raise AssertionError("the dying listener still accepts connects")
+        except (socket.timeout, OSError):
+            pass
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        self.down.set()
+        for f in self.fillers:
+            f.close()
+        self.sock.close()
+
+
+def test_adaptive_stagger_fails_over_fast_when_a_measured_channel_dies(balance, backends):
+    """A primary measured fast on loopback hangs suddenly: the first client waits
+    milliseconds (the adapted delay), not the configured 0.25 s ceiling, and the
+    delay and the staggered connect show in ``monitor show`` and ``metrics``."""
+    import subprocess
+
+    from conftest import BALANCE
+
+    primary, backup = DyingListener(), backends("BACKUP")
+    port = free_port()
+    try:
+        proc, t = start_table(balance, port, "-t", "5", "-m", "command=true:interval=60",
+                              str(port), primary.spec, "!", backup.spec)
+        try:
+            for _ in range(30):
+                tag, _took = timed_tag(port)
+                assert tag == "PRIMARY"
+            env = dict(os.environ, BALANCE_STATE_DIR=str(balance.state_dir))
+            show = subprocess.run(BALANCE + ["-c", "monitor show", str(port)], env=env,
+                                  capture_output=True, text=True, timeout=10).stdout
+            row = next(line.split() for line in show.splitlines() if line.split()[:2] == ["0", "0"])
+            learned_ms = float(row[8].rstrip("ms"))
+            assert learned_ms < 100, show            # adapted below the 250 ms ceiling
+            primary.die()
+            tag, first = timed_tag(port)
+            assert tag == "BACKUP"
+            assert first < 0.15, first               # ~ the learned delay, not 0.25 s
+            assert t.get(0, 0, C_SUSPECT) == 1
+            metrics = subprocess.run(BALANCE + ["-c", "metrics", str(port)], env=env,
+                                     capture_output=True, text=True, timeout=10).stdout
+            staggered = [line for line in metrics.splitlines()
+                         if line.startswith("balance_channel_staggered_total{") and 'channel="0"' in line
+                         and 'group="0"' in line]
+            assert staggered and staggered[0].endswith(" 1"), metrics
+            delay = [line for line in metrics.splitlines()
+                     if line.startswith("balance_channel_stagger_seconds{") and 'group="1"' in line]
+            assert delay and 0 < float(delay[0].split()[-1]) <= 0.25
+        finally:
+            t.close()
+        _, err = proc.stop()
+        assert "Traceback" not in err
+    finally:
+        primary.close()
+
+
+def test_settled_sees_a_finished_connect_the_loop_has_not_reported(hanging):
+    """The check made before a staggered connect: a connected socket is settled,
+    a hanging one is not."""
+    from gbalance.connect import Attempt, _settled
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    hung = hanging()
+    a = socket.socket()
+    b = socket.socket()
+    try:
+        for s in (a, b):
+            s.setblocking(False)
+        b.connect_ex((hung.host, hung.port))
+        a.connect_ex(srv.getsockname())
+        pending = [Attempt(0, 0, b), Attempt(1, 0, a)]
+        deadline = time.monotonic() + 2
+        while _settled(pending) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _settled(pending) is pending[1]
+        assert _settled(pending[:1]) is None
+    finally:
+        a.close()
+        b.close()
+        srv.close()

@@ -520,7 +520,7 @@ def test_help_lists_every_command(two, balance):
 
 # -- metrics and monitor ------------------------------------------------------------------------
 
-SAMPLE = re.compile(r'^([a-z_]+)\{((?:[a-z_]+="(?:[^"\\]|\\.)*",?)*)\} (-?\d+)$')
+SAMPLE = re.compile(r'^([a-z_]+)\{((?:[a-z_]+="(?:[^"\\]|\\.)*",?)*)\} (-?\d+(?:\.\d+)?)$')
 
 
 def parse_metrics(text: str) -> dict[tuple, int]:
@@ -545,7 +545,7 @@ def parse_metrics(text: str) -> dict[tuple, int]:
                 assert name.endswith("_total")
             labels = tuple(sorted(re.findall(r'([a-z_]+)="((?:[^"\\]|\\.)*)"', m.group(2))))
             assert (name, labels) not in samples
-            samples[(name, labels)] = int(m.group(3))
+            samples[(name, labels)] = float(m.group(3)) if "." in m.group(3) else int(m.group(3))
     return samples
 
 
@@ -638,7 +638,8 @@ def test_monitor_enable_disable_show(balance, backends):
     assert ctl(balance, port, "monitor disable") == "monitor is already disabled\n"
     out = ctl(balance, port, "monitor show").splitlines()
     assert out[0] == f"monitor process running as pid {proc.pid} and is disabled"
-    assert out[1].split() == ["GRP", "#", "S", "ip-address", "port", "suspect", "fails", "passes", "since"]
+    assert out[1].split() == ["GRP", "#", "S", "ip-address", "port", "suspect", "fails", "passes",
+                              "stagger", "staggered", "since"]
     assert out[3].split()[:5] == ["0", "1", "dis", "127.0.0.1", str(dead)]
     assert ctl(balance, port, "enable 1") == "channel 1 enabled\n"
     time.sleep(0.6)                                       # three intervals: checks are off
