@@ -9,12 +9,15 @@ and records, per connection, success and time to first byte.
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import statistics
+import subprocess
 import threading
 import time
 
-from lib import BenchError, GBalance, Workdir
+from lib import PYTHON, BenchError, GBalance, Workdir
 
 CLIENT_TIMEOUT = 1.0
 CLIENT_PERIOD = 0.1
@@ -235,9 +238,11 @@ def outage(work: Workdir, backup_port: int, seconds: float) -> dict:
         res = client_run(proxy.port, seconds)
         res["served_by_primary"] = primary.served
         res["outage_at_s"] = seconds / 3
+        res.update(stagger_report(proxy))
     finally:
         proxy.stop()
         primary.close()
+    res["suspect_marks"] = suspect_marks(proxy)
     tail = proxy.stderr_text().strip().splitlines()
     if tail:
         res["log_tail"] = tail[-6:]
@@ -255,9 +260,57 @@ def _through(work: Workdir, backup_port: int, args: list[str], channels: list[st
         res = client_run(proxy.port, seconds)
         if proxy.proc.poll() is not None:
             res["error"] = f"gbalance exited with status {proxy.proc.returncode} during the run"
+        else:
+            res.update(stagger_report(proxy))
     finally:
         proxy.stop()
+    res["suspect_marks"] = suspect_marks(proxy)
     tail = proxy.stderr_text().strip().splitlines()
     if tail:
         res["log_tail"] = tail[-6:]
+    return res
+
+
+def stagger_report(proxy: GBalance) -> dict:
+    """Parallel (staggered) connects and current delays, from ``balance -c metrics``."""
+    env = dict(os.environ, BALANCE_STATE_DIR=str(proxy.work / f"state-{proxy.port}"))
+    try:
+        out = subprocess.run([PYTHON, "-m", "gbalance", "-c", "metrics", str(proxy.port)],
+                             env=env, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"stagger_error": str(exc)}
+    staggered = 0
+    delays_ms = []
+    for line in out.splitlines():
+        m = re.match(r'balance_channel_(staggered_total|stagger_seconds)\{.*group="(\d+)",channel="(\d+)".*\} (\S+)$', line)
+        if not m:
+            continue
+        if m.group(1) == "staggered_total":
+            staggered += int(float(m.group(4)))
+        else:
+            delays_ms.append(round(float(m.group(4)) * 1000, 2))
+    return {"staggered_connects": staggered, "stagger_delays_ms": delays_ms}
+
+
+def suspect_marks(proxy: GBalance) -> int:
+    """How many times a channel was marked suspect (the proxy's log)."""
+    return proxy.stderr_text().count("suspect: connect still pending")
+
+
+def healthy_load(work: Workdir, backend_port: int, seconds: float, rate) -> dict:
+    """``-m`` over two healthy channels under full wrk load (proxy pinned to its
+    core): how many staggered connects and suspect marks that makes (goal 0)."""
+    args = ["-t", "5", "-m", "connect:interval=1"]
+    proxy = GBalance(work.path, backend_port, args=args,
+                     channels=[f"127.0.0.1:{backend_port}", f"127.0.0.1:{backend_port}"])
+    try:
+        proxy.start()
+    except BenchError as exc:
+        return {"error": str(exc)}
+    try:
+        res = {"conn_per_s": rate(proxy, seconds), "args": " ".join(args)}
+        res.update(stagger_report(proxy))
+    finally:
+        proxy.stop()
+    res["suspect_marks"] = suspect_marks(proxy)
     return res

@@ -199,7 +199,8 @@ def print_failover(fo: dict) -> None:
     print()
     print(f"Failover: primary connects hang, live backup in group 1; a client every "
           f"{fo['period_s'] * 1000:.0f} ms, {fo['client_timeout_s']:g} s timeout, {fo['seconds']:g} s")
-    head = f"{'scenario':40}{'failed':>12}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}"
+    head = (f"{'scenario':40}{'failed':>12}{'median ms':>11}{'p99 ms':>9}{'max ms':>9}"
+            f"{'staggered':>10}{'suspect':>8}")
     print(head)
     print("-" * len(head))
     rows = (("direct to the backup", "direct"), ("balance -t 5 -m connect:interval=1", "gbalance_m"),
@@ -213,16 +214,30 @@ def print_failover(fo: dict) -> None:
             print(f"{label:40}  NOT MEASURED: {r.get('error')}")
             continue
         print(f"{label:40}{r['failed']:>5} of {r['connections']:<4}{_fmt(r.get('ttfb_median_ms'), 1):>11}"
-              f"{_fmt(r.get('ttfb_p99_ms'), 1):>9}{_fmt(r.get('ttfb_max_ms'), 1):>9}")
+              f"{_fmt(r.get('ttfb_p99_ms'), 1):>9}{_fmt(r.get('ttfb_max_ms'), 1):>9}"
+              f"{r.get('staggered_connects', '-')!s:>10}{r.get('suspect_marks', '-')!s:>8}")
         if r.get("error"):
             print(f"{'':40}  note: {r['error']}")
     d, m = fo.get("direct", {}), fo.get("gbalance_m", {})
-    if "ttfb_p99_ms" in d and "connections" in m:
-        p99 = m.get("ttfb_p99_ms")
-        ok = m["failed"] == 0 and p99 is not None and p99 <= d["ttfb_p99_ms"] + 50
-        print(f"target (0 failed, p99 within 50 ms of direct): {'YES' if ok else 'NO'}")
-        if m.get("first_second"):
-            print(f"gbalance -m, first second of connections (ms or failure): {m['first_second']}")
+    for label, key in (("dead at start", "gbalance_m"), ("dying mid-run", "gbalance_m_outage")):
+        r = fo.get(key, {})
+        if "ttfb_p99_ms" in d and "connections" in r:
+            p99, top = r.get("ttfb_p99_ms"), r.get("ttfb_max_ms")
+            ok = (r["failed"] == 0 and p99 is not None and p99 <= d["ttfb_p99_ms"] + 5
+                  and top is not None and top < 50)
+            print(f"target {label} (0 failed, p99 within 5 ms of direct, max < 50 ms): "
+                  f"{'YES' if ok else 'NO'}")
+    if m.get("first_second"):
+        print(f"gbalance -m, first second of connections (ms or failure): {m['first_second']}")
+    h = fo.get("healthy_load")
+    if h:
+        if "error" in h:
+            print(f"healthy channels under wrk load: NOT MEASURED: {h['error']}")
+        else:
+            ok = h.get("staggered_connects") == 0 and h.get("suspect_marks") == 0
+            print(f"healthy channels under wrk load ({_fmt(h.get('conn_per_s'))} conn/s, {h['args']}): "
+                  f"{h.get('staggered_connects')} staggered connects, {h.get('suspect_marks')} suspect marks,"
+                  f" delays {h.get('stagger_delays_ms')} ms (goal 0 and 0): {'YES' if ok else 'NO'}")
     o = fo.get("gbalance_m_outage", {})
     if "connections" in o:
         print(f"outage run: primary answered {o.get('served_by_primary')} connections, then hung at "
@@ -266,7 +281,7 @@ def main(argv: list[str]) -> int:
     procs = []
     try:
         backends = {}
-        if {"conn", "profile"} & set(args.parts):
+        if {"conn", "profile", "failover"} & set(args.parts):
             proc, backends["conn"] = start_nginx(work.path)
             procs.append(proc)
         if "bulk" in args.parts:
@@ -282,6 +297,9 @@ def main(argv: list[str]) -> int:
         if "failover" in args.parts:
             try:
                 result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
+                log("failover: -m over two healthy channels under full wrk load ...")
+                result["failover"]["healthy_load"] = failover.healthy_load(
+                    work, backends["conn"], max(args.seconds, 5), measure.conn_rate)
                 print_failover(result["failover"])
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"failover: {exc}")
