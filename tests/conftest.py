@@ -366,3 +366,50 @@ def read_tag(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     """Connect through the proxy and return the backend's tag line."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         return read_line(s)
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 10 ms for up to ``timeout`` seconds; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def closing_factory(make):
+    """Body of a factory fixture: yields ``make``; closes all it made after the test.
+
+    Use as ``yield from closing_factory(SomeServer)``.
+    """
+    made: list = []
+
+    def tracked(*args, **kw):
+        obj = make(*args, **kw)
+        made.append(obj)
+        return obj
+
+    yield tracked
+    for obj in made:
+        obj.close()
+
+
+@pytest.fixture
+def netns():
+    """A private network namespace with loopback up (root and iproute2 needed)."""
+    name = f"gbtest{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name])
+
+
+def run_in_netns(netns: str, state_dir: Path, script: Path, *args: str,
+                 timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Run the Python ``script`` inside ``netns`` (text mode), gbalance and tests/ importable."""
+    env = dict(os.environ, BALANCE_STATE_DIR=str(state_dir), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    return subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], str(script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

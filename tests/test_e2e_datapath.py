@@ -23,7 +23,7 @@ import threading
 import time
 
 import pytest
-from conftest import BALANCE, ROOT, free_port, read_line, wait_listening
+from conftest import BALANCE, ROOT, free_port, read_line, run_in_netns, wait_listening
 
 from gbalance.state import C_C, C_STATUS, SharedState, slot, state_path
 
@@ -403,23 +403,9 @@ def test_local_port_exhaustion_does_not_disable_channels(netns, tmp_path):
     shortage: with -a the channel stays enabled and the client goes to the
     next group.  Real exhaustion: a private network namespace whose
     ip_local_port_range holds two ports."""
-    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    r = subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], _ports_exhausted_probe()],
-                       env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    r = run_in_netns(netns, tmp_path, _ports_exhausted_probe(), timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.split() == ["A", "A", "B", "status=0", "c=2"], r.stdout + r.stderr
-
-
-@pytest.fixture
-def netns():
-    """A private network namespace with loopback up (root and iproute2 needed)."""
-    name = f"gbdp{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name])
 
 
 # -- 3. file descriptors -------------------------------------------------------------------

@@ -13,7 +13,8 @@ import threading
 import time
 
 import pytest
-from conftest import (BALANCE, ROOT, free_port, ipv6_available, pid_alive, read_tag, wait_port)
+from conftest import (BALANCE, ROOT, free_port, ipv6_available, pid_alive, read_tag, run_in_netns,
+                      wait_port)
 
 from gbalance.state import H_PID, SharedState, state_path
 
@@ -422,25 +423,11 @@ def test_unwritable_state_directory(tmp_path, backends):
     assert "Traceback" not in r.stderr
 
 
-@pytest.fixture
-def netns():
-    """A private network namespace with loopback up (root and iproute2 needed)."""
-    name = f"gbtest{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name])
-
-
 def test_hash_group_sticky_and_spread_ipv6(netns, tmp_path):
     sources = [f"fd00::{i:x}" for i in range(1, 41)]
     for src in sources:
         subprocess.run(["ip", "-n", netns, "addr", "add", f"{src}/128", "dev", "lo", "nodad"], check=True)
-    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    r = subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], str(ROOT / "tests" / "hash_spread_probe.py"),
-                        *sources], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_in_netns(netns, tmp_path, ROOT / "tests" / "hash_spread_probe.py", *sources, timeout=120)
     assert r.returncode == 0, r.stderr
     import json
     result = json.loads(r.stdout)
