@@ -10,7 +10,7 @@ import socket
 import threading
 
 import pytest
-from conftest import free_port, ipv6_available
+from conftest import closing_factory, free_port, ipv6_available
 from monhelp import ENABLED, Table, wait_for
 from test_proxyproto import Bad, decode
 
@@ -113,16 +113,8 @@ class ProxyBackend:
 
 @pytest.fixture
 def proxy_backend():
-    made: list[ProxyBackend] = []
-
-    def make(host: str = "127.0.0.1") -> ProxyBackend:
-        b = ProxyBackend(host)
-        made.append(b)
-        return b
-
-    yield make
-    for b in made:
-        b.close()
+    """Factory for :class:`ProxyBackend` objects, all closed after the test."""
+    yield from closing_factory(ProxyBackend)
 
 
 def transfer(port: int, connect_host: str, source: str) -> tuple[str, int]:
