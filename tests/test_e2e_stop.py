@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import free_port, listening, pid_alive, read_line, wait_listening
+from conftest import eventually, free_port, listening, pid_alive, read_line, wait_listening
 from gbalance.state import state_path
 
 SIZE = 20 * 1024 * 1024
@@ -73,13 +73,29 @@ def exited(proc, timeout: float = 10.0) -> tuple[str, str]:
     return out.decode(errors="replace"), err.decode(errors="replace")
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+def linked(balance, backends, tag: str, *opts: str):
+    """A master (options ``opts``) before one backend tagged ``tag``, and a client
+    linked through it that has read the tag: (proc, port, client)."""
+    be = backends(tag)
+    port = free_port()
+    proc = balance.start(*opts, str(port), be.spec, port=port)
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert read_line(client) == tag
+    return proc, port, client
+
+
+def assert_reset(client: socket.socket) -> None:
+    """The master resets the client's link (then the client is closed)."""
+    with pytest.raises(ConnectionResetError):
+        client.recv(100)
+    client.close()
+
+
+def exited_ok(proc) -> str:
+    """:func:`exited`, asserting exit status 0; the stderr."""
+    out, err = exited(proc)
+    assert proc.p.returncode == 0, err
+    return err
 
 
 def test_sigterm_lets_a_download_finish_while_new_connects_are_refused(balance, bulk):
@@ -95,7 +111,7 @@ def test_sigterm_lets_a_download_finish_while_new_connects_are_refused(balance, 
         digest.update(chunk)
         got += len(chunk)
     os.kill(proc.pid, signal.SIGTERM)
-    assert wait_for(lambda: not listening(port)), "listener still open after SIGTERM"
+    assert eventually(lambda: not listening(port)), "listener still open after SIGTERM"
     assert refused(port)
     assert not os.path.exists(path)                # given up at once: a new master may start
     assert proc.p.poll() is None                   # but the link is still served
@@ -116,92 +132,59 @@ def test_sigterm_lets_a_download_finish_while_new_connects_are_refused(balance, 
     assert got == SIZE
     assert digest.hexdigest() == bulk.digest
     assert refusals >= 3
-    out, err = exited(proc)               # exits by itself once the link has ended
-    assert proc.p.returncode == 0, err
+    err = exited_ok(proc)                 # exits by itself once the link has ended
     assert "SIGTERM: no longer accepting; waiting up to 60 seconds for 1 open connection" in err
     assert "Traceback" not in err
 
 
 def test_grace_deadline_resets_a_stuck_link_and_exits(balance, backends):
-    be = backends("S")
-    port = free_port()
-    proc = balance.start("-g", "1", str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "S"
+    proc, port, client = linked(balance, backends, "S", "-g", "1")
     start = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    assert wait_for(lambda: refused(port))
+    assert eventually(lambda: refused(port))
     client.sendall(b"still here\n")                # the link works during the grace period
     assert read_line(client) == "still here"
-    with pytest.raises(ConnectionResetError):      # then the master resets it
-        client.recv(100)
+    assert_reset(client)                           # then the master resets it
     elapsed = time.monotonic() - start
     assert 0.9 <= elapsed < 5, elapsed
-    client.close()
-    out, err = exited(proc)
-    assert proc.p.returncode == 0, err
+    err = exited_ok(proc)
     assert "grace period of 1 seconds over: reset 1 open connection" in err
     assert "Traceback" not in err
 
 
 def test_grace_zero_resets_at_once(balance, backends):
-    be = backends("Z")
-    port = free_port()
-    proc = balance.start("-g", "0", str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "Z"
+    proc, port, client = linked(balance, backends, "Z", "-g", "0")
     os.kill(proc.pid, signal.SIGTERM)
-    with pytest.raises(ConnectionResetError):
-        client.recv(100)
-    client.close()
-    out, err = exited(proc)
-    assert proc.p.returncode == 0, err
+    assert_reset(client)
+    exited_ok(proc)
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
 def test_second_signal_stops_at_once(balance, backends, second):
-    be = backends("T")
-    port = free_port()
-    proc = balance.start("-g", "60", str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "T"
+    proc, port, client = linked(balance, backends, "T", "-g", "60")
     os.kill(proc.pid, signal.SIGTERM)
-    assert wait_for(lambda: not listening(port))
+    assert eventually(lambda: not listening(port))
     client.sendall(b"x\n")
     assert read_line(client) == "x"                 # draining, not stopped
     assert proc.p.poll() is None
     start = time.monotonic()
     os.kill(proc.pid, second)
-    with pytest.raises(ConnectionResetError):
-        client.recv(100)
-    client.close()
-    out, err = exited(proc)
+    assert_reset(client)
+    err = exited_ok(proc)
     assert time.monotonic() - start < 5
-    assert proc.p.returncode == 0, err
     assert "stopping now" in err and "reset 1 open connection" in err
 
 
 def test_sigint_alone_stops_at_once(balance, backends):
-    be = backends("I")
-    port = free_port()
-    proc = balance.start(str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "I"
+    proc, port, client = linked(balance, backends, "I")
     os.kill(proc.pid, signal.SIGINT)
-    with pytest.raises(ConnectionResetError):
-        client.recv(100)
-    client.close()
-    out, err = exited(proc)
-    assert proc.p.returncode == 0, err
+    assert_reset(client)
+    exited_ok(proc)
     assert not os.path.exists(state_path(port, None, str(balance.state_dir)))
 
 
 def test_sighup_is_logged_and_ignored(balance, backends):
-    be = backends("H")
-    port = free_port()
-    proc = balance.start(str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "H"
+    proc, port, client = linked(balance, backends, "H")
     for i in range(3):
         os.kill(proc.pid, signal.SIGHUP)
         time.sleep(0.1)     # nothing to wait for: the point is that nothing happens
@@ -226,12 +209,9 @@ def test_pending_connect_is_reset_at_the_deadline(balance, hanging):
     time.sleep(0.2)         # let the master start connecting (it cannot finish)
     start = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    with pytest.raises(ConnectionResetError):
-        client.recv(100)
-    client.close()
-    out, err = exited(proc)
+    assert_reset(client)
+    err = exited_ok(proc)
     assert 0.9 <= time.monotonic() - start < 5
-    assert proc.p.returncode == 0, err
     assert "reset 1 open connection" in err
 
 
@@ -244,21 +224,16 @@ def test_pending_connect_that_fails_ends_the_drain(balance, hanging):
     os.kill(proc.pid, signal.SIGTERM)
     assert client.recv(100) == b""                  # connect timed out: closed as usual
     client.close()
-    out, err = exited(proc)
-    assert proc.p.returncode == 0, err
+    err = exited_ok(proc)
     assert "waiting up to 60 seconds for 1 open connection" in err
 
 
 def test_shell_kill_drains_and_waits(balance, backends):
-    be = backends("K")
-    port = free_port()
-    proc = balance.start(str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "K"
+    proc, port, client = linked(balance, backends, "K")
     result = {}
     killer = threading.Thread(target=lambda: result.setdefault("r", balance.run("-c", "kill", str(port))))
     killer.start()
-    assert wait_for(lambda: not listening(port))
+    assert eventually(lambda: not listening(port))
     for i in range(5):                              # the open link keeps working meanwhile
         client.sendall(f"line {i}\n".encode())
         assert read_line(client) == f"line {i}"
@@ -273,13 +248,10 @@ def test_shell_kill_drains_and_waits(balance, backends):
 
 
 def test_new_master_starts_while_the_old_one_drains(balance, backends):
-    old_be, new_be = backends("OLD"), backends("NEW")
-    port = free_port()
-    old = balance.start(str(port), old_be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "OLD"
+    old, port, client = linked(balance, backends, "OLD")
+    new_be = backends("NEW")
     os.kill(old.pid, signal.SIGTERM)
-    assert wait_for(lambda: not listening(port))
+    assert eventually(lambda: not listening(port))
     new = balance.start(str(port), new_be.spec, port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         assert read_line(s) == "NEW"
@@ -288,25 +260,19 @@ def test_new_master_starts_while_the_old_one_drains(balance, backends):
     client.sendall(b"old link\n")
     assert read_line(client) == "old link"
     client.close()
-    out, err = exited(old)
-    assert old.p.returncode == 0, err
+    exited_ok(old)
     assert new.p.poll() is None
     wait_listening(port)
 
 
 def test_idle_timeout_still_applies_while_draining(balance, backends):
-    be = backends("T")
-    port = free_port()
-    proc = balance.start("-T", "1", "-g", "60", str(port), be.spec, port=port)
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert read_line(client) == "T"
+    proc, port, client = linked(balance, backends, "T", "-T", "1", "-g", "60")
     start = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     assert client.recv(100) == b""                 # -T closes the idle link as usual
     client.close()
-    out, err = exited(proc)
+    err = exited_ok(proc)
     assert time.monotonic() - start < 10           # long before the 60 s grace period
-    assert proc.p.returncode == 0, err
     assert "timed out after 1 seconds" in err
 
 
@@ -373,11 +339,11 @@ def test_monitor_stops_when_draining_starts(balance, backends, tmp_path):
     script.write_text(f"#!/bin/sh\necho x >> {ticks}\nexit 0\n")
     script.chmod(0o755)
     proc = balance.start("-m", f"command={script}:interval=0.1", str(port), be.spec, port=port)
-    assert wait_for(lambda: ticks.exists() and len(ticks.read_text()) >= 6)   # checks run
+    assert eventually(lambda: ticks.exists() and len(ticks.read_text()) >= 6)   # checks run
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     assert read_line(client) == "M"
     os.kill(proc.pid, signal.SIGTERM)
-    assert wait_for(lambda: not listening(port))
+    assert eventually(lambda: not listening(port))
     time.sleep(0.3)                                # a check already started may finish
     before = ticks.read_text().count("x")
     time.sleep(0.6)                                # six intervals: no new check may run
@@ -385,5 +351,4 @@ def test_monitor_stops_when_draining_starts(balance, backends, tmp_path):
     client.sendall(b"z\n")
     assert read_line(client) == "z"                # the link is still served
     client.close()
-    out, err = exited(proc)
-    assert proc.p.returncode == 0, err
+    exited_ok(proc)
