@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, ipv6_available, listening, pid_alive, read_line
+from conftest import eventually, free_port, ipv6_available, listening, pid_alive, read_line
 from gbalance.handover import control_path
 from gbalance.master import LISTEN_BACKLOG
 from gbalance.state import SharedState, StateError, state_path
@@ -40,13 +40,18 @@ def master_pid(balance, port: int) -> int:
     return int(m.group(1))
 
 
+def assert_still_in_charge(balance, master, port: int, tag: str) -> None:
+    """A failed ``-r`` left ``master`` as it was: running, listening, reached
+    by ``-i`` and serving its backend (tagged ``tag``)."""
+    assert master.p.poll() is None and listening(port)
+    assert master_pid(balance, port) == master.pid
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert read_line(s) == tag
+
+
 def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+    """:func:`eventually` with a longer default: hand-overs run under load."""
+    return eventually(predicate, timeout)
 
 
 class Load:
@@ -188,10 +193,7 @@ def test_replace_refuses_another_address_family(balance, backends):
     assert r.returncode == 71, r.stderr
     assert r.stderr.startswith("balance: the running master") and "IPv4, not IPv6" in r.stderr
     assert r.stderr.count("\n") == 1
-    assert first.p.poll() is None and listening(port)                # nothing changed
-    assert master_pid(balance, port) == first.pid
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        assert read_line(s) == "A"
+    assert_still_in_charge(balance, first, port, "A")                # nothing changed
 
 
 def test_silent_and_garbage_peers_neither_block_nor_break_it(balance, backends):
@@ -380,10 +382,7 @@ def test_bad_arguments_fail_before_the_running_master_lets_go(balance, backends)
     first = balance.start(str(port), a.spec, port=port)
     r = balance.run("-f", "-r", "-B", "no-such-host.invalid", str(port), a.spec, timeout=30)
     assert r.returncode == 65, r.stderr
-    assert first.p.poll() is None and listening(port)
-    assert master_pid(balance, port) == first.pid
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        assert read_line(s) == "A"
+    assert_still_in_charge(balance, first, port, "A")
 
 
 def test_four_clients_across_eight_handovers(balance, backends):
