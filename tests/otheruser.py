@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 NOBODY = 65534
@@ -94,3 +95,29 @@ def popen(args: list[str], base_env: dict | None = None) -> subprocess.Popen:
     """Start ``args`` as the other user with pipes on stdin and stdout."""
     return subprocess.Popen(args, env=env(base_env), cwd=str(readable_copy()), text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run_code(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the Python ``code`` (dedented) as the other user; it must succeed."""
+    r = run(argv("-c", textwrap.dedent(code), *args))
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def plant_symlink(target: str, link: str) -> None:
+    """The other user makes ``link`` a symbolic link to ``target``."""
+    run_code("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", target, link)
+
+
+def plant_table(path: str) -> None:
+    """The other user creates ``path``: a well-formed state table whose
+    address field would reach a shell as root."""
+    run_code("""
+        import os, sys
+        from gbalance import state as S
+        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, S.FILE_SIZE)
+        os.pwrite(fd, S.MAGIC, 0)
+        os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
+        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
+    """, path)

@@ -37,28 +37,27 @@ LOCKER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def shared(balance):
-    """A state directory the other user may read (the test's tmp_path is private)."""
+def _state_dir(balance, prefix: str, mode: int):
+    """Point ``balance`` at a new state directory of ``mode``; removed after the test."""
     otheruser.require_root()
-    d = Path(tempfile.mkdtemp(prefix="gbal-ctl-"))
-    d.chmod(0o755)
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(mode)
     balance.state_dir = d
     balance.env["BALANCE_STATE_DIR"] = str(d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(balance):
+    """A state directory the other user may read (the test's tmp_path is private)."""
+    yield from _state_dir(balance, "gbal-ctl-", 0o755)
 
 
 @pytest.fixture
 def sticky(balance):
     """A state directory like /tmp: anybody may create files, nobody replace ours."""
-    otheruser.require_root()
-    d = Path(tempfile.mkdtemp(prefix="gbal-sticky-"))
-    d.chmod(0o1777)
-    balance.state_dir = d
-    balance.env["BALANCE_STATE_DIR"] = str(d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    yield from _state_dir(balance, "gbal-sticky-", 0o1777)
 
 
 class Locker:
@@ -127,11 +126,6 @@ def test_restart_after_kill9_while_another_user_read_locks_the_file(balance, bac
         locker.stop()
 
 
-def plant(code: str, *args: str) -> None:
-    r = otheruser.run(otheruser.argv("-c", textwrap.dedent(code), *args))
-    assert r.returncode == 0, r.stderr
-
-
 def test_master_refuses_a_planted_symlink_and_leaves_the_target(balance, backends, sticky):
     a = backends("A")
     port = free_port()
@@ -139,7 +133,7 @@ def test_master_refuses_a_planted_symlink_and_leaves_the_target(balance, backend
     target.write_text("root's own data\n")
     target.chmod(0o600)
     path = sticky / f"balance.{port}.any"
-    plant("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(target), str(path))
+    otheruser.plant_symlink(str(target), str(path))
     r = balance.run("-f", str(port), a.spec, timeout=20)
     assert r.returncode == 77
     assert r.stderr.count("\n") == 1
@@ -152,15 +146,7 @@ def test_master_and_shell_refuse_a_file_another_user_created(balance, backends, 
     a = backends("A")
     port = free_port()
     path = sticky / f"balance.{port}.any"
-    plant("""
-        import os, sys
-        from gbalance import state as S
-        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(fd, S.FILE_SIZE)
-        os.pwrite(fd, S.MAGIC, 0)
-        os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
-        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
-    """, str(path))
+    otheruser.plant_table(str(path))
     before = path.read_bytes()
     r = balance.run("-f", "-m", "command=true %H", str(port), a.spec, timeout=20)
     assert r.returncode == 77 and r.stderr.count("\n") == 1

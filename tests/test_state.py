@@ -333,19 +333,13 @@ def sticky_dir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def as_nobody(code: str, *args: str) -> subprocess.CompletedProcess:
-    r = otheruser.run(otheruser.argv("-c", textwrap.dedent(code), *args))
-    assert r.returncode == 0, r.stderr
-    return r
-
-
 def test_symlink_planted_by_another_user_is_refused(sticky_dir):
     otheruser.require_root()
     target = sticky_dir / "precious"
     target.write_text("root's data\n")
     target.chmod(0o600)
     path = sticky_dir / "balance.8080.any"
-    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(target), str(path))
+    otheruser.plant_symlink(str(target), str(path))
     with pytest.raises(UnsafeState, match="symbolic link"):
         SharedState.create(str(path))
     with pytest.raises(UnsafeState, match="symbolic link"):
@@ -359,8 +353,7 @@ def test_symlink_planted_at_the_lock_file_is_refused(sticky_dir):
     target = sticky_dir / "precious"
     target.write_text("x")
     path = sticky_dir / "balance.8080.any"
-    as_nobody("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", str(target),
-              S.lock_path(str(path)))
+    otheruser.plant_symlink(str(target), S.lock_path(str(path)))
     # O_NOFOLLOW refuses it (or the kernel's protected_symlinks does first)
     with pytest.raises(UnsafeState, match="refusing lock file .*(symbolic link|Permission denied)"):
         SharedState.create(str(path))
@@ -372,15 +365,7 @@ def test_file_precreated_by_another_user_is_refused(sticky_dir):
     otheruser.require_root()
     path = sticky_dir / "balance.8080.any"
     # A well-formed table whose address field would reach a shell as root.
-    as_nobody("""
-        import os, sys
-        from gbalance import state as S
-        fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(fd, S.FILE_SIZE)
-        os.pwrite(fd, S.MAGIC, 0)
-        os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
-        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
-    """, str(path))
+    otheruser.plant_table(str(path))
     before = path.read_bytes()
     with pytest.raises(UnsafeState, match="owned by uid 65534"):
         SharedState.create(str(path))
