@@ -14,20 +14,15 @@ import os
 import pytest
 
 from gbalance import state as S
-from gbalance.channels import Channels
 from gbalance.commands import COMMANDS, DENIED, Quit, Shell, lookup
 from gbalance.config import ShellConfig
 
-from test_mailbox import Poller
+from test_mailbox import Poller, new_table
 
 
 @pytest.fixture
 def st(tmp_path):
-    state = S.SharedState.create(str(tmp_path / "balance.8080.any"))
-    ch = Channels(state)
-    ch.add_group()
-    ch.add_channel(0, "127.0.0.1", 8001)
-    ch.add_channel(0, "127.0.0.1", 8002)
+    state = new_table(tmp_path, 8001, 8002)
     yield state
     state.close()
 

@@ -17,12 +17,19 @@ from gbalance.channels import Channels, Result
 from gbalance.mailbox import Mailbox, NoAnswer, Op, ask
 
 
-@pytest.fixture
-def st(tmp_path):
+def new_table(tmp_path, *ports: int) -> S.SharedState:
+    """A new state file whose group 0 has a channel to 127.0.0.1 for each of ``ports``."""
     state = S.SharedState.create(str(tmp_path / "balance.8080.any"))
     ch = Channels(state)
     ch.add_group()
-    ch.add_channel(0, "127.0.0.1", 8001)
+    for port in ports:
+        ch.add_channel(0, "127.0.0.1", port)
+    return state
+
+
+@pytest.fixture
+def st(tmp_path):
+    state = new_table(tmp_path, 8001)
     yield state
     state.close()
 
