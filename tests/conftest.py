@@ -413,3 +413,17 @@ def run_in_netns(netns: str, state_dir: Path, script: Path, *args: str,
     env = dict(os.environ, BALANCE_STATE_DIR=str(state_dir), PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
     return subprocess.run(["ip", "netns", "exec", netns, BALANCE[0], str(script), *args],
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def seeded_data(size: int, seed: int, repeat: int = 32) -> bytes:
+    """``size`` bytes of test data: SHA-256 blocks of (seed, counter), each ``repeat`` times.
+
+    Consecutive blocks differ, so lost, doubled or reordered chunks show
+    (a short repeated pattern could hide them).
+    """
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * repeat
+        counter += 1
+    return bytes(out[:size])

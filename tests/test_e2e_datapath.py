@@ -23,7 +23,7 @@ import threading
 import time
 
 import pytest
-from conftest import BALANCE, ROOT, free_port, read_line, run_in_netns, wait_listening
+from conftest import BALANCE, ROOT, free_port, read_line, run_in_netns, seeded_data, wait_listening
 
 from gbalance.state import C_C, C_STATUS, SharedState, slot, state_path
 
@@ -48,16 +48,6 @@ def wait_for(cond, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
-
-
-def pattern(size: int, seed: int) -> bytes:
-    """Non-repeating data (a repeated pattern could hide lost or reordered chunks)."""
-    out = bytearray()
-    i = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, i)).digest() * 32
-        i += 1
-    return bytes(out[:size])
 
 
 class Receiver(threading.Thread):
@@ -141,7 +131,7 @@ def test_urgent_byte_mid_bulk_loses_nothing_and_master_goes_idle(balance, raw_ba
     arrives, the urgent byte is relayed, and the master does not spin."""
     port = free_port()
     proc = balance.start(str(port), raw_backend.spec, port=port)
-    first, second = pattern(2 << 20, 1), pattern(1 << 20, 2)
+    first, second = seeded_data(2 << 20, 1), seeded_data(1 << 20, 2)
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     server = raw_backend.accept()
     with client, server:
@@ -381,7 +371,7 @@ def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
     """What the client sends while the connect is pending is held and sent first."""
     port = free_port()
     balance.start(str(port), raw_backend.spec, port=port)
-    payload = pattern(300_000, 5)
+    payload = seeded_data(300_000, 5)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         writer = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
         writer.start()
@@ -546,7 +536,7 @@ def test_spent_pipe_budget_falls_back_to_copying(balance, backends, tmp_path):
         try:
             wait_listening(port)
             pipes_at_start = _pipes_of(p.pid)         # its stderr, gevent's own
-            payload = pattern(8 << 20, 9)
+            payload = seeded_data(8 << 20, 9)
             with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
                 rx = Receiver(s)
                 s.sendall(payload[: 4 << 20])

@@ -21,6 +21,7 @@ import gevent.socket as gsocket
 import pytest
 from gevent import get_hub
 
+from conftest import seeded_data
 from gbalance.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
@@ -107,12 +108,7 @@ def recv_all(s) -> bytes:
 
 def payload(size: int, seed: int) -> bytes:
     """Non-repeating test data (a short repeated pattern could hide reordering)."""
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * 64
-        counter += 1
-    return bytes(out[:size])
+    return seeded_data(size, seed, repeat=64)
 
 
 # -- copy path --------------------------------------------------------------------------
