@@ -25,12 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Backend, free_port, pid_alive, read_line, read_tag, wait_port
+from conftest import ROOT, Backend, eventually, free_port, pid_alive, read_line, read_tag, wait_port
 
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gbalance" / "__init__.py").read_text()).group(1)
 APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8")
@@ -286,6 +285,27 @@ def test_init_script_runs_two_instances_from_balance_conf(pkg):
             backend.close()
 
 
+@contextlib.contextmanager
+def init_script_master_with_a_held_link():
+    """One /etc/balance.conf line (on loopback, to a backend tagged ``A``), started
+    by the installed init script, and a client link held open through it.
+
+    Yields (port, master pid, held socket); stops the instances and the
+    backend afterwards.
+    """
+    a = Backend("A")
+    p1 = free_port()
+    Path("/etc/balance.conf").write_text(f"-b 127.0.0.1 {p1} {a.spec}\n")
+    try:
+        old = int(re.search(r"started \(pid (\d+)\)", run(["/etc/init.d/balance", "start"]).stdout).group(1))
+        held = socket.create_connection(("127.0.0.1", p1), timeout=10)
+        assert read_line(held) == "A"
+        yield p1, old, held
+    finally:
+        run(["/etc/init.d/balance", "stop"], check=False)
+        a.close()
+
+
 @pytest.mark.packaging
 def test_init_script_restart_hands_over_without_refusing_or_cutting(pkg):
     """restart = "balance -r <line>" per line (the -r contract of the stop/restart work).
@@ -294,13 +314,7 @@ def test_init_script_restart_hands_over_without_refusing_or_cutting(pkg):
     master, which exits once it closes; connects during the restart are
     never refused; afterwards the new master answers.
     """
-    a = Backend("A", mode="tag")
-    p1 = free_port()
-    Path("/etc/balance.conf").write_text(f"-b 127.0.0.1 {p1} {a.spec}\n")
-    try:
-        old = int(re.search(r"started \(pid (\d+)\)", run(["/etc/init.d/balance", "start"]).stdout).group(1))
-        held = socket.create_connection(("127.0.0.1", p1), timeout=10)
-        assert read_line(held) == "A"
+    with init_script_master_with_a_held_link() as (p1, old, held):
         restart = run(["/etc/init.d/balance", "restart"], timeout=60)
         m = re.search(rf"{p1}\.127\.0\.0\.1: restarted \(pid (\d+); pid {old} drains", restart.stdout)
         assert m, restart.stdout + restart.stderr
@@ -311,15 +325,9 @@ def test_init_script_restart_hands_over_without_refusing_or_cutting(pkg):
         assert read_line(held) == "still here"
         assert pid_alive(old)
         held.close()
-        deadline = time.monotonic() + 30
-        while pid_alive(old) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(old) and pid_alive(new)
+        assert eventually(lambda: not pid_alive(old), 30) and pid_alive(new)
         status = run(["/etc/init.d/balance", "status"])
         assert f"running (pid {new})" in status.stdout
-    finally:
-        run(["/etc/init.d/balance", "stop"], check=False)
-        a.close()
 
 
 @pytest.mark.packaging
@@ -425,13 +433,7 @@ def test_deb_upgrade_on_a_sysv_host_hands_over_without_cutting(pkg, tmp_path):
     allow = tmp_path / "policy-rc.d"
     allow.write_text("#!/bin/sh\nexit 0\n")
     allow.chmod(0o755)
-    a = Backend("A")
-    p1 = free_port()
-    Path("/etc/balance.conf").write_text(f"-b 127.0.0.1 {p1} {a.spec}\n")
-    try:
-        old = int(re.search(r"started \(pid (\d+)\)", run(["/etc/init.d/balance", "start"]).stdout).group(1))
-        held = socket.create_connection(("127.0.0.1", p1), timeout=10)
-        assert read_line(held) == "A"
+    with init_script_master_with_a_held_link() as (p1, old, held):
         upgrade = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                        'mount --bind "$0" /usr/sbin/policy-rc.d && exec dpkg -i "$1"', str(allow), str(deb)],
                       env=APT_ENV, timeout=300)
@@ -446,10 +448,4 @@ def test_deb_upgrade_on_a_sysv_host_hands_over_without_cutting(pkg, tmp_path):
         new = int(re.search(r"running \(pid (\d+)\)", status).group(1))
         assert new != old and pid_alive(old)
         held.close()
-        deadline = time.monotonic() + 30
-        while pid_alive(old) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(old)
-    finally:
-        run(["/etc/init.d/balance", "stop"], check=False)
-        a.close()
+        assert eventually(lambda: not pid_alive(old), 30)
