@@ -10,6 +10,7 @@ path with ``PYTHONPATH`` pointing there.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import os
 import shutil
@@ -121,3 +122,15 @@ def plant_table(path: str) -> None:
         os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
         os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
     """, path)
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str, mode: int):
+    """A new temporary directory of ``mode`` (the test's tmp_path is private to
+    root, so the other user cannot reach it); removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        d.chmod(mode)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -7,11 +7,9 @@ masters and shells are the real CLI.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import textwrap
 import threading
 import time
@@ -40,12 +38,10 @@ LOCKER = textwrap.dedent("""
 def _state_dir(balance, prefix: str, mode: int):
     """Point ``balance`` at a new state directory of ``mode``; removed after the test."""
     otheruser.require_root()
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    d.chmod(mode)
-    balance.state_dir = d
-    balance.env["BALANCE_STATE_DIR"] = str(d)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with otheruser.temp_dir(prefix, mode) as d:
+        balance.state_dir = d
+        balance.env["BALANCE_STATE_DIR"] = str(d)
+        yield d
 
 
 @pytest.fixture

@@ -327,10 +327,8 @@ def test_attach_rejects_other_layout(tmp_path):
 @pytest.fixture
 def sticky_dir():
     """A directory like /tmp: world-writable and sticky, readable by the other user."""
-    d = Path(tempfile.mkdtemp(prefix="gbal-sticky-"))
-    d.chmod(0o1777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with otheruser.temp_dir("gbal-sticky-", 0o1777) as d:
+        yield d
 
 
 def test_symlink_planted_by_another_user_is_refused(sticky_dir):
