@@ -231,20 +231,22 @@ def test_reset_passes_while_the_other_side_applies_back_pressure(balance, raw_ba
         assert _pending_error(slow, 5) == errno.ECONNRESET, "the reset did not reach the slow side"
 
 
-def _syn_sent_to(port: int) -> bool:
-    """A connection in SYN-SENT towards 127.0.0.1:port (from /proc/net/tcp)."""
+def _connection_to(port: int, tcp_state: str) -> bool:
+    """A connection towards 127.0.0.1:port in ``tcp_state`` (hex, from /proc/net/tcp)."""
     want = f":{port:04X}"
     with open("/proc/net/tcp") as f:
         next(f)
-        return any(line.split()[2].endswith(want) and line.split()[3] == "02" for line in f)
+        return any(line.split()[2].endswith(want) and line.split()[3] == tcp_state for line in f)
+
+
+def _syn_sent_to(port: int) -> bool:
+    """A connection in SYN-SENT towards 127.0.0.1:port."""
+    return _connection_to(port, "02")
 
 
 def _connected_to(port: int) -> bool:
-    """An established connection towards 127.0.0.1:port (from /proc/net/tcp)."""
-    want = f":{port:04X}"
-    with open("/proc/net/tcp") as f:
-        next(f)
-        return any(line.split()[2].endswith(want) and line.split()[3] == "01" for line in f)
+    """An established connection towards 127.0.0.1:port."""
+    return _connection_to(port, "01")
 
 
 def test_backend_reset_before_master_saw_connect_complete(balance, backends):
