@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import free_port, listening, pid_alive, read_line
+from conftest import closing_factory, free_port, listening, pid_alive, read_line
 from gbalance.notify import notify
 from gbalance.state import SharedState, state_path
 
@@ -48,16 +48,8 @@ class FakeSystemd:
 
 @pytest.fixture
 def systemd(tmp_path):
-    made = []
-
-    def make(abstract: bool = False) -> FakeSystemd:
-        s = FakeSystemd(tmp_path, abstract)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
+    """Factory for :class:`FakeSystemd` objects, all closed after the test."""
+    yield from closing_factory(lambda abstract=False: FakeSystemd(tmp_path, abstract))
 
 
 def fields(message: str) -> dict[str, str]:
