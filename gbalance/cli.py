@@ -16,11 +16,12 @@ from gbalance.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, ProxyConfig,
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
 from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monspec import parse_monitor
-from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds
+from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds, parse_workers
+from gbalance.state import MAXWORKERS
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-adfpHMr6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-w n] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -51,6 +52,9 @@ Options:
               finishes its open connections as on SIGTERM.
   -t sec      Connect timeout in seconds [default: 5].
   -T sec      Close connections idle this many seconds (0 = never) [default: 0].
+  -w n        Worker processes accepting on the port, each on its own core
+              ("auto": one per usable CPU); the master supervises them
+              [default: 1].
   -h --help   Show this help.
   --version   Show the version.
 
@@ -60,7 +64,7 @@ reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
 The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 
-KNOWN_SHORTS = set("6abBcdfgHikKmMprth")
+KNOWN_SHORTS = set("6abBcdfgHikKmMprthw")
 
 
 def short_usage() -> str:
@@ -68,7 +72,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBcgtTkKm")
+TAKES_ARG = set("bBcgtTkKmw")
 
 
 def _explain(argv: list[str]) -> str:
@@ -121,6 +125,7 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         monitor=parse_monitor(args["-m"]) if args["-m"] is not None else None,
         grace=parse_seconds(args["-g"], "-g") if args["-g"] is not None else DEFAULT_GRACE,
         replace=args["-r"],
+        workers=parse_workers(args["-w"] or "1", MAXWORKERS),
     )
     cfg.groups = parse_groups(args["<channel>"], port)
     return cfg

@@ -32,6 +32,7 @@ class ProxyConfig:
     monitor: MonitorSpec | None = None  # -m
     grace: float = DEFAULT_GRACE        # -g drain grace period (0 = reset at once)
     replace: bool = False               # -r take over from the running master
+    workers: int = 1                    # -w worker processes (1 = the master serves alone)
 
 
 @dataclass

@@ -174,6 +174,7 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
         for ch in group.channels:
             channels.add_channel(g, ch.address, ch.port, ch.maxc)
     state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+    state.set_workers(cfg.workers)
 
 
 def _preload(cfg: ProxyConfig) -> None:
@@ -231,33 +232,25 @@ class Master:
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
-        from gevent import get_hub
         from gevent.event import Event
 
         import gevent
 
         from gbalance.channels import Channels
-        from gbalance.connect import Connector
+        from gbalance.counters import Counters
         from gbalance.mailbox import Mailbox
-        from gbalance.routing import Router
-        from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
+        from gbalance.worker import build_server
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
-        loop = get_hub().loop
         self.done = Event()
         channels = Channels(self.state)
-        addresses = AddressCache(self.state, channels, self.log)
-        events = ChannelEvents(self.state, self.log, debug=cfg.debug,
-                               autodisable=cfg.autodisable,
-                               passive=monitoring and cfg.monitor.disable, channels=channels)
-        connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
-                              stagger=cfg.monitor.stagger if monitoring else 0.0,
-                              source=self.source, keepalive=cfg.server_keepalive)
-        router = Router(self.state, hash_failover=cfg.hash_failover, last_resort=monitoring)
-        self.server = BalanceServer(self.listener, self.state, router, connector, self.log,
-                                    addresses, idle_timeout=cfg.idle_timeout,
-                                    dump=write_stdout if cfg.packet_dump else None)
+        if cfg.workers > 1:
+            from gbalance.pool import Pool
+            self.server = Pool(cfg, self.state, self.listener, self.log, self.source)
+        else:
+            self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
+                                       channels, Counters(self.state))
         if monitoring:
             from gbalance.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
@@ -390,8 +383,9 @@ class Master:
         if not self.cfg.foreground:   # in the foreground the terminal shows it all
             st = self.state
             nch = sum(st.nchannels(g) for g in range(st.ngroups))
+            workers = f", {self.cfg.workers} workers" if self.cfg.workers > 1 else ""
             self.log.info(f"master pid {os.getpid()} listening on {where}{self.cfg.port}, "
-                          f"{nch} channels in {st.ngroups} groups")
+                          f"{nch} channels in {st.ngroups} groups{workers}")
         if self.replaced_pid:
             self.log.info(f"took over {where}{self.cfg.port} from master pid {self.replaced_pid}")
         if self.monitor is not None:

@@ -24,10 +24,11 @@ from gevent.server import StreamServer
 
 from gbalance.channels import Channels
 from gbalance.connect import Connector, Hooks
+from gbalance.counters import Counters
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, C_TOTALC, ENABLED,
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, ENABLED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -54,14 +55,16 @@ class ChannelEvents(Hooks):
     the stagger delay marks the channel suspect.  Without monitoring, ``-a``
     keeps balance's meaning: soft-disable, re-enable by hand.  The state
     changes themselves are :class:`~gbalance.channels.Channels`'; only the
-    connection counters are added here.
+    connection counters are added here, in this process's row
+    (:class:`~gbalance.counters.Counters`).
     """
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
                  autodisable: bool = False, passive: bool = False,
-                 channels: Channels | None = None):
+                 channels: Channels | None = None, counters: Counters | None = None):
         self.state = state
         self.q = state.q
+        self.counters = counters if counters is not None else Counters(state)
         self.log = log
         self.debug = debug
         self.autodisable = autodisable
@@ -73,10 +76,7 @@ class ChannelEvents(Hooks):
         return self.passive and self.q[H_MONITOR] == MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
-        q = self.q
-        base = slot(g, c, 0)
-        q[base + C_TOTALC] += 1
-        q[base + C_C] += 1
+        self.counters.count_attempt(slot(g, c, 0))
         if self.debug:
             self.log.trace(f"trying group {g} channel {c} ... ")
 
@@ -87,7 +87,7 @@ class ChannelEvents(Hooks):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
-        self.q[slot(g, c, C_C)] -= 1
+        self.counters.uncount(slot(g, c, 0))
         if self.debug:
             if reason == "timeout":
                 self.log.trace(f"timeout group {g} channel {c}\n")
@@ -106,7 +106,7 @@ class ChannelEvents(Hooks):
                                  " after the problem is solved")
 
     def cancel(self, g: int, c: int) -> None:
-        self.q[slot(g, c, C_C)] -= 1
+        self.counters.uncount(slot(g, c, 0))
         if self.debug:
             self.log.trace(f"cancelled group {g} channel {c}: client gone\n")
 
@@ -173,10 +173,12 @@ class BalanceServer(StreamServer):
 
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
-                 idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None):
+                 idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
+                 row: int = 0):
         super().__init__(listener, handle=self.handle_client)
         self.state = state
         self.q = state.q
+        self.row = row      # offset of this process's counter row (-w N)
         self.router = router
         self.connector = connector
         self.log = log
@@ -344,12 +346,12 @@ class BalanceServer(StreamServer):
                 set_reset_on_close(client)
                 set_reset_on_close(result.sock)
                 result.sock.close()
-                self.q[slot(result.group, result.channel, C_C)] -= 1
+                self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
             client.close()
             if self.draining:
                 self._check_drained()
             return
-        base = slot(result.group, result.channel, 0)
+        base = slot(result.group, result.channel, 0) + self.row
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
                     client_watcher=result.client_watcher, server_watcher=result.server_watcher,

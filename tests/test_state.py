@@ -79,7 +79,9 @@ def test_layout_constants():
     assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + (S.MAXGROUPS * S.MAXCHANNELS + 1) * S.ADDR_LEN   # + request address
     assert S.slot(0, 0, 0) == S.CHANNEL_BASE
     assert S.slot(1, 0, 0) - S.slot(0, 0, 0) == S.MAXCHANNELS * S.C_SLOTS
-    assert S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1) == S.NSLOTS - 1
+    last = S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1)
+    assert last == S.CHANNEL_BASE + S.TABLE_SLOTS - 1
+    assert last + S.row_offset(S.MAXWORKERS - 1) == S.NSLOTS - 1     # the last worker's row ends it
     assert S.gslot(S.MAXGROUPS - 1, S.G_SLOTS - 1) < S.CHANNEL_BASE
 
 
