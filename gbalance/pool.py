@@ -109,7 +109,7 @@ class Pool:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker"], env=env,
+            s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker", str(s.index)], env=env,
                                       pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True)
         except OSError as exc:
             os.close(r)
