@@ -42,8 +42,9 @@ def test_parse_workers():
     assert parse_workers("auto", 64, cpus=8) == 8 and parse_workers("auto", 64, cpus=200) == 64
     assert parse_workers("auto", 64) == min(len(os.sched_getaffinity(0)), 64)
     for bad in ("0", "65", "-1", "two", "", "٣", "1.5"):
-        with pytest.raises(BalanceError, match=r"invalid number of workers .* for -w"):
+        with pytest.raises(BalanceError) as exc:
             parse_workers(bad, 64)
+        assert exc.value.message == f"invalid number of workers [{bad}] for -w (1 to 64, or auto)"
 
 
 def test_describe_exit():
@@ -58,5 +59,6 @@ def test_cli_takes_w():
     assert parse(["80", "h"]).workers == 1
     assert parse(["-w", "3", "80", "h"]).workers == 3
     assert parse(["-w", "auto", "80", "h"]).workers == min(len(os.sched_getaffinity(0)), 64)
-    with pytest.raises(BalanceError, match="option -w requires an argument"):
+    with pytest.raises(BalanceError) as exc:
         parse(["80", "-w"])
+    assert exc.value.message.startswith("option -w requires an argument\n")
