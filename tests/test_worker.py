@@ -56,9 +56,9 @@ def test_describe_exit():
 def test_cli_takes_w():
     from gbalance.cli import parse
 
-    assert parse(["80", "h"]).workers == 1
-    assert parse(["-w", "3", "80", "h"]).workers == 3
-    assert parse(["-w", "auto", "80", "h"]).workers == min(len(os.sched_getaffinity(0)), 64)
+    assert parse(["80", "127.0.0.1"]).workers == 1
+    assert parse(["-w", "3", "80", "127.0.0.1"]).workers == 3
+    assert parse(["-w", "auto", "80", "127.0.0.1"]).workers == min(len(os.sched_getaffinity(0)), 64)
     with pytest.raises(BalanceError) as exc:
         parse(["80", "-w"])
     assert exc.value.message.startswith("option -w requires an argument\n")
