@@ -32,7 +32,7 @@ pid, start time, limits)                                                is renam
 request address                                                         (owner-only lock file)
 ``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
 groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
-addresses, status, maxc,                                                connect results,
+addresses, status, maxc,                                                connect results (-w 1),
 suspect/fails/passes,                                                   monitoring
 monitor switch, generation
 ``C_TOTALC``, ``C_C``       the process that serves (server's channel   per connection
@@ -50,8 +50,9 @@ row                                                                     before i
                             (:mod:`gbalance.routing`); with N > 1 each
                             worker keeps its own cursor in memory
 ``C_STAGGER_US``            any serving process (last writer wins)      per connect (with -m)
-status, suspect on a        the serving process (``-a`` and passive     connect results
-connect result              detection, through :mod:`gbalance.channels`)
+status and suspect mark     the serving process: a worker with          connect results, an
+on a connect result         ``-w N`` (``-a``, passive detection,        address read back
+                            through :mod:`gbalance.channels`)           invalid
 ``H_WORKERS``               the master, at start-up                     once
 ==========================  ==========================================  =====================
 
