@@ -109,8 +109,11 @@ class Pool:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
+            # In a process group of its own: a Ctrl-C on the terminal reaches the
+            # master only, which passes it on (so no worker is seen dying first).
             s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker", str(s.index)], env=env,
-                                      pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True)
+                                      pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True,
+                                      process_group=0)
         except OSError as exc:
             os.close(r)
             os.close(w)

@@ -579,3 +579,26 @@ def test_handover_with_workers_loses_no_connection(balance, backends):
         assert table.st.pid == new.pid and table.st.workers == 3
     finally:
         table.close()
+
+
+# -- -d and -p ---------------------------------------------------------------------------
+
+def test_debug_trace_and_packet_dump_come_from_every_worker(balance, backends):
+    a = backends("A")
+    port = free_port()
+    proc, pids = start_workers(balance, 2, "-d", "-p", str(port), a.spec, port=port)
+    table = Table(balance, port)
+    try:
+        total = 0
+        while not (table.served(0, 1) and table.served(1, 1)) and total < 400:
+            hammer(port, 20, threads=4)
+            total += 20
+        served = [table.served(w, 1) for w in range(2)]
+    finally:
+        table.close()
+    out, err = proc.stop()
+    assert all(served), served
+    assert err.count("connect to channel 0 successful") == total, err[-500:]
+    # Each worker dumps its own connections: every chunk is there, once.
+    assert out.count("-> 5\nhello\n") == total, out[-500:]
+    assert out.count("-< 2\nA\\0A\n") == total and out.count("-< 5\nhello\n") == total, out[-500:]
