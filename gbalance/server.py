@@ -28,7 +28,7 @@ from gbalance.counters import Counters
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STATUS, C_SUSPECT, ENABLED,
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STATUS, C_SUSPECT, ENABLED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -113,6 +113,11 @@ class ChannelEvents(Hooks):
         self.counters.uncount(slot(g, c, 0))
         if self.debug:
             self.log.trace(f"cancelled group {g} channel {c}: client gone\n")
+
+    def staggered(self, g: int, c: int) -> None:
+        """A parallel connect started because ``g``/``c``'s connect hung: count it
+        in this process's row (readers sum ``C_STAGGERED`` over the rows)."""
+        self.q[slot(g, c, C_STAGGERED) + self.counters.off] += 1
 
     def suspect(self, g: int, c: int) -> None:
         if not self._monitoring():
