@@ -540,7 +540,13 @@ class SharedState:
                                   " in a directory other users may write to")
             if writable and info.st_uid != os.geteuid() and os.geteuid() != 0:
                 writable = False
-            if info.st_size < FILE_SIZE or os.pread(fd, len(MAGIC), 0) != MAGIC:
+            head = os.pread(fd, len(MAGIC) + 8, 0)
+            if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
+                raise StateError(f"{path} is not a gbalance state file")
+            version = int.from_bytes(head[len(MAGIC):], sys.byteorder, signed=True)
+            if version != LAYOUT_VERSION:   # a master of another version (smaller file)
+                raise StateError(f"{path} has state layout {version}, expected {LAYOUT_VERSION}")
+            if info.st_size < FILE_SIZE:
                 raise StateError(f"{path} is not a gbalance state file")
             st = cls(path, fd, writable)
             st.owner = info.st_uid

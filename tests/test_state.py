@@ -450,3 +450,15 @@ def test_read_locks_of_another_user_change_nothing_for_a_restart(tmp_path):
             locker.wait(timeout=10)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_file_of_another_layout_says_which(tmp_path):
+    """A master of the previous version left a smaller file with layout 2."""
+    path = tmp_path / "balance.80.any"
+    path.write_bytes(S.MAGIC + (2).to_bytes(8, sys.byteorder) + bytes(4096))
+    os.chmod(path, 0o644)
+    with pytest.raises(StateError, match=rf"has state layout 2, expected {S.LAYOUT_VERSION}"):
+        SharedState.attach(str(path))
+    path.write_bytes(b"NOTGBAL!" + bytes(100))
+    with pytest.raises(StateError, match="is not a gbalance state file"):
+        SharedState.attach(str(path))
