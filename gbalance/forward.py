@@ -307,8 +307,17 @@ class Link:
             self.active = True
             if self.dump is not None:
                 self.dump(render_dump(up.arrow, early))
-            up.pending = early
-            up._wait_writable(up.on_write)
+            # The backend has just connected: it nearly always takes the
+            # request at once, with no write watcher and no loop turn.
+            try:
+                m = self.server.send(early)
+            except OSError:      # would block, or an error on_write will meet again
+                m = 0
+            if m < len(early):
+                up.pending = early[m:] if m else early
+                up._wait_writable(up.on_write)
+            else:
+                up.rw.start(up.on_read)
         else:
             up.rw.start(up.on_read)
         self.down.rw.start(self.down.on_read)
