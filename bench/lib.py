@@ -304,18 +304,19 @@ class GBalance(Proxy):
             return ""
 
 
-def pin_tree(pid: int, cpu: int) -> None:
-    """Pin every thread of a process tree to ``cpu`` and check that it held."""
+def pin_tree(pid: int, cpu: int | set[int]) -> None:
+    """Pin every thread of a process tree to ``cpu`` (or a set of CPUs) and check that it held."""
     if not cpus_available():
         return
+    cpus = {cpu} if isinstance(cpu, int) else set(cpu)
     for p in process_tree(pid):
         try:
             for tid in os.listdir(f"/proc/{p}/task"):
-                os.sched_setaffinity(int(tid), {cpu})
+                os.sched_setaffinity(int(tid), cpus)
         except (OSError, ValueError):
             continue
-        if os.sched_getaffinity(p) != {cpu}:
-            raise BenchError(f"pid {p} is not pinned to CPU {cpu}")
+        if os.sched_getaffinity(p) != cpus:
+            raise BenchError(f"pid {p} is not pinned to CPUs {sorted(cpus)}")
 
 
 class Daemon:
@@ -352,12 +353,14 @@ class HAProxy(Proxy):
     """Debian's HAProxy in ``mode tcp``, one thread, no splice, foreground."""
 
     name = "haproxy"
+    threads = 1                 # nbthread (bench/workers.py also runs 2)
+    cpus: int | set[int] = PROXY_CPU
 
     def start(self) -> None:
         self.port = free_port()
         conf = self.work / f"haproxy-{self.port}.cfg"
         conf.write_text(f"""global
-    nbthread 1
+    nbthread {self.threads}
     maxconn 8000
     nosplice
 defaults
@@ -383,7 +386,7 @@ backend be
         wait_listening(self.port, self.proc)
         # HAProxy's daemon does not keep taskset's CPU: it came up on the
         # load core (sharing it with wrk and nginx) until pinned here.
-        pin_tree(daemon.pid, PROXY_CPU)
+        pin_tree(daemon.pid, self.cpus)
 
 
 PROXIES = {"direct": Direct, "gbalance": GBalance, "haproxy": HAProxy}

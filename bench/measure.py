@@ -58,6 +58,11 @@ def conn_rate(proxy: Proxy, seconds: float, warmup: float = 1.0) -> float:
 
 
 def _wrk(url: str, seconds: float) -> float:
+    return wrk_run(url, seconds)[0]
+
+
+def wrk_run(url: str, seconds: float) -> tuple[float, int]:
+    """One wrk run with ``Connection: close``: (requests per second, requests completed)."""
     cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s",
                            "-H", "Connection: close", url]
     try:
@@ -71,7 +76,9 @@ def _wrk(url: str, seconds: float) -> float:
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if bad and total and int(bad.group(1)) > int(total.group(1)) // 100:
         raise BenchError(f"wrk: {bad.group(1)} of {total.group(1)} responses were errors")
-    return float(m.group(1))
+    if not total:
+        raise BenchError(f"wrk printed no request count: {out.strip()[-200:]!r}")
+    return float(m.group(1)), int(total.group(1))
 
 
 def bulk_gbits(proxy: Proxy, seconds: float) -> float:

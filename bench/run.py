@@ -17,7 +17,11 @@ medians are compared with issue 2's targets.  Then the failover benchmark
 of issue 5 (see failover.py) and a py-spy profile of gbalance under the
 short-connection load.  Results: printed, and bench/results/latest.json.
 
-Usage: bench/run.py [--only conn,bulk,mem,failover,profile] [--runs N]
+Then issue 11's worker figures (see workers.py): CPU per connection and
+rate for gbalance -w 1 / -w 2 against HAProxy with 1 / 2 threads, the
+spread over 2 workers, and memory per idle connection and per worker.
+
+Usage: bench/run.py [--only conn,bulk,mem,workers,failover,profile] [--runs N]
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import failover  # noqa: E402
 import measure  # noqa: E402
 import profiling  # noqa: E402
+import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "failover", "profile")
+PARTS = ("conn", "bulk", "mem", "workers", "failover", "profile")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -281,19 +286,27 @@ def main(argv: list[str]) -> int:
     procs = []
     try:
         backends = {}
-        if {"conn", "profile", "failover"} & set(args.parts):
+        if {"conn", "profile", "failover", "workers"} & set(args.parts):
             proc, backends["conn"] = start_nginx(work.path)
             procs.append(proc)
         if "bulk" in args.parts:
             proc, backends["bulk"] = start_iperf3()
             procs.append(proc)
-        if {"mem", "failover"} & set(args.parts):
+        if {"mem", "failover", "workers"} & set(args.parts):
             proc, backends["mem"] = start_greeter()
             procs.append(proc)
         result["loadavg_start"] = _loadavg()
         if any(p in args.parts for p in ("conn", "bulk", "mem")):
             throughput(args, work, backends, result)
             print_table(result)
+        if "workers" in args.parts:
+            try:
+                result["workers"] = workers.run(work, backends["conn"], backends.get("mem"), args.runs,
+                                                args.seconds, log)
+                workers.report(result["workers"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"workers: {exc}")
+                log(f"workers: ERROR {exc}")
         if "failover" in args.parts:
             try:
                 result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
@@ -333,7 +346,7 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and "medians" not in result and "failover" not in result else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers"} & set(result) else 0
 
 
 if __name__ == "__main__":

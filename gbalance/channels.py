@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from gbalance.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
                             C_SUSPECT, C_TOTALC, ENABLED, H_NGROUPS, HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
-                            SOFT_DISABLED, SharedState, StateError, gslot, slot, G_NCHANNELS)
+                            SOFT_DISABLED, SharedState, StateError, gslot, slot, G_NCHANNELS,
+                            C_RCVD_BASE, C_SENT_BASE, C_TOTALC_BASE, row_sum)
 
 #: Largest ``maxc`` (the C balance keeps it in an int).
 MAX_MAXC = 2**31 - 1
@@ -76,6 +77,11 @@ def valid_address(text: str) -> bool:
 
 def valid_port(port: int) -> bool:
     return 0 < port <= 65535
+
+
+def eligible(q: memoryview, base: int) -> bool:
+    """Enabled and not suspect: may take a connection if its ``maxc`` leaves room."""
+    return q[base + C_STATUS] == ENABLED and not q[base + C_SUSPECT]
 
 
 def usable(q: memoryview, base: int) -> bool:
@@ -202,14 +208,20 @@ class Channels:
         return Result.OK
 
     def reset(self, g: int, c: int) -> Result:
-        """Zero ``totalc`` and both byte counters (what the C ``reset`` does)."""
+        """Zero ``totalc`` and both byte counters (what the C ``reset`` does).
+
+        The counters themselves belong to the serving processes (one row
+        each), so the master never writes them: it records their sums as the
+        baselines readers subtract, and no count made meanwhile is lost.
+        """
         if not self.exists(g, c):
             return Result.NO_CHANNEL
         base = slot(g, c, 0)
         q = self.q
-        q[base + C_TOTALC] = 0
-        q[base + C_SENT] = 0
-        q[base + C_RCVD] = 0
+        rows = self.state.workers
+        q[base + C_TOTALC_BASE] = row_sum(q, base + C_TOTALC, rows)
+        q[base + C_SENT_BASE] = row_sum(q, base + C_SENT, rows)
+        q[base + C_RCVD_BASE] = row_sum(q, base + C_RCVD, rows)
         return Result.OK
 
     def set_group_type(self, g: int, kind: int) -> Result:

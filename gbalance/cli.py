@@ -17,11 +17,12 @@ from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
 from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monspec import parse_monitor
 from gbalance.proxyproto import parse_version
-from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds
+from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds, parse_workers
+from gbalance.state import MAXWORKERS
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-adfpHMr6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-w n] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -55,6 +56,9 @@ Options:
               finishes its open connections as on SIGTERM.
   -t sec      Connect timeout in seconds [default: 5].
   -T sec      Close connections idle this many seconds (0 = never) [default: 0].
+  -w n        Worker processes accepting on the port, each on its own core
+              ("auto": one per usable CPU); the master supervises them
+              [default: 1].
   -h --help   Show this help.
   --version   Show the version.
 
@@ -64,7 +68,7 @@ reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
 The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 
-KNOWN_SHORTS = set("6abBcdfgHikKmMpPrth")
+KNOWN_SHORTS = set("6abBcdfgHikKmMpPrthw")
 
 
 def short_usage() -> str:
@@ -72,7 +76,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBcgtTkKmP")
+TAKES_ARG = set("bBcgtTkKmPw")
 
 
 def _explain(argv: list[str]) -> str:
@@ -126,6 +130,7 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         grace=parse_seconds(args["-g"], "-g") if args["-g"] is not None else DEFAULT_GRACE,
         replace=args["-r"],
         proxy_protocol=parse_version(args["-P"]) if args["-P"] is not None else None,
+        workers=parse_workers(args["-w"] or "1", MAXWORKERS),
     )
     cfg.groups = parse_groups(args["<channel>"], port)
     return cfg

@@ -34,6 +34,7 @@ class ProxyConfig:
     grace: float = DEFAULT_GRACE        # -g drain grace period (0 = reset at once)
     replace: bool = False               # -r take over from the running master
     proxy_protocol: ProxyVersion | None = None   # -P v1|v2: PROXY header to backends
+    workers: int = 1                    # -w worker processes (1 = the master serves alone)
 
 
 @dataclass

@@ -299,16 +299,30 @@ class Link:
         self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
         self.down.src_reset = server_reset
 
-    def start(self) -> None:
+    def start(self, preamble: bytes = b"") -> None:
+        """Start both flows.  ``preamble`` (what is left of a PROXY header) goes
+        to the backend before anything else and is neither counted nor dumped."""
         up = self.up
-        if self.early:
-            early, self.early = self.early, b""
+        early = self.early
+        if early:
+            self.early = b""
             self.q[up.idx] += len(early)
             self.active = True
             if self.dump is not None:
                 self.dump(render_dump(up.arrow, early))
-            up.pending = early
-            up._wait_writable(up.on_write)
+        first = preamble + early if preamble else early
+        if first:
+            # The backend has just connected: it nearly always takes the
+            # request at once, with no write watcher and no loop turn.
+            try:
+                m = self.server.send(first)
+            except OSError:      # would block, or an error on_write will meet again
+                m = 0
+            if m < len(first):
+                up.pending = first[m:] if m else first
+                up._wait_writable(up.on_write)
+            else:
+                up.rw.start(up.on_read)
         else:
             up.rw.start(up.on_read)
         self.down.rw.start(self.down.on_read)
@@ -378,6 +392,11 @@ class UrgentRelay:
     link (see :meth:`Link.socket_failed`), so a reset on a socket whose
     flow waits for the other side is not missed.  Elsewhere urgent data is
     simply not relayed.
+
+    The set is edge-triggered: every short connection ends with a hang-up
+    on its client socket (shut both ways) that the flows handle anyway, and
+    an edge-triggered hang-up needs no ``epoll_ctl(DEL)`` to stop it from
+    firing again (one system call less per connection).
     """
 
     def __init__(self, loop):
@@ -392,7 +411,7 @@ class UrgentRelay:
             return
         fd = src.fileno()
         try:
-            self.ep.register(fd, select.EPOLLPRI)
+            self.ep.register(fd, select.EPOLLPRI | select.EPOLLET)
         except OSError:
             return
         self.peers[fd] = (src, dst, link)
@@ -428,10 +447,10 @@ class UrgentRelay:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:   # EINVAL: a flow took it first
                         ev |= select.EPOLLERR
-            if ev & (select.EPOLLERR | select.EPOLLHUP):
-                # Level-triggered: stop watching, or this would fire forever.
+            if ev & select.EPOLLERR:
+                # An error is reported to the link and the socket forgotten.
                 # A hang-up alone is a socket shut both ways, a clean end
-                # the flows see; only an error is reported to the link.
+                # the flows see; edge-triggered, it does not fire again.
                 self._forget(fd)
-                if link is not None and ev & select.EPOLLERR:
+                if link is not None:
                     link.socket_failed(src)

@@ -175,6 +175,7 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
         for ch in group.channels:
             channels.add_channel(g, ch.address, ch.port, ch.maxc)
     state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+    state.set_workers(cfg.workers)
 
 
 def _preload(cfg: ProxyConfig) -> None:
@@ -186,14 +187,6 @@ def _preload(cfg: ProxyConfig) -> None:
     import gbalance.server  # noqa: F401
     if cfg.monitor is not None:
         import gbalance.monitor  # noqa: F401
-
-
-def _forget_connect_times(estimator, q, g: int, c: int) -> None:
-    """A channel points elsewhere now: its connect times start over."""
-    from gbalance.state import C_STAGGER_US, slot
-
-    estimator.forget(g, c)
-    q[slot(g, c, C_STAGGER_US)] = 0
 
 
 class Master:
@@ -240,43 +233,30 @@ class Master:
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
-        from gevent import get_hub
         from gevent.event import Event
 
         import gevent
 
         from gbalance.channels import Channels
-        from gbalance.connect import Connector
+        from gbalance.counters import Counters
         from gbalance.mailbox import Mailbox
-        from gbalance.routing import Router
-        from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
-        from gbalance.stagger import StaggerEstimator, StaggerRule
-        from gbalance.state import H_STAGGER_US, MAXCHANNELS, MAXGROUPS
+        from gbalance.stagger import initial_delay
+        from gbalance.state import H_STAGGER_US
+        from gbalance.worker import build_server
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
-        loop = get_hub().loop
         self.done = Event()
         channels = Channels(self.state)
-        estimator = None
         if monitoring and cfg.monitor.stagger > 0:
-            estimator = StaggerEstimator(StaggerRule(cfg.monitor.stagger), MAXGROUPS, MAXCHANNELS)
-            self.state.q[H_STAGGER_US] = int(estimator.initial * 1e6)
-        readdress = None
-        if estimator is not None:
-            readdress = functools.partial(_forget_connect_times, estimator, self.state.q)
-        addresses = AddressCache(self.state, channels, self.log, on_readdress=readdress)
-        events = ChannelEvents(self.state, self.log, debug=cfg.debug,
-                               autodisable=cfg.autodisable,
-                               passive=monitoring and cfg.monitor.disable, channels=channels)
-        connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
-                              stagger=cfg.monitor.stagger if monitoring else 0.0,
-                              source=self.source, keepalive=cfg.server_keepalive,
-                              estimator=estimator)
-        router = Router(self.state, hash_failover=cfg.hash_failover, last_resort=monitoring)
-        self.server = BalanceServer(self.listener, self.state, router, connector, self.log,
-                                    addresses, idle_timeout=cfg.idle_timeout,
-                                    dump=write_stdout if cfg.packet_dump else None)
+            # The delay shown for channels no process has measured yet.
+            self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
+        if cfg.workers > 1:
+            from gbalance.pool import Pool
+            self.server = Pool(cfg, self.state, self.listener, self.log, self.source)
+        else:
+            self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
+                                       channels, Counters(self.state))
         if monitoring:
             from gbalance.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
@@ -284,11 +264,10 @@ class Master:
         # A shell's ``kill`` request drains as SIGTERM does (balance's forked
         # children, too, finished their transfers when the master was killed).
         self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.begin_drain, "kill from the shell"))
-        if cfg.proxy_protocol is not None:   # -P: headers for clients and health checks
-            from gbalance.proxyproto import check_header, header_maker
-            self.server.proxy = header_maker(cfg.proxy_protocol, self.listener)
-            if self.monitor is not None:
-                self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
+        if cfg.proxy_protocol is not None and self.monitor is not None:
+            # -P: health checks send a header too (clients' headers: worker.build_server).
+            from gbalance.proxyproto import check_header
+            self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
 
     def trace_channels(self) -> None:
         """``-d``: list the active channels at start-up."""
@@ -414,8 +393,9 @@ class Master:
         if not self.cfg.foreground:   # in the foreground the terminal shows it all
             st = self.state
             nch = sum(st.nchannels(g) for g in range(st.ngroups))
+            workers = f", {self.cfg.workers} workers" if self.cfg.workers > 1 else ""
             self.log.info(f"master pid {os.getpid()} listening on {where}{self.cfg.port}, "
-                          f"{nch} channels in {st.ngroups} groups")
+                          f"{nch} channels in {st.ngroups} groups{workers}")
         if self.replaced_pid:
             self.log.info(f"took over {where}{self.cfg.port} from master pid {self.replaced_pid}")
         if self.monitor is not None:

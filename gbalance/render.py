@@ -69,7 +69,7 @@ def monitor_table(state: SharedState) -> str:
                      f"{state.get(ch.group, ch.index, C_FAILS):5d} "
                      f"{state.get(ch.group, ch.index, C_PASSES):6d} "
                      f"{delay * 1000:5.1f}ms "
-                     f"{state.get(ch.group, ch.index, C_STAGGERED):9d} {since}")
+                     f"{state.counter(ch.group, ch.index, C_STAGGERED):9d} {since}")
     return "\n".join(lines) + "\n"
 
 
@@ -182,7 +182,7 @@ def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
            "Parallel connects started because a connect to the channel hung past its delay.")
     for ch in channels:
         out.append(f"balance_channel_staggered_total{{{labels[ch.group, ch.index]}}} "
-                   f"{state.get(ch.group, ch.index, C_STAGGERED)}")
+                   f"{state.counter(ch.group, ch.index, C_STAGGERED)}")
     return "\n".join(out) + "\n"
 
 

@@ -11,6 +11,17 @@ so a monitor that misjudges cannot take the whole service down.
 No sockets here: the server asks for candidates and acts on them.  Which
 channel may take a connection is decided by :mod:`gbalance.channels`; the
 only slot written here is each group's round-robin cursor.
+
+With workers (``-w N``, N > 1) a router is given the worker's
+:class:`~gbalance.counters.Counters`: ``maxc`` is then checked against the
+open connections of every worker (and the connection counted at once, see
+:mod:`gbalance.counters`), and each worker keeps its own round-robin cursor
+in memory, starting at its own index: every worker hands out its
+connections in strict rotation, so each channel gets an even share of the
+total, but two connections in a row from different workers may go to the
+same channel.  Hash groups hash the client address the same way in every
+process (CRC-32), so a client sticks to its channel whichever worker
+accepts it.
 """
 
 from __future__ import annotations
@@ -18,9 +29,10 @@ from __future__ import annotations
 import zlib
 from typing import Iterator
 
-from gbalance.channels import last_resort, usable
-from gbalance.state import (G_NCHANNELS, G_RR_NEXT, G_TYPE, H_NGROUPS, HASH, MAXCHANNELS,
-                            MAXGROUPS, SharedState, gslot, slot)
+from gbalance.channels import eligible, last_resort, usable
+from gbalance.counters import Counters
+from gbalance.state import (C_STATUS, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_NGROUPS, HARD_DISABLED, HASH,
+                            MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
 
 
 def client_hash(address: str) -> int:
@@ -37,13 +49,21 @@ def client_hash(address: str) -> int:
 class Router:
     """Candidate channels for new connections, read live from the table."""
 
-    def __init__(self, state: SharedState, hash_failover: bool = False, last_resort: bool = False):
+    def __init__(self, state: SharedState, hash_failover: bool = False, last_resort: bool = False,
+                 counters: Counters | None = None, worker: int = 0):
         self.q = state.q
         self.hash_failover = hash_failover
         self.last_resort = last_resort
+        #: Set only when other processes serve too (-w N, N > 1).
+        self.counters = counters if counters is not None and counters.shared else None
+        self.cursors = [worker] * MAXGROUPS if self.counters is not None else None
 
     def _usable(self, g: int, c: int) -> bool:
-        return usable(self.q, slot(g, c, 0))
+        counters = self.counters
+        if counters is None:
+            return usable(self.q, slot(g, c, 0))
+        base = slot(g, c, 0)
+        return eligible(self.q, base) and counters.room(base)
 
     def candidates(self, client: str) -> Iterator[tuple[int, int]]:
         """Yield ``(group, channel)`` pairs to try, best first.
@@ -65,6 +85,15 @@ class Router:
                     if self._usable(g, c):
                         yielded = True
                         yield g, c
+            elif self.cursors is not None:      # a worker: its own cursor
+                cursors = self.cursors
+                start = cursors[g] % n
+                for i in range(n):
+                    c = (start + i) % n
+                    if self._usable(g, c):
+                        cursors[g] = (c + 1) % n
+                        yielded = True
+                        yield g, c
             else:
                 cursor = gslot(g, G_RR_NEXT)
                 start = q[cursor] % n
@@ -80,7 +109,12 @@ class Router:
     def _last_resort(self) -> Iterator[tuple[int, int]]:
         """Soft-disabled and suspect channels, in order, when nothing else is left."""
         q = self.q
+        counters = self.counters
         for g in range(min(q[H_NGROUPS], MAXGROUPS)):
             for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
-                if last_resort(q, slot(g, c, 0)):
+                base = slot(g, c, 0)
+                if counters is None:
+                    if last_resort(q, base):
+                        yield g, c
+                elif q[base + C_STATUS] != HARD_DISABLED and counters.room(base):
                     yield g, c

@@ -24,17 +24,22 @@ from gevent.server import StreamServer
 
 from gbalance.channels import Channels
 from gbalance.connect import Connector, Hooks
+from gbalance.counters import Counters
 from gbalance.forward import Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
 from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED, C_STATUS, C_SUSPECT,
-                            C_TOTALC, ENABLED,
+                            ENABLED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
+#: Handler greenlets kept for the next clients.  A new greenlet costs a new
+#: Python frame stack (16 KB, mapped and unmapped again per connection);
+#: one that has finished a client's connect waits for the next client instead.
+IDLE_HANDLERS = 128
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -56,14 +61,16 @@ class ChannelEvents(Hooks):
     the stagger delay marks the channel suspect.  Without monitoring, ``-a``
     keeps balance's meaning: soft-disable, re-enable by hand.  The state
     changes themselves are :class:`~gbalance.channels.Channels`'; only the
-    connection counters are added here.
+    connection counters are added here, in this process's row
+    (:class:`~gbalance.counters.Counters`).
     """
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
                  autodisable: bool = False, passive: bool = False,
-                 channels: Channels | None = None):
+                 channels: Channels | None = None, counters: Counters | None = None):
         self.state = state
         self.q = state.q
+        self.counters = counters if counters is not None else Counters(state)
         self.log = log
         self.debug = debug
         self.autodisable = autodisable
@@ -75,10 +82,7 @@ class ChannelEvents(Hooks):
         return self.passive and self.q[H_MONITOR] == MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
-        q = self.q
-        base = slot(g, c, 0)
-        q[base + C_TOTALC] += 1
-        q[base + C_C] += 1
+        self.counters.count_attempt(slot(g, c, 0))
         if self.debug:
             self.log.trace(f"trying group {g} channel {c} ... ")
 
@@ -89,7 +93,7 @@ class ChannelEvents(Hooks):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
-        self.q[slot(g, c, C_C)] -= 1
+        self.counters.uncount(slot(g, c, 0))
         if self.debug:
             if reason == "timeout":
                 self.log.trace(f"timeout group {g} channel {c}\n")
@@ -108,9 +112,14 @@ class ChannelEvents(Hooks):
                                  " after the problem is solved")
 
     def cancel(self, g: int, c: int) -> None:
-        self.q[slot(g, c, C_C)] -= 1
+        self.counters.uncount(slot(g, c, 0))
         if self.debug:
             self.log.trace(f"cancelled group {g} channel {c}: client gone\n")
+
+    def staggered(self, g: int, c: int) -> None:
+        """A parallel connect started because ``g``/``c``'s connect hung: count it
+        in this process's row (readers sum ``C_STAGGERED`` over the rows)."""
+        self.q[slot(g, c, C_STAGGERED) + self.counters.off] += 1
 
     def suspect(self, g: int, c: int) -> None:
         if not self._monitoring():
@@ -118,10 +127,6 @@ class ChannelEvents(Hooks):
         if self.channels.mark_suspect(g, c):
             self.log.warning(f"group {g} channel {c} {self._where(g, c)} suspect: connect still pending,"
                              " new connections skip it")
-
-    def staggered(self, g: int, c: int) -> None:
-        """A connect to this channel hung past its delay: a parallel one started."""
-        self.q[slot(g, c, C_STAGGERED)] += 1
 
     def measured(self, g: int, c: int, delay: float) -> None:
         """The channel's adaptive stagger delay after its latest connect."""
@@ -193,10 +198,12 @@ class BalanceServer(StreamServer):
 
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
-                 idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None):
+                 idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
+                 row: int = 0):
         super().__init__(listener, handle=self.handle_client)
         self.state = state
         self.q = state.q
+        self.row = row      # offset of this process's counter row (-w N)
         self.router = router
         self.connector = connector
         self.log = log
@@ -219,6 +226,7 @@ class BalanceServer(StreamServer):
         self._sweeper = None
         self.urgent = None
         self._spawn_raw = gevent.spawn_raw
+        self._idle: list = []       # parked handler greenlets (see IDLE_HANDLERS)
 
     # -- lifecycle ------------------------------------------------------
 
@@ -248,7 +256,25 @@ class BalanceServer(StreamServer):
 
     def do_handle(self, fd, address) -> None:
         self.pending.add(fd)
-        self._spawn_raw(self.handle_client, fd, address)
+        idle = self._idle
+        if idle:    # resumed on the next loop turn, as a new greenlet would start
+            self.loop.run_callback(idle.pop().switch, fd, address)
+        else:
+            self._spawn_raw(self._handler, fd, address)
+
+    def _handler(self, fd: int, address) -> None:
+        """Handle clients one after another: park between them (at most
+        ``IDLE_HANDLERS`` parked), resumed by :meth:`do_handle` with the next."""
+        handle = self.handle_client
+        idle = self._idle
+        hub = gevent.get_hub()
+        me = gevent.getcurrent()
+        while True:
+            handle(fd, address)
+            if len(idle) >= IDLE_HANDLERS or self.draining:
+                return
+            idle.append(me)
+            fd, address = hub.switch()
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
         pass
@@ -364,27 +390,21 @@ class BalanceServer(StreamServer):
                 set_reset_on_close(client)
                 set_reset_on_close(result.sock)
                 result.sock.close()
-                self.q[slot(result.group, result.channel, C_C)] -= 1
+                self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
             client.close()
             if self.draining:
                 self._check_drained()
             return
+        rest = b""
         if self.proxy is not None:   # -P: the PROXY header goes first
             rest = send_header(result.sock, self.proxy(client, address))
-        base = slot(result.group, result.channel, 0)
+        base = slot(result.group, result.channel, 0) + self.row
         link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                     on_close=self._closed, dump=self.dump, urgent=self.urgent,
                     client_watcher=result.client_watcher, server_watcher=result.server_watcher,
                     early=result.early, server_reset=result.reset)
         self.links[link] = 0.0
-        link.start()
-        if self.proxy is not None and rest:   # rare: the rest goes before any client data
-            up = link.up
-            if up.pending:                    # early client bytes wait already: go before them
-                up.pending = rest + up.pending
-            else:
-                up.pending = rest
-                up._wait_writable(up.on_write)
+        link.start(rest)    # rare: a header's unsent rest goes before any client data
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)

@@ -9,6 +9,7 @@ never resolves a name per connection.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -215,3 +216,21 @@ def parse_seconds(text: str, option: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise BalanceError(f"invalid timeout [{text}] for {option}", EX_USAGE)
     return value
+
+
+def parse_workers(text: str, limit: int, cpus: int | None = None) -> int:
+    """``-w``: a number of worker processes from 1 to ``limit``, or ``auto``.
+
+    ``auto`` is the number of CPUs this process may run on (its affinity
+    mask, so a ``taskset`` or cgroup cpuset is honoured), at most ``limit``.
+    """
+    if text == "auto":
+        if cpus is None:
+            try:
+                cpus = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                cpus = os.cpu_count() or 1
+        return max(1, min(cpus, limit))
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= limit:
+        return int(text)
+    raise BalanceError(f"invalid number of workers [{text}] for -w (1 to {limit}, or auto)", EX_USAGE)

@@ -32,6 +32,11 @@ ALPHA = 1.0 / 8.0
 BETA = 1.0 / 4.0
 
 
+def initial_delay(ceiling: float) -> float:
+    """The delay of a channel not measured yet, for a ``stagger=`` of ``ceiling``."""
+    return min(INITIAL, ceiling)
+
+
 @dataclass(frozen=True)
 class StaggerRule:
     """The configured bounds: ``ceiling`` is ``stagger=`` (0 turns it off)."""
@@ -57,7 +62,7 @@ class StaggerEstimator:
         nslots = groups * channels
         self.srtt: list[float] = [-1.0] * nslots     # -1: not measured yet
         self.rttvar: list[float] = [0.0] * nslots
-        self.initial = min(INITIAL, rule.ceiling)
+        self.initial = initial_delay(rule.ceiling)
         self.delays: list[float] = [self.initial] * nslots
 
     def delay(self, g: int, c: int) -> float:

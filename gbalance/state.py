@@ -8,7 +8,11 @@ layout is fixed and versioned:
 
 * bytes 0..7: the magic ``GBALSTAT``;
 * then one array of signed 64-bit slots: a header (with the mailbox),
-  ``MAXGROUPS`` group records and ``MAXGROUPS * MAXCHANNELS`` channel records;
+  ``MAXGROUPS`` group records and ``MAXGROUPS * MAXCHANNELS`` channel records,
+  followed by the counter rows of workers 1 to ``MAXWORKERS - 1`` (``-w``):
+  each a copy of the channel records' shape (:data:`TABLE_SLOTS` slots) of
+  which only the counter fields are used; worker 0 (and the single process
+  of ``-w 1``) counts in the channel records themselves;
 * then one fixed-size, NUL-padded text field per channel: its numeric
   address; then one more such field: the address argument of a request.
 
@@ -28,23 +32,50 @@ pid, start time, limits)                                                is renam
 request address                                                         (owner-only lock file)
 ``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
 groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
-addresses, status, maxc,                                                connect results,
+addresses, status, maxc,                                                connect results (-w 1),
 suspect/fails/passes,                                                   monitoring
 monitor switch, generation
-``C_TOTALC``, ``C_C``       the master (server's channel events,        per connection
-                            :mod:`gbalance.forward` on close)
-``C_SENT``, ``C_RCVD``      the master (:mod:`gbalance.forward`)        per chunk
-``G_RR_NEXT``               the master (:mod:`gbalance.routing`)        per connection
-``C_STAGGER_US``,           the master (:mod:`gbalance.connect`, from   per connect (with -m)
-``C_STAGGERED``             :mod:`gbalance.stagger`'s estimates)
+``C_TOTALC``, ``C_C``       the process that serves (server's channel   per connection
+in counter row *w*          events, :mod:`gbalance.forward` on close):
+                            the master with ``-w 1``, worker *w* with
+                            ``-w N``; with N > 1 ``C_C`` of a channel
+                            with ``maxc`` is raised under the maxc lock
+                            (:mod:`gbalance.counters`)
+``C_C`` of a dead worker's  the master (:mod:`gbalance.pool`)           after the worker died,
+row                                                                     before its replacement
+``C_SENT``, ``C_RCVD``,     the serving process, in its own row         per chunk / connect
+``C_STAGGERED`` in row *w*  (:mod:`gbalance.forward`, connect)
+``C_*_BASE`` (reset)        the master (:mod:`gbalance.channels`)       on a ``reset`` request
+``G_RR_NEXT``               the master with ``-w 1``                    per connection
+                            (:mod:`gbalance.routing`); with N > 1 each
+                            worker keeps its own cursor in memory
+``C_STAGGER_US``            any serving process (last writer wins)      per connect (with -m)
+status and suspect mark     the serving process: a worker with          connect results, an
+on a connect result         ``-w N`` (``-a``, passive detection,        address read back
+                            through :mod:`gbalance.channels`)           invalid
+``H_WORKERS``               the master, at start-up                     once
 ==========================  ==========================================  =====================
+
+Readers sum the counter rows (``C_C``, ``C_TOTALC``, ``C_SENT``, ``C_RCVD``,
+``C_STAGGERED`` over rows ``0 .. H_WORKERS - 1``) and subtract the reset
+baselines: a ``reset`` never writes a counter another process adds to, it
+records the sums at that moment in ``C_TOTALC_BASE``, ``C_SENT_BASE`` and
+``C_RCVD_BASE``.
+
+With ``-w N`` the serving processes are the workers; they also make the
+connect-result transitions (autodisable, passive detection, suspect marks)
+through :mod:`gbalance.channels`, as single-slot writes, as balance's forked
+children did.  Everything else stays the master's.
 
 A shell never writes the table itself: it posts a request in the mailbox
 and waits for the master's acknowledgement (see :mod:`gbalance.mailbox`), so
 a ``reset`` can never race with the master's counting.  The master takes no
 lock while it serves: it holds the *master lock* (byte 0 of the lock file)
 for its life, and shells of the same user take the *change lock* (byte 1)
-to use the mailbox one at a time.
+to use the mailbox one at a time.  With ``-w N`` (N > 1) the workers take the
+*maxc lock* (byte 2) for the few instructions that count a connection to a
+channel with a ``maxc`` limit (:mod:`gbalance.counters`); channels without a
+limit never take it.
 
 Permissions: the state file is 0644 (everybody may ``show``), the lock file
 beside it (``.balance.<port>.<bind>.lock``) is 0600, so no other user can
@@ -73,9 +104,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 MAGIC = b"GBALSTAT"
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 MAXGROUPS = 32
 MAXCHANNELS = 64
+#: Most worker processes (``-w``); each has a counter row.
+MAXWORKERS = 64
 ADDR_LEN = 64
 
 #: Environment variable that moves the state directory (for non-root users).
@@ -95,7 +128,8 @@ H_PORT = 6
 H_STARTED = 7      # unix time the master started
 H_NGROUPS = 8
 H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
-H_STAGGER_US = 10  # stagger delay of a channel not measured yet, microseconds (0 = off)
+H_WORKERS = 10     # counter rows in use: the -w number (1 = the master alone)
+H_STAGGER_US = 11  # stagger delay of a channel not measured yet, microseconds (0 = off)
 # The request mailbox (see gbalance.mailbox).
 H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
 H_REQ_OP = 17
@@ -128,11 +162,18 @@ C_PASSES = 9    # consecutive passed checks (monitoring)
 C_CHANGED = 10  # unix time of the last state change
 C_STAGGER_US = 11  # adaptive stagger delay now, in microseconds (monitoring; gauge)
 C_STAGGERED = 12   # parallel connects started because this channel's connect hung (counter)
+C_TOTALC_BASE = 13  # sum of C_TOTALC at the last reset (readers subtract it)
+C_SENT_BASE = 14
+C_RCVD_BASE = 15
 C_SLOTS = 16
+#: Fields counted per serving process (one row each), summed by readers.
+ROW_COUNTERS = (C_C, C_TOTALC, C_SENT, C_RCVD, C_STAGGERED)
 
 GROUP_BASE = H_SLOTS
 CHANNEL_BASE = GROUP_BASE + MAXGROUPS * G_SLOTS
-NSLOTS = CHANNEL_BASE + MAXGROUPS * MAXCHANNELS * C_SLOTS
+#: Slots of one channel table; worker w's counters are at slot(...) + w * TABLE_SLOTS.
+TABLE_SLOTS = MAXGROUPS * MAXCHANNELS * C_SLOTS
+NSLOTS = CHANNEL_BASE + MAXWORKERS * TABLE_SLOTS
 ADDR_OFFSET = len(MAGIC) + NSLOTS * 8
 REQ_ADDR_OFFSET = ADDR_OFFSET + MAXGROUPS * MAXCHANNELS * ADDR_LEN
 FILE_SIZE = REQ_ADDR_OFFSET + ADDR_LEN
@@ -219,6 +260,19 @@ def lock_path(path: str) -> str:
 def slot(group: int, channel: int, field: int) -> int:
     """Index into :attr:`SharedState.q` of one field of one channel."""
     return CHANNEL_BASE + (group * MAXCHANNELS + channel) * C_SLOTS + field
+
+
+def row_offset(worker: int) -> int:
+    """What to add to a :func:`slot` index to reach worker ``worker``'s counter row."""
+    return worker * TABLE_SLOTS
+
+
+def row_sum(q: memoryview, index: int, rows: int) -> int:
+    """The sum of slot ``index`` (a :func:`slot` of a counter field) over ``rows`` rows."""
+    total = q[index]
+    for w in range(1, max(1, min(rows, MAXWORKERS))):
+        total += q[index + w * TABLE_SLOTS]
+    return total
 
 
 def gslot(group: int, field: int) -> int:
@@ -398,6 +452,7 @@ class SharedState:
         q[H_PID] = os.getpid()
         q[H_START_TICKS] = process_start_ticks(os.getpid()) or 0
         q[H_STARTED] = int(time.time())
+        q[H_WORKERS] = 1
         return st
 
     @staticmethod
@@ -486,7 +541,13 @@ class SharedState:
                                   " in a directory other users may write to")
             if writable and info.st_uid != os.geteuid() and os.geteuid() != 0:
                 writable = False
-            if info.st_size < FILE_SIZE or os.pread(fd, len(MAGIC), 0) != MAGIC:
+            head = os.pread(fd, len(MAGIC) + 8, 0)
+            if len(head) < len(MAGIC) + 8 or head[:len(MAGIC)] != MAGIC:
+                raise StateError(f"{path} is not a gbalance state file")
+            version = int.from_bytes(head[len(MAGIC):], sys.byteorder, signed=True)
+            if version != LAYOUT_VERSION:   # a master of another version (smaller file)
+                raise StateError(f"{path} has state layout {version}, expected {LAYOUT_VERSION}")
+            if info.st_size < FILE_SIZE:
                 raise StateError(f"{path} is not a gbalance state file")
             st = cls(path, fd, writable)
             st.owner = info.st_uid
@@ -531,6 +592,28 @@ class SharedState:
                 return None
             self.lock_fd = fd
         return self.lock_fd
+
+    def open_own_lock(self) -> int:
+        """A new open file description of the lock file (a worker's, for the maxc lock).
+
+        Locks taken through it exclude those of every other open, even in
+        processes forked from this one.  Raises :class:`StateError` when
+        the lock file cannot be opened or is not the owner's private file.
+        """
+        path = lock_path(self.path)
+        try:
+            fd = _open_nofollow(path, os.O_RDWR)
+        except OSError as exc:
+            raise StateError(f"cannot open lock file {path}: {exc.strerror}", exc.errno)
+        try:
+            info = os.fstat(fd)
+            check_own_file(path, info, "lock file")
+            if info.st_mode & 0o077:
+                raise UnsafeState(f"refusing lock file {path}: other users may open it")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def master_alive(self) -> bool:
         """True while the master that wrote this file runs.
@@ -612,6 +695,24 @@ class SharedState:
     def bump_generation(self) -> None:
         """Tell the master that channel addresses or the channel set changed."""
         self.q[H_GENERATION] += 1
+
+    @property
+    def workers(self) -> int:
+        """Counter rows in use (the master's ``-w``), bounded for a damaged file."""
+        return max(1, min(self.q[H_WORKERS], MAXWORKERS))
+
+    def set_workers(self, n: int) -> None:
+        self.q[H_WORKERS] = n
+
+    def counter(self, group: int, channel: int, field: int) -> int:
+        """A counter summed over the rows in use, less its reset baseline."""
+        q = self.q
+        i = slot(group, channel, field)
+        value = row_sum(q, i, self.workers)
+        base = _BASES.get(field)
+        if base is not None:
+            value -= q[i - field + base]
+        return value
 
     @property
     def monitor(self) -> int:
@@ -699,15 +800,20 @@ class SharedState:
         """A snapshot of one channel record."""
         b = slot(group, channel, 0)
         q = self.q
+        cnt = self.counter
         return Channel(group, channel, q[b + C_STATUS], self.address(group, channel),
-                       q[b + C_PORT], q[b + C_MAXC], q[b + C_C], q[b + C_TOTALC],
-                       q[b + C_SENT], q[b + C_RCVD], q[b + C_SUSPECT])
+                       q[b + C_PORT], q[b + C_MAXC], cnt(group, channel, C_C),
+                       cnt(group, channel, C_TOTALC), cnt(group, channel, C_SENT),
+                       cnt(group, channel, C_RCVD), q[b + C_SUSPECT])
 
     def channels(self) -> Iterator[Channel]:
         """Every channel of every group, in order (bounded even in a damaged file)."""
         for g in range(max(0, min(self.ngroups, MAXGROUPS))):
             for c in range(max(0, min(self.nchannels(g), MAXCHANNELS))):
                 yield self.channel(g, c)
+
+
+_BASES = {C_TOTALC: C_TOTALC_BASE, C_SENT: C_SENT_BASE, C_RCVD: C_RCVD_BASE}
 
 
 def _shared_directory(path: str) -> bool:

@@ -79,7 +79,9 @@ def test_layout_constants():
     assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + (S.MAXGROUPS * S.MAXCHANNELS + 1) * S.ADDR_LEN   # + request address
     assert S.slot(0, 0, 0) == S.CHANNEL_BASE
     assert S.slot(1, 0, 0) - S.slot(0, 0, 0) == S.MAXCHANNELS * S.C_SLOTS
-    assert S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1) == S.NSLOTS - 1
+    last = S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1)
+    assert last == S.CHANNEL_BASE + S.TABLE_SLOTS - 1
+    assert last + S.row_offset(S.MAXWORKERS - 1) == S.NSLOTS - 1     # the last worker's row ends it
     assert S.gslot(S.MAXGROUPS - 1, S.G_SLOTS - 1) < S.CHANNEL_BASE
 
 
@@ -431,3 +433,15 @@ def test_read_locks_of_another_user_change_nothing_for_a_restart(tmp_path):
             locker.wait(timeout=10)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_file_of_another_layout_says_which(tmp_path):
+    """A master of the previous version left a smaller file with layout 2."""
+    path = tmp_path / "balance.80.any"
+    path.write_bytes(S.MAGIC + (2).to_bytes(8, sys.byteorder) + bytes(4096))
+    os.chmod(path, 0o644)
+    with pytest.raises(StateError, match=rf"has state layout 2, expected {S.LAYOUT_VERSION}"):
+        SharedState.attach(str(path))
+    path.write_bytes(b"NOTGBAL!" + bytes(100))
+    with pytest.raises(StateError, match="is not a gbalance state file"):
+        SharedState.attach(str(path))

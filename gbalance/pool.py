@@ -1,0 +1,250 @@
+"""The master's workers (``-w N``, N > 1): start, watch, restart, drain.
+
+:class:`Pool` stands where the single process's
+:class:`~gbalance.server.BalanceServer` stands in the master, with the same
+few methods the master's stop logic uses (``start``, ``stop_accepting``,
+``drain``, ``reset_all``, ``open_count``, ``stop_timers``), so draining,
+the ``-g`` grace period, the shell's ``kill`` and the ``-r`` hand-over work
+unchanged: the master only passes them on as signals.
+
+The master keeps the listening socket open itself (it never accepts on
+it): connections waiting in the backlog stay there while a worker is
+replaced, and ``-r`` hands over that one socket as with ``-w 1``.  Every
+worker accepts from the same socket; the kernel wakes the waiting workers
+and the first to call ``accept`` gets the connection, so a busy worker
+(late to wake) takes fewer: the spread follows the load.
+
+A worker that dies while the master serves is logged and replaced, in the
+same counter row; its row's open-connection counts are zeroed first (its
+connections died with it; its totals and bytes stay counted).  One that
+dies again within a second of starting is restarted after a growing pause
+(up to :data:`MAX_BACKOFF` seconds), never in a busy loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import gevent
+from gevent import subprocess
+
+from gbalance.config import ProxyConfig
+from gbalance.log import Log
+from gbalance.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
+                            row_sum, slot, G_NCHANNELS)
+from gbalance.worker import WORKER_ENV, WorkerSpec, encode_spec
+
+#: How long the master waits for a new worker to say it is ready.
+READY_TIMEOUT = 15.0
+#: Longest pause before restarting a worker that keeps dying.
+MAX_BACKOFF = 5.0
+#: How long the master waits for its workers when it exits, before SIGKILL.
+EXIT_WAIT = 5.0
+
+
+def describe_exit(code: int) -> str:
+    """'exit status 1' or 'signal 9 (SIGKILL)' from a Popen return code."""
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
+
+
+class Slot:
+    """One worker position: its current process and restart bookkeeping."""
+
+    __slots__ = ("index", "proc", "started", "backoff", "ready", "watcher")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc = None
+        self.started = 0.0
+        self.backoff = 0.1
+        self.ready = None
+        self.watcher = None
+
+
+class Pool:
+    """N worker processes serving one listener for one master."""
+
+    def __init__(self, cfg: ProxyConfig, state: SharedState, listener, log: Log, source: dict):
+        self.cfg = cfg
+        self.state = state
+        self.listener = listener
+        self.log = log
+        self.source = source
+        self.n = cfg.workers
+        self.loop = gevent.get_hub().loop
+        self.slots = [Slot(i) for i in range(self.n)]
+        self.stopping = False
+        self._on_drained = None
+        self.restarts = 0
+
+    # -- starting -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every worker and wait (bounded) until each says it is ready."""
+        for s in self.slots:
+            self._spawn(s)
+        deadline = time.monotonic() + READY_TIMEOUT
+        for s in self.slots:
+            if s.ready is not None:
+                s.ready.wait(max(0.0, deadline - time.monotonic()))
+
+    def _spawn(self, s: Slot) -> None:
+        from gevent.event import Event
+
+        r, w = os.pipe()
+        spec = WorkerSpec(index=s.index, rows=self.n, cfg=self.cfg, source=self.source,
+                          state_path=self.state.path, state_fd=self.state.fd,
+                          listen_fd=self.listener.fileno(), ready_fd=w, master_pid=os.getpid())
+        env = dict(os.environ)
+        env[WORKER_ENV] = encode_spec(spec)
+        # The worker imports the same gbalance as this master, wherever it lives.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            # In a process group of its own: a Ctrl-C on the terminal reaches the
+            # master only, which passes it on (so no worker is seen dying first).
+            s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker", str(s.index)], env=env,
+                                      pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True,
+                                      process_group=0)
+        except OSError as exc:
+            os.close(r)
+            os.close(w)
+            self.log.error(f"cannot start worker {s.index}: {exc.strerror}")
+            s.proc = None
+            s.watcher = gevent.spawn_later(s.backoff, self._retry, s)
+            s.backoff = min(MAX_BACKOFF, s.backoff * 2)
+            return
+        os.close(w)
+        s.started = time.monotonic()
+        s.ready = Event()
+        s.watcher = gevent.spawn(self._watch, s, s.proc, r, s.ready)
+
+    def _retry(self, s: Slot) -> None:
+        if not self.stopping:
+            self._spawn(s)
+
+    def _watch(self, s: Slot, proc, ready_fd: int, ready) -> None:
+        """Wait for the worker to be ready, then for it to end; replace it if it died."""
+        from gevent.socket import wait_read
+
+        try:
+            try:
+                wait_read(ready_fd, timeout=READY_TIMEOUT)
+                os.read(ready_fd, 1)
+            except Exception:
+                pass
+        finally:
+            os.close(ready_fd)
+            ready.set()
+        code = proc.wait()
+        if s.proc is proc:
+            s.proc = None
+        self._zero_row(s.index)
+        if self.stopping:
+            self._check_drained()
+            return
+        self.restarts += 1
+        lived = time.monotonic() - s.started
+        if lived >= 1.0:
+            s.backoff = 0.1
+            delay = 0.0
+        else:
+            delay = s.backoff
+            s.backoff = min(MAX_BACKOFF, s.backoff * 2)
+        self.log.warning(f"worker {s.index} (pid {proc.pid}) died ({describe_exit(code)});"
+                         f" starting a replacement{f' in {delay:g} seconds' if delay else ''}")
+        if delay:
+            gevent.sleep(delay)
+        if not self.stopping:
+            self._spawn(s)
+
+    def _zero_row(self, index: int) -> None:
+        """A dead worker's open connections died with it: zero its open counts."""
+        q = self.state.q
+        off = row_offset(index)
+        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+            for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
+                q[slot(g, c, C_C) + off] = 0
+
+    # -- what the master's stop logic asks ---------------------------------------
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self.slots if s.proc is not None]
+
+    @property
+    def open_count(self) -> int:
+        """Open connections (and pending connects) of every worker."""
+        q = self.state.q
+        total = 0
+        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+            for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
+                total += row_sum(q, slot(g, c, C_C), self.n)
+        return total
+
+    def _signal(self, sig: int) -> None:
+        for s in self.slots:
+            proc = s.proc
+            if proc is not None and proc.returncode is None:
+                try:
+                    proc.send_signal(sig)
+                except OSError:
+                    pass
+
+    def stop_accepting(self) -> None:
+        """Every worker stops accepting and drains (SIGTERM); none is restarted."""
+        if not self.stopping:
+            self.stopping = True
+            for s in self.slots:
+                if s.proc is None and s.watcher is not None:
+                    s.watcher.kill(block=False)     # a pending restart
+            self._signal(signal.SIGTERM)
+
+    def drain(self, on_drained) -> None:
+        """Close the master's copy of the listener; ``on_drained`` once every worker exited."""
+        self.stop_accepting()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self._on_drained = on_drained
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self._on_drained is not None and not self.pids:
+            callback, self._on_drained = self._on_drained, None
+            callback()
+
+    def reset_all(self) -> int:
+        """Tell every worker to reset what it has open and exit (SIGINT)."""
+        count = self.open_count
+        self.stopping = True
+        self._on_drained = None
+        self._signal(signal.SIGINT)
+        return count
+
+    def stop_timers(self) -> None:
+        """At the master's exit: wait (bounded) for the workers, then kill what is left."""
+        self.stopping = True
+        deadline = time.monotonic() + EXIT_WAIT
+        for s in self.slots:
+            proc = s.proc
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning(f"worker {s.index} (pid {proc.pid}) did not stop: killed")
+                proc.kill()
+                proc.wait(timeout=1.0)
+
+    def close(self) -> None:
+        self.listener.close()

@@ -1,0 +1,214 @@
+"""A worker process (``-w N``): one gevent loop serving the shared listener.
+
+The master starts each worker as a new interpreter (``python -m
+gbalance.worker``), never by forking itself: a fork would copy the master's
+hub, its monitor, mailbox and hand-over watchers, which must run once per
+instance.  A worker inherits three descriptors: the listening socket (the
+same socket the master holds and hands over with ``-r``), the state file
+(already mapped by the master; the worker maps the same file even after the
+master gave its name up) and a pipe on which it says it is ready.  Its
+settings come pickled in ``$GBALANCE_WORKER`` (from the master, of the
+same user).
+
+A worker accepts, routes, connects and forwards exactly as the single
+process of ``-w 1`` does, with its own counter row (worker *i* counts in
+row *i*) and its own round-robin cursor.  It does not read the mailbox,
+monitor, hand over, or talk to systemd: that is the master's.
+
+Signals (sent by the master): SIGTERM drains (stop accepting, let open
+links finish, reset what is left after the ``-g`` grace period); SIGINT
+(or a second SIGTERM) resets everything at once; SIGHUP is ignored.  A
+worker also drains when its master dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import functools
+import os
+import pickle
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from gbalance.config import ProxyConfig
+from gbalance.counters import Counters
+from gbalance.log import Log
+from gbalance.state import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, SharedState, StateError, slot
+
+#: Environment variable carrying a worker's pickled :class:`WorkerSpec`.
+WORKER_ENV = "GBALANCE_WORKER"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs from its master."""
+
+    index: int                  # counter row and first round-robin position
+    rows: int                   # the -w number: counter rows in use
+    cfg: ProxyConfig
+    source: dict                # -B, resolved per family
+    state_path: str
+    state_fd: int
+    listen_fd: int
+    ready_fd: int
+    master_pid: int
+
+
+def encode_spec(spec: WorkerSpec) -> str:
+    return base64.b64encode(pickle.dumps(spec)).decode("ascii")
+
+
+def decode_spec(text: str) -> WorkerSpec:
+    spec = pickle.loads(base64.b64decode(text))
+    if not isinstance(spec, WorkerSpec):
+        raise ValueError("not a worker spec")
+    return spec
+
+
+def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, log: Log,
+                 source: dict, channels, counters: Counters, worker: int = 0):
+    """The serving objects of one process: a :class:`~gbalance.server.BalanceServer`
+    over ``listener``, counting in ``counters``' row.  Needs a gevent hub."""
+    from gevent import get_hub
+
+    from gbalance.connect import Connector
+    from gbalance.routing import Router
+    from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
+    from gbalance.stagger import StaggerEstimator, StaggerRule
+
+    monitoring = cfg.monitor is not None
+    loop = get_hub().loop
+    estimator = None    # -m: each process learns its own connect times
+    if monitoring and cfg.monitor.stagger > 0:
+        estimator = StaggerEstimator(StaggerRule(cfg.monitor.stagger), MAXGROUPS, MAXCHANNELS)
+    readdress = functools.partial(forget_connect_times, estimator, state.q) if estimator else None
+    addresses = AddressCache(state, channels, log, on_readdress=readdress)
+    events = ChannelEvents(state, log, debug=cfg.debug, autodisable=cfg.autodisable,
+                           passive=monitoring and cfg.monitor.disable, channels=channels,
+                           counters=counters)
+    connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
+                          stagger=cfg.monitor.stagger if monitoring else 0.0,
+                          source=source, keepalive=cfg.server_keepalive, estimator=estimator)
+    router = Router(state, hash_failover=cfg.hash_failover, last_resort=monitoring,
+                    counters=counters, worker=worker)
+    server = BalanceServer(listener, state, router, connector, log, addresses,
+                           idle_timeout=cfg.idle_timeout,
+                           dump=write_stdout if cfg.packet_dump else None, row=counters.off)
+    if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
+        from gbalance.proxyproto import header_maker
+        server.proxy = header_maker(cfg.proxy_protocol, listener)
+    return server
+
+
+def forget_connect_times(estimator, q, g: int, c: int) -> None:
+    """A channel points elsewhere now: its connect times start over."""
+    estimator.forget(g, c)
+    q[slot(g, c, C_STAGGER_US)] = 0
+
+
+def _die_with(master_pid: int) -> None:
+    """Get SIGTERM (drain) when the master dies; leave at once if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != master_pid:
+        raise SystemExit(0)
+
+
+class Worker:
+    """One worker's life: serve until told to drain or stop."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        cfg = spec.cfg
+        self.cfg = cfg
+        self.log = Log(foreground=cfg.foreground)
+        self.state = SharedState(spec.state_path, spec.state_fd, True)
+        try:
+            lock_fd = self.state.open_own_lock() if spec.rows > 1 else -1
+        except StateError as exc:
+            self.log.warning(f"worker {spec.index}: {exc}; maxc is checked without the lock")
+            lock_fd = -1
+        self.counters = Counters(self.state, spec.index, spec.rows, lock_fd)
+        self.listener = socket.socket(fileno=spec.listen_fd)
+        self.listener.setblocking(False)
+        self.server = None
+        self.done = None
+        self.draining = False
+        self.timer = None
+
+    def run(self) -> int:
+        import gevent
+        from gevent.event import Event
+
+        from gbalance.channels import Channels
+
+        spec = self.spec
+        self.done = Event()
+        self.server = build_server(self.cfg, self.state, self.listener, self.log, spec.source,
+                                   Channels(self.state), self.counters, spec.index)
+        gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
+        gevent.signal_handler(signal.SIGINT, self.stop_now)
+        gevent.signal_handler(signal.SIGHUP, lambda: None)
+        self.server.start()
+        try:
+            os.write(spec.ready_fd, b"R")
+        except OSError:
+            pass
+        os.close(spec.ready_fd)
+        self.done.wait()
+        self.server.stop_timers()
+        return 0
+
+    def on_sigterm(self) -> None:
+        if self.draining:
+            self.stop_now()
+            return
+        self.draining = True
+        self.server.drain(self.done.set)
+        if self.done.is_set():
+            return
+        grace = self.cfg.grace
+        if grace <= 0:
+            self.stop_now()
+            return
+        self.timer = self.server.loop.timer(grace)
+        self.timer.start(self.stop_now)
+
+    def stop_now(self) -> None:
+        if not self.draining:
+            self.draining = True
+            self.server.drain(lambda: None)
+        self.server.reset_all()
+        self.done.set()
+
+
+def main() -> int:
+    """Entry point of ``python -m gbalance.worker`` (started by the master only)."""
+    text = os.environ.pop(WORKER_ENV, "")
+    if not text:
+        sys.stderr.write("gbalance.worker: started by a balance master only\n")
+        return 64
+    try:
+        spec = decode_spec(text)
+    except Exception:
+        sys.stderr.write("gbalance.worker: bad worker settings\n")
+        return 64
+    _die_with(spec.master_pid)
+    try:
+        return Worker(spec).run()
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    # Run the package's module, not this copy of it named __main__: the
+    # pickled spec refers to gbalance.worker.WorkerSpec.
+    from gbalance.worker import main as _main
+    sys.exit(_main())

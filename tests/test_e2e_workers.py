@@ -1,0 +1,604 @@
+"""``balance -w N``: a supervising master and N worker processes on one port.
+
+Real ``balance -f -w N`` processes, real sockets.  A worker is known to be
+serving when the kernel shows the listening socket in its epoll set
+(``/proc/<pid>/fdinfo``), so no probe connection moves a counter; which
+worker served what is read from the workers' own counter rows in the state
+file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import free_port, listening, pid_alive, read_line
+from gbalance.state import (C_C, C_TOTALC, SharedState, row_offset, slot, state_path)
+
+TIMEOUT = 20.0
+
+
+def wait_for(predicate, timeout: float = TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+# -- seeing workers from outside -------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    """Live worker processes of master ``pid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"gbalance.worker" in f.read():
+                    found.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(found)
+
+
+def listen_inode(port: int) -> str | None:
+    want = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[1].endswith(want) and fields[3] == "0A":
+                    return fields[9]
+    return None
+
+
+def accepting(pid: int, port: int) -> bool:
+    """True if process ``pid`` watches the listener of ``port`` with epoll."""
+    inode = listen_inode(port)
+    if inode is None:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        listen_fd = None
+        epolls = []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target == f"socket:[{inode}]":
+                    listen_fd = fd
+                elif target == "anon_inode:[eventpoll]":
+                    epolls.append(fd)
+        if listen_fd is None:
+            return False
+        for fd in epolls:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                if re.search(rf"^tfd:\s+{listen_fd}\s", f.read(), re.M):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def start_workers(balance, n: int, *args: str, port: int):
+    """``balance -f -w n args...``; returns (proc, worker pids) once every worker accepts."""
+    proc = balance.start("-w", str(n), *args, port=port)
+    assert wait_for(lambda: len(children(proc.pid)) == n), f"expected {n} workers"
+    pids = children(proc.pid)
+    assert wait_for(lambda: all(accepting(p, port) for p in pids)), "a worker never accepted"
+    return proc, pids
+
+
+class Table:
+    """The state file of a running instance, read as the shell reads it."""
+
+    def __init__(self, balance, port: int):
+        self.st = SharedState.attach(state_path(port, None, str(balance.state_dir)))
+
+    def row(self, worker: int, g: int, c: int, field: int) -> int:
+        return self.st.q[slot(g, c, field) + row_offset(worker)]
+
+    def served(self, worker: int, channels: int, g: int = 0) -> int:
+        return sum(self.row(worker, g, c, C_TOTALC) for c in range(channels))
+
+    def open(self, worker: int, channels: int, g: int = 0) -> int:
+        return sum(self.row(worker, g, c, C_C) for c in range(channels))
+
+    def close(self) -> None:
+        self.st.close()
+
+
+def show(balance, port: int) -> list[list[str]]:
+    r = balance.run("-c", "show", str(port))
+    assert r.returncode == 0, r.stderr
+    return [line.split() for line in r.stdout.splitlines()[1:]]
+
+
+def round_trip(port: int, payload: bytes = b"hello") -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        tag = read_line(s)
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = s.recv(100)
+            assert chunk, "echo cut short"
+            got += chunk
+        assert got == payload
+    return tag
+
+
+def hammer(port: int, total: int, threads: int = 8, fn=round_trip) -> list[str]:
+    """``total`` round trips from ``threads`` concurrent clients; their tags."""
+    tags: list[str] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def run(k: int) -> None:
+        for _ in range(k):
+            try:
+                t = fn(port)
+            except (OSError, AssertionError) as exc:
+                errors.append(repr(exc))
+                continue
+            with lock:
+                tags.append(t)
+
+    per = total // threads
+    ts = [threading.Thread(target=run, args=(per,)) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    assert errors == []
+    return tags
+
+
+# -- counters --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_counters_exact_and_spread_over_workers(balance, backends, n):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    _, pids = start_workers(balance, n, str(port), a.spec, b.spec, port=port)
+    total = 3000
+    tags = hammer(port, total)
+    assert len(tags) == total
+    table = Table(balance, port)
+    try:
+        # Every link has ended in the proxy (c back to 0) before the sums are final.
+        assert wait_for(lambda: sum(table.open(w, 2) for w in range(n)) == 0)
+        rows = show(balance, port)
+        per_worker = [table.served(w, 2) for w in range(n)]
+    finally:
+        table.close()
+    totalc = [int(r[7]) for r in rows]
+    assert sum(totalc) == total
+    assert totalc == [tags.count("A"), tags.count("B")] == [a.connections, b.connections]
+    assert [int(r[6]) for r in rows] == [0, 0]                          # c
+    assert [int(r[9]) for r in rows] == [5 * t for t in totalc]          # sent: b"hello"
+    assert [int(r[10]) for r in rows] == [7 * t for t in totalc]         # rcvd: tag, newline, echo
+    # Every worker served some, and round robin stays even: each worker
+    # alternates strictly, so the channels differ by at most one per worker.
+    assert sum(per_worker) == total and all(k > 0 for k in per_worker), per_worker
+    assert abs(totalc[0] - totalc[1]) <= n
+    # mrtg and metrics sum the same rows.
+    r = balance.run("-c", "mrtg-conns 0 0", str(port))
+    assert r.stdout.splitlines()[0] == str(totalc[0])
+    r = balance.run("-c", "metrics", str(port))
+    assert re.search(rf'^balance_channel_connections_total{{.*channel="1".*}} {totalc[1]}$', r.stdout, re.M)
+    # reset zeroes the sums without touching a worker's row.
+    assert balance.run("-c", "reset 0", str(port)).returncode == 0
+    zeroed = show(balance, port)[0]
+    assert (int(zeroed[7]), int(zeroed[9]), int(zeroed[10])) == (0, 0, 0)
+    round_trip(port)
+    round_trip(port)
+    after = show(balance, port)
+    assert int(after[0][7]) + int(after[1][7]) == 2 + totalc[1]
+    print(f"\n-w {n}: {total} connections, per worker {per_worker}, per channel {totalc}")
+
+
+# -- maxc ------------------------------------------------------------------------------
+
+class OneAtATime:
+    """A backend that records how many of its connections are open at once.
+
+    It sends a line, holds the connection 20 ms, counts it closed and only
+    then closes it, so the proxy cannot see the end before we counted it.
+    """
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.open = 0
+        self.most = 0
+        self.served = 0
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.open += 1
+                self.most = max(self.most, self.open)
+                self.served += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(b"one\n")
+            time.sleep(0.02)
+        with self.lock:
+            self.open -= 1
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_maxc_one_is_never_exceeded_across_workers(balance):
+    backend = OneAtATime()
+    port = free_port()
+    try:
+        start_workers(balance, 3, str(port), f"127.0.0.1:{backend.port}:1", port=port)
+
+        tags: list[str] = []
+        errors: list[str] = []
+        deadline = time.monotonic() + TIMEOUT
+
+        def client() -> None:
+            # Concurrent clients until the backend has served 20 (or the deadline).
+            while backend.served < 20 and time.monotonic() < deadline:
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                        tags.append(read_line(s) or "refused")
+                except OSError as exc:
+                    errors.append(repr(exc))
+
+        ts = [threading.Thread(target=client) for _ in range(12)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+    finally:
+        backend.close()
+    served = tags.count("one")
+    assert errors == []
+    assert backend.most == 1, f"{backend.most} connections at once through maxc 1"
+    assert served == backend.served and served >= 20
+    assert tags.count("refused") == len(tags) - served > 0     # the others found no channel
+    print(f"\nmaxc 1 over 3 workers: {served} served one at a time, {len(tags) - served} refused")
+    assert int(show(balance, port)[0][6]) == 0
+
+
+# -- hash ------------------------------------------------------------------------------
+
+def test_hash_groups_stay_sticky_across_workers(balance, backends):
+    tags = [backends(t) for t in "ABC"]
+    port = free_port()
+    _, pids = start_workers(balance, 3, str(port), *[t.spec for t in tags], "%", port=port)
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+    seen: dict[str, set[str]] = {s: set() for s in sources}
+    lock = threading.Lock()
+
+    def client(src: str) -> None:
+        for _ in range(30):
+            s = socket.socket()
+            s.settimeout(10)
+            s.bind((src, 0))
+            s.connect(("127.0.0.1", port))
+            with s:
+                tag = read_line(s)
+            with lock:
+                seen[src].add(tag)
+
+    ts = [threading.Thread(target=client, args=(src,)) for src in sources]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    table = Table(balance, port)
+    try:
+        per_worker = [table.served(w, 3) for w in range(3)]
+    finally:
+        table.close()
+    assert all(len(v) == 1 for v in seen.values()), seen
+    assert len({next(iter(v)) for v in seen.values()}) >= 2          # the hash does spread
+    assert sum(per_worker) == 30 * len(sources)
+    assert sum(1 for k in per_worker if k) >= 2, per_worker           # more than one worker served
+
+
+# -- shell changes -----------------------------------------------------------------------
+
+def served_since(table: Table, before: list[int], n: int, channels: int) -> list[int]:
+    return [table.served(w, channels) - before[w] for w in range(n)]
+
+
+def test_a_shell_change_reaches_every_worker_at_the_next_connection(balance, backends):
+    a, b, c = backends("A"), backends("B"), backends("C")
+    port = free_port()
+    n = 3
+    start_workers(balance, n, str(port), a.spec, b.spec, port=port)
+    table = Table(balance, port)
+    try:
+        def burst() -> tuple[list[str], list[int]]:
+            before = [table.served(w, 3) for w in range(n)]
+            got = hammer(port, 120, threads=6)
+            return got, served_since(table, before, n, 3)
+
+        assert balance.run("-c", "disable 1", str(port)).returncode == 0
+        got, per_worker = burst()
+        assert set(got) == {"A"} and all(k > 0 for k in per_worker), (set(got), per_worker)
+        # assign: re-point channel 0 to C (disable, assign, enable).
+        for cmd in ("disable 0", f"assign 0 127.0.0.1 {c.port}", "enable 0", "enable 1"):
+            r = balance.run("-c", cmd, str(port))
+            assert r.returncode == 0 and r.stderr == "", (cmd, r.stderr)
+        got, per_worker = burst()
+        assert set(got) == {"B", "C"} and all(k > 0 for k in per_worker), (set(got), per_worker)
+        # create: a new channel, enabled, takes its share in every worker.
+        d = backends("D")
+        for cmd in (f"create 127.0.0.1 {d.port}", "enable 2"):
+            assert balance.run("-c", cmd, str(port)).returncode == 0
+        got, per_worker = burst()
+        assert set(got) == {"B", "C", "D"}
+        # maxc 0 on a channel: 0 means no limit; maxc 1 with held links caps it.
+        assert balance.run("-c", "disable 0", str(port)).returncode == 0
+        assert balance.run("-c", "disable 2", str(port)).returncode == 0
+        assert balance.run("-c", "maxc 1 1", str(port)).returncode == 0
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(held) == "B"
+        for _ in range(3 * n):          # every worker now finds channel 1 full
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert read_line(s) == ""
+        held.close()
+    finally:
+        table.close()
+
+
+# -- monitoring ---------------------------------------------------------------------------
+
+class Counting:
+    """A listener that only counts the connections it accepts (monitor checks)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.count += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_monitoring_runs_once_per_instance(balance):
+    backend = Counting()
+    port = free_port()
+    try:
+        start_workers(balance, 3, "-m", "connect:interval=0.2", str(port),
+                      f"127.0.0.1:{backend.port}", port=port)
+        t0, c0 = time.monotonic(), backend.count
+        time.sleep(2.0)     # the measured span: checks happen on their own timer
+        span, checks = time.monotonic() - t0, backend.count - c0
+    finally:
+        backend.close()
+    expected = span / 0.2
+    assert expected * 0.5 <= checks <= expected * 1.3 + 1, (checks, expected)
+
+
+# -- a worker dies -----------------------------------------------------------------------
+
+def test_sigkill_of_one_worker_loses_only_its_connections(balance, backends):
+    a = backends("A")
+    port = free_port()
+    proc, pids = start_workers(balance, 2, str(port), a.spec, port=port)
+    table = Table(balance, port)
+    try:
+        links = []
+        while len(links) < 40 and not (table.open(0, 1) >= 3 and table.open(1, 1) >= 3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(s) == "A"
+            links.append(s)
+        assert wait_for(lambda: table.open(0, 1) + table.open(1, 1) == len(links))
+        victim = pids[0]
+        victim_row = worker_index(victim)
+        lost_expected = table.open(victim_row, 1)
+        os.kill(victim, signal.SIGKILL)
+        alive = lost = 0
+        for s in links:
+            try:
+                s.sendall(b"ping\n")
+                ok = read_line(s) == "ping"
+            except OSError:
+                ok = False
+            if ok:
+                alive += 1
+            else:
+                lost += 1
+            s.close()
+        assert lost == lost_expected and alive == len(links) - lost_expected
+        # A replacement starts, accepts, and its row's open count was zeroed.
+        assert wait_for(lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid))
+        new = [p for p in children(proc.pid) if p not in pids]
+        assert len(new) == 1
+        assert wait_for(lambda: accepting(new[0], port))
+        assert wait_for(lambda: table.open(0, 1) + table.open(1, 1) == 0)
+        assert hammer(port, 200, threads=4).count("A") == 200
+    finally:
+        table.close()
+    out, err = proc.stop()
+    assert re.search(rf"worker {victim_row} \(pid {victim}\) died \(signal 9 \(SIGKILL\)\); starting a replacement",
+                     err), err
+
+
+def worker_index(pid: int) -> int:
+    """The counter row of worker ``pid`` (its command line ends with it)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return int(f.read().rstrip(b"\0").split(b"\0")[-1])
+
+
+# -- stopping ----------------------------------------------------------------------------
+
+SIZE = 4 * 1024 * 1024
+
+
+class Slow:
+    """Sends SIZE bytes to each client at about 8 MB/s, then closes."""
+
+    def __init__(self):
+        self.data = hashlib.shake_256(b"workers drain").digest(SIZE)
+        self.digest = hashlib.sha256(self.data).hexdigest()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            for i in range(0, SIZE, 65536):
+                conn.sendall(self.data[i:i + 65536])
+                time.sleep(0.008)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sigterm_drains_every_worker(balance):
+    slow = Slow()
+    port = free_port()
+    try:
+        proc, pids = start_workers(balance, 2, "-g", "60", str(port), f"127.0.0.1:{slow.port}", port=port)
+        table = Table(balance, port)
+        clients = []
+        try:
+            while len(clients) < 30 and not (table.open(0, 1) and table.open(1, 1)):
+                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                wait_for(lambda: table.open(0, 1) + table.open(1, 1) == len(clients), 5)
+            assert table.open(0, 1) and table.open(1, 1), "a download in each worker"
+        finally:
+            table.close()
+        os.kill(proc.pid, signal.SIGTERM)
+        assert wait_for(lambda: not listening(port)), "still listening after SIGTERM"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
+        for s in clients:
+            digest, got = hashlib.sha256(), 0
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            s.close()
+            assert got == SIZE and digest.hexdigest() == slow.digest
+        out, err = proc.stop(signal.SIGCONT, timeout=20)      # it exits by itself
+        assert proc.p.returncode == 0, err
+        assert f"waiting up to 60 seconds for {len(clients)} open connections" in err
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        slow.close()
+
+
+def test_handover_with_workers_loses_no_connection(balance, backends):
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    old, old_pids = start_workers(balance, 2, str(port), a.spec, b.spec, port=port)
+    failures: list[str] = []
+    done = threading.Event()
+    count = [0]
+
+    def load() -> None:
+        while not done.is_set():
+            try:
+                if round_trip(port) not in ("A", "B"):
+                    failures.append("bad tag")
+            except (OSError, AssertionError) as exc:
+                failures.append(repr(exc))
+            count[0] += 1
+
+    ts = [threading.Thread(target=load) for _ in range(3)]
+    for t in ts:
+        t.start()
+    try:
+        assert wait_for(lambda: count[0] >= 100)
+        new = balance.start("-r", "-w", "3", str(port), a.spec, b.spec, port=port, wait=False)
+        assert wait_for(lambda: len(children(new.pid)) == 3)
+        assert wait_for(lambda: all(accepting(p, port) for p in children(new.pid)))
+        old.p.wait(20)
+        assert old.p.returncode == 0
+        assert not any(pid_alive(p) for p in old_pids)
+        mark = count[0]
+        assert wait_for(lambda: count[0] >= mark + 200)
+    finally:
+        done.set()
+        for t in ts:
+            t.join(30)
+    assert failures == []
+    table = Table(balance, port)
+    try:
+        assert table.st.pid == new.pid and table.st.workers == 3
+    finally:
+        table.close()
+
+
+# -- -d and -p ---------------------------------------------------------------------------
+
+def test_debug_trace_and_packet_dump_come_from_every_worker(balance, backends):
+    a = backends("A")
+    port = free_port()
+    proc, pids = start_workers(balance, 2, "-d", "-p", str(port), a.spec, port=port)
+    table = Table(balance, port)
+    try:
+        total = 0
+        while not (table.served(0, 1) and table.served(1, 1)) and total < 400:
+            hammer(port, 20, threads=4)
+            total += 20
+        served = [table.served(w, 1) for w in range(2)]
+    finally:
+        table.close()
+    out, err = proc.stop()
+    assert all(served), served
+    assert err.count("connect to channel 0 successful") == total, err[-500:]
+    # Each worker dumps its own connections: every chunk is there, once.
+    assert out.count("-> 5\nhello\n") == total, out[-500:]
+    assert out.count("-< 2\nA\\0A\n") == total and out.count("-< 5\nhello\n") == total, out[-500:]
