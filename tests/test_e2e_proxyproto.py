@@ -232,3 +232,18 @@ def test_client_bytes_sent_while_the_connect_hangs_follow_the_header(balance, pr
     assert backend.errors == []
     info, _ = backend.headers[0]
     assert (info["command"], info["src"], info["sport"]) == ("PROXY", addr, cport)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_every_worker_sends_the_header(balance, proxy_backend, version):
+    """With -w 2 the header is built in each worker: every connection, whichever
+    worker accepted it, starts with a header naming its real client."""
+    backend = proxy_backend()
+    port = free_port()
+    balance.start("-P", version, "-w", "2", str(port), backend.spec, port=port)
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+    clients = [transfer(port, "127.0.0.1", src) for src in sources]
+    wait_for(lambda: len(backend.headers) == len(clients), 5)
+    assert backend.errors == []
+    got = sorted((info["src"], info["sport"]) for info, _peer in backend.headers)
+    assert got == sorted(clients)
