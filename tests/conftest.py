@@ -427,3 +427,34 @@ def seeded_data(size: int, seed: int, repeat: int = 32) -> bytes:
         out += hashlib.sha256(b"%d:%d" % (seed, counter)).digest() * repeat
         counter += 1
     return bytes(out[:size])
+
+
+class TcpServer:
+    """A loopback test server: one thread accepts and hands each connection to
+    :meth:`accepted` (which runs in that thread: keep it short, or start a
+    thread of its own).  Subclasses set their own fields *before* calling
+    ``super().__init__()``, which starts accepting."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self.sock = socket.create_server((host, 0), backlog=64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def spec(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted(conn)
+
+    def accepted(self, conn: socket.socket) -> None:
+        conn.close()
+
+    def close(self) -> None:
+        self.sock.close()

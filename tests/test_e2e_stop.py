@@ -15,30 +15,22 @@ import time
 
 import pytest
 
-from conftest import eventually, free_port, listening, pid_alive, read_line, wait_listening
+from conftest import TcpServer, eventually, free_port, listening, pid_alive, read_line, wait_listening
 from gbalance.state import state_path
 
 SIZE = 20 * 1024 * 1024
 
 
-class BulkBackend:
+class BulkBackend(TcpServer):
     """Sends ``SIZE`` bytes of fixed pseudo-random data to each client, then closes."""
 
     def __init__(self):
         self.data = hashlib.shake_256(b"gbalance drain test").digest(SIZE)
         self.digest = hashlib.sha256(self.data).hexdigest()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.spec = f"127.0.0.1:{self.port}"
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._send, args=(conn,), daemon=True).start()
 
     def _send(self, conn: socket.socket) -> None:
         with conn:
@@ -46,9 +38,6 @@ class BulkBackend:
                 conn.sendall(self.data)
             except OSError:
                 pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture

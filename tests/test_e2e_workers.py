@@ -20,19 +20,14 @@ import time
 
 import pytest
 
-from conftest import free_port, listening, pid_alive, read_line
+from conftest import TcpServer, eventually, free_port, listening, pid_alive, read_line
 from gbalance.state import (C_C, C_TOTALC, SharedState, row_offset, slot, state_path)
 
 TIMEOUT = 20.0
 
 
 def wait_for(predicate, timeout: float = TIMEOUT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+    return eventually(predicate, timeout)
 
 
 # -- seeing workers from outside -------------------------------------------------------
@@ -214,7 +209,7 @@ def test_counters_exact_and_spread_over_workers(balance, backends, n):
 
 # -- maxc ------------------------------------------------------------------------------
 
-class OneAtATime:
+class OneAtATime(TcpServer):
     """A backend that records how many of its connections are open at once.
 
     It sends a line, holds the connection 20 ms, counts it closed and only
@@ -222,28 +217,18 @@ class OneAtATime:
     """
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.open = 0
         self.most = 0
         self.served = 0
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.open += 1
-                self.most = max(self.most, self.open)
-                self.served += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def accepted(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+            self.served += 1
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -252,9 +237,6 @@ class OneAtATime:
         with self.lock:
             self.open -= 1
         conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_maxc_one_is_never_exceeded_across_workers(balance):
@@ -378,28 +360,16 @@ def test_a_shell_change_reaches_every_worker_at_the_next_connection(balance, bac
 
 # -- monitoring ---------------------------------------------------------------------------
 
-class Counting:
+class Counting(TcpServer):
     """A listener that only counts the connections it accepts (monitor checks)."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.count = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.count += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
+    def accepted(self, conn: socket.socket) -> None:
+        self.count += 1
+        conn.close()
 
 
 def test_monitoring_runs_once_per_instance(balance):
@@ -473,34 +443,22 @@ def worker_index(pid: int) -> int:
 SIZE = 4 * 1024 * 1024
 
 
-class Slow:
+class Slow(TcpServer):
     """Sends SIZE bytes to each client at about 8 MB/s, then closes."""
 
     def __init__(self):
         self.data = hashlib.shake_256(b"workers drain").digest(SIZE)
         self.digest = hashlib.sha256(self.data).hexdigest()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+    def accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._send, args=(conn,), daemon=True).start()
 
     def _send(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             for i in range(0, SIZE, 65536):
                 conn.sendall(self.data[i:i + 65536])
                 time.sleep(0.008)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_sigterm_drains_every_worker(balance):
