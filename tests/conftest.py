@@ -437,24 +437,29 @@ class TcpServer:
 
     def __init__(self, host: str = "127.0.0.1"):
         self.host = host
-        self.sock = socket.create_server((host, 0), backlog=64)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family, backlog=64)
         self.port = self.sock.getsockname()[1]
+        self.closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     @property
     def spec(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def _accept_loop(self) -> None:
-        while True:
+        while not self.closed:
             try:
-                conn, _ = self.sock.accept()
+                conn, peer = self.sock.accept()
             except OSError:
                 return
-            self.accepted(conn)
+            self.accepted(conn, peer)
 
-    def accepted(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
         conn.close()
 
     def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()

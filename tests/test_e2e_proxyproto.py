@@ -10,7 +10,7 @@ import socket
 import threading
 
 import pytest
-from conftest import closing_factory, free_port, ipv6_available
+from conftest import TcpServer, closing_factory, free_port, ipv6_available
 from monhelp import ENABLED, Table, wait_for
 from test_proxyproto import Bad, decode
 
@@ -32,7 +32,7 @@ def pattern(n: int) -> bytes:
 DOWN_DATA = pattern(DOWN)
 
 
-class ProxyBackend:
+class ProxyBackend(TcpServer):
     """A server that insists on a PROXY header, as HAProxy's ``accept-proxy`` does.
 
     Each connection must start with a complete, valid header (v1 or v2)
@@ -44,28 +44,12 @@ class ProxyBackend:
     """
 
     def __init__(self, host: str = "127.0.0.1"):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.host = host
-        self.port = self.sock.getsockname()[1]
         self.headers: list[tuple[dict, tuple]] = []
         self.errors: list[str] = []
-        self.closed = False
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(host)
 
-    @property
-    def spec(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    def _serve(self) -> None:
-        while not self.closed:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
+        threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
 
     def _handle(self, conn: socket.socket, peer: tuple) -> None:
         with conn:
@@ -103,12 +87,6 @@ class ProxyBackend:
                 conn.sendall(f"{total} {digest.hexdigest()}\n".encode() + DOWN_DATA)
             except OSError as exc:
                 self.errors.append(f"{peer}: after the header: {exc}")
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 @pytest.fixture

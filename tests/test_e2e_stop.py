@@ -29,7 +29,7 @@ class BulkBackend(TcpServer):
         self.digest = hashlib.sha256(self.data).hexdigest()
         super().__init__()
 
-    def accepted(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
         threading.Thread(target=self._send, args=(conn,), daemon=True).start()
 
     def _send(self, conn: socket.socket) -> None:

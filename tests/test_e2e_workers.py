@@ -223,7 +223,7 @@ class OneAtATime(TcpServer):
         self.lock = threading.Lock()
         super().__init__()
 
-    def accepted(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
         with self.lock:
             self.open += 1
             self.most = max(self.most, self.open)
@@ -367,7 +367,7 @@ class Counting(TcpServer):
         self.count = 0
         super().__init__()
 
-    def accepted(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
         self.count += 1
         conn.close()
 
@@ -451,7 +451,7 @@ class Slow(TcpServer):
         self.digest = hashlib.sha256(self.data).hexdigest()
         super().__init__()
 
-    def accepted(self, conn: socket.socket) -> None:
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
         threading.Thread(target=self._send, args=(conn,), daemon=True).start()
 
     def _send(self, conn: socket.socket) -> None:
