@@ -38,6 +38,7 @@ from typing import Callable, Iterator, NamedTuple
 from gevent.hub import Waiter
 
 from gbalance.stagger import StaggerEstimator
+from gbalance.watchers import io_watcher
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
@@ -230,7 +231,7 @@ class Race:
                 sock.close()
                 hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
                 continue
-            att.io = conn.loop.io(sock.fileno(), 2)
+            att.io = io_watcher(conn.loop, sock.fileno(), 2)
             att.io.start(self._post, "io", att)
             if conn.timeout > 0:
                 att.timer = conn.loop.timer(conn.timeout)
@@ -328,7 +329,7 @@ class Race:
             return self._finish(won)
         if not self.pending:
             return None
-        self.client_io = self.conn.loop.io(self.client.fileno(), 1)
+        self.client_io = io_watcher(self.conn.loop, self.client.fileno(), 1)
         self.client_io.start(self._post, "client", None)
         while True:
             kind, att = self._wait()

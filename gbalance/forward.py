@@ -45,6 +45,7 @@ import sys
 from typing import Callable
 
 from gbalance.dump import dump as render_dump
+from gbalance.watchers import io_watcher, recycle
 
 CHUNK = 65536
 SCRATCH = bytearray(CHUNK)
@@ -76,7 +77,7 @@ def read_watcher(loop, fd: int, reuse=None):
             return reuse
         except (AttributeError, TypeError, ValueError):
             pass
-    return loop.io(fd, 1)
+    return io_watcher(loop, fd, 1)
 
 
 class Flow:
@@ -150,7 +151,7 @@ class Flow:
     def _wait_writable(self, callback: Callable[[], None]) -> None:
         self.rw.stop()
         if self.ww is None:
-            self.ww = self.link.loop.io(self.dst.fileno(), 2)
+            self.ww = io_watcher(self.link.loop, self.dst.fileno(), 2)
         self.ww.start(callback)
 
     # -- splice path (Linux) -----------------------------------------------
@@ -367,8 +368,16 @@ class Link:
         if self.closed:
             return
         self.closed = True
-        self.up.stop()
-        self.down.stop()
+        up, down = self.up, self.down
+        up.stop()
+        down.stop()
+        # The stopped watchers serve later connections; nothing touches a
+        # closed link's flows again (every path checks ``closed`` first).
+        recycle(up.rw)
+        recycle(down.rw)
+        recycle(up.ww)
+        recycle(down.ww)
+        up.rw = down.rw = up.ww = down.ww = None
         if self.urgent is not None:
             self.urgent.remove(self.client)
             self.urgent.remove(self.server)

@@ -246,6 +246,10 @@ class Master:
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
+        if not monitoring and cfg.workers <= 1:
+            # No child processes to watch: a loop without libev's per-turn getpid.
+            from gbalance.evloop import install_hub
+            install_hub()
         self.done = Event()
         channels = Channels(self.state)
         if monitoring and cfg.monitor.stagger > 0:

@@ -201,6 +201,8 @@ def main() -> int:
         sys.stderr.write("gbalance.worker: bad worker settings\n")
         return 64
     _die_with(spec.master_pid)
+    from gbalance.evloop import install_hub
+    install_hub()       # a worker starts no children: no fork check per loop turn
     try:
         return Worker(spec).run()
     except KeyboardInterrupt:

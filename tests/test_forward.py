@@ -394,3 +394,27 @@ def test_urgent_byte_in_bulk_keeps_the_stream_whole(rigs, splice):
     assert bytes(got) == first + second
     assert bytes(urgent) == b"!"
     assert splice == (rig.link.up.pipe_r >= 0)
+
+
+# -- recycled watchers -------------------------------------------------------------------
+
+def test_next_link_reuses_a_closed_links_watchers_on_its_own_sockets(rigs):
+    """A closed link's I/O watchers go to the next link (no new watcher, no
+    fcntl per connection), pointed at the new link's descriptors, and the
+    old link no longer holds them."""
+    first = rigs()
+    first.client.sendall(b"one")
+    assert recv_exactly(first.server, 3) == b"one"
+    old = {id(first.link.up.rw), id(first.link.down.rw)}
+    first.link.close()
+    assert first.link.up.rw is None and first.link.down.rw is None
+    second = rigs()
+    link = second.link
+    assert {id(link.up.rw), id(link.down.rw)} == old
+    assert link.up.rw.fd == second.client_end.fileno()
+    assert link.down.rw.fd == second.server_end.fileno()
+    assert link.up.rw.events & 3 == 1 and link.down.rw.events & 3 == 1
+    second.client.sendall(b"two")
+    assert recv_exactly(second.server, 3) == b"two"
+    second.server.sendall(b"back")
+    assert recv_exactly(second.client, 4) == b"back"
