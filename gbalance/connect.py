@@ -124,6 +124,9 @@ class Connector:
         self.stagger = self.estimator.ceiling if self.estimator is not None else stagger
         self.source = source or {}
         self.keepalive = keepalive
+        #: The server's :class:`~gbalance.forward.UrgentRelay`: it owns each
+        #: backend socket from its creation (urgent data raises SIGURG).
+        self.urgent = None
 
     def open_socket(self, family: int) -> socket.socket:
         """A non-blocking backend socket with balance's options set."""
@@ -136,6 +139,8 @@ class Connector:
             src = self.source.get(family)
             if src is not None:
                 sock.bind(src)
+            if self.urgent is not None:
+                self.urgent.own(sock)
         except OSError:
             sock.close()
             raise

@@ -233,6 +233,7 @@ class BalanceServer(StreamServer):
     def start(self) -> None:
         super().start()
         self.urgent = UrgentRelay(self.loop)
+        self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
@@ -376,6 +377,7 @@ class BalanceServer(StreamServer):
             return
         try:
             client.setblocking(False)
+            self.urgent.own(client)   # urgent data from now on raises SIGURG
             self.addresses.refresh()
             result = self.connector.race(client, self.router.candidates(address[0]))
         except Exception as exc:  # never let one client take the server down

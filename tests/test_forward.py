@@ -53,6 +53,8 @@ class Rig:
         self.server_end, server_app = tcp_pair()
         for s in (self.client_end, self.server_end):
             s.setblocking(False)
+            if urgent is not None:
+                urgent.own(s)       # as the server does at accept and connect
         self.client = gsocket.socket(fileno=client_app.detach())
         self.server = gsocket.socket(fileno=server_app.detach())
         self.closed: list[Link] = []
