@@ -1,8 +1,8 @@
 """Backend connects: timed, cancellable, and (with monitoring) staggered.
 
-For each client the server runs one :class:`Race` in the client's greenlet.
-It asks the router for candidates and connects to them one after another,
-each with the ``-t`` timeout, until one succeeds; refusals and timeouts are
+For each client the server runs one :class:`Race`.  It asks the router for
+candidates and connects to them one after another, each with the ``-t``
+timeout, until one succeeds; refusals and timeouts are
 reported through :class:`Hooks` so the server can count, trace, autodisable
 and log.  Additions over balance:
 
@@ -24,8 +24,10 @@ and log.  Additions over balance:
   may not have seen it yet).  Without monitoring the delay is 0 and
   connects are strictly one after another, exactly as balance documents.
 
-Everything waits on libev watchers whose callbacks post events to the
-racing greenlet, so one loop handles connects, timers and the client.
+A race is a state machine moved on by libev watcher callbacks (the
+connects, their timers, the client), like the forwarder: no greenlet per
+client and no switches.  :meth:`Connector.race` wraps it for callers that
+want to block a greenlet on it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
 #: Client bytes held while a connect is pending; past this the client is
 #: no longer read (nor watched) until the link starts.
 EARLY_MAX = 65536
+#: What a race step returns while the race goes on.
+_GOING = object()
 
 
 class Connected(NamedTuple):
@@ -147,8 +151,17 @@ class Connector:
         return sock
 
     def race(self, client: socket.socket, candidates: Iterator[tuple[int, int]]) -> Connected | None:
-        """Connect to the first candidate that answers; None when all fail."""
-        return Race(self, client, candidates).run()
+        """Connect to the first candidate that answers; None when all fail.
+
+        Blocks the calling greenlet (the server itself runs races from
+        callbacks, see :class:`Race`); an error that ended the race is raised.
+        """
+        waiter = Waiter()
+        Race(self, client, candidates, lambda race, result, error: waiter.switch((result, error))).start()
+        result, error = waiter.get()
+        if error is not None:
+            raise error
+        return result
 
 
 def set_keepalive(sock: socket.socket, params: tuple[int, int, int]) -> None:
@@ -164,34 +177,88 @@ def set_keepalive(sock: socket.socket, params: tuple[int, int, int]) -> None:
 
 
 class Race:
-    """The connect attempts made for one client."""
+    """The connect attempts made for one client: a state machine driven by
+    libev callbacks (no greenlet of its own).
 
-    def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]]):
+    :meth:`start` launches the first attempt; watcher callbacks then move
+    the race on until it ends, and ``done(race, result, error)`` is called
+    exactly once: ``result`` is the :class:`Connected` winner or None (no
+    candidate answered, or the client left); ``error`` is an exception that
+    ended the race early (``result`` is then None).  Whatever ends it, no
+    attempt is left behind: its socket is closed and its connection count
+    given back, so ``maxc`` stays right.
+    """
+
+    __slots__ = ("conn", "client", "candidates", "done", "peer", "pending", "client_io",
+                 "stagger_timer", "exhausted", "early", "over", "shortage")
+
+    def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]],
+                 done: Callable[["Race", "Connected | None", "BaseException | None"], None],
+                 peer=None):
         self.conn = conn
         self.client = client
         self.candidates = candidates
+        self.done = done
+        self.peer = peer               # the client's address, for whoever called
         self.pending: list[Attempt] = []
-        self.events: list[tuple] = []
-        self.waiter: Waiter | None = None
         self.client_io = None
         self.stagger_timer = None
         self.exhausted = False
         self.early: bytearray | None = None    # made only if the client talks first
+        self.over = False
+        #: The error when this process ran out of descriptors or memory for a connect.
+        self.shortage: OSError | None = None
 
-    # -- event plumbing --------------------------------------------------
+    # -- start and events --------------------------------------------------
 
-    def _post(self, *event) -> None:
-        self.events.append(event)
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            waiter.switch(None)
+    def start(self) -> None:
+        """Launch the first attempt (``done`` may be called before this returns)."""
+        try:
+            won = self._launch()
+            if won is not None:
+                result = self._finish(won)
+            elif not self.pending:
+                result = self._finish(None)
+            else:
+                self.client_io = io_watcher(self.conn.loop, self.client.fileno(), 1)
+                self.client_io.start(self._event, "client", None)
+                return
+        except BaseException as exc:
+            self._fault(exc)
+            return
+        self._end(result)
 
-    def _wait(self) -> tuple:
-        if not self.events:
-            self.waiter = Waiter()
-            self.waiter.get()
-        return self.events.pop(0)
+    def _event(self, kind: str, att: "Attempt | None") -> None:
+        """A watcher fired: move the race on, and end it if it is decided."""
+        if self.over:
+            return
+        try:
+            result = self._step(kind, att)
+        except BaseException as exc:
+            self._fault(exc)
+            return
+        if result is not _GOING:
+            self._end(result)
+
+    def abandon(self) -> None:
+        """Stop now (the server is stopping at once): close every attempt and
+        give its count back; ``done`` is not called.  The client is the caller's."""
+        if not self.over:
+            self.over = True
+            self._finish(None)
+
+    def _end(self, result: "Connected | None") -> None:
+        self.over = True
+        self.done(self, result, None)
+
+    def _fault(self, exc: BaseException) -> None:
+        """An error mid-race: leave nothing behind, tell the caller."""
+        if not self.over:
+            self.over = True
+            self._finish(None)
+            self.done(self, None, exc)
+        if not isinstance(exc, Exception):
+            raise exc
 
     # -- attempts ----------------------------------------------------------
 
@@ -216,6 +283,7 @@ class Race:
                 if exc.errno in _LOCAL_SHORTAGE:
                     # Out of descriptors or memory here: no channel is to
                     # blame (no autodisable), and no other would fare better.
+                    self.shortage = exc
                     hooks.cancel(g, c)
                     self.exhausted = True
                     break
@@ -237,10 +305,10 @@ class Race:
                 hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
                 continue
             att.io = io_watcher(conn.loop, sock.fileno(), 2)
-            att.io.start(self._post, "io", att)
+            att.io.start(self._event, "io", att)
             if conn.timeout > 0:
                 att.timer = conn.loop.timer(conn.timeout)
-                att.timer.start(self._post, "timeout", att)
+                att.timer.start(self._event, "timeout", att)
             self.pending.append(att)
             self._arm_stagger(att)
             return None
@@ -254,7 +322,7 @@ class Race:
         if self.stagger_timer is not None:
             self.stagger_timer.stop()
         self.stagger_timer = conn.loop.timer(delay)
-        self.stagger_timer.start(self._post, "stagger", att)
+        self.stagger_timer.start(self._event, "stagger", att)
 
     def _fail(self, att: Attempt, reason: str) -> None:
         att.stop()
@@ -315,67 +383,46 @@ class Race:
 
     # -- the race ------------------------------------------------------------
 
-    def run(self) -> Connected | None:
-        """Race to a connected backend socket; None when none answered or the client left.
-
-        Whatever happens (even an exception, or the greenlet being killed at
-        shutdown), no attempt is left behind: its socket is closed and its
-        connection count given back, so ``maxc`` stays right.
-        """
-        try:
-            return self._run()
-        except BaseException:
-            self._finish(None)
-            raise
-
-    def _run(self) -> Connected | None:
+    def _step(self, kind: str, att: "Attempt | None"):
+        """Handle one event: the race's result, or ``_GOING`` while it goes on."""
+        if kind == "io":
+            if att not in self.pending:
+                return _GOING
+            err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                return self._finish(att)
+            if err in _RESET_AFTER_CONNECT:
+                # Connected, then reset before we looked (reading SO_ERROR cleared it).
+                return self._finish(att, reset=True)
+            self._fail(att, "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err)))
+        elif kind == "timeout":
+            if att not in self.pending:
+                return _GOING
+            self._fail(att, "timeout")
+        elif kind == "stagger":
+            if not self.pending or self.exhausted:
+                return _GOING
+            done = _settled(self.pending)
+            if done is not None:
+                # Connected (or failed) already; the loop had not told us yet.
+                return self._step("io", done)
+            hooks = self.conn.hooks
+            for p in self.pending:
+                hooks.suspect(p.g, p.c)
+            if att in self.pending:
+                hooks.staggered(att.g, att.c)
+                if self.conn.estimator is not None:
+                    hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
+        elif kind == "client":
+            if self._client_gone():
+                return self._finish(None)
+            return _GOING
         won = self._launch()
         if won is not None:
             return self._finish(won)
         if not self.pending:
-            return None
-        self.client_io = io_watcher(self.conn.loop, self.client.fileno(), 1)
-        self.client_io.start(self._post, "client", None)
-        while True:
-            kind, att = self._wait()
-            if kind == "io":
-                if att not in self.pending:
-                    continue
-                err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err == 0:
-                    return self._finish(att)
-                if err in _RESET_AFTER_CONNECT:
-                    # Connected, then reset before we looked (reading SO_ERROR cleared it).
-                    return self._finish(att, reset=True)
-                self._fail(att, "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err)))
-            elif kind == "timeout":
-                if att not in self.pending:
-                    continue
-                self._fail(att, "timeout")
-            elif kind == "stagger":
-                if not self.pending or self.exhausted:
-                    continue
-                done = _settled(self.pending)
-                if done is not None:
-                    # Connected (or failed) already; the loop had not told us yet.
-                    self._post("io", done)
-                    continue
-                hooks = self.conn.hooks
-                for p in self.pending:
-                    hooks.suspect(p.g, p.c)
-                if att in self.pending:
-                    hooks.staggered(att.g, att.c)
-                    if self.conn.estimator is not None:
-                        hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
-            elif kind == "client":
-                if self._client_gone():
-                    return self._finish(None)
-                continue
-            won = self._launch()
-            if won is not None:
-                return self._finish(won)
-            if not self.pending:
-                return self._finish(None)
+            return self._finish(None)
+        return _GOING
 
 
 def _settled(pending: list[Attempt]) -> Attempt | None:

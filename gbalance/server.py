@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import _socket
 import errno
+import fcntl
+import os
 import socket
 import struct
 import sys
 from typing import Callable
 
-import gevent
 from gevent.server import StreamServer
 
 from gbalance.channels import Channels
-from gbalance.connect import Connector, Hooks
+from gbalance.connect import Connected, Connector, Hooks, Race
 from gbalance.counters import Counters
-from gbalance.forward import Link, UrgentRelay
+from gbalance.forward import F_SETOWN, Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
@@ -36,10 +37,6 @@ from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGER
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
-#: Handler greenlets kept for the next clients.  A new greenlet costs a new
-#: Python frame stack (16 KB, mapped and unmapped again per connection);
-#: one that has finished a client's connect waits for the next client instead.
-IDLE_HANDLERS = 128
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -211,11 +208,11 @@ class BalanceServer(StreamServer):
         self.idle_timeout = idle_timeout
         self.dump = dump
         self.family = listener.family
-        # Every open link (value: idle seconds, for -T) and the descriptor
-        # of every accepted client without a link yet (its handler not yet
-        # run, or its backend connect pending): what a drain waits for.
+        # Every open link (value: idle seconds, for -T) and the race of
+        # every accepted client without a link yet (its backend connect
+        # pending): what a drain waits for.
         self.links: dict[Link, float] = {}
-        self.pending: set[int] = set()
+        self.pending: set[Race] = set()
         self.draining = False
         self.aborted = False
         self._on_drained: Callable[[], None] | None = None
@@ -225,13 +222,13 @@ class BalanceServer(StreamServer):
         self._resume_timer = None
         self._sweeper = None
         self.urgent = None
-        self._spawn_raw = gevent.spawn_raw
-        self._idle: list = []       # parked handler greenlets (see IDLE_HANDLERS)
+        self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
 
     # -- lifecycle ------------------------------------------------------
 
     def start(self) -> None:
         super().start()
+        self.pid = os.getpid()
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         if self.idle_timeout > 0:
@@ -256,26 +253,7 @@ class BalanceServer(StreamServer):
         return fd, address
 
     def do_handle(self, fd, address) -> None:
-        self.pending.add(fd)
-        idle = self._idle
-        if idle:    # resumed on the next loop turn, as a new greenlet would start
-            self.loop.run_callback(idle.pop().switch, fd, address)
-        else:
-            self._spawn_raw(self._handler, fd, address)
-
-    def _handler(self, fd: int, address) -> None:
-        """Handle clients one after another: park between them (at most
-        ``IDLE_HANDLERS`` parked), resumed by :meth:`do_handle` with the next."""
-        handle = self.handle_client
-        idle = self._idle
-        hub = gevent.get_hub()
-        me = gevent.getcurrent()
-        while True:
-            handle(fd, address)
-            if len(idle) >= IDLE_HANDLERS or self.draining:
-                return
-            idle.append(me)
-            fd, address = hub.switch()
+        self.handle_client(fd, address)
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
         pass
@@ -290,7 +268,7 @@ class BalanceServer(StreamServer):
         if now >= self.quiet_until:      # at most one line per EXHAUSTION_LOG_EVERY
             self.quiet_until = now + EXHAUSTION_LOG_EVERY
             more = f" ({self.deferred - 1} more since the last report)" if self.deferred > 1 else ""
-            self.log.warning(f"accept failed: {exc.strerror}; pausing new connections{more}")
+            self.log.warning(f"out of descriptors ({exc.strerror}); pausing new connections{more}")
             self.deferred = 0
         self.stop_accepting()
         self._resume_timer = self.loop.timer(RESUME_DELAY)
@@ -339,17 +317,17 @@ class BalanceServer(StreamServer):
     def reset_all(self) -> int:
         """Abort every open link and pending connect (clients see a reset).
 
-        Returns how many were open.  Pending connects are marked so that
-        their handlers reset the client instead of starting a link; any
-        client socket still held when the process exits goes with a reset.
+        Returns how many were open.  Pending connects are abandoned (their
+        attempts closed, their counts given back) and their clients reset.
         """
         self.aborted = True
         self._on_drained = None
         count = self.open_count
-        for fd in self.pending:
-            client = socket.socket(fileno=fd)
-            set_reset_on_close(client)
-            client.detach()
+        for race in list(self.pending):
+            race.abandon()
+            set_reset_on_close(race.client)
+            race.client.close()
+        self.pending.clear()
         for link in list(self.links):
             set_reset_on_close(link.client)
             set_reset_on_close(link.server)
@@ -368,26 +346,44 @@ class BalanceServer(StreamServer):
     # -- per connection -------------------------------------------------
 
     def handle_client(self, fd: int, address) -> None:
+        """A client was accepted: start racing to a backend for it.
+
+        Runs in the listener's callback; the race goes on in watcher
+        callbacks and ends in :meth:`_connected`.
+        """
         client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
-        pending = self.pending
         if self.aborted:        # accepted just before a stop-at-once
-            pending.discard(fd)
             set_reset_on_close(client)
             client.close()
             return
+        race = None
         try:
             client.setblocking(False)
-            self.urgent.own(client)   # urgent data from now on raises SIGURG
+            fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
             self.addresses.refresh()
-            result = self.connector.race(client, self.router.candidates(address[0]))
+            race = Race(self.connector, client, self.router.candidates(address[0]), self._connected, address)
+            self.pending.add(race)
         except Exception as exc:  # never let one client take the server down
-            pending.discard(fd)
             client.close()
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
             self._check_drained()
             return
-        pending.discard(fd)
+        race.start()
+
+    def _connected(self, race: Race, result: Connected | None, error: BaseException | None) -> None:
+        """A race ended: link the client to its backend, or let it go."""
+        pending = self.pending
+        pending.discard(race)
+        client = race.client
+        if error is not None:
+            client.close()
+            self.log.error(f"internal error handling {race.peer[0]}: {type(error).__name__}: {error}")
+            self._check_drained()
+            return
         if result is None or self.aborted:
+            shortage = race.shortage
+            if shortage is not None and shortage.errno in _FD_EXHAUSTED and not self.draining:
+                self._pause(shortage)    # as when accept runs out: wait for a link to close
             if result is not None:   # stopped while connecting: reset both ends
                 set_reset_on_close(client)
                 set_reset_on_close(result.sock)
@@ -397,14 +393,22 @@ class BalanceServer(StreamServer):
             if self.draining:
                 self._check_drained()
             return
-        rest = b""
-        if self.proxy is not None:   # -P: the PROXY header goes first
-            rest = send_header(result.sock, self.proxy(client, address))
-        base = slot(result.group, result.channel, 0) + self.row
-        link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
-                    on_close=self._closed, dump=self.dump, urgent=self.urgent,
-                    client_watcher=result.client_watcher, server_watcher=result.server_watcher,
-                    early=result.early, server_reset=result.reset)
+        try:
+            rest = b""
+            if self.proxy is not None:   # -P: the PROXY header goes first
+                rest = send_header(result.sock, self.proxy(client, race.peer))
+            base = slot(result.group, result.channel, 0) + self.row
+            link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
+                        on_close=self._closed, dump=self.dump, urgent=self.urgent,
+                        client_watcher=result.client_watcher, server_watcher=result.server_watcher,
+                        early=result.early, server_reset=result.reset)
+        except Exception as exc:  # never let one client take the server down
+            client.close()
+            result.sock.close()
+            self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
+            self.log.error(f"internal error handling {race.peer[0]}: {type(exc).__name__}: {exc}")
+            self._check_drained()
+            return
         self.links[link] = 0.0
         link.start(rest)    # rare: a header's unsent rest goes before any client data
 
