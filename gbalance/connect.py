@@ -40,7 +40,7 @@ from typing import Callable, Iterator, NamedTuple
 from gevent.hub import Waiter
 
 from gbalance.stagger import StaggerEstimator
-from gbalance.watchers import io_watcher
+from gbalance.watchers import Watchers
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
@@ -76,6 +76,8 @@ class Connected(NamedTuple):
     early: bytes = b""
     #: The backend reset the connection before the link began.
     reset: bool = False
+    #: How many bytes of ``early`` were already sent to the backend.
+    sent: int = 0
 
 
 class Hooks:
@@ -131,6 +133,11 @@ class Connector:
         #: The server's :class:`~gbalance.forward.UrgentRelay`: it owns each
         #: backend socket from its creation (urgent data raises SIGURG).
         self.urgent = None
+        #: Send what the client said during the connect as soon as it
+        #: completes (off when something must go first: a PROXY header).
+        self.send_early = True
+        #: Recycled watchers for races and links.
+        self.watchers = Watchers(loop, timeout)
 
     def open_socket(self, family: int) -> socket.socket:
         """A non-blocking backend socket with balance's options set."""
@@ -220,7 +227,7 @@ class Race:
             elif not self.pending:
                 result = self._finish(None)
             else:
-                self.client_io = io_watcher(self.conn.loop, self.client.fileno(), 1)
+                self.client_io = self.conn.watchers.io(self.client.fileno(), 1)
                 self.client_io.start(self._event, "client", None)
                 return
         except BaseException as exc:
@@ -304,10 +311,10 @@ class Race:
                 sock.close()
                 hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
                 continue
-            att.io = io_watcher(conn.loop, sock.fileno(), 2)
+            att.io = conn.watchers.io(sock.fileno(), 2)
             att.io.start(self._event, "io", att)
             if conn.timeout > 0:
-                att.timer = conn.loop.timer(conn.timeout)
+                att.timer = conn.watchers.timer()
                 att.timer.start(self._event, "timeout", att)
             self.pending.append(att)
             self._arm_stagger(att)
@@ -326,15 +333,31 @@ class Race:
 
     def _fail(self, att: Attempt, reason: str) -> None:
         att.stop()
+        if reason == "timeout":
+            att.timer = None    # a timer that has fired would fire at once if started again
+        self._recycle(att, True)
         att.sock.close()
         self.pending.remove(att)
         self.conn.hooks.failure(att.g, att.c, reason)
 
-    def _finish(self, winner: Attempt | None, reset: bool = False):
-        """Stop every watcher, close the losers, return the winner's result."""
+    def _recycle(self, att: Attempt, with_io: bool) -> None:
+        """Give a stopped attempt's timer (one that never fired) and I/O watcher back to the pool."""
+        watchers = self.conn.watchers
+        watchers.recycle_timer(att.timer)
+        att.timer = None
+        if with_io:
+            watchers.recycle_io(att.io)
+            att.io = None
+
+    def _finish(self, winner: Attempt | None, reset: bool = False, sent: int = 0):
+        """Stop every watcher, close the losers, return the winner's result.
+
+        ``sent``: how much of the early data went with the winner's first send.
+        """
         for att in self.pending:
             att.stop()
             if att is not winner:
+                self._recycle(att, True)
                 att.sock.close()
                 self.conn.hooks.cancel(att.g, att.c)
         self.pending = []
@@ -343,8 +366,11 @@ class Race:
         if self.stagger_timer is not None:
             self.stagger_timer.stop()
         if winner is None:
+            self.conn.watchers.recycle_io(self.client_io)
+            self.client_io = None
             return None
         winner.stop()
+        self._recycle(winner, False)     # its I/O watcher goes on with the link
         conn = self.conn
         if conn.estimator is not None and not reset:
             # A connect that was pending: fold its time in (Karn: a reset
@@ -353,7 +379,7 @@ class Race:
             conn.hooks.measured(winner.g, winner.c, conn.estimator.sample(winner.g, winner.c, took))
         conn.hooks.success(winner.g, winner.c)
         return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
-                         bytes(self.early) if self.early else b"", reset)
+                         bytes(self.early) if self.early else b"", reset, sent)
 
     def _client_gone(self) -> bool:
         """Read from the client: True if it hung up.
@@ -388,9 +414,22 @@ class Race:
         if kind == "io":
             if att not in self.pending:
                 return _GOING
-            err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            sent = 0
+            early = self.early
+            if early and self.conn.send_early:
+                # The client has spoken: its bytes go now, and the send
+                # tells how the connect went (no SO_ERROR look-up needed).
+                try:
+                    sent = att.sock.send(early)
+                    err = 0
+                except BlockingIOError:
+                    err = 0
+                except OSError as exc:
+                    err = exc.errno
+            else:
+                err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err == 0:
-                return self._finish(att)
+                return self._finish(att, sent=sent)
             if err in _RESET_AFTER_CONNECT:
                 # Connected, then reset before we looked (reading SO_ERROR cleared it).
                 return self._finish(att, reset=True)

@@ -46,7 +46,6 @@ import sys
 from typing import Callable
 
 from gbalance.dump import dump as render_dump
-from gbalance.watchers import io_watcher, recycle
 
 CHUNK = 65536
 SCRATCH = bytearray(CHUNK)
@@ -64,7 +63,7 @@ F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
-def read_watcher(loop, fd: int, reuse=None):
+def read_watcher(link: "Link", fd: int, reuse=None):
     """A read watcher on ``fd``: ``reuse`` (a stopped watcher on that fd) if it can be.
 
     Reusing the connect's watchers saves creating two per connection; a
@@ -78,7 +77,9 @@ def read_watcher(loop, fd: int, reuse=None):
             return reuse
         except (AttributeError, TypeError, ValueError):
             pass
-    return io_watcher(loop, fd, 1)
+    if link.watchers is not None:
+        return link.watchers.io(fd, 1)
+    return link.loop.io(fd, 1)
 
 
 class Flow:
@@ -94,7 +95,7 @@ class Flow:
         self.dst = dst
         self.q = link.q
         self.idx = idx
-        self.rw = read_watcher(link.loop, src.fileno(), rw)
+        self.rw = read_watcher(link, src.fileno(), rw)
         self.ww = None
         self.pending = None
         self.pipe_r = -1
@@ -155,7 +156,9 @@ class Flow:
         if urgent is not None:   # nobody reads src now: have its errors reported
             urgent.add(self.src, self.dst, self.link)
         if self.ww is None:
-            self.ww = io_watcher(self.link.loop, self.dst.fileno(), 2)
+            link = self.link
+            fd = self.dst.fileno()
+            self.ww = link.watchers.io(fd, 2) if link.watchers is not None else link.loop.io(fd, 2)
         self.ww.start(callback)
 
     # -- splice path (Linux) -----------------------------------------------
@@ -276,7 +279,7 @@ class Link:
     """One proxied connection: two flows and the bookkeeping around them."""
 
     __slots__ = ("loop", "client", "server", "q", "up", "down", "c_idx", "closed",
-                 "active", "dump", "splice", "on_close", "urgent", "early")
+                 "active", "dump", "splice", "on_close", "urgent", "early", "early_sent", "watchers")
 
     def __init__(self, loop, client: socket.socket, server: socket.socket, q: memoryview,
                  sent_idx: int, rcvd_idx: int, c_idx: int,
@@ -284,11 +287,17 @@ class Link:
                  dump: Callable[[str], None] | None = None,
                  urgent: "UrgentRelay | None" = None,
                  client_watcher=None, server_watcher=None,
-                 early: bytes = b"", server_reset: bool = False):
+                 early: bytes = b"", server_reset: bool = False, early_sent: int = 0,
+                 watchers=None):
         """``early``: client bytes read while the connect was pending, sent
-        first; ``server_reset``: the backend reset the connection before the
-        link began (its queued bytes are still passed on, then the reset)."""
+        first (``early_sent`` of them already went with the connect);
+        ``server_reset``: the backend reset the connection before the link
+        began (its queued bytes are still passed on, then the reset);
+        ``watchers``: a :class:`~gbalance.watchers.Watchers` pool to take
+        watchers from and give them back to at close."""
         self.loop = loop
+        self.watchers = watchers
+        self.early_sent = early_sent
         self.client = client
         self.server = server
         self.q = q
@@ -315,6 +324,8 @@ class Link:
             self.active = True
             if self.dump is not None:
                 self.dump(render_dump(up.arrow, early))
+            if self.early_sent:
+                early = early[self.early_sent:]
         first = preamble + early if preamble else early
         if first:
             # The backend has just connected: it nearly always takes the
@@ -374,13 +385,15 @@ class Link:
         up, down = self.up, self.down
         up.stop()
         down.stop()
-        # The stopped watchers serve later connections; nothing touches a
-        # closed link's flows again (every path checks ``closed`` first).
-        recycle(up.rw)
-        recycle(down.rw)
-        recycle(up.ww)
-        recycle(down.ww)
-        up.rw = down.rw = up.ww = down.ww = None
+        watchers = self.watchers
+        if watchers is not None:
+            # The stopped watchers serve later connections; nothing touches
+            # a closed link's flows again (every path checks ``closed`` first).
+            watchers.recycle_io(up.rw)
+            watchers.recycle_io(down.rw)
+            watchers.recycle_io(up.ww)
+            watchers.recycle_io(down.ww)
+            up.rw = down.rw = up.ww = down.ww = None
         if self.urgent is not None:
             self.urgent.remove_link(self)
         self.client.close()

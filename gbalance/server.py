@@ -231,6 +231,7 @@ class BalanceServer(StreamServer):
         self.pid = os.getpid()
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
+        self.connector.send_early = self.proxy is None    # -P: the header goes first
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
@@ -401,7 +402,8 @@ class BalanceServer(StreamServer):
             link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
                         on_close=self._closed, dump=self.dump, urgent=self.urgent,
                         client_watcher=result.client_watcher, server_watcher=result.server_watcher,
-                        early=result.early, server_reset=result.reset)
+                        early=result.early, server_reset=result.reset, early_sent=result.sent,
+                        watchers=self.connector.watchers)
         except Exception as exc:  # never let one client take the server down
             client.close()
             result.sock.close()

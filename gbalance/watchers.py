@@ -1,26 +1,40 @@
-"""Recycled I/O watchers for the per-connection path.
+"""Recycled libev watchers for the per-connection path.
 
-Creating a libev I/O watcher through gevent costs an object allocation and
-an ``fcntl(F_GETFD)`` system call (gevent checks the descriptor).  A
-stopped watcher can be pointed at another descriptor instead, with no
-system call, so the watchers of a closed link serve the next connections.
-Only watchers of the loop asked for are handed out; one process serves
-from one loop, and nothing here needs a lock (one thread per loop).
+Creating an I/O watcher through gevent costs an object allocation and an
+``fcntl(F_GETFD)`` system call (gevent checks the descriptor); a timer
+costs an allocation.  A stopped watcher can be pointed at another
+descriptor (or, for a timer, simply started again) instead, so the
+watchers of a closed link or a finished connect serve the next ones.
+
+One :class:`Watchers` pool per loop, owned by the server's
+:class:`~gbalance.connect.Connector` and handed to its links; nothing here
+needs a lock (one thread per loop).  A recycled watcher drops its callback
+and arguments, so it keeps no closed link or race alive.
 """
 
 from __future__ import annotations
 
-#: Stopped watchers kept for reuse (about two links' worth per parked handler).
+#: Stopped watchers of each kind kept for reuse.
 KEEP = 512
 
-_free: list = []
 
+class Watchers:
+    """Free lists of stopped I/O watchers and timers of one loop."""
 
-def io_watcher(loop, fd: int, events: int):
-    """A stopped I/O watcher for ``fd`` and ``events`` on ``loop``: a recycled one if any."""
-    if _free:
-        w = _free.pop()
-        if w.loop is loop:
+    __slots__ = ("loop", "io_free", "timer_free", "timeout")
+
+    def __init__(self, loop, timeout: float = 0.0):
+        self.loop = loop
+        self.io_free: list = []
+        self.timer_free: list = []
+        #: The one delay every pooled timer has (the connect timeout).
+        self.timeout = timeout
+
+    def io(self, fd: int, events: int):
+        """A stopped I/O watcher for ``fd`` and ``events``: a recycled one if any."""
+        free = self.io_free
+        if free:
+            w = free.pop()
             try:
                 w.fd = fd
                 if w.events != events:
@@ -28,10 +42,26 @@ def io_watcher(loop, fd: int, events: int):
                 return w
             except (AttributeError, TypeError, ValueError):
                 pass
-    return loop.io(fd, events)
+        return self.loop.io(fd, events)
 
+    def timer(self):
+        """A stopped timer of ``timeout`` seconds: a recycled one if any."""
+        free = self.timer_free
+        if free:
+            return free.pop()
+        return self.loop.timer(self.timeout)
 
-def recycle(w) -> None:
-    """Keep ``w`` (stopped, its descriptor about to close) for a later connection."""
-    if w is not None and len(_free) < KEEP and not w.active:
-        _free.append(w)
+    def recycle_io(self, w) -> None:
+        """Keep ``w`` (stopped; its descriptor is about to close) for later."""
+        if w is not None and not w.active and len(self.io_free) < KEEP:
+            w.callback = None
+            w.args = None
+            self.io_free.append(w)
+
+    def recycle_timer(self, t) -> None:
+        """Keep timer ``t`` for later: stopped *before it fired* (a gevent
+        timer that has fired fires at once when started again)."""
+        if t is not None and not t.active and len(self.timer_free) < KEEP:
+            t.callback = None
+            t.args = None
+            self.timer_free.append(t)

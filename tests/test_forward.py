@@ -22,6 +22,7 @@ import pytest
 from gevent import get_hub
 
 from conftest import seeded_data
+from gbalance.watchers import Watchers
 from gbalance.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
@@ -46,7 +47,8 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Rig:
     """A client, a server and one Link between them."""
 
-    def __init__(self, dump=None, splice: bool | None = None, urgent: UrgentRelay | None = None):
+    def __init__(self, dump=None, splice: bool | None = None, urgent: UrgentRelay | None = None,
+                 watchers: Watchers | None = None):
         self.q = memoryview(bytearray(8 * 4)).cast("q")
         self.q[C] = 1                       # the connect counted the connection
         client_app, self.client_end = tcp_pair()
@@ -59,7 +61,7 @@ class Rig:
         self.server = gsocket.socket(fileno=server_app.detach())
         self.closed: list[Link] = []
         self.link = Link(get_hub().loop, self.client_end, self.server_end, self.q, SENT, RCVD, C,
-                         on_close=self.closed.append, dump=dump, urgent=urgent)
+                         on_close=self.closed.append, dump=dump, urgent=urgent, watchers=watchers)
         if splice is not None:
             self.link.splice = splice
         self.link.start()
@@ -78,9 +80,10 @@ class Rig:
 @pytest.fixture
 def rigs():
     made: list[Rig] = []
+    pool = Watchers(get_hub().loop)      # as a server's connector keeps one
 
     def make(**kw) -> Rig:
-        rig = Rig(**kw)
+        rig = Rig(watchers=pool, **kw)
         made.append(rig)
         return rig
 
