@@ -33,6 +33,7 @@ want to block a greenlet on it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import select
 import socket
 from typing import Callable, Iterator, NamedTuple
@@ -42,6 +43,7 @@ from gevent.hub import Waiter
 from gbalance.stagger import StaggerEstimator
 from gbalance.watchers import Watchers
 
+F_SETOWN = getattr(fcntl, "F_SETOWN", 8)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
 _LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
@@ -150,8 +152,8 @@ class Connector:
             src = self.source.get(family)
             if src is not None:
                 sock.bind(src)
-            if self.urgent is not None:
-                self.urgent.own(sock)
+            if self.urgent is not None:    # urgent data from the backend raises SIGURG
+                fcntl.fcntl(sock.fileno(), F_SETOWN, self.urgent.pid)
         except OSError:
             sock.close()
             raise

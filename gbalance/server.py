@@ -35,6 +35,8 @@ from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGER
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: accept() errors about one client only (it reset, or a filter refused it).
+_ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
@@ -239,19 +241,30 @@ class BalanceServer(StreamServer):
 
     # -- accepting ------------------------------------------------------
 
-    def do_read(self):
-        try:
-            fd, address = self.socket._accept()
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            if exc.errno in _FD_EXHAUSTED:
-                self._pause(exc)
-                return None
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM):
-                return None
-            raise
-        return fd, address
+    def _do_read(self) -> None:
+        """The listener is readable: accept what waits (at most
+        ``max_accept``) and start each client's race at once.
+
+        Replaces gevent's loop, which does more per client than is needed
+        here (a pool check, a ``do_read``/``do_handle`` round) and prints a
+        traceback on an unexpected error; here one line is logged instead.
+        """
+        accept = self.socket._accept
+        handle = self.handle_client
+        for _ in range(self.max_accept):
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _FD_EXHAUSTED:
+                    self._pause(exc)
+                    return
+                if exc.errno in _ACCEPT_TRANSIENT:
+                    continue            # that client is gone; the next may be fine
+                self._pause(exc, f"accept failed ({exc.strerror})")
+                return
+            handle(fd, address)
 
     def do_handle(self, fd, address) -> None:
         self.handle_client(fd, address)
@@ -259,8 +272,9 @@ class BalanceServer(StreamServer):
     def do_close(self, *args) -> None:  # only reached if do_handle raised
         pass
 
-    def _pause(self, exc: OSError) -> None:
-        """Out of descriptors: stop accepting until a link closes or a moment passes."""
+    def _pause(self, exc: OSError, what: str = "") -> None:
+        """Out of descriptors (or ``what`` else went wrong): stop accepting
+        until a link closes or a moment passes."""
         self.deferred += 1
         if self.paused:
             return
@@ -269,7 +283,7 @@ class BalanceServer(StreamServer):
         if now >= self.quiet_until:      # at most one line per EXHAUSTION_LOG_EVERY
             self.quiet_until = now + EXHAUSTION_LOG_EVERY
             more = f" ({self.deferred - 1} more since the last report)" if self.deferred > 1 else ""
-            self.log.warning(f"out of descriptors ({exc.strerror}); pausing new connections{more}")
+            self.log.warning(f"{what or f'out of descriptors ({exc.strerror})'}; pausing new connections{more}")
             self.deferred = 0
         self.stop_accepting()
         self._resume_timer = self.loop.timer(RESUME_DELAY)
@@ -361,7 +375,9 @@ class BalanceServer(StreamServer):
         try:
             client.setblocking(False)
             fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
-            self.addresses.refresh()
+            addresses = self.addresses
+            if self.q[H_GENERATION] != addresses.generation:
+                addresses.refresh()
             race = Race(self.connector, client, self.router.candidates(address[0]), self._connected, address)
             self.pending.add(race)
         except Exception as exc:  # never let one client take the server down

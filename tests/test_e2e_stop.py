@@ -292,11 +292,11 @@ def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, monkeyp
     server.start()
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        server._do_read()                          # accept: the handler is spawned, not run
+        server._do_read()                          # accept: its connect is pending
         drained = []
         server.drain(lambda: drained.append(True))
         assert server.open_count == 1 and drained == []
-        gevent.sleep(0.2)                          # the handler runs and links the client
+        gevent.sleep(0.2)                          # the connect completes and links the client
         assert drained == [] and len(server.links) == 1
         client.sendall(b"hello\n")
         client.settimeout(0)
