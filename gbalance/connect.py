@@ -32,6 +32,7 @@ want to block a greenlet on it.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import select
@@ -44,6 +45,8 @@ from gbalance.stagger import StaggerEstimator
 from gbalance.watchers import Watchers
 
 F_SETOWN = getattr(fcntl, "F_SETOWN", 8)
+#: See :data:`gbalance.forward.DONTWAIT`.
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
 _LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
@@ -143,7 +146,7 @@ class Connector:
 
     def open_socket(self, family: int) -> socket.socket:
         """A non-blocking backend socket with balance's options set."""
-        sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+        sock = _socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -392,7 +395,7 @@ class Race:
         """
         early = self.early
         try:
-            data = self.client.recv(EARLY_MAX - len(early) if early else EARLY_MAX)
+            data = self.client.recv(EARLY_MAX - len(early) if early else EARLY_MAX, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -422,7 +425,7 @@ class Race:
                 # The client has spoken: its bytes go now, and the send
                 # tells how the connect went (no SO_ERROR look-up needed).
                 try:
-                    sent = att.sock.send(early)
+                    sent = att.sock.send(early, DONTWAIT)
                     err = 0
                 except BlockingIOError:
                     err = 0

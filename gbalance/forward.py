@@ -61,6 +61,10 @@ SPLICE_CHUNK = PIPE_SIZE
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 #: SO_LINGER {on, 0}: close() sends a reset.
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: Every send and recv on a proxied socket passes this, so an accepted
+#: client needs no ``setblocking(False)`` (one ioctl per connection saved);
+#: where it does not exist sockets are made non-blocking instead.
+DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 def read_watcher(link: "Link", fd: int, reuse=None):
@@ -109,7 +113,7 @@ class Flow:
 
     def on_read(self) -> None:
         try:
-            n = self.src.recv_into(SCRATCH)
+            n = self.src.recv_into(SCRATCH, 0, DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -123,7 +127,7 @@ class Flow:
         if self.link.dump is not None:
             self.link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
         try:
-            m = self.dst.send(SCRATCH_MV[:n])
+            m = self.dst.send(SCRATCH_MV[:n], DONTWAIT)
         except BlockingIOError:
             m = 0
         except OSError:
@@ -137,7 +141,7 @@ class Flow:
 
     def on_write(self) -> None:
         try:
-            m = self.dst.send(self.pending)
+            m = self.dst.send(self.pending, DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -181,6 +185,13 @@ class Flow:
             self.link.splice = False
             return
         self.pipe_r, self.pipe_w = r, w
+        # splice() blocks on a blocking socket whatever its flags say; the
+        # copy path's sockets may be blocking (every call passes DONTWAIT).
+        try:
+            self.src.setblocking(False)
+            self.dst.setblocking(False)
+        except OSError:
+            pass
         self.rw.stop()
         self.rw.start(self.on_read_splice)
 
@@ -225,9 +236,9 @@ class Flow:
     def take_urgent(self) -> None:
         """Relay the urgent byte of ``src`` if one is waiting (as UrgentRelay does)."""
         try:
-            byte = self.src.recv(1, socket.MSG_OOB)
+            byte = self.src.recv(1, socket.MSG_OOB | DONTWAIT)
             if byte:
-                self.dst.send(byte, socket.MSG_OOB)
+                self.dst.send(byte, socket.MSG_OOB | DONTWAIT)
         except OSError:
             pass  # none, already taken, or not yet arrived; errors show on the next read
 
@@ -235,7 +246,7 @@ class Flow:
         """Pass on what this flow holds if ``dst`` takes it at once (before a reset)."""
         try:
             if self.pending is not None:
-                self.dst.send(self.pending)
+                self.dst.send(self.pending, DONTWAIT)
                 self.pending = None
             if self.fill:
                 self.fill -= os.splice(self.pipe_r, self.dst.fileno(), self.fill, flags=SPLICE_FLAGS)
@@ -331,7 +342,7 @@ class Link:
             # The backend has just connected: it nearly always takes the
             # request at once, with no write watcher and no loop turn.
             try:
-                m = self.server.send(first)
+                m = self.server.send(first, DONTWAIT)
             except OSError:      # would block, or an error on_write will meet again
                 m = 0
             if m < len(first):
@@ -539,9 +550,9 @@ class UrgentRelay:
             src, dst, link = entry
             if ev & select.EPOLLPRI:
                 try:
-                    byte = src.recv(1, socket.MSG_OOB)
+                    byte = src.recv(1, socket.MSG_OOB | DONTWAIT)
                     if byte:
-                        dst.send(byte, socket.MSG_OOB)
+                        dst.send(byte, socket.MSG_OOB | DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     pass
                 except OSError as exc:

@@ -26,7 +26,7 @@ from gevent.server import StreamServer
 from gbalance.channels import Channels
 from gbalance.connect import Connected, Connector, Hooks, Race
 from gbalance.counters import Counters
-from gbalance.forward import F_SETOWN, Link, UrgentRelay
+from gbalance.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
@@ -373,7 +373,8 @@ class BalanceServer(StreamServer):
             return
         race = None
         try:
-            client.setblocking(False)
+            if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
+                client.setblocking(False)
             fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
             addresses = self.addresses
             if self.q[H_GENERATION] != addresses.generation:
