@@ -423,3 +423,125 @@ def test_next_link_reuses_a_closed_links_watchers_on_its_own_sockets(rigs):
     assert recv_exactly(second.server, 3) == b"two"
     second.server.sendall(b"back")
     assert recv_exactly(second.client, 4) == b"back"
+
+
+# -- the urgent relay's lazy epoll set -----------------------------------------------------
+
+@pytest.fixture
+def relays():
+    """Factory for UrgentRelays on the hub's loop, their watchers stopped after the test."""
+    made: list[UrgentRelay] = []
+
+    def make(calm: float) -> UrgentRelay:
+        relay = UrgentRelay(get_hub().loop, calm=calm)
+        assert relay.ep is not None, "this platform has no epoll/SIGURG"
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.watcher.stop()
+        relay.sigurg.stop()
+        relay.calm_timer.stop()
+        relay.ep.close()
+
+
+def recv_urgent(sock, timeout: float = 5.0) -> bytes:
+    """The urgent byte waiting on ``sock`` (polled with MSG_OOB until it comes)."""
+    with gevent.Timeout(timeout):
+        while True:
+            try:
+                return sock.recv(1, socket.MSG_OOB)
+            except OSError:        # EINVAL/EAGAIN: not there yet
+                gevent.sleep(0.005)
+
+
+def fds(rig: Rig) -> set[int]:
+    return {rig.client_end.fileno(), rig.server_end.fileno()}
+
+
+def test_link_without_urgent_data_stays_out_of_the_urgent_set(rigs, relays):
+    """A link started with no urgent data seen costs no epoll_ctl: its sockets
+    are not in the relay's set, the link is only remembered in ``outside``
+    (and forgotten when it closes)."""
+    relay = relays(calm=30)
+    rig = rigs(urgent=relay)
+    assert relay.peers == {}
+    assert relay.outside == {rig.link}
+    rig.client.sendall(b"ping")
+    assert recv_exactly(rig.server, 4) == b"ping"
+    rig.server.sendall(b"pong")
+    assert recv_exactly(rig.client, 4) == b"pong"
+    assert relay.peers == {} and relay.signals == 0 and not relay.alert
+    rig.link.close()
+    assert relay.outside == set()
+
+
+def test_sigurg_puts_open_links_and_new_ones_in_the_urgent_set(rigs, relays):
+    """The client's urgent byte raises SIGURG: the relay goes on alert, puts the
+    open link's sockets in its set, relays the byte (the backend reads it with
+    MSG_OOB), and a link started during the alert joins the set at its start."""
+    relay = relays(calm=30)
+    first = rigs(urgent=relay)
+    first.client.sendall(b"before")
+    assert recv_exactly(first.server, 6) == b"before"
+    first.client.send(b"!", socket.MSG_OOB)
+    assert recv_urgent(first.server) == b"!"
+    assert relay.signals >= 1
+    assert relay.alert
+    assert fds(first) <= set(relay.peers)
+    assert relay.peers[first.client_end.fileno()][:2] == (first.client_end, first.server_end)
+    assert first.link not in relay.outside
+    first.client.sendall(b"after")
+    assert recv_exactly(first.server, 5) == b"after"      # the stream goes on whole
+
+    second = rigs(urgent=relay)                           # started during the alert
+    assert fds(second) <= set(relay.peers)
+    assert second.link not in relay.outside
+    second.server.send(b"?", socket.MSG_OOB)              # and its urgent bytes pass too
+    assert recv_urgent(second.client) == b"?"
+    second.link.close()
+    assert not fds(second) & set(relay.peers)
+
+
+def test_alert_ends_after_calm_and_later_links_stay_out(rigs, relays):
+    """With calm=0.3 s the alert ends about 0.3 s after the last SIGURG; a link
+    started after that is not put in the set (the link already in it stays)."""
+    relay = relays(calm=0.3)
+    first = rigs(urgent=relay)
+    first.client.send(b"!", socket.MSG_OOB)
+    assert recv_urgent(first.server) == b"!"
+    assert relay.alert
+    t0 = get_hub().loop.now()
+    with gevent.Timeout(3):
+        while relay.alert:
+            gevent.sleep(0.01)
+    assert get_hub().loop.now() - t0 >= 0.2              # it lasted (about) calm
+    later = rigs(urgent=relay)
+    assert not fds(later) & set(relay.peers)
+    assert later.link in relay.outside
+    assert fds(first) <= set(relay.peers)                 # already in: stays until closed
+
+
+@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
+def test_back_pressure_puts_the_unread_source_in_the_urgent_set(rigs, relays, splice):
+    """A flow that stops reading its source because the destination is full puts
+    that source in the set without any alert (so its errors are still seen);
+    the other direction, still reading, stays out."""
+    relay = relays(calm=30)
+    rig = rigs(splice=splice, urgent=relay)
+    for s in (rig.client_end, rig.server):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
+    data = payload(24 << 20, 31)
+    sender = gevent.spawn(rig.client.sendall, data)
+    flow = rig.link.up
+    with gevent.Timeout(10):
+        while flow.rw.active:
+            gevent.sleep(0.01)
+    assert splice == (flow.pipe_r >= 0)
+    assert relay.signals == 0 and not relay.alert
+    entry = relay.peers.get(rig.client_end.fileno())
+    assert entry == (rig.client_end, rig.server_end, rig.link)
+    assert rig.server_end.fileno() not in relay.peers
+    assert recv_exactly(rig.server, len(data)) == data
+    sender.get()
