@@ -320,6 +320,53 @@ def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, monkeyp
         master.remove_state()
 
 
+def test_reset_all_resets_a_client_whose_connect_is_pending(tmp_path, monkeypatch, hanging):
+    """In-process: a stop at once (``reset_all``) while a client's backend connect
+    is pending (races run from callbacks, no handler greenlet to kill): the
+    client sees a reset, the attempt is closed and the channel's connection
+    count (C_C) goes back to 0; the race never reports an end afterwards."""
+    import gevent
+
+    from gbalance.cli import parse
+    from gbalance.log import Log
+    from gbalance.master import Master
+    from gbalance.state import C_C, slot
+
+    monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path / "state"))
+    h = hanging()
+    port = free_port()
+    master = Master(parse(["-f", "-t", "10", str(port), h.spec]), Log(foreground=True))
+    master.build()
+    master.listener.listen(16)
+    server = master.server
+    server.start()
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        server._do_read()                          # accept: its connect is pending
+        assert len(server.pending) == 1 and not server.links
+        race = next(iter(server.pending))
+        attempts = [att.sock for att in race.pending]
+        assert len(attempts) == 1
+        count = slot(0, 0, C_C) + server.row
+        assert server.q[count] == 1
+        assert server.reset_all() == 1
+        assert server.q[count] == 0
+        assert server.pending == set() and race.pending == []
+        assert attempts[0].fileno() == -1
+        client.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            data = client.recv(100)
+            assert data, "clean EOF: the client was not reset"
+        gevent.sleep(0.1)
+        assert server.q[count] == 0 and not server.links and not server.pending
+    finally:
+        client.close()
+        server.reset_all()
+        server.stop_timers()
+        server.close()
+        master.remove_state()
+
+
 def test_monitor_stops_when_draining_starts(balance, backends, tmp_path):
     be = backends("M")
     port = free_port()
