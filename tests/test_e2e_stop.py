@@ -291,6 +291,9 @@ def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, monkeyp
     server = master.server
     server.start()
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    # The hub may be left from an earlier in-process test, its loop idle since:
+    # refresh its clock, or the connect's -t timer would start in the past.
+    server.loop.update_now()
     try:
         server._do_read()                          # accept: its connect is pending
         drained = []
@@ -341,6 +344,7 @@ def test_reset_all_resets_a_client_whose_connect_is_pending(tmp_path, monkeypatc
     server = master.server
     server.start()
     client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    server.loop.update_now()       # a hub left idle by earlier tests: its clock is stale
     try:
         server._do_read()                          # accept: its connect is pending
         assert len(server.pending) == 1 and not server.links

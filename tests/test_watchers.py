@@ -38,6 +38,7 @@ def wait_until(predicate, timeout: float = LIMIT) -> None:
 def fire_delay(timer) -> float:
     """Start ``timer`` and return the seconds until its callback ran."""
     fired: list[float] = []
+    get_hub().loop.update_now()      # the loop may have been idle: start from now
     t0 = time.monotonic()
     timer.start(lambda: fired.append(time.monotonic() - t0))
     try:
@@ -248,9 +249,9 @@ def test_gevent_quirk_a_fired_timer_started_again_fires_at_once():
     recycling it (and why ``recycle_timer`` must only get timers stopped
     before they fired).  If this test starts failing, gevent changed and the
     rule could be relaxed."""
-    t = get_hub().loop.timer(0.2)
+    t = get_hub().loop.timer(0.5)
     first = fire_delay(t)
-    assert first >= 0.18, first
+    assert first >= 0.45, first
     assert not t.active
     second = fire_delay(t)
-    assert second < 0.05, f"a fired timer restarted waited {second:.3f} s"
+    assert second < 0.25, f"a fired 0.5 s timer restarted waited {second:.3f} s"
