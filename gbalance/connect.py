@@ -320,7 +320,7 @@ class Race:
             att.io.start(self._event, "io", att)
             if conn.timeout > 0:
                 att.timer = conn.watchers.timer()
-                att.timer.start(self._event, "timeout", att)
+                att.timer.again(self._event, "timeout", att)   # the full -t, whatever its past
             self.pending.append(att)
             self._arm_stagger(att)
             return None
@@ -338,15 +338,13 @@ class Race:
 
     def _fail(self, att: Attempt, reason: str) -> None:
         att.stop()
-        if reason == "timeout":
-            att.timer = None    # a timer that has fired would fire at once if started again
         self._recycle(att, True)
         att.sock.close()
         self.pending.remove(att)
         self.conn.hooks.failure(att.g, att.c, reason)
 
     def _recycle(self, att: Attempt, with_io: bool) -> None:
-        """Give a stopped attempt's timer (one that never fired) and I/O watcher back to the pool."""
+        """Give a stopped attempt's timer and I/O watcher back to the pool."""
         watchers = self.conn.watchers
         watchers.recycle_timer(att.timer)
         att.timer = None

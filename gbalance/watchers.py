@@ -3,7 +3,7 @@
 Creating an I/O watcher through gevent costs an object allocation and an
 ``fcntl(F_GETFD)`` system call (gevent checks the descriptor); a timer
 costs an allocation.  A stopped watcher can be pointed at another
-descriptor (or, for a timer, simply started again) instead, so the
+descriptor (or, for a timer, armed again) instead, so the
 watchers of a closed link or a finished connect serve the next ones.
 
 One :class:`Watchers` pool per loop, owned by the server's
@@ -45,11 +45,18 @@ class Watchers:
         return self.loop.io(fd, events)
 
     def timer(self):
-        """A stopped timer of ``timeout`` seconds: a recycled one if any."""
+        """A stopped timer of ``timeout`` seconds: a recycled one if any.
+
+        Start it with ``again()``, not ``start()``: libev keeps only the
+        time that was left in a timer stopped part-way, and a gevent timer
+        that has fired fires at once when started again; ``again()`` on
+        this repeating timer always arms it for the full ``timeout`` (stop
+        it when it fires).
+        """
         free = self.timer_free
         if free:
             return free.pop()
-        return self.loop.timer(self.timeout)
+        return self.loop.timer(self.timeout, self.timeout)
 
     def recycle_io(self, w) -> None:
         """Keep ``w`` (stopped; its descriptor is about to close) for later."""
@@ -59,8 +66,7 @@ class Watchers:
             self.io_free.append(w)
 
     def recycle_timer(self, t) -> None:
-        """Keep timer ``t`` for later: stopped *before it fired* (a gevent
-        timer that has fired fires at once when started again)."""
+        """Keep timer ``t`` (stopped) for later."""
         if t is not None and not t.active and len(self.timer_free) < KEEP:
             t.callback = None
             t.args = None

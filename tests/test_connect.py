@@ -407,9 +407,6 @@ def test_two_hanging_candidates_each_wait_the_full_timeout(hanging):
                                 ("attempt", 0, 1), ("failure", 0, 1, "timeout")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "code bug: Race._recycle gives a timer stopped part-way back to the pool and "
-    "libev keeps only its remaining time, so the next connect times out early"))
 def test_a_cancelled_connect_does_not_shorten_the_next_connects_timeout(hanging):
     """A client that hangs up 0.2 s into a 0.3 s connect cancels it; the next
     client's connect to a hanging channel must still get the full 0.3 s -t

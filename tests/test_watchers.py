@@ -35,12 +35,13 @@ def wait_until(predicate, timeout: float = LIMIT) -> None:
             gevent.sleep(0.002)
 
 
-def fire_delay(timer) -> float:
-    """Start ``timer`` and return the seconds until its callback ran."""
+def fire_delay(timer, arm: str = "again") -> float:
+    """Arm ``timer`` (``again()``, as the race arms pooled timers, or
+    ``start()``) and return the seconds until its callback ran."""
     fired: list[float] = []
     get_hub().loop.update_now()      # the loop may have been idle: start from now
     t0 = time.monotonic()
-    timer.start(lambda: fired.append(time.monotonic() - t0))
+    getattr(timer, arm)(lambda: fired.append(time.monotonic() - t0))
     try:
         wait_until(lambda: fired)
     finally:
@@ -221,16 +222,12 @@ def test_pooled_timer_stopped_before_firing_waits_its_full_delay(pool):
     assert 0.18 <= d < 1.0, d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "code bug: libev's ev_timer_stop keeps only the *remaining* time in a stopped "
-    "timer, so a pooled timer stopped part-way fires after what was left of its old "
-    "delay (Watchers.timer/recycle_timer; Race._recycle recycles such timers)"))
 def test_pooled_timer_stopped_part_way_waits_its_full_delay(pool):
     """A timer stopped part-way through its delay (a connect that succeeded
     or was cancelled after a while), recycled and handed out again, must wait
     the full timeout: it is the next connect's ``-t`` timeout."""
     t = pool.timer()
-    t.start(lambda: None)
+    t.again(lambda: None)
     gevent.sleep(0.15)               # three quarters of the 0.2 s delay pass
     assert t.active
     t.stop()
@@ -242,16 +239,29 @@ def test_pooled_timer_stopped_part_way_waits_its_full_delay(pool):
 
 
 def test_gevent_quirk_a_fired_timer_started_again_fires_at_once():
-    """Documents the gevent/libev behaviour the code relies on: a timer that has
-    FIRED, when started again, fires at once instead of after its delay.
+    """Documents the gevent/libev behaviour the pool works around: a timer that
+    has FIRED, when started again with ``start()``, fires at once instead of
+    after its delay (and one stopped part-way keeps only what was left).
 
-    That is why ``Race._fail(..., "timeout")`` drops the fired timer instead of
-    recycling it (and why ``recycle_timer`` must only get timers stopped
-    before they fired).  If this test starts failing, gevent changed and the
-    rule could be relaxed."""
+    That is why the pool's timers repeat and the race arms them with
+    ``again()`` (see the next test).  If this starts failing, gevent changed."""
     t = get_hub().loop.timer(0.5)
-    first = fire_delay(t)
+    first = fire_delay(t, "start")
     assert first >= 0.45, first
     assert not t.active
-    second = fire_delay(t)
+    second = fire_delay(t, "start")
     assert second < 0.25, f"a fired 0.5 s timer restarted waited {second:.3f} s"
+
+
+def test_pooled_timer_that_fired_waits_its_full_delay_when_armed_again(pool):
+    """The pool's timers repeat and are armed with ``again()``: one that fired
+    (a connect that timed out), stopped, recycled and armed again waits the
+    full timeout, unlike the ``start()`` quirk above."""
+    t = pool.timer()
+    first = fire_delay(t)
+    assert first >= 0.18, first
+    pool.recycle_timer(t)
+    again = pool.timer()
+    assert again is t
+    second = fire_delay(again)
+    assert second >= 0.18, f"a recycled timer that had fired waited only {second:.3f} s"
