@@ -202,7 +202,7 @@ class Race:
     """
 
     __slots__ = ("conn", "client", "candidates", "done", "peer", "pending", "client_io",
-                 "stagger_timer", "exhausted", "early", "over", "shortage")
+                 "stagger_timer", "exhausted", "early", "over", "shortage", "oob")
 
     def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]],
                  done: Callable[["Race", "Connected | None", "BaseException | None"], None],
@@ -220,6 +220,8 @@ class Race:
         self.over = False
         #: The error when this process ran out of descriptors or memory for a connect.
         self.shortage: OSError | None = None
+        #: For the caller: an urgent byte the client sent before it was accepted.
+        self.oob = b""
 
     # -- start and events --------------------------------------------------
 

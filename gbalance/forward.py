@@ -324,9 +324,11 @@ class Link:
         self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
         self.down.src_reset = server_reset
 
-    def start(self, preamble: bytes = b"") -> None:
+    def start(self, preamble: bytes = b"", oob: bytes = b"") -> None:
         """Start both flows.  ``preamble`` (what is left of a PROXY header) goes
-        to the backend before anything else and is neither counted nor dumped."""
+        to the backend before anything else and is neither counted nor dumped;
+        ``oob`` (an urgent byte taken from the client before the link, which
+        then raised no SIGURG) is sent on as urgent after the early bytes."""
         up = self.up
         early = self.early
         if early:
@@ -352,6 +354,11 @@ class Link:
                 up.rw.start(up.on_read)
         else:
             up.rw.start(up.on_read)
+        if oob:
+            try:
+                self.server.send(oob, socket.MSG_OOB | DONTWAIT)
+            except OSError:
+                pass             # the flows meet the error, if any, next
         self.down.rw.start(self.down.on_read)
         if self.urgent is not None:
             self.urgent.add_link(self)

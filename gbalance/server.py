@@ -16,6 +16,7 @@ import _socket
 import errno
 import fcntl
 import os
+import select
 import socket
 import struct
 import sys
@@ -231,6 +232,7 @@ class BalanceServer(StreamServer):
     def start(self) -> None:
         super().start()
         self.pid = os.getpid()
+        self._oob_poll = select.poll()
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
@@ -376,10 +378,18 @@ class BalanceServer(StreamServer):
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
             fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
+            # ... but an urgent byte that came before (queued with the
+            # connection) raised none: look once, and keep it for the link.
+            poll = self._oob_poll
+            poll.register(fd, select.POLLPRI)
+            queued = poll.poll(0)
+            poll.unregister(fd)
+            oob = _take_urgent(client) if queued else b""
             addresses = self.addresses
             if self.q[H_GENERATION] != addresses.generation:
                 addresses.refresh()
             race = Race(self.connector, client, self.router.candidates(address[0]), self._connected, address)
+            race.oob = oob
             self.pending.add(race)
         except Exception as exc:  # never let one client take the server down
             client.close()
@@ -429,7 +439,7 @@ class BalanceServer(StreamServer):
             self._check_drained()
             return
         self.links[link] = 0.0
-        link.start(rest)    # rare: a header's unsent rest goes before any client data
+        link.start(rest, race.oob)    # rare: a header's unsent rest; an urgent byte sent before accept
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)
@@ -457,6 +467,14 @@ class BalanceServer(StreamServer):
     def close_links(self) -> None:
         for link in list(self.links):
             link.close()
+
+
+def _take_urgent(client) -> bytes:
+    """The urgent byte a client sent before it was accepted (b"" if none yet)."""
+    try:
+        return client.recv(1, socket.MSG_OOB | DONTWAIT)
+    except OSError:
+        return b""
 
 
 def write_stdout(text: str) -> None:

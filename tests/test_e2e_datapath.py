@@ -161,17 +161,7 @@ def test_urgent_byte_mid_bulk_loses_nothing_and_master_goes_idle(balance, raw_ba
         assert idle_cpu < 0.5, f"idle master used {idle_cpu:.2f} s of CPU in 3 s"
 
 
-_URGENT_BEFORE_OWNER = (
-    "code bug: an urgent byte queued before the proxy accepts the socket and sets "
-    "F_SETOWN raises no SIGURG, so the lazy urgent set never learns of it and the "
-    "byte is lost (the old relay put every socket in the set at link start)")
-
-
-@pytest.mark.parametrize("when", [
-    # Racy by nature: the byte usually arrives before the accept, then it is lost too.
-    pytest.param("proxy-running", marks=pytest.mark.xfail(strict=False, reason=_URGENT_BEFORE_OWNER)),
-    pytest.param("before-accept", marks=pytest.mark.xfail(strict=True, reason=_URGENT_BEFORE_OWNER)),
-])
+@pytest.mark.parametrize("when", ["proxy-running", "before-accept"])
 def test_first_urgent_byte_on_a_fresh_proxy_is_relayed(balance, raw_backend, when):
     """On a fresh instance (no urgent data seen before, so no socket is in the
     urgent epoll set and no alert is on), a client whose very first action is
