@@ -439,7 +439,11 @@ class BalanceServer(StreamServer):
             self._check_drained()
             return
         self.links[link] = 0.0
-        link.start(rest, race.oob)    # rare: a header's unsent rest; an urgent byte sent before accept
+        try:
+            link.start(rest, race.oob)    # rare: a header's unsent rest; an urgent byte sent before accept
+        except Exception as exc:  # never let one client take the server down
+            link.abort()
+            self.log.error(f"internal error handling {race.peer[0]}: {type(exc).__name__}: {exc}")
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)

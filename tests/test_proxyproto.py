@@ -339,9 +339,9 @@ def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch, hang
 
     real_start = server_mod.Link.start
 
-    def start(link, preamble=b""):
+    def start(link, preamble=b"", oob=b""):
         early_seen.append(bool(link.early))
-        real_start(link, preamble)
+        real_start(link, preamble, oob)
 
     monkeypatch.setattr(server_mod, "send_header", partial)
     monkeypatch.setattr(server_mod.Link, "start", start)
