@@ -463,3 +463,56 @@ class TcpServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+
+
+@contextlib.contextmanager
+def inprocess_server(argv: list[str], state_dir: Path):
+    """A master built in this process, its server started on the test's hub
+    (``argv`` as after ``balance``; state under ``state_dir``): yields
+    ``(master, server)`` and tears both down, whatever happened.
+
+    The hub may be left idle by an earlier in-process test: its clock is
+    refreshed, or a connect's -t timer would start in the past.
+    """
+    from gbalance.cli import parse
+    from gbalance.log import Log
+    from gbalance.master import Master
+
+    old = os.environ.get("BALANCE_STATE_DIR")
+    os.environ["BALANCE_STATE_DIR"] = str(state_dir)
+    try:
+        master = Master(parse(argv), Log(foreground=True))
+        master.build()
+        master.listener.listen(16)
+        server = master.server
+        server.start()
+        server.loop.update_now()
+        try:
+            yield master, server
+        finally:
+            server.reset_all()
+            server.stop_timers()
+            server.close()
+            master.remove_state()
+    finally:
+        if old is None:
+            os.environ.pop("BALANCE_STATE_DIR", None)
+        else:
+            os.environ["BALANCE_STATE_DIR"] = old
+
+
+def green_read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    """From inside the gevent loop: read the non-blocking ``sock`` until
+    ``marker`` has come (or ``timeout``), letting the loop run in between."""
+    import gevent
+
+    sock.settimeout(0)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker not in data and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+        try:
+            data += sock.recv(100)
+        except BlockingIOError:
+            pass
+    return data

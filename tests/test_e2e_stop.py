@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import TcpServer, eventually, free_port, listening, pid_alive, read_line, wait_listening
+from conftest import (TcpServer, eventually, free_port, green_read_until, inprocess_server, listening, pid_alive, read_line,
+                      wait_listening)
 from gbalance.state import state_path
 
 SIZE = 20 * 1024 * 1024
@@ -272,103 +273,60 @@ def test_bad_grace_period_is_a_usage_error(balance, value):
     assert r.stderr == f"balance: invalid timeout [{value}] for -g\n"
 
 
-def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, monkeypatch, backends):
+def test_drain_waits_for_a_client_accepted_but_not_yet_handled(tmp_path, backends):
     """In-process: a client accepted in the same loop iteration as the drain
-    (its handler spawned, not yet run) must be waited for, not dropped.
+    (its connect still pending, no link yet) must be waited for, not dropped.
     (Found by a stress run of repeated hand-overs: 1 reset in 2,375.)"""
     import gevent
 
-    from gbalance.cli import parse
-    from gbalance.log import Log
-    from gbalance.master import Master
-
-    monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path / "state"))
     be = backends("P")
     port = free_port()
-    master = Master(parse(["-f", str(port), be.spec]), Log(foreground=True))
-    master.build()
-    master.listener.listen(16)
-    server = master.server
-    server.start()
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    # The hub may be left from an earlier in-process test, its loop idle since:
-    # refresh its clock, or the connect's -t timer would start in the past.
-    server.loop.update_now()
-    try:
-        server._do_read()                          # accept: its connect is pending
-        drained = []
-        server.drain(lambda: drained.append(True))
-        assert server.open_count == 1 and drained == []
-        gevent.sleep(0.2)                          # the connect completes and links the client
-        assert drained == [] and len(server.links) == 1
-        client.sendall(b"hello\n")
-        client.settimeout(0)
-        deadline = time.monotonic() + 10
-        data = b""
-        while b"hello\n" not in data and time.monotonic() < deadline:
-            gevent.sleep(0.01)
-            try:
-                data += client.recv(100)
-            except BlockingIOError:
-                pass
-        assert data == b"P\nhello\n"
-        client.close()
+    with inprocess_server(["-f", str(port), be.spec], tmp_path / "state") as (master, server):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            server._do_read()                          # accept: its connect is pending
+            drained = []
+            server.drain(lambda: drained.append(True))
+            assert server.open_count == 1 and drained == []
+            gevent.sleep(0.2)                          # the connect completes and links the client
+            assert drained == [] and len(server.links) == 1
+            client.sendall(b"hello\n")
+            assert green_read_until(client, b"hello\n", 10) == b"P\nhello\n"
         deadline = time.monotonic() + 10
         while not drained and time.monotonic() < deadline:
             gevent.sleep(0.01)
         assert drained == [True]
-    finally:
-        client.close()
-        server.reset_all()
-        master.remove_state()
 
 
-def test_reset_all_resets_a_client_whose_connect_is_pending(tmp_path, monkeypatch, hanging):
+def test_reset_all_resets_a_client_whose_connect_is_pending(tmp_path, hanging):
     """In-process: a stop at once (``reset_all``) while a client's backend connect
     is pending (races run from callbacks, no handler greenlet to kill): the
     client sees a reset, the attempt is closed and the channel's connection
     count (C_C) goes back to 0; the race never reports an end afterwards."""
     import gevent
 
-    from gbalance.cli import parse
-    from gbalance.log import Log
-    from gbalance.master import Master
     from gbalance.state import C_C, slot
 
-    monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path / "state"))
     h = hanging()
     port = free_port()
-    master = Master(parse(["-f", "-t", "10", str(port), h.spec]), Log(foreground=True))
-    master.build()
-    master.listener.listen(16)
-    server = master.server
-    server.start()
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    server.loop.update_now()       # a hub left idle by earlier tests: its clock is stale
-    try:
-        server._do_read()                          # accept: its connect is pending
-        assert len(server.pending) == 1 and not server.links
-        race = next(iter(server.pending))
-        attempts = [att.sock for att in race.pending]
-        assert len(attempts) == 1
-        count = slot(0, 0, C_C) + server.row
-        assert server.q[count] == 1
-        assert server.reset_all() == 1
-        assert server.q[count] == 0
-        assert server.pending == set() and race.pending == []
-        assert attempts[0].fileno() == -1
-        client.settimeout(5)
-        with pytest.raises(ConnectionResetError):
-            data = client.recv(100)
-            assert data, "clean EOF: the client was not reset"
-        gevent.sleep(0.1)
-        assert server.q[count] == 0 and not server.links and not server.pending
-    finally:
-        client.close()
-        server.reset_all()
-        server.stop_timers()
-        server.close()
-        master.remove_state()
+    with inprocess_server(["-f", "-t", "10", str(port), h.spec], tmp_path / "state") as (master, server):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            server._do_read()                          # accept: its connect is pending
+            assert len(server.pending) == 1 and not server.links
+            race = next(iter(server.pending))
+            attempts = [att.sock for att in race.pending]
+            assert len(attempts) == 1
+            count = slot(0, 0, C_C) + server.row
+            assert server.q[count] == 1
+            assert server.reset_all() == 1
+            assert server.q[count] == 0
+            assert server.pending == set() and race.pending == []
+            assert attempts[0].fileno() == -1
+            client.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                data = client.recv(100)
+                assert data, "clean EOF: the client was not reset"
+            gevent.sleep(0.1)
+            assert server.q[count] == 0 and not server.links and not server.pending
 
 
 def test_monitor_stops_when_draining_starts(balance, backends, tmp_path):

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
-import time
-
-import gevent
-
-from conftest import free_port
+from conftest import free_port, green_read_until, inprocess_server
 
 
 class FailingOnce:
@@ -36,56 +32,20 @@ def test_unexpected_accept_error_logs_one_line_and_accepting_resumes(tmp_path, m
     about one client (here EBADF, once) logs exactly one line
     "accept failed (...); pausing new connections", prints no traceback, does
     not close the server, and accepting resumes: the waiting client is served."""
-    from gbalance.cli import parse
-    from gbalance.log import Log
-    from gbalance.master import Master
-
-    monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     be = backends("OK")
     port = free_port()
-    master = Master(parse(["-f", str(port), be.spec]), Log(foreground=True))
-    master.build()
-    master.listener.listen(16)
-    server = master.server
-    server.start()
-    wrapper = FailingOnce(server.socket, OSError(errno.EBADF, "Bad file descriptor"))
-    server.socket = wrapper
-    capfd.readouterr()
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    server.loop.update_now()       # a hub left idle by earlier tests: its clock is stale
-    try:
-        client.settimeout(0)
-        deadline = time.monotonic() + 5
-        data = b""
-        while b"\n" not in data and time.monotonic() < deadline:
-            gevent.sleep(0.01)
-            try:
-                data += client.recv(100)
-            except BlockingIOError:
-                pass
-        assert data == b"OK\n"
+    with inprocess_server(["-f", str(port), be.spec], tmp_path / "state") as (master, server):
+        wrapper = FailingOnce(server.socket, OSError(errno.EBADF, "Bad file descriptor"))
+        server.socket = wrapper
+        capfd.readouterr()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            assert green_read_until(client, b"\n") == b"OK\n"
         assert wrapper.calls >= 2                   # the failed accept, then the good one
         assert not server.paused and not server.closed
         # A second client is accepted at once, with no further error.
-        second = socket.create_connection(("127.0.0.1", port), timeout=10)
-        with second:
-            second.settimeout(0)
-            got = b""
-            deadline = time.monotonic() + 5
-            while b"\n" not in got and time.monotonic() < deadline:
-                gevent.sleep(0.01)
-                try:
-                    got += second.recv(100)
-                except BlockingIOError:
-                    pass
-            assert got == b"OK\n"
-    finally:
-        client.close()
-        server.reset_all()
-        server.stop_timers()
-        server.close()
-        master.remove_state()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+            assert green_read_until(second, b"\n") == b"OK\n"
     out, err = capfd.readouterr()
     text = out + err
     assert "Traceback" not in text, text
