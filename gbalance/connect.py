@@ -41,12 +41,10 @@ from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
+from gbalance.forward import DONTWAIT, F_SETOWN
 from gbalance.stagger import StaggerEstimator
 from gbalance.watchers import Watchers
 
-F_SETOWN = getattr(fcntl, "F_SETOWN", 8)
-#: See :data:`gbalance.forward.DONTWAIT`.
-DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
 _LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,

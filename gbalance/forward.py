@@ -518,14 +518,6 @@ class UrgentRelay:
             return
         self.peers[fd] = (src, dst, link)
 
-    def remove(self, src: socket.socket) -> None:
-        """Forget a socket about to be closed.
-
-        No ``epoll_ctl(DEL)``: closing the only descriptor of a socket
-        removes it from the epoll set, which saves a syscall per socket.
-        """
-        self.peers.pop(src.fileno(), None)
-
     def _on_sigurg(self) -> None:
         """Urgent data arrived somewhere: watch every link, look at once."""
         self.signals += 1

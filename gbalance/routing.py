@@ -85,22 +85,14 @@ class Router:
                     if self._usable(g, c):
                         yielded = True
                         yield g, c
-            elif self.cursors is not None:      # a worker: its own cursor
-                cursors = self.cursors
-                start = cursors[g] % n
-                for i in range(n):
-                    c = (start + i) % n
-                    if self._usable(g, c):
-                        cursors[g] = (c + 1) % n
-                        yielded = True
-                        yield g, c
             else:
-                cursor = gslot(g, G_RR_NEXT)
-                start = q[cursor] % n
+                # The cursor: a worker's own (in memory), else the group's slot in the table.
+                cursors, at = (self.cursors, g) if self.cursors is not None else (q, gslot(g, G_RR_NEXT))
+                start = cursors[at] % n
                 for i in range(n):
                     c = (start + i) % n
                     if self._usable(g, c):
-                        q[cursor] = (c + 1) % n
+                        cursors[at] = (c + 1) % n
                         yielded = True
                         yield g, c
         if self.last_resort and not yielded:
