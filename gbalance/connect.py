@@ -98,7 +98,7 @@ class Hooks:
 class Attempt:
     """One pending connect."""
 
-    __slots__ = ("g", "c", "sock", "io", "timer", "t0")
+    __slots__ = ("g", "c", "sock", "io", "timer", "t0", "sent", "reset")
 
     def __init__(self, g: int, c: int, sock: socket.socket):
         self.g = g
@@ -107,6 +107,8 @@ class Attempt:
         self.io = None
         self.timer = None
         self.t0 = -1.0     # loop time the connect started (adaptive stagger only)
+        self.sent = 0      # bytes of the client's early data its first send took
+        self.reset = False # it connected, and was reset before the link began
 
     def stop(self) -> None:
         if self.io is not None:
@@ -214,7 +216,7 @@ class Race:
         self.client_io = None
         self.stagger_timer = None
         self.exhausted = False
-        self.early: bytearray | None = None    # made only if the client talks first
+        self.early: bytes | bytearray | None = None    # only if the client talks first
         self.over = False
         #: The error when this process ran out of descriptors or memory for a connect.
         self.shortage: OSError | None = None
@@ -223,17 +225,27 @@ class Race:
 
     # -- start and events --------------------------------------------------
 
-    def start(self) -> None:
-        """Launch the first attempt (``done`` may be called before this returns)."""
+    def start(self, talking: bool = False) -> None:
+        """Launch the first attempt (``done`` may be called before this returns).
+
+        ``talking``: the client has something waiting.  Bytes are read
+        first and go out with the connect (see :meth:`_launch`); an end or
+        an error is left to the client watch, as if it came during the
+        connect.
+        """
         try:
+            if talking:
+                self._take_waiting()
             won = self._launch()
             if won is not None:
                 result = self._finish(won)
             elif not self.pending:
                 result = self._finish(None)
             else:
-                self.client_io = self.conn.watchers.io(self.client.fileno(), 1)
-                self.client_io.start(self._event, "client", None)
+                early = self.early
+                if early is None or len(early) < EARLY_MAX:
+                    self.client_io = self.conn.watchers.io(self.client.fileno(), 1)
+                    self.client_io.start(self._event, "client", None)
                 return
         except BaseException as exc:
             self._fault(exc)
@@ -314,8 +326,26 @@ class Race:
                 continue
             if rc not in (errno.EINPROGRESS, errno.EALREADY):
                 sock.close()
-                hooks.failure(g, c, "refused" if rc == errno.ECONNREFUSED else errno.errorcode.get(rc, str(rc)))
+                hooks.failure(g, c, _reason(rc))
                 continue
+            early = self.early
+            if early and conn.send_early:
+                # The client has spoken: send now.  A near backend (this
+                # host) has completed the handshake inside connect(), and
+                # the send then ends the race with no loop turn; a far one
+                # is still connecting (EAGAIN) and is waited for below.
+                try:
+                    att.sent = sock.send(early, DONTWAIT)
+                    return att
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    if exc.errno in _RESET_AFTER_CONNECT:
+                        att.reset = True
+                        return att
+                    sock.close()
+                    hooks.failure(g, c, _reason(exc.errno))
+                    continue
             att.io = conn.watchers.io(sock.fileno(), 2)
             att.io.start(self._event, "io", att)
             if conn.timeout > 0:
@@ -352,11 +382,8 @@ class Race:
             watchers.recycle_io(att.io)
             att.io = None
 
-    def _finish(self, winner: Attempt | None, reset: bool = False, sent: int = 0):
-        """Stop every watcher, close the losers, return the winner's result.
-
-        ``sent``: how much of the early data went with the winner's first send.
-        """
+    def _finish(self, winner: Attempt | None):
+        """Stop every watcher, close the losers, return the winner's result."""
         for att in self.pending:
             att.stop()
             if att is not winner:
@@ -375,14 +402,14 @@ class Race:
         winner.stop()
         self._recycle(winner, False)     # its I/O watcher goes on with the link
         conn = self.conn
-        if conn.estimator is not None and not reset:
+        if conn.estimator is not None and not winner.reset:
             # A connect that was pending: fold its time in (Karn: a reset
             # or a lost race gives no sample); an instant one counts as 0.
             took = conn.loop.now() - winner.t0 if winner.t0 >= 0 else 0.0
             conn.hooks.measured(winner.g, winner.c, conn.estimator.sample(winner.g, winner.c, took))
         conn.hooks.success(winner.g, winner.c)
         return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
-                         bytes(self.early) if self.early else b"", reset, sent)
+                         bytes(self.early) if self.early else b"", winner.reset, winner.sent)
 
     def _client_gone(self) -> bool:
         """Read from the client: True if it hung up.
@@ -404,11 +431,28 @@ class Race:
             self.client_io.stop()
             return False
         if early is None:
-            early = self.early = bytearray()
-        early += data
+            early = self.early = data
+        else:
+            if not isinstance(early, bytearray):
+                early = self.early = bytearray(early)
+            early += data
         if len(early) >= EARLY_MAX:
             self.client_io.stop()
         return False
+
+    def _take_waiting(self) -> None:
+        """Keep what the client sent before its race began.
+
+        An end of stream or a reset is left to the client watch, which
+        meets it again (after a reset a read sees an end) and cancels the
+        connect, as for a client that leaves during it.
+        """
+        try:
+            data = self.client.recv(EARLY_MAX, DONTWAIT)
+        except OSError:
+            return
+        if data:
+            self.early = data
 
     # -- the race ------------------------------------------------------------
 
@@ -417,13 +461,12 @@ class Race:
         if kind == "io":
             if att not in self.pending:
                 return _GOING
-            sent = 0
             early = self.early
             if early and self.conn.send_early:
                 # The client has spoken: its bytes go now, and the send
                 # tells how the connect went (no SO_ERROR look-up needed).
                 try:
-                    sent = att.sock.send(early, DONTWAIT)
+                    att.sent = att.sock.send(early, DONTWAIT)
                     err = 0
                 except BlockingIOError:
                     err = 0
@@ -432,11 +475,12 @@ class Race:
             else:
                 err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err == 0:
-                return self._finish(att, sent=sent)
+                return self._finish(att)
             if err in _RESET_AFTER_CONNECT:
                 # Connected, then reset before we looked (reading SO_ERROR cleared it).
-                return self._finish(att, reset=True)
-            self._fail(att, "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err)))
+                att.reset = True
+                return self._finish(att)
+            self._fail(att, _reason(err))
         elif kind == "timeout":
             if att not in self.pending:
                 return _GOING
@@ -465,6 +509,11 @@ class Race:
         if not self.pending:
             return self._finish(None)
         return _GOING
+
+
+def _reason(err: int) -> str:
+    """How a failed connect is reported (``refused``, else the errno's name)."""
+    return "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err))
 
 
 def _settled(pending: list[Attempt]) -> Attempt | None:

@@ -38,6 +38,8 @@ from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGER
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: accept() errors about one client only (it reset, or a filter refused it).
 _ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
+#: What the look at accept asks about: an urgent byte, or anything to read.
+_WAITING = select.POLLPRI | select.POLLIN
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
@@ -380,11 +382,19 @@ class BalanceServer(StreamServer):
             fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
             # ... but an urgent byte that came before (queued with the
             # connection) raised none: look once, and keep it for the link.
+            # The same look tells whether the client has spoken already
+            # (the race then reads it first and sends it with the connect).
             poll = self._oob_poll
-            poll.register(fd, select.POLLPRI)
+            poll.register(fd, _WAITING)
             queued = poll.poll(0)
             poll.unregister(fd)
-            oob = _take_urgent(client) if queued else b""
+            oob = b""
+            talking = False
+            if queued:
+                if queued[0][1] & select.POLLPRI:
+                    oob = _take_urgent(client)
+                else:
+                    talking = True
             addresses = self.addresses
             if self.q[H_GENERATION] != addresses.generation:
                 addresses.refresh()
@@ -396,7 +406,7 @@ class BalanceServer(StreamServer):
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
             self._check_drained()
             return
-        race.start()
+        race.start(talking)
 
     def _connected(self, race: Race, result: Connected | None, error: BaseException | None) -> None:
         """A race ended: link the client to its backend, or let it go."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import struct
 import time
 
 import pytest
@@ -539,3 +540,172 @@ def test_abandon_closes_pending_attempts_reports_cancel_and_never_calls_done(han
     finally:
         client.close()
         peer.close()
+
+
+# -- a client that spoke before its race began (in-process) ----------------------------------
+
+def _spoken_client(data: bytes, close: bool = False):
+    """A proxy-side client socket whose peer has already sent ``data`` (and
+    closed, with ``close``), as the server finds it at accept."""
+    client, peer = socket.socketpair()
+    client.setblocking(False)
+    if data:
+        peer.sendall(data)
+    if close:
+        peer.close()
+    return client, peer
+
+
+def _accept_and_read(listener, n: int) -> bytes:
+    listener.settimeout(5)
+    s, _ = listener.accept()
+    with s:
+        s.settimeout(5)
+        buf = b""
+        while len(buf) < n:
+            chunk = s.recv(n - len(buf))
+            assert chunk, buf
+            buf += chunk
+        return buf
+
+
+def test_a_client_that_spoke_first_is_connected_and_sent_within_start():
+    """Its bytes go with the connect: a backend on this host has completed
+    the handshake inside connect(), so the race ends before ``start``
+    returns, with no watcher and no loop turn, and the bytes count as sent."""
+    import gevent
+
+    from gbalance.connect import Connected, Connector, Race
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    hooks = RecordingHooks()
+    conn = Connector(gevent.get_hub().loop, lambda g, c: (socket.AF_INET, listener.getsockname()), hooks,
+                     timeout=5)
+    client, peer = _spoken_client(b"GET / HTTP/1.0\r\n\r\n")
+    calls = []
+    try:
+        Race(conn, client, iter([(0, 0)]), lambda *args: calls.append(args)).start(talking=True)
+        assert len(calls) == 1, "the race waited for the loop"
+        _, result, error = calls[0]
+        assert error is None and isinstance(result, Connected)
+        assert result.early == b"GET / HTTP/1.0\r\n\r\n" and result.sent == len(result.early)
+        assert result.client_watcher is None and result.server_watcher is None
+        assert hooks.events == [("attempt", 0, 0), ("success", 0, 0)]
+        assert _accept_and_read(listener, 18) == b"GET / HTTP/1.0\r\n\r\n"
+        result.sock.close()
+    finally:
+        client.close()
+        peer.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+def test_a_client_gone_before_its_race_began_is_cancelled_as_during_it(hanging, how):
+    """Closed or reset before the proxy looked: the connect starts, the client
+    watch meets the end, and the attempt is cancelled (its count given back),
+    exactly as when a client leaves during the connect."""
+    import gevent
+
+    from gbalance.connect import Race
+
+    h = hanging()
+    conn, hooks = _hanging_connector([h], timeout=5)
+    client, peer = socket.socketpair()
+    client.setblocking(False)
+    if how == "reset":
+        client.close()
+        client, peer = _tcp_pair()
+        client.setblocking(False)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    time.sleep(0.05)
+    calls = []
+    conn.loop.update_now()         # HangingListener blocked the loop: its time is stale
+    try:
+        Race(conn, client, iter([(0, 0)]), lambda *args: calls.append(args)).start(talking=True)
+        with gevent.Timeout(3):
+            while not calls:
+                gevent.sleep(0.005)
+        assert [(result, error) for _, result, error in calls] == [(None, None)]
+        assert hooks.events == [("attempt", 0, 0), ("cancel", 0, 0)]
+    finally:
+        client.close()
+
+
+def _tcp_pair():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return b, a
+
+
+def test_a_spoken_client_waits_for_a_backend_still_connecting_then_fails_over(hanging):
+    """A backend that has not answered the SYN yet (send says EAGAIN): the
+    connect is waited for with its -t as ever, and the next channel gets the
+    bytes, once."""
+    import gevent
+
+    from gbalance.connect import Connected, Race
+
+    h = hanging()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    live = type("L", (), {"host": "127.0.0.1", "port": listener.getsockname()[1]})
+    conn, hooks = _hanging_connector([h, live], timeout=0.2)
+    client, peer = _spoken_client(b"hello")
+    calls = []
+    conn.loop.update_now()         # HangingListener blocked the loop: its time is stale
+    try:
+        Race(conn, client, iter([(0, 0), (0, 1)]), lambda *args: calls.append(args)).start(talking=True)
+        assert calls == []                             # the first is still connecting
+        with gevent.Timeout(5):
+            while not calls:
+                gevent.sleep(0.005)
+        _, result, error = calls[0]
+        assert error is None and isinstance(result, Connected) and result.channel == 1
+        assert result.sent == 5
+        assert hooks.events == [("attempt", 0, 0), ("failure", 0, 0, "timeout"),
+                                ("attempt", 0, 1), ("success", 0, 1)]
+        assert _accept_and_read(listener, 5) == b"hello"
+        result.sock.close()
+    finally:
+        client.close()
+        peer.close()
+        listener.close()
+
+
+def test_a_spoken_client_skips_a_refusing_backend_at_once():
+    """Refused (the first send reports it): the next channel, in the same call."""
+    import gevent
+
+    from gbalance.connect import Connected, Connector, Race
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))                      # bound, not listening: refused
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    targets = [closed.getsockname(), listener.getsockname()]
+    hooks = RecordingHooks()
+    conn = Connector(gevent.get_hub().loop, lambda g, c: (socket.AF_INET, targets[c]), hooks, timeout=5)
+    client, peer = _spoken_client(b"hi")
+    calls = []
+    try:
+        Race(conn, client, iter([(0, 0), (0, 1)]), lambda *args: calls.append(args)).start(talking=True)
+        assert len(calls) == 1
+        _, result, error = calls[0]
+        assert isinstance(result, Connected) and result.channel == 1 and result.sent == 2
+        assert hooks.events == [("attempt", 0, 0), ("failure", 0, 0, "refused"),
+                                ("attempt", 0, 1), ("success", 0, 1)]
+        assert _accept_and_read(listener, 2) == b"hi"
+        result.sock.close()
+    finally:
+        client.close()
+        peer.close()
+        listener.close()
+        closed.close()

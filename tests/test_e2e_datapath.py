@@ -433,6 +433,33 @@ def test_data_sent_during_connect_arrives_first_and_whole(balance, raw_backend):
             assert rx.digest.digest() == hashlib.sha256(payload).digest()
 
 
+@pytest.mark.parametrize("size", [300, 300_000], ids=["request", "more-than-one-read"])
+def test_bytes_sent_before_accept_go_with_the_connect_first_and_whole(balance, raw_backend, size):
+    """The master is stopped while a client connects and sends (the bytes wait
+    in its socket before accept): they are read at accept, sent with the
+    connect, and whatever the first read did not take follows, in order."""
+    port = free_port()
+    proc = balance.start(str(port), raw_backend.spec, port=port)
+    payload = seeded_data(size, 9)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        writer = threading.Thread(target=lambda: (c.sendall(payload), c.shutdown(socket.SHUT_WR)))
+        writer.start()
+        time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    with c:
+        server = raw_backend.accept()
+        with server:
+            rx = Receiver(server)
+            rx.join(20)
+            writer.join(10)
+            assert rx.error is None, rx.error
+            assert rx.eof and rx.count == len(payload)
+            assert rx.digest.digest() == hashlib.sha256(payload).digest()
+
+
 def _ports_exhausted_probe() -> str:
     return str(ROOT / "tests" / "port_exhaustion_probe.py")
 
