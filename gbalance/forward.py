@@ -65,6 +65,16 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 #: client needs no ``setblocking(False)`` (one ioctl per connection saved);
 #: where it does not exist sockets are made non-blocking instead.
 DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+#: Linux's ``struct tcp_info`` (``getsockopt(TCP_INFO)``): the first byte is
+#: the TCP state (CLOSE_WAIT: the peer's end has come, behind all it sent),
+#: and the 64-bit ``tcpi_bytes_received`` at byte 128 is the sequence space
+#: received: the bytes, an urgent byte if any, and 1 for the end.
+_TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
+_TCP_INFO_LEN = 136
+_CLOSE_WAIT = 8
+_U64 = struct.Struct("=Q")
+#: A last send: hold the bytes back so the end (FIN) goes in the same segment.
+_LAST = DONTWAIT | getattr(socket, "MSG_MORE", 0)
 
 
 def read_watcher(link: "Link", fd: int, reuse=None):
@@ -90,7 +100,7 @@ class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
     __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset")
+                 "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset", "probe")
 
     def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str,
                  rw=None):
@@ -108,10 +118,19 @@ class Flow:
         self.arrow = arrow
         self.done = False
         self.src_reset = False
+        #: Look at the next read whether the source has already ended.
+        self.probe = False
 
     # -- copy path ---------------------------------------------------------
 
     def on_read(self) -> None:
+        info = None
+        if self.probe:
+            self.probe = False
+            try:
+                info = self.src.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+            except OSError:
+                pass
         try:
             n = self.src.recv_into(SCRATCH, 0, DONTWAIT)
         except BlockingIOError:
@@ -126,16 +145,20 @@ class Flow:
         self.link.active = True
         if self.link.dump is not None:
             self.link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
+        last = info is not None and _all_read(info, n)
         try:
-            m = self.dst.send(SCRATCH_MV[:n], DONTWAIT)
+            m = self.dst.send(SCRATCH_MV[:n], _LAST if last else DONTWAIT)
         except BlockingIOError:
             m = 0
         except OSError:
             self.link.abort()
             return
         if m < n:
+            # (bytes held back by _LAST go out with this rest: no MSG_MORE there)
             self.pending = bytes(SCRATCH_MV[m:n])
             self._wait_writable(self.on_write)
+        elif last:
+            self.eof()       # its FIN leaves with the bytes just sent
         elif n == CHUNK and self.link.splice and self.pipe_r < 0:
             self._start_splice()
 
@@ -286,6 +309,17 @@ class Flow:
             self.pipe_r = self.pipe_w = -1
 
 
+def _all_read(info: bytes, n: int) -> bool:
+    """Did a first read of ``n`` bytes take all the peer sent, with its end
+    already in?  ``info``: its ``struct tcp_info`` from just before the read.
+
+    The counts differ when the read stopped at an urgent mark, or when
+    more came than one read takes: the end is then left to a later read.
+    """
+    return (len(info) >= _TCP_INFO_LEN and info[0] == _CLOSE_WAIT
+            and _U64.unpack_from(info, 128)[0] == n + 1)
+
+
 class Link:
     """One proxied connection: two flows and the bookkeeping around them."""
 
@@ -323,6 +357,10 @@ class Link:
         self.up = Flow(self, client, server, sent_idx, "->", client_watcher)
         self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
         self.down.src_reset = server_reset
+        # A backend that answers and closes (HTTP/1.0, "Connection: close")
+        # has usually queued its end behind its reply by the time the reply
+        # is read: then both go to the client in one segment, not two.
+        self.down.probe = bool(_TCP_INFO) and _LAST != DONTWAIT
 
     def start(self, preamble: bytes = b"", oob: bytes = b"") -> None:
         """Start both flows.  ``preamble`` (what is left of a PROXY header) goes

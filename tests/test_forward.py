@@ -239,6 +239,91 @@ def test_close_counts_once(rigs):
     assert rig.q[C] == 0 and rig.closed == [rig.link]
 
 
+# -- a reply queued with its end ---------------------------------------------------------
+
+TCP_CLOSE_WAIT = 8
+
+
+def segments_in(sock) -> int:
+    """Segments ``sock`` has received (Linux ``tcpi_segs_in``)."""
+    return int.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 144)[140:144], "little")
+
+
+def ended_backend_link(send) -> tuple:
+    """A link whose backend already did ``send(server_app)`` and closed, with
+    its end in (CLOSE_WAIT) before the link reads anything.
+
+    Returns (link, client application socket, q); nothing runs the link's
+    watchers until the test starts it.
+    """
+    q = memoryview(bytearray(8 * 4)).cast("q")
+    q[C] = 1
+    client_app, client_end = tcp_pair()
+    server_end, server_app = tcp_pair()
+    for s in (client_end, server_end):
+        s.setblocking(False)
+    send(server_app)
+    server_app.close()
+    with gevent.Timeout(5):
+        while server_end.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_CLOSE_WAIT:
+            gevent.sleep(0.005)
+    link = Link(get_hub().loop, client_end, server_end, q, SENT, RCVD, C)
+    return link, client_app, q
+
+
+def test_a_reply_queued_with_its_end_goes_on_with_it_in_one_segment():
+    """A backend that answered and closed (HTTP/1.0, "Connection: close"):
+    the link's first read takes the reply and the end together, and the
+    client gets both in one segment; no second read, no second segment."""
+    link, client_app, q = ended_backend_link(lambda s: s.sendall(b"HTTP/1.0 200 OK\r\n\r\nhello"))
+    try:
+        before = segments_in(client_app)
+        link.down.on_read()
+        assert link.down.done, "the end was left for another read"
+        client_app.settimeout(5)
+        assert recv_all(client_app) == b"HTTP/1.0 200 OK\r\n\r\nhello"
+        assert segments_in(client_app) - before == 1, "reply and end came in separate segments"
+        assert q[RCVD] == 24 and not link.closed          # the client may still talk
+    finally:
+        link.close()
+        client_app.close()
+
+
+@pytest.mark.parametrize("urgent_at", [100, 0], ids=["mid-reply", "first-byte"])
+def test_a_reply_with_an_urgent_byte_before_its_end_loses_nothing(urgent_at):
+    """Reads stop at an urgent mark, so the first read is short of the end:
+    the link must not take that for the whole reply (the rest would be lost)."""
+    def send(s):
+        if urgent_at:
+            s.sendall(b"a" * urgent_at)
+        s.send(b"!", socket.MSG_OOB)
+        s.sendall(b"b" * 10)
+
+    link, client_app, q = ended_backend_link(send)
+    try:
+        link.start()
+        client_app.settimeout(5)
+        got = gsocket.socket(fileno=client_app.detach())
+        assert recv_all(got) == b"a" * urgent_at + b"b" * 10
+        got.close()
+    finally:
+        link.close()
+
+
+def test_a_reply_longer_than_one_read_with_its_end_queued_arrives_whole():
+    """More than one read's worth queued before the end: every byte arrives."""
+    data = payload(CHUNK + 17, 7)         # (fits in the socket buffers: the end gets in)
+    link, client_app, q = ended_backend_link(lambda s: s.sendall(data))
+    try:
+        link.start()
+        got = gsocket.socket(fileno=client_app.detach())
+        assert recv_all(got) == data
+        got.close()
+        assert q[RCVD] == len(data)
+    finally:
+        link.close()
+
+
 # -- back-pressure ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
