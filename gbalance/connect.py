@@ -229,15 +229,19 @@ class Race:
         """Launch the first attempt (``done`` may be called before this returns).
 
         ``talking``: the client has something waiting.  Bytes are read
-        first and go out with the connect (see :meth:`_launch`); an end or
-        an error is left to the client watch, as if it came during the
-        connect.
+        first and go out with the connect (see :meth:`_launch`).  A client
+        that has already gone (an end before any byte, or a reset) is
+        cancelled at once, as when it leaves during the connect: the
+        attempt is counted and given back.
         """
         try:
-            if talking:
-                self._take_waiting()
+            gone = talking and not self._take_waiting()
             won = self._launch()
-            if won is not None:
+            if gone:
+                if won is not None:
+                    self.pending.append(won)
+                result = self._finish(None)
+            elif won is not None:
                 result = self._finish(won)
             elif not self.pending:
                 result = self._finish(None)
@@ -440,19 +444,20 @@ class Race:
             self.client_io.stop()
         return False
 
-    def _take_waiting(self) -> None:
-        """Keep what the client sent before its race began.
-
-        An end of stream or a reset is left to the client watch, which
-        meets it again (after a reset a read sees an end) and cancels the
-        connect, as for a client that leaves during it.
-        """
+    def _take_waiting(self) -> bool:
+        """Keep what the client sent before its race began: False if it has
+        gone instead (an end before any byte, or a reset; a reset is seen
+        only once, so it must be acted on here)."""
         try:
             data = self.client.recv(EARLY_MAX, DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
         except OSError:
-            return
-        if data:
-            self.early = data
+            return False
+        if not data:
+            return False
+        self.early = data
+        return True
 
     # -- the race ------------------------------------------------------------
 

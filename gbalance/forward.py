@@ -70,6 +70,21 @@ DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: and the 64-bit ``tcpi_bytes_received`` at byte 128 is the sequence space
 #: received: the bytes, an urgent byte if any, and 1 for the end.
 _TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
+
+
+def _plain_tcp() -> bool:
+    """Are this process's stream sockets plain TCP?  Under ``mptcpize`` (or
+    a BPF program that picks the protocol) they are MPTCP, whose TCP_INFO
+    describes one subflow only: then the end is never taken from it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            return probe.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP
+    except (OSError, AttributeError):
+        return False
+
+
+if _TCP_INFO and not _plain_tcp():
+    _TCP_INFO = 0
 _TCP_INFO_LEN = 136
 _CLOSE_WAIT = 8
 _U64 = struct.Struct("=Q")

@@ -630,3 +630,20 @@ def test_back_pressure_puts_the_unread_source_in_the_urgent_set(rigs, relays, sp
     assert rig.server_end.fileno() not in relay.peers
     assert recv_exactly(rig.server, len(data)) == data
     sender.get()
+
+
+def test_the_end_is_taken_from_tcp_info_only_on_plain_tcp(monkeypatch):
+    """MPTCP sockets (mptcpize, or a BPF program choosing the protocol) report
+    one subflow in TCP_INFO, which says nothing of the whole stream."""
+    import gbalance.forward as forward
+
+    assert forward._plain_tcp() and forward._TCP_INFO     # this machine: plain TCP
+
+    class MptcpSocket(socket.socket):
+        def getsockopt(self, level, option, *args):
+            if (level, option) == (socket.SOL_SOCKET, socket.SO_PROTOCOL):
+                return 262                                # IPPROTO_MPTCP
+            return super().getsockopt(level, option, *args)
+
+    monkeypatch.setattr(forward.socket, "socket", MptcpSocket)
+    assert forward._plain_tcp() is False
