@@ -83,13 +83,13 @@ def _plain_tcp() -> bool:
         return False
 
 
-if _TCP_INFO and not _plain_tcp():
-    _TCP_INFO = 0
 _TCP_INFO_LEN = 136
 _CLOSE_WAIT = 8
 _U64 = struct.Struct("=Q")
 #: A last send: hold the bytes back so the end (FIN) goes in the same segment.
 _LAST = DONTWAIT | getattr(socket, "MSG_MORE", 0)
+#: Whether a link looks for its backend's end at the first read of the reply.
+_PROBE_END = bool(_TCP_INFO) and _LAST != DONTWAIT and _plain_tcp()
 
 
 def read_watcher(link: "Link", fd: int, reuse=None):
@@ -106,9 +106,14 @@ def read_watcher(link: "Link", fd: int, reuse=None):
             return reuse
         except (AttributeError, TypeError, ValueError):
             pass
+    return new_watcher(link, fd, 1)
+
+
+def new_watcher(link: "Link", fd: int, events: int):
+    """A stopped I/O watcher from the link's pool (or its loop, without one)."""
     if link.watchers is not None:
-        return link.watchers.io(fd, 1)
-    return link.loop.io(fd, 1)
+        return link.watchers.io(fd, events)
+    return link.loop.io(fd, events)
 
 
 class Flow:
@@ -198,9 +203,7 @@ class Flow:
         if urgent is not None:   # nobody reads src now: have its errors reported
             urgent.add(self.src, self.dst, self.link)
         if self.ww is None:
-            link = self.link
-            fd = self.dst.fileno()
-            self.ww = link.watchers.io(fd, 2) if link.watchers is not None else link.loop.io(fd, 2)
+            self.ww = new_watcher(self.link, self.dst.fileno(), 2)
         self.ww.start(callback)
 
     # -- splice path (Linux) -----------------------------------------------
@@ -375,7 +378,7 @@ class Link:
         # A backend that answers and closes (HTTP/1.0, "Connection: close")
         # has usually queued its end behind its reply by the time the reply
         # is read: then both go to the client in one segment, not two.
-        self.down.probe = bool(_TCP_INFO) and _LAST != DONTWAIT
+        self.down.probe = _PROBE_END
 
     def start(self, preamble: bytes = b"", oob: bytes = b"") -> None:
         """Start both flows.  ``preamble`` (what is left of a PROXY header) goes

@@ -375,7 +375,6 @@ class BalanceServer(StreamServer):
             set_reset_on_close(client)
             client.close()
             return
-        race = None
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)

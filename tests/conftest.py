@@ -351,6 +351,16 @@ def ipv6_available() -> bool:
         return False
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two connected loopback TCP sockets: (the connecting end, the accepted end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
 def read_line(s: socket.socket) -> str:
     """Read up to the first newline (or EOF); the text without it."""
     data = b""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import free_port
+from conftest import free_port, tcp_pair
 from monhelp import HARD_DISABLED, SOFT_DISABLED, Table, timed_tag, wait_for
 
 from gbalance.state import C_C, C_SUSPECT
@@ -556,6 +556,14 @@ def _spoken_client(data: bytes, close: bool = False):
     return client, peer
 
 
+def _live_listener() -> socket.socket:
+    """A loopback backend that accepts (its connections are read by the test)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    return listener
+
+
 def _accept_and_read(listener, n: int) -> bytes:
     listener.settimeout(5)
     s, _ = listener.accept()
@@ -577,9 +585,7 @@ def test_a_client_that_spoke_first_is_connected_and_sent_within_start():
 
     from gbalance.connect import Connected, Connector, Race
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener = _live_listener()
     hooks = RecordingHooks()
     conn = Connector(gevent.get_hub().loop, lambda g, c: (socket.AF_INET, listener.getsockname()), hooks,
                      timeout=5)
@@ -616,7 +622,7 @@ def test_a_client_gone_before_its_race_began_is_cancelled_as_during_it(hanging, 
     client.setblocking(False)
     if how == "reset":
         client.close()
-        client, peer = _tcp_pair()
+        peer, client = tcp_pair()
         client.setblocking(False)
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     peer.close()
@@ -635,15 +641,6 @@ def test_a_client_gone_before_its_race_began_is_cancelled_as_during_it(hanging, 
         client.close()
 
 
-def _tcp_pair():
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return b, a
-
-
 def test_a_spoken_client_waits_for_a_backend_still_connecting_then_fails_over(hanging):
     """A backend that has not answered the SYN yet (send says EAGAIN): the
     connect is waited for with its -t as ever, and the next channel gets the
@@ -653,9 +650,7 @@ def test_a_spoken_client_waits_for_a_backend_still_connecting_then_fails_over(ha
     from gbalance.connect import Connected, Race
 
     h = hanging()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener = _live_listener()
     live = type("L", (), {"host": "127.0.0.1", "port": listener.getsockname()[1]})
     conn, hooks = _hanging_connector([h, live], timeout=0.2)
     client, peer = _spoken_client(b"hello")
@@ -688,9 +683,7 @@ def test_a_spoken_client_skips_a_refusing_backend_at_once():
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))                      # bound, not listening: refused
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
+    listener = _live_listener()
     targets = [closed.getsockname(), listener.getsockname()]
     hooks = RecordingHooks()
     conn = Connector(gevent.get_hub().loop, lambda g, c: (socket.AF_INET, targets[c]), hooks, timeout=5)

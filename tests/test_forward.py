@@ -21,7 +21,7 @@ import gevent.socket as gsocket
 import pytest
 from gevent import get_hub
 
-from conftest import seeded_data
+from conftest import seeded_data, tcp_pair
 from gbalance.watchers import Watchers
 from gbalance.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
 
@@ -32,16 +32,6 @@ LIMIT = 20  # seconds any single test may spend waiting
 def test_this_platform_splices():
     """The splice tests below assume Linux, where the forwarder must splice."""
     assert HAVE_SPLICE
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two connected loopback TCP sockets."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b
 
 
 class Rig:
@@ -637,7 +627,7 @@ def test_the_end_is_taken_from_tcp_info_only_on_plain_tcp(monkeypatch):
     one subflow in TCP_INFO, which says nothing of the whole stream."""
     import gbalance.forward as forward
 
-    assert forward._plain_tcp() and forward._TCP_INFO     # this machine: plain TCP
+    assert forward._plain_tcp() and forward._PROBE_END    # this machine: plain TCP
 
     class MptcpSocket(socket.socket):
         def getsockopt(self, level, option, *args):
