@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit bench soak deb rpm apt-repo clean
+.PHONY: all deps venv test unit bench soak deb deb-stdeb rpm apt-repo clean
 
 all: venv
 
@@ -39,6 +39,11 @@ soak: venv
 deb:
 	sh packaging/build-deb.sh
 
+# The same package made by stdeb from setup.py and stdeb.cfg (command and man
+# pages, no init script or units); see README, "Packages".
+deb-stdeb:
+	sh packaging/build-stdeb.sh
+
 rpm:
 	sh packaging/build-rpm.sh
 
@@ -46,4 +51,4 @@ apt-repo: deb
 	sh packaging/build-apt-repo.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache repo rpmbuild bench/results
+	rm -rf $(VENV) build dist deb_dist *.egg-info .pytest_cache repo rpmbuild bench/results

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""A setup.py for the tools and people that call one; pyproject.toml stays the metadata.
+
+Everything a package index or pip shows (name, description, dependencies,
+entry points, URLs) is in pyproject.toml.  This file adds only what needs
+code or must work with both setuptools 66 (Debian bookworm's pybuild) and
+current setuptools from PyPI, without a deprecation warning from either
+(pyproject.toml declares both fields "dynamic"):
+
+* the version, read from gbalance/__init__.py, the one place it is defined;
+* the license: an SPDX expression, as ``license_expression`` (PEP 639,
+  setuptools 77 and later) or as the older ``license`` text field;
+
+plus the stdeb route (``make deb-stdeb``; README, "Packages"):
+
+* ``python3 setup.py --command-packages=stdeb.command bdist_deb`` (or
+  ``sdist_dsc``) builds a .deb from stdeb.cfg, in deb_dist/ or the
+  ``--dist-dir`` given; the Debian description and homepage are those of
+  debian/control, read here, never written;
+* ``debianize`` and the ``--debian-dir-only`` mode are refused: they write
+  debian/changelog, control and rules over the hand-made debian/ that
+  ``make deb`` builds from.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import setuptools
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+LICENSE = "GPL-2.0-or-later"
+# stdeb commands that (re)write ./debian, and the option that makes sdist_dsc do so.
+WRITES_DEBIAN_DIR = ("debianize", "--debian-dir-only")
+STDEB_LAST_PARAGRAPH = """\
+This build of the package (made with stdeb) installs /usr/sbin/balance,
+the C balance's path, with a /usr/bin/balance link and the manual page in
+English and Spanish, and replaces the balance package.  The init script,
+/etc/balance.conf and the systemd units come with the build from the
+source's debian/ directory."""
+
+
+def refuse_debian_dir_writers(argv: list[str]) -> None:
+    """Exit 64 with one line when a command would write ./debian."""
+    for arg in argv[1:]:
+        if arg in WRITES_DEBIAN_DIR or arg.startswith("--debian-dir-only="):
+            sys.stderr.write(f"setup.py: '{arg}' would overwrite the hand-made debian/ "
+                             "(debian/rules, control, changelog); use 'make deb' for debian/ "
+                             "or 'make deb-stdeb' for the stdeb .deb\n")
+            raise SystemExit(64)
+
+
+def version() -> str:
+    text = (HERE / "gbalance" / "__init__.py").read_text(encoding="utf-8")
+    found = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    if not found:
+        raise SystemExit("setup.py: no __version__ = \"...\" line in gbalance/__init__.py")
+    return found.group(1)
+
+
+def license_field() -> dict[str, str]:
+    major = int(re.match(r"\d+", setuptools.__version__).group())
+    return {"license_expression": LICENSE} if major >= 77 else {"license": LICENSE}
+
+
+def debian_control_description() -> tuple[str, str, str] | None:
+    """(synopsis, extended description, homepage) of the gbalance stanza of debian/control."""
+    try:
+        text = (HERE / "debian" / "control").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    homepage = re.search(r"^Homepage:\s*(\S+)$", text, re.M)
+    stanza = re.search(r"^Package: gbalance\n(?:.+\n)*?Description: (.+)\n((?: .*\n?)*)", text, re.M)
+    if not stanza or not homepage:
+        return None
+    paragraphs = "\n".join(line[1:] for line in stanza.group(2).splitlines()).split("\n.\n")
+    # The last paragraph is about the files of the debian/ build (the init
+    # script, units, /etc/balance.conf); this one has the command only.
+    body = "\n\n".join(paragraphs[:-1] + [STDEB_LAST_PARAGRAPH])
+    return stanza.group(1).strip(), body, homepage.group(1)
+
+
+def stdeb_commands() -> dict[str, type]:
+    """stdeb's sdist_dsc with debian/control's description and debhelper compat 13."""
+    try:
+        from stdeb.command.sdist_dsc import sdist_dsc
+    except ImportError:       # stdeb not installed: nothing to adapt
+        return {}
+
+    class gbalance_sdist_dsc(sdist_dsc):
+        def initialize_options(self) -> None:
+            super().initialize_options()
+            self.compat = 13    # stdeb's default, 9, is deprecated; the command line still wins
+
+        def get_debinfo(self):
+            # PKG-INFO (written by egg_info) keeps pyproject's texts; only
+            # the Debian control file gets debian/control's.
+            self.run_command("egg_info")
+            meta = self.distribution.metadata
+            saved = meta.description, meta.long_description, meta.url
+            found = debian_control_description()
+            if found:
+                meta.description, meta.long_description, meta.url = found
+            try:
+                return super().get_debinfo()
+            finally:
+                meta.description, meta.long_description, meta.url = saved
+
+    return {"sdist_dsc": gbalance_sdist_dsc}
+
+
+if __name__ == "__main__":
+    refuse_debian_dir_writers(sys.argv)
+    cmdclass = stdeb_commands() if any("stdeb" in arg or arg in ("sdist_dsc", "bdist_deb") for arg in sys.argv) else {}
+    setup(version=version(), packages=["gbalance"], cmdclass=cmdclass, **license_field())
