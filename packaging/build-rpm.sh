@@ -1,5 +1,10 @@
 #!/bin/sh
-# Build the noarch gbalance rpm into dist/ with rpmbuild -bb.
+# Build the noarch gbalance rpm and its source rpm into dist/ (rpmbuild -ba).
+#
+# The binary rpm is for current Fedora (42 and later), whose %{_sbindir} is
+# /usr/bin (/usr/sbin merged into it): it is built with that layout, so it
+# installs there as it is (README, "Packages").  Elsewhere rebuild the
+# source rpm (rpmbuild --rebuild), which takes the host's own macros.
 #
 # Works on Red Hat style hosts and on Debian (package "rpm"): Debian has no
 # rpm database of its build dependencies, so they are not checked (--nodeps),
@@ -18,6 +23,10 @@ if [ -z "$VERSION" ] || [ "$SPECV" != "$VERSION" ]; then
     exit 1
 fi
 
+# Who built it (the rpm header's Packager; Fedora's spec files carry none):
+# the maintainer of debian/control unless $PACKAGER says otherwise.
+PACKAGER=${PACKAGER:-$(sed -n 's/^Maintainer:[[:space:]]*//p' debian/control)}
+
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/SOURCES" "$WORK/src/gbalance-$VERSION"
@@ -26,11 +35,12 @@ tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results --exclude=debian \
     -cf - . | tar -C "$WORK/src/gbalance-$VERSION" -xf -
 tar -C "$WORK/src" -czf "$WORK/SOURCES/gbalance-$VERSION.tar.gz" "gbalance-$VERSION"
-rpmbuild -bb --nodeps --define "_topdir $WORK" rpm/gbalance.spec > "$WORK/build.log" 2>&1 || {
+rpmbuild -ba --nodeps --define "_topdir $WORK" --define "_sbindir %{_bindir}" \
+    --define "packager $PACKAGER" rpm/gbalance.spec > "$WORK/build.log" 2>&1 || {
     tail -40 "$WORK/build.log" >&2
     echo "build-rpm: rpmbuild failed (log above)" >&2
     exit 1
 }
 mkdir -p "$DIST"
-cp "$WORK"/RPMS/noarch/gbalance-"$VERSION"-*.noarch.rpm "$DIST"/
-ls "$DIST"/gbalance-"$VERSION"-*.noarch.rpm
+cp "$WORK"/RPMS/noarch/gbalance-"$VERSION"-*.noarch.rpm "$WORK"/SRPMS/gbalance-"$VERSION"-*.src.rpm "$DIST"/
+ls "$DIST"/gbalance-"$VERSION"-*.noarch.rpm "$DIST"/gbalance-"$VERSION"-*.src.rpm
