@@ -1,8 +1,10 @@
 #!/bin/sh
 # Debian packages the test suite needs, installed when missing (`make test`).
-# The packaging tests (tests/test_packaging.py, tests/test_man.py) build the
-# .deb, the .rpm and an apt repository, check them with lintian, rpmlint and
-# systemd-analyze, and read the man pages with man-db in English and Spanish.
+# The packaging tests (tests/test_packaging*.py, tests/test_man.py) build the
+# .deb (debian/ and stdeb), the .rpm and an apt repository, check them with
+# lintian, rpmlint and systemd-analyze, build the wheel with Debian's
+# setuptools (python3-build), and read the man pages with man-db in English
+# and Spanish.
 exec sh "$(dirname "$0")/apt-ensure.sh" iproute2 procps python3-venv \
-    build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools fakeroot \
+    build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-build python3-stdeb fakeroot \
     dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd
