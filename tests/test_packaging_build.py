@@ -139,3 +139,20 @@ def test_wheel_builds_without_warnings_with_bookworms_setuptools(tmp_path):
     assert f"\nVersion: {VERSION}\n" in meta
     assert "\nLicense: GPL-2.0-or-later\n" in meta and "Classifier: License" not in meta
     assert probe.stdout.strip().split(".")[0] == "66", probe.stdout
+
+
+def test_setup_py_sdist_has_man_pages_and_no_debian_dir(tmp_path):
+    """``python3 setup.py sdist`` (stdeb's first step) ships what the packages install, not debian/."""
+    import tarfile
+
+    tree = tree_copy(tmp_path)
+    out = tmp_path / "sdist"
+    done = run([SYSTEM_PYTHON, "setup.py", "-q", "sdist", "-d", str(out)], cwd=tree,
+               env=dict(os.environ, PATH="/usr/sbin:/usr/bin:/sbin:/bin"))
+    assert backend_warnings(done.stdout + done.stderr) == []
+    with tarfile.open(out / f"gbalance-{VERSION}.tar.gz") as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for wanted in ("setup.py", "pyproject.toml", "COPYING", "README", "NEWS", "man/balance.1", "man/balance.es.1",
+                   "packaging/stdeb-layout.sh", "gbalance/cli.py", "gbalance/worker.py", "PKG-INFO"):
+        assert wanted in names, wanted
+    assert not [n for n in names if n.startswith(("debian", "tests/", ".git"))], sorted(names)
