@@ -13,6 +13,12 @@ DIST=${DIST_DIR:-$TOP/dist}
 
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' gbalance/__init__.py)
 [ -n "$VERSION" ] || { echo "build-stdeb: no __version__ in gbalance/__init__.py" >&2; exit 1; }
+for m in man/balance.1 man/balance.es.1; do
+    grep -q "^\.TH .*\"gbalance $VERSION\"" "$m" || {
+        echo "build-stdeb: version drift: gbalance/__init__.py says $VERSION, but $m does not" >&2
+        exit 1
+    }
+done
 REVISION=$(sed -n 's/^Debian-Version:[[:space:]]*//p' stdeb.cfg)
 [ -n "$REVISION" ] || { echo "build-stdeb: no Debian-Version in stdeb.cfg" >&2; exit 1; }
 if ! /usr/bin/python3 -c 'import stdeb' 2>/dev/null; then

@@ -156,3 +156,14 @@ def test_setup_py_sdist_has_man_pages_and_no_debian_dir(tmp_path):
                    "packaging/stdeb-layout.sh", "gbalance/cli.py", "gbalance/worker.py", "PKG-INFO"):
         assert wanted in names, wanted
     assert not [n for n in names if n.startswith(("debian", "tests/", ".git"))], sorted(names)
+
+
+def test_stdeb_build_refuses_version_drift(tmp_path):
+    """A man page that names another version stops build-stdeb.sh before stdeb runs."""
+    tree = tree_copy(tmp_path)
+    page = tree / "man" / "balance.es.1"
+    page.write_text(page.read_text().replace(f'"gbalance {VERSION}"', '"gbalance 9.9.9"', 1))
+    done = run(["sh", str(tree / "packaging" / "build-stdeb.sh")], check=False,
+               env=dict(os.environ, DIST_DIR=str(tmp_path / "dist")))
+    assert done.returncode == 1 and "version drift" in done.stderr and "man/balance.es.1" in done.stderr, done.stderr
+    assert not (tmp_path / "dist").exists()
