@@ -9,6 +9,9 @@ touched).  There the installed launcher, run by its own ``#!/usr/bin/python3
 -sP`` line with only gevent and docopt added to the path, proxies to a
 loopback backend from the installed private modules (workers included),
 answers ``-c`` and ``-i``, and ``rpm -e --root`` takes it all away again.
+Last, in a throwaway root (a copy of this host, tests/throwaway_root.py),
+``rpm -i`` and ``rpm -e`` run the scriptlets for real: bytecode for the
+root's python3 after installing, nothing left after erasing.
 """
 from __future__ import annotations
 
@@ -176,3 +179,39 @@ def test_rpm_erase_from_the_root_leaves_nothing(dist, tmp_path):
     left = [str(p.relative_to(r)) for p in r.rglob("*") if p.is_file() and not p.is_relative_to(r / dbpath)]
     assert left == [], left
     assert not (r / "usr/share/gbalance").exists() and not (r / "usr/libexec/gbalance").exists()
+
+
+def test_rpm_scriptlets_compile_and_clean_up_in_a_throwaway_root(dist):
+    """rpm -i and rpm -e with their scriptlets, in a throwaway root (tests/throwaway_root.py).
+
+    The root is a copy of this Debian host, so the scriptlets run with a real
+    /bin/sh and /usr/bin/python3: %post compiles the private modules for that
+    python3, the installed balance proxies (Debian's gevent and docopt stand
+    in for Fedora's), and %preun leaves nothing behind on erase.
+    """
+    from throwaway_root import create_root
+
+    with create_root() as root:
+        root.write(f"/tmp/{RPM}", (dist / RPM).read_bytes())
+        root.run(["rpm", "-i", "--nodeps", f"/tmp/{RPM}"])
+        cache = root.file("/usr/share/gbalance/gbalance/__pycache__")
+        compiled = {p.name for p in cache.iterdir()}
+        assert {"cli.cpython-311.pyc", "worker.cpython-311.pyc", "instances.cpython-311.pyc"} <= compiled, compiled
+        assert root.run(["rpm", "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.noarch"
+        root.apt_install("python3-gevent", "python3-docopt")
+        assert root.run(["balance", "--version"]).stdout.strip() == f"balance {VERSION} (gbalance)"
+        a = Backend("A")
+        port = free_port()
+        try:
+            root.run(["balance", "-b", "127.0.0.1", str(port), a.spec])
+            wait_listening(port, timeout=30)
+            assert read_tag(port) == "A"
+            show = root.run(["balance", "-b", "127.0.0.1", "-c", "show", str(port)]).stdout
+            assert re.search(rf"^\s+0\s+RR\s+\d+\s+ENA\s+127\.0\.0\.1\s+{a.port}\s", show, re.M), show
+        finally:
+            a.close()
+        root.kill_processes()
+        root.run(["rpm", "-e", "gbalance"])
+        for gone in ("/usr/share/gbalance", "/usr/libexec/gbalance", "/usr/bin/balance",
+                     "/usr/lib/systemd/system/balance@.service"):
+            assert not root.file(gone).exists(), gone
