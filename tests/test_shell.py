@@ -160,6 +160,31 @@ def test_no_master_process(balance):
         assert r.stderr.count("\n") == 1
 
 
+def test_no_master_on_that_address_names_the_addresses_that_have_one(balance, backends):
+    """``-c show PORT`` when only -b instances serve PORT says which -b to use;
+    ``-b X`` when the master runs without -b says so too (one line, exit 69)."""
+    a, b = backends("A"), backends("B", host="::1")
+    port = free_port()
+    v4 = launch(balance, "-b", "127.0.0.1", str(port), a.spec, port=port, rows=1)
+    launch(balance, "-b", "::1", str(port), b.spec, port=port, rows=1)
+    any_path = balance.state_dir / f"balance.{port}.any"
+    r = balance.run("-c", "show", str(port))
+    assert (r.returncode, r.stdout) == (69, "")
+    assert r.stderr == (f"balance: no master process on port {port} (no state file {any_path});"
+                        f" port {port} has masters with -b 127.0.0.1, with -b ::1\n")
+    v4.stop()
+    r = balance.run("-c", "show", str(port))
+    assert r.stderr.endswith(f"; port {port} has a master with -b ::1\n") and r.returncode == 69
+    assert ctl(balance, port, "show", "-b", "::1").startswith("GRP")
+    other = free_port()
+    launch(balance, str(other), a.spec, port=other, rows=1)
+    r = balance.run("-b", "127.0.0.1", "-c", "show", str(other))
+    assert r.returncode == 69
+    assert r.stderr.endswith(f"; port {other} has a master without -b\n") and r.stderr.count("\n") == 1
+    r = balance.run("-c", "show", str(free_port()))
+    assert r.returncode == 69 and "has a master" not in r.stderr and "masters" not in r.stderr
+
+
 def test_stale_state_file_is_no_master(balance, backends):
     a = backends("A")
     port = free_port()
