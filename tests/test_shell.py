@@ -795,6 +795,41 @@ def test_terminal_session_adds_hints_after_balances_answers(two, balance, tmp_pa
     ]
 
 
+def test_kill_of_a_draining_master_says_more_only_on_a_terminal(balance, backends, tmp_path):
+    """``kill`` returns while the master still drains an open connection:
+    ``-c`` prints balance's one line, a terminal session adds why it returned."""
+    a = backends("A")
+    for terminal in (False, True):
+        port = free_port()
+        proc = launch(balance, "-g", "30", str(port), a.spec, port=port, rows=1)
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert held.recv(2) == b"A\n"
+        if terminal:
+            master, slave = pty.openpty()
+            p = subprocess.Popen(BALANCE + ["-i", str(port)], stdin=slave, stdout=slave, stderr=slave,
+                                 cwd=ROOT, env=dict(balance.env, HOME=str(tmp_path), TERM="dumb"),
+                                 close_fds=True)
+            os.close(slave)
+            try:
+                read_until(master, b"balance[0] ")
+                os.write(master, b"kill\n")
+                out = read_until(master, b"grace period is over)\r\n").decode()
+                assert p.wait(timeout=10) == 0
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                os.close(master)
+            assert out.split("\r\n", 1)[1] == (
+                f"shutdown complete, exiting.\r\n(master process {proc.pid} no longer accepts; it exits"
+                " when its open connections end or its -g grace period is over)\r\n")
+        else:
+            assert ctl(balance, port, "kill") == "shutdown complete, exiting.\n"
+        assert pid_alive(proc.pid)                        # still draining the held connection
+        held.close()
+        wait_for(lambda: not pid_alive(proc.pid), "the drained master to exit")
+
+
 def test_c_prints_exactly_balances_text(balance, backends):
     """Scripts compare whole outputs: for each command balance and balance.fm
     have, ``-c`` prints their text byte for byte and nothing else, on
