@@ -170,7 +170,7 @@ class Shell:
         self.say("shutdown complete, exiting.")
         if self.control.draining:
             self.hint(f"(master process {self.control.draining} no longer accepts; it exits when"
-                     " its open connections end or its -g grace period is over)")
+                      " its open connections end or its -g grace period is over)")
         raise Quit(EX_OK)
 
     def cmd_maxc(self, args: list[str]) -> None:

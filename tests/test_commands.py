@@ -150,6 +150,9 @@ def test_read_only_session_is_denied_changes(st):
         for line in ("disable 0", "reset 0", "create 127.0.0.1 1", "hash", "maxc 0 1", "kill"):
             assert run(shell, line) == DENIED + "\n", line
         assert run(shell, "mrtg-conns 0 1") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"
+        st.set_monitor(S.MON_ENABLED)                    # reading commands work read-only
+        assert run(shell, "health").splitlines()[0].endswith("and is enabled")
+        assert run(shell, "monitor show").endswith("and is enabled\n")
     finally:
         ro.close()
 
