@@ -63,8 +63,8 @@ Options:
   --version   Show the version.
 
 Control shell commands (-i, -c): help, ?, assign, create, disable, enable,
-group, hash, rr, kill, maxc, metrics, monitor, mrtg-bytes, mrtg-conns, quit,
-reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
+group, hash, health, rr, kill, maxc, metrics, monitor, mrtg-bytes, mrtg-conns,
+quit, reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_DIR).
 The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 

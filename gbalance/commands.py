@@ -3,8 +3,10 @@
 Each command checks its arguments, reads what it shows straight from the
 mapped table and asks the master (through :class:`~gbalance.control.Control`)
 for every change, then prints balance's answer.  The texts are balance's
-and balance.fm's (``shared/spec/balance-behaviour.md``); where gbalance says
-more, the extra text is on a following line.
+and balance.fm's (``shared/spec/balance-behaviour.md``), and for every
+command those programs have, nothing else: scripts compare whole outputs.
+A session on a terminal (``friendly``) adds hints on the following lines;
+gbalance's own commands (``metrics``, ``health``) print what they like.
 """
 
 from __future__ import annotations
@@ -55,21 +57,29 @@ class Shell:
     ``group`` is the current group that channel commands act on, as in
     balance.  Every handler prints its answer on ``out``; ``status`` is the
     exit code a ``-c`` run ends with (0 unless writing a metrics file failed).
+    ``friendly`` (``-i`` on a terminal) lets answers add a hint for a person
+    after balance's text; otherwise the output is exactly balance's.
     """
 
     def __init__(self, state: SharedState, cfg: ShellConfig, out: TextIO,
-                 control: Control | None = None):
+                 control: Control | None = None, friendly: bool = False):
         self.state = state
         self.cfg = cfg
         self.out = out
         self.control = control if control is not None else Control(state)
         self.group = 0
         self.status = EX_OK
+        self.friendly = friendly
 
     # -- helpers -------------------------------------------------------------
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
+
+    def hint(self, text: str) -> None:
+        """A line for a person at a terminal, never in a script's output."""
+        if self.friendly:
+            self.say(text)
 
     def exists(self, c: int) -> bool:
         st = self.state
@@ -129,11 +139,16 @@ class Shell:
             self.say(message(result))
 
     def cmd_group(self, args: list[str]) -> None:
+        """Select group G; one without channels answers ``unknown group``
+        and is still selected, so that ``create`` can add its first channel."""
         need(args, 1)
         g = int_arg(args[0])
         if not 0 <= g < MAXGROUPS:
             raise Usage("value out of range")
         self.group = g
+        if g >= self.state.ngroups or self.state.nchannels(g) == 0:
+            self.say("unknown group")
+            self.hint(f"(group {g} has no channels; create adds one to it)")
 
     def _set_type(self, args: list[str], kind: int) -> None:
         need(args, 0)
@@ -154,8 +169,8 @@ class Shell:
         self.control.kill()
         self.say("shutdown complete, exiting.")
         if self.control.draining:
-            self.say(f"(master process {self.control.draining} no longer accepts; it exits when"
-                     " its open connections end or its -g grace period is over)")
+            self.hint(f"(master process {self.control.draining} no longer accepts; it exits when"
+                      " its open connections end or its -g grace period is over)")
         raise Quit(EX_OK)
 
     def cmd_maxc(self, args: list[str]) -> None:
@@ -185,18 +200,22 @@ class Shell:
                              f"{exc.strerror or exc}\n")
             self.status = EX_CANTCREAT
 
+    def no_monitor(self) -> None:
+        self.say("no monitor process running")
+        self.hint("(start the master with -m to use monitoring)")
+
     def cmd_monitor(self, args: list[str]) -> None:
         st = self.state
         if st.monitor == MON_NONE:
-            self.say("no monitor process running")
-            self.say("(start the master with -m to use monitoring)")
+            self.no_monitor()
             return
         if len(args) != 1 or args[0].lower() not in ("enable", "disable", "show"):
             raise Usage("syntax error")
         action = args[0].lower()
         if action == "show":
             self.say(monitor_status_line(st))
-            self.out.write(monitor_table(st))
+            if self.friendly:
+                self.out.write(monitor_table(st))
             return
         result = self.ask(Op.MONITOR, 0, 1 if action == "enable" else 0)
         if result == Result.OK:
@@ -204,9 +223,19 @@ class Shell:
         elif result == Result.ALREADY:
             self.say(f"monitor is already {action}d")
         elif result == Result.NO_MONITOR:
-            self.say("no monitor process running")
+            self.no_monitor()
         else:
             self.say(message(result))
+
+    def cmd_health(self, args: list[str]) -> None:
+        """gbalance's own: balance.fm's monitor line, then each channel's checks."""
+        need(args, 0)
+        st = self.state
+        if st.monitor == MON_NONE:
+            self.no_monitor()
+            return
+        self.say(monitor_status_line(st))
+        self.out.write(monitor_table(st))
 
     def _mrtg(self, args: list[str]):
         need(args, 2)
@@ -256,7 +285,7 @@ class Shell:
         command = lookup(words[0])
         if command is None:
             self.say("syntax error")
-            self.say(f"unknown command: {printable(words[0][:40])} (type help for a list)")
+            self.hint(f"(unknown command {printable(words[0][:40])}: type help for a list)")
             return
         if not self.state.master_alive():
             self.gone()
@@ -348,6 +377,8 @@ COMMANDS: list[Command] = [
             Shell.cmd_enable),
     Command("group", "<group>", "select the group that later commands act on", Shell.cmd_group),
     Command("hash", "", "route the current group by client address", Shell.cmd_hash),
+    Command("health", "", "each channel's checks: suspect, fails, passes, stagger (-m)",
+            Shell.cmd_health),
     Command("kill", "", "shut the master process down and leave the shell", Shell.cmd_kill),
     Command("maxc", "<channel> <maxc>", "limit open connections of a channel (0 = no limit)",
             Shell.cmd_maxc),

@@ -11,6 +11,9 @@ never signals a process at all.
 from __future__ import annotations
 
 import errno
+import os
+import re
+import stat
 import sys
 import time
 
@@ -18,12 +21,14 @@ from gbalance.config import ShellConfig
 from gbalance.errors import EX_NOPERM, EX_UNAVAILABLE, BalanceError
 from gbalance.mailbox import REQUEST_TIMEOUT, NoAnswer, Op, Reply, ask
 from gbalance.state import (H_START_TICKS, SharedState, StateError, UnsafeState,
-                            master_process_alive, state_path)
+                            master_process_alive, state_dir, state_path)
 
 #: How long ``kill`` waits for the master to exit.
 KILL_WAIT = 10.0
 #: How long ``kill`` then waits for a draining master to finish its connections.
 KILL_DRAIN_WAIT = 2.0
+#: At most this many state files of other addresses are opened to name them.
+MAX_OTHERS = 16
 
 
 class MasterGone(Exception):
@@ -38,6 +43,51 @@ def no_master(cfg: ShellConfig) -> str:
     return f"no master process on {where(cfg)}"
 
 
+def other_addresses(port: int, bind: str | None, directory: str | None = None) -> list[str]:
+    """The -b keys (``any`` = without -b) of live masters on ``port`` other than ``bind``.
+
+    Read from the names of the state files in the state directory, each
+    confirmed by mapping the file and asking whether its master runs; only
+    names a master could have written (state_path's characters) and regular
+    files are looked at, at most :data:`MAX_OTHERS` of them.  Only a hint
+    for a message: nothing is done with what it finds.
+    """
+    directory = directory or state_dir()
+    mine = os.path.basename(state_path(port, bind, directory))
+    name_re = re.compile(rf"balance\.{port}\.([A-Za-z0-9.:_-]{{1,255}})")
+    found: list[str] = []
+    try:
+        entries = sorted(e.name for e in os.scandir(directory)
+                         if name_re.fullmatch(e.name) and e.name != mine
+                         and not e.name.endswith((".ctl", ".tmp"))
+                         and e.is_file(follow_symlinks=False))
+    except OSError:
+        return found
+    for name in entries[:MAX_OTHERS]:
+        path = os.path.join(directory, name)
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            state = SharedState.attach(path)
+        except (OSError, StateError):
+            continue
+        try:
+            if state.master_alive():
+                found.append(name_re.fullmatch(name).group(1))
+        finally:
+            state.close()
+    return found
+
+
+def elsewhere(cfg: ShellConfig) -> str:
+    """``; port P has a master with -b ADDR`` when masters run on other addresses, else ``""``."""
+    keys = other_addresses(cfg.port, cfg.bind)
+    if not keys:
+        return ""
+    words = ["without -b" if key == "any" else f"with -b {key}" for key in keys]
+    return f"; port {cfg.port} has {'a master' if len(words) == 1 else 'masters'} {', '.join(words)}"
+
+
 def open_master(cfg: ShellConfig) -> SharedState:
     """Map the state file of the live master for ``cfg``, or raise BalanceError."""
     path = state_path(cfg.port, cfg.bind)
@@ -49,15 +99,16 @@ def open_master(cfg: ShellConfig) -> SharedState:
         raise BalanceError(str(exc), EX_NOPERM)
     except StateError as exc:
         if exc.errno == errno.ENOENT:
-            raise BalanceError(f"{no_master(cfg)} (no state file {path})", EX_UNAVAILABLE)
+            raise BalanceError(f"{no_master(cfg)} (no state file {path}){elsewhere(cfg)}",
+                               EX_UNAVAILABLE)
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise BalanceError(f"permission denied: cannot read {path}", EX_NOPERM)
         raise BalanceError(f"{no_master(cfg)} ({exc})", EX_UNAVAILABLE)
     if not state.master_alive():
         pid = state.pid
         state.close()
-        raise BalanceError(f"{no_master(cfg)} (stale state file {path}, pid {pid} is gone)",
-                           EX_UNAVAILABLE)
+        raise BalanceError(f"{no_master(cfg)} (stale state file {path}, pid {pid} is gone)"
+                           f"{elsewhere(cfg)}", EX_UNAVAILABLE)
     return state
 
 

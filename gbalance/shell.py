@@ -15,7 +15,8 @@ parsing and answers), :mod:`gbalance.render` (tables, MRTG, metrics),
 Output goes to stdout and is flushed after every command, so the shell
 works in pipes, from cron and MRTG, and over ``ssh host balance -i 80``
 without a terminal.  Line editing and history are only switched on when
-stdin is a terminal.
+stdin is a terminal; hints after balance's answers and the ``monitor show``
+table only when stdin and stdout both are (never for ``-c``).
 """
 
 from __future__ import annotations
@@ -147,7 +148,10 @@ def one_command(shell: Shell, command: str) -> int:
 def run_shell(cfg: ShellConfig) -> int:
     """Entry point for ``-i`` and ``-c``; returns the exit code."""
     state = open_master(cfg)
-    shell = Shell(state, cfg, sys.stdout)
+    # Hints and the richer tables are for a person at a terminal; -c, and
+    # -i in a pipe or over ssh without a tty, print exactly balance's texts.
+    friendly = cfg.command is None and sys.stdin.isatty() and sys.stdout.isatty()
+    shell = Shell(state, cfg, sys.stdout, friendly=friendly)
     try:
         if cfg.command is None:
             return interactive(shell)

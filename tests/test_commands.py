@@ -43,7 +43,7 @@ def run(shell: Shell, line: str) -> str:
 
 
 @pytest.mark.parametrize("line, answer", [
-    ("frobnicate", "syntax error\nunknown command: frobnicate (type help for a list)\n"),
+    ("frobnicate", "syntax error\n"),
     ("disable", "syntax error\n"),
     ("disable 7", "no such channel 7\n"),
     ("enable -1", "no such channel -1\n"),
@@ -59,7 +59,12 @@ def run(shell: Shell, line: str) -> str:
     ("assign 0 127.0.0.1 80", "channel must be disabled to assign new address\n"),
     ("create 127.0.0.1 0", "value out of range\n"),
     ("create no-such-host.invalid 80", "invalid address\n"),
-    ("monitor", "no monitor process running\n(start the master with -m to use monitoring)\n"),
+    ("monitor", "no monitor process running\n"),
+    ("monitor show", "no monitor process running\n"),
+    ("health", "no monitor process running\n"),
+    ("group 0", ""),
+    ("group 1", "unknown group\n"),
+    ("group 31", "unknown group\n"),
     ("metrics a b", "syntax error\n"),
     ("", ""),
 ])
@@ -85,7 +90,7 @@ def test_assign_only_on_hard_disabled(sh, st):
 
 
 def test_create_group_hash_rr(sh, st):
-    assert run(sh, "group 2") == ""
+    assert run(sh, "group 2") == "unknown group\n"       # no channels yet, still selected
     assert sh.group == 2
     assert run(sh, "create 10.0.0.1 80") == "channel created\n"
     assert st.ngroups == 3 and st.channel(2, 0).status == S.HARD_DISABLED
@@ -110,10 +115,14 @@ def test_maxc_reset_mrtg(sh, st):
 def test_monitor_commands(sh, st):
     st.set_monitor(S.MON_ENABLED)
     pid = os.getpid()
-    assert run(sh, "monitor show").startswith(f"monitor process running as pid {pid} and is enabled\nGRP")
+    assert run(sh, "monitor show") == f"monitor process running as pid {pid} and is enabled\n"
     assert run(sh, "monitor disable") == "monitor is now disabled\n"
     assert run(sh, "monitor disable") == "monitor is already disabled\n"
-    assert run(sh, "monitor show").startswith(f"monitor process running as pid {pid} and is disabled\n")
+    assert run(sh, "monitor show") == f"monitor process running as pid {pid} and is disabled\n"
+    table = run(sh, "health").splitlines()
+    assert table[0] == f"monitor process running as pid {pid} and is disabled"
+    assert table[1].split()[:6] == ["GRP", "#", "S", "ip-address", "port", "suspect"]
+    assert len(table) == 4
     assert run(sh, "monitor enable") == "monitor is now enabled\n"
     assert run(sh, "monitor enable") == "monitor is already enabled\n"
     assert run(sh, "monitor") == "syntax error\n"
@@ -141,6 +150,9 @@ def test_read_only_session_is_denied_changes(st):
         for line in ("disable 0", "reset 0", "create 127.0.0.1 1", "hash", "maxc 0 1", "kill"):
             assert run(shell, line) == DENIED + "\n", line
         assert run(shell, "mrtg-conns 0 1") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"
+        st.set_monitor(S.MON_ENABLED)                    # reading commands work read-only
+        assert run(shell, "health").splitlines()[0].endswith("and is enabled")
+        assert run(shell, "monitor show").endswith("and is enabled\n")
     finally:
         ro.close()
 
@@ -152,3 +164,28 @@ def test_metrics_to_a_file(sh, st, tmp_path):
     assert sh.status == 0
     sh.execute(f"metrics {tmp_path}/nowhere/m.prom")
     assert sh.status == 73
+
+
+def test_a_terminal_session_adds_hints_after_balances_text(sh, st):
+    """``friendly`` (-i on a terminal): balance's line first, then a hint or table."""
+    sh.friendly = True
+    assert run(sh, "frobnicate") == "syntax error\n(unknown command frobnicate: type help for a list)\n"
+    assert run(sh, "monitor") == "no monitor process running\n(start the master with -m to use monitoring)\n"
+    assert run(sh, "group 3") == "unknown group\n(group 3 has no channels; create adds one to it)\n"
+    st.set_monitor(S.MON_ENABLED)
+    text = run(sh, "monitor show").splitlines()
+    assert text[0] == f"monitor process running as pid {os.getpid()} and is enabled"
+    assert text[1].split()[:2] == ["GRP", "#"] and len(text) == 4
+
+
+def test_new_commands_keep_balances_abbreviations():
+    """gbalance's own commands come after balance's in lookup order, so every
+    prefix a balance script may use still means the same command."""
+    balance_commands = ["help", "assign", "create", "disable", "enable", "group", "hash", "kill",
+                        "maxc", "monitor", "mrtg-bytes", "mrtg-conns", "quit", "reset", "rr",
+                        "show", "version"]
+    for name in balance_commands:
+        for end in range(1, len(name) + 1):
+            first = next(n for n in balance_commands if n.startswith(name[:end]))
+            assert lookup(name[:end]).name == first, name[:end]
+    assert lookup("hea").name == "health" and lookup("me").name == "metrics"

@@ -43,13 +43,13 @@ def test_stagger_serves_first_client_quickly_and_marks_primary_suspect(balance, 
 
 
 def stagger_column(balance, port: int) -> list[str]:
-    """The stagger delay of each channel as ``monitor show`` prints it."""
+    """The stagger delay of each channel as ``health`` prints it."""
     import subprocess
 
     from conftest import BALANCE
 
     env = dict(os.environ, BALANCE_STATE_DIR=str(balance.state_dir))
-    out = subprocess.run(BALANCE + ["-c", "monitor show", str(port)], env=env,
+    out = subprocess.run(BALANCE + ["-c", "health", str(port)], env=env,
                          capture_output=True, text=True, timeout=10).stdout
     rows = [line.split() for line in out.splitlines()]
     return [r[8] for r in rows if len(r) > 8 and r[0].isdigit()]
@@ -288,7 +288,7 @@ class DyingListener:
 def test_adaptive_stagger_fails_over_fast_when_a_measured_channel_dies(balance, backends):
     """A primary measured fast on loopback hangs suddenly: the first client waits
     milliseconds (the adapted delay), not the configured 0.25 s ceiling, and the
-    delay and the staggered connect show in ``monitor show`` and ``metrics``."""
+    delay and the staggered connect show in ``health`` and ``metrics``."""
     import subprocess
 
     from conftest import BALANCE
@@ -303,7 +303,7 @@ def test_adaptive_stagger_fails_over_fast_when_a_measured_channel_dies(balance, 
                 tag, _took = timed_tag(port)
                 assert tag == "PRIMARY"
             env = dict(os.environ, BALANCE_STATE_DIR=str(balance.state_dir))
-            show = subprocess.run(BALANCE + ["-c", "monitor show", str(port)], env=env,
+            show = subprocess.run(BALANCE + ["-c", "health", str(port)], env=env,
                                   capture_output=True, text=True, timeout=10).stdout
             row = next(line.split() for line in show.splitlines() if line.split()[:2] == ["0", "0"])
             learned_ms = float(row[8].rstrip("ms"))

@@ -248,3 +248,26 @@ def test_reset_under_heavy_traffic_is_never_lost(balance, backends):
     finally:
         st.close()
         traffic.stop.set()
+
+
+def test_other_addresses_trusts_only_live_masters_state_files(balance, backends, tmp_path):
+    """Naming the other -b addresses of a port looks only at regular state files
+    of live masters on that port: no FIFO is opened, no symlink followed, a
+    stale file and junk are left out."""
+    from gbalance.control import other_addresses
+
+    a = backends("A")
+    port = free_port()
+    launch(balance, "-b", "127.0.0.1", str(port), a.spec, port=port, rows=1)
+    stale_port = free_port()
+    dead = launch(balance, "-b", "127.0.0.2", str(stale_port), a.spec, port=stale_port, rows=1)
+    dead.stop(signal.SIGKILL)
+    d = balance.state_dir
+    os.replace(d / f"balance.{stale_port}.127.0.0.2", d / f"balance.{port}.127.0.0.2")  # stale
+    os.mkfifo(d / f"balance.{port}.10.0.0.1")              # would block an O_RDONLY open
+    (d / f"balance.{port}.10.0.0.2").write_bytes(b"junk" * 100)
+    os.symlink(d / f"balance.{port}.127.0.0.1", d / f"balance.{port}.10.0.0.3")
+    (d / f"balance.{port}.bad name").write_bytes(b"")
+    assert other_addresses(port, None, str(d)) == ["127.0.0.1"]
+    assert other_addresses(port, "127.0.0.1", str(d)) == []
+    assert other_addresses(stale_port, None, str(d)) == []

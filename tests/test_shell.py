@@ -160,6 +160,31 @@ def test_no_master_process(balance):
         assert r.stderr.count("\n") == 1
 
 
+def test_no_master_on_that_address_names_the_addresses_that_have_one(balance, backends):
+    """``-c show PORT`` when only -b instances serve PORT says which -b to use;
+    ``-b X`` when the master runs without -b says so too (one line, exit 69)."""
+    a, b = backends("A"), backends("B", host="::1")
+    port = free_port()
+    v4 = launch(balance, "-b", "127.0.0.1", str(port), a.spec, port=port, rows=1)
+    launch(balance, "-b", "::1", str(port), b.spec, port=port, rows=1)
+    any_path = balance.state_dir / f"balance.{port}.any"
+    r = balance.run("-c", "show", str(port))
+    assert (r.returncode, r.stdout) == (69, "")
+    assert r.stderr == (f"balance: no master process on port {port} (no state file {any_path});"
+                        f" port {port} has masters with -b 127.0.0.1, with -b ::1\n")
+    v4.stop()
+    r = balance.run("-c", "show", str(port))
+    assert r.stderr.endswith(f"; port {port} has a master with -b ::1\n") and r.returncode == 69
+    assert ctl(balance, port, "show", "-b", "::1").startswith("GRP")
+    other = free_port()
+    launch(balance, str(other), a.spec, port=other, rows=1)
+    r = balance.run("-b", "127.0.0.1", "-c", "show", str(other))
+    assert r.returncode == 69
+    assert r.stderr.endswith(f"; port {other} has a master without -b\n") and r.stderr.count("\n") == 1
+    r = balance.run("-c", "show", str(free_port()))
+    assert r.returncode == 69 and "has a master" not in r.stderr and "masters" not in r.stderr
+
+
 def test_stale_state_file_is_no_master(balance, backends):
     a = backends("A")
     port = free_port()
@@ -274,7 +299,8 @@ def test_create_in_a_new_failover_group(balance, backends):
     launch(balance, str(port), a.spec, port=port, rows=1)
     r = session(balance, port, ["group 1", f"create 127.0.0.1 {b.port}", "enable 0", "group 0",
                                 "disable 0"])
-    assert r.stdout.endswith("balance[0] balance[1] channel created\nbalance[1] channel 0 enabled\n"
+    assert r.stdout.endswith("balance[0] unknown group\nbalance[1] channel created\n"
+                             "balance[1] channel 0 enabled\n"
                              "balance[1] balance[0] channel 0 disabled\nbalance[0] \n")
     assert tags(port, 2) == ["B", "B"]      # group 0 has nothing left: failover to group 1
 
@@ -320,7 +346,8 @@ def test_session_changes_group_and_prompt(two, balance):
     port, proc, a, b = two
     r = session(balance, port, ["group 1", "hash", "group 0", "rr"])
     assert r.returncode == 0
-    assert r.stdout == transcript(proc.pid, [("group 1", ""), ("hash", "group 1 set to hash\n"),
+    assert r.stdout == transcript(proc.pid, [("group 1", "unknown group\n"),
+                                             ("hash", "group 1 set to hash\n"),
                                              ("group 0", ""), ("rr", "group 0 set to round robin\n")],
                                   group_after=[0, 1, 1, 0, 0])
 
@@ -405,7 +432,7 @@ def test_bad_input_messages(two, balance):
     port, proc, a, b = two
     long_line = "show " + "x" * 600
     pairs = [
-        ("frobnicate", "syntax error\nunknown command: frobnicate (type help for a list)\n"),
+        ("frobnicate", "syntax error\n"),
         ("disable", "syntax error\n"),
         ("disable x", "syntax error\n"),
         ("disable 5", "no such channel 5\n"),
@@ -428,7 +455,7 @@ def test_bad_input_messages(two, balance):
         ("maxc 7 1", "unknown channel\n"),
         ("reset 7", "no such channel 7\n"),
         ("group -1", "value out of range\n"),
-        ("monitor sideways", "no monitor process running\n(start the master with -m to use monitoring)\n"),
+        ("monitor sideways", "no monitor process running\n"),
         ("show me", "syntax error\n"),
         (long_line, "line too long (more than 512 characters), ignored\n"),
         ("", ""),
@@ -452,9 +479,7 @@ def test_garbage_input_cannot_hurt_the_master(two, balance):
     r = session(balance, port, garbage)
     assert r.returncode == 0 and r.stderr == ""
     answers = r.stdout.split("balance[0] ")[1:-1]
-    unknown = "syntax error\nunknown command: {} (type help for a list)\n"
-    assert answers == [unknown.format("show?"), unknown.format("?[2J?"),
-                       unknown.format("????")] + ["syntax error\n"] * 5 + \
+    assert answers == ["syntax error\n"] * 8 + \
                       ["invalid address\n", "syntax error\n", "invalid address\n"]
     assert ctl(balance, port, "show") == before
     assert pid_alive(proc.pid)
@@ -474,7 +499,7 @@ def test_no_channel_slots_available(balance, backends):
 def test_c_exits_zero_even_after_an_error_message(two, balance):
     port, proc, a, b = two
     assert ctl(balance, port, "disable 9") == "no such channel 9\n"
-    assert ctl(balance, port, "nonsense") == "syntax error\nunknown command: nonsense (type help for a list)\n"
+    assert ctl(balance, port, "nonsense") == "syntax error\n"
     assert ctl(balance, port, "x" * 1000) == "line too long (more than 512 characters), ignored\n"
     assert ctl(balance, port, "quit") == ""
 
@@ -496,8 +521,8 @@ def test_abbreviations_take_the_first_command_in_help_order(two, balance):
         ("mrtg-c 0 1", "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"),
         ("d 1", "channel 1 disabled\n"),
         ("e 1", "channel 1 enabled\n"),
-        ("mo", "no monitor process running\n(start the master with -m to use monitoring)\n"),
-        ("g 3", ""),
+        ("mo", "no monitor process running\n"),
+        ("g 3", "unknown group\n"),
         ("q", ""),
     ]
     r = session(balance, port, [line for line, _ in pairs] + ["show"])
@@ -512,7 +537,7 @@ def test_help_lists_every_command(two, balance):
     lines = ctl(balance, port, "help").splitlines()
     assert lines[0] == "available commands:"
     names = [line.split()[0] for line in lines[1:]]
-    assert names == ["help", "assign", "create", "disable", "enable", "group", "hash", "kill", "maxc",
+    assert names == ["help", "assign", "create", "disable", "enable", "group", "hash", "health", "kill", "maxc",
                      "metrics", "monitor", "mrtg-bytes", "mrtg-conns", "quit", "reset", "rr", "show",
                      "version"]
     assert all(line.startswith("  ") for line in lines[1:])
@@ -636,7 +661,9 @@ def test_monitor_enable_disable_show(balance, backends):
     assert rows_of(ctl(balance, port, "show"))[1][3] == "dis"
     assert ctl(balance, port, "monitor disable") == "monitor is now disabled\n"
     assert ctl(balance, port, "monitor disable") == "monitor is already disabled\n"
-    out = ctl(balance, port, "monitor show").splitlines()
+    assert ctl(balance, port, "monitor show") == \
+        f"monitor process running as pid {proc.pid} and is disabled\n"   # balance.fm's line only
+    out = ctl(balance, port, "health").splitlines()
     assert out[0] == f"monitor process running as pid {proc.pid} and is disabled"
     assert out[1].split() == ["GRP", "#", "S", "ip-address", "port", "suspect", "fails", "passes",
                               "stagger", "staggered", "since"]
@@ -647,8 +674,8 @@ def test_monitor_enable_disable_show(balance, backends):
     assert ctl(balance, port, "monitor enable") == "monitor is now enabled\n"
     assert ctl(balance, port, "monitor enable") == "monitor is already enabled\n"
     wait_for(lambda: channels(balance, port)[1].status == SOFT_DISABLED, "checks to resume")
-    assert ctl(balance, port, "monitor show").splitlines()[0] == \
-        f"monitor process running as pid {proc.pid} and is enabled"
+    assert ctl(balance, port, "monitor show") == \
+        f"monitor process running as pid {proc.pid} and is enabled\n"
     for bad in ("monitor", "monitor sideways", "monitor show now"):
         assert ctl(balance, port, bad) == "syntax error\n"
     m = parse_metrics(ctl(balance, port, "metrics"))
@@ -657,9 +684,8 @@ def test_monitor_enable_disable_show(balance, backends):
 
 def test_monitor_not_configured(two, balance):
     port, proc, a, b = two
-    for cmd in ("monitor", "monitor enable", "monitor show", "monitor sideways"):
-        assert ctl(balance, port, cmd) == \
-            "no monitor process running\n(start the master with -m to use monitoring)\n"
+    for cmd in ("monitor", "monitor enable", "monitor show", "monitor sideways", "health"):
+        assert ctl(balance, port, cmd) == "no monitor process running\n"
 
 
 def test_help_has_balance_fm_monitor_line(two, balance):
@@ -702,7 +728,7 @@ def test_pipe_answers_each_command_at_once(two, balance):
         assert tags(port, 2) == ["B", "B"]                # applied while the session is open
         p.stdin.write(b"group 1\n")
         p.stdin.flush()
-        assert read_until(fd, b"balance[1] ") == b"balance[1] "
+        assert read_until(fd, b"balance[1] ") == b"unknown group\nbalance[1] "
         p.stdin.close()
         assert p.wait(timeout=10) == 0
         assert os.read(fd, 100) == b"\n"
@@ -735,6 +761,140 @@ def test_tty_session_with_readline_history(two, balance, tmp_path):
         os.close(master)
     assert tags(port, 2) == ["A", "A"]
     assert "disable 1" in (home / ".balance_history").read_text()
+
+
+def test_terminal_session_adds_hints_after_balances_answers(two, balance, tmp_path):
+    """On a terminal a person gets a hint on the line after balance's answer
+    (user input echoed only as printable ASCII); -c prints balance's line alone."""
+    port, proc, a, b = two
+    master, slave = pty.openpty()
+    env = dict(balance.env, HOME=str(tmp_path), TERM="dumb")
+    p = subprocess.Popen(BALANCE + ["-i", str(port)], stdin=slave, stdout=slave, stderr=slave,
+                         cwd=ROOT, env=env, close_fds=True)
+    os.close(slave)
+    try:
+        read_until(master, b"balance[0] ")
+        answers = []
+        for line, prompt in (("frobnicate", 0), ("\uff53\uff48\uff4f\uff57", 0), ("mo show", 0),
+                             ("group 4", 4)):
+            os.write(master, line.encode() + b"\n")
+            out = read_until(master, f"balance[{prompt}] ".encode()).decode()
+            answers.append(out.split("\r\n", 1)[1].replace("\r\n", "\n"))   # drop the echo
+        os.write(master, b"\x04")
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+    assert answers == [
+        "syntax error\n(unknown command frobnicate: type help for a list)\nbalance[0] ",
+        "syntax error\n(unknown command ????: type help for a list)\nbalance[0] ",
+        "no monitor process running\n(start the master with -m to use monitoring)\nbalance[0] ",
+        "unknown group\n(group 4 has no channels; create adds one to it)\nbalance[4] ",
+    ]
+
+
+def test_kill_of_a_draining_master_says_more_only_on_a_terminal(balance, backends, tmp_path):
+    """``kill`` returns while the master still drains an open connection:
+    ``-c`` prints balance's one line, a terminal session adds why it returned."""
+    a = backends("A")
+    for terminal in (False, True):
+        port = free_port()
+        proc = launch(balance, "-g", "30", str(port), a.spec, port=port, rows=1)
+        held = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert held.recv(2) == b"A\n"
+        if terminal:
+            master, slave = pty.openpty()
+            p = subprocess.Popen(BALANCE + ["-i", str(port)], stdin=slave, stdout=slave, stderr=slave,
+                                 cwd=ROOT, env=dict(balance.env, HOME=str(tmp_path), TERM="dumb"),
+                                 close_fds=True)
+            os.close(slave)
+            try:
+                read_until(master, b"balance[0] ")
+                os.write(master, b"kill\n")
+                out = read_until(master, b"grace period is over)\r\n").decode()
+                assert p.wait(timeout=10) == 0
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                os.close(master)
+            assert out.split("\r\n", 1)[1] == (
+                f"shutdown complete, exiting.\r\n(master process {proc.pid} no longer accepts; it exits"
+                " when its open connections end or its -g grace period is over)\r\n")
+        else:
+            assert ctl(balance, port, "kill") == "shutdown complete, exiting.\n"
+        assert pid_alive(proc.pid)                        # still draining the held connection
+        held.close()
+        wait_for(lambda: not pid_alive(proc.pid), "the drained master to exit")
+
+
+def test_c_prints_exactly_balances_text(balance, backends):
+    """Scripts compare whole outputs: for each command balance and balance.fm
+    have, ``-c`` prints their text byte for byte and nothing else, on
+    stdout, with nothing on stderr and exit status 0."""
+    a, b = backends("A"), backends("B")
+    port = free_port()
+    proc = launch(balance, str(port), a.spec, b.spec, port=port, rows=2)
+    expected = [
+        ("show", table(row(0, "RR", 0, "ENA", "127.0.0.1", a.port),
+                       row(0, "RR", 1, "ENA", "127.0.0.1", b.port))),
+        ("frobnicate", "syntax error\n"),
+        ("show extra", "syntax error\n"),
+        ("disable", "syntax error\n"),
+        ("disable 9", "no such channel 9\n"),
+        ("enable 0", "channel 0 already enabled\n"),
+        ("disable 1", "channel 1 disabled\n"),
+        ("disable 1", "channel 1 already disabled\n"),
+        ("enable 1", "channel 1 enabled\n"),
+        ("reset 9", "no such channel 9\n"),
+        ("reset 0", "channel 0 counters reset\n"),
+        ("assign 0 127.0.0.1 80", "channel must be disabled to assign new address\n"),
+        ("assign 9 127.0.0.1 80", "unknown channel\n"),
+        ("maxc 9 1", "unknown channel\n"),
+        ("maxc 0 3", "maxc of channel 0 changed to 3\n"),
+        ("maxc 0 0", "maxc of channel 0 changed to 0\n"),
+        ("group 0", ""),
+        ("group 1", "unknown group\n"),
+        ("group 32", "value out of range\n"),
+        ("group -1", "value out of range\n"),
+        ("hash", "group 0 set to hash\n"),
+        ("rr", "group 0 set to round robin\n"),
+        ("create no-such-host.invalid 80", "invalid address\n"),
+        ("mrtg-bytes 0 1", "0\n0\nUNKNOWN\ngroup 0 channel 1\n"),
+        ("mrtg-conns 0 1", "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"),
+        ("mrtg-bytes 5 0", "unknown group\n"),
+        ("mrtg-conns 0 5", "unknown channel\n"),
+        ("monitor", "no monitor process running\n"),
+        ("monitor show", "no monitor process running\n"),
+        ("monitor enable", "no monitor process running\n"),
+        ("monitor sideways", "no monitor process running\n"),
+        ("version", "  This is balance 1.0.0 (gbalance)\n  MAXGROUPS=32\n  MAXCHANNELS=64\n"),
+        ("quit", ""),
+    ]
+    for command, text in expected:
+        r = balance.run("-c", command, str(port), timeout=20)
+        assert (command, r.returncode, r.stdout.encode(), r.stderr) == \
+            (command, 0, text.encode(), ""), command
+    # With -m: balance.fm's texts, monitor show its one line.
+    m = free_port()
+    mon = launch(balance, "-m", "connect:interval=30", str(m), a.spec, port=m, rows=1)
+    for command, text in (
+            ("monitor show", f"monitor process running as pid {mon.pid} and is enabled\n"),
+            ("monitor", "syntax error\n"),
+            ("monitor enable now", "syntax error\n"),
+            ("monitor enable", "monitor is already enabled\n"),
+            ("monitor disable", "monitor is now disabled\n"),
+            ("monitor disable", "monitor is already disabled\n"),
+            ("monitor show", f"monitor process running as pid {mon.pid} and is disabled\n"),
+            ("monitor enable", "monitor is now enabled\n")):
+        r = balance.run("-c", command, str(m), timeout=20)
+        assert (command, r.returncode, r.stdout.encode(), r.stderr) == \
+            (command, 0, text.encode(), ""), command
+    r = balance.run("-c", "kill", str(port), timeout=20)
+    assert (r.returncode, r.stdout.encode(), r.stderr) == (0, b"shutdown complete, exiting.\n", "")
+    assert not pid_alive(proc.pid)
 
 
 @pytest.fixture
