@@ -1,0 +1,174 @@
+"""``balance-instances health``: are the proxies of /etc/balance.conf up and accepting?
+
+Made for keepalived's ``vrrp_script`` (and any other health checker): exit
+0 only when every instance of the config file has a live master that
+listens on its port and keeps up with its accept queue; otherwise one line
+per failing instance on stderr and exit 1 (78 when the file cannot be
+read; a file without instances fails too, there is nothing to serve).
+
+No side effects: nothing connects to the proxy (a probe connection would be
+forwarded to a backend and counted), no state file or lock is written, no
+process signalled.  Everything is read from the kernel:
+
+* the master: the pid in the instance's state file, alive (the master
+  lock, or pid plus start time) and not stopped (``T`` in /proc/PID/stat:
+  a stopped master accepts nothing);
+* its listener: a TCP socket in LISTEN state on the instance's port (in
+  /proc/net/tcp or tcp6 of this network namespace) that the master itself
+  holds open (its inode among /proc/PID/fd);
+* accepting: that socket's accept queue is not full (the ``rx_queue``
+  column of a listening socket is the number of connections waiting for
+  accept; the limit is what the master asks for, ``SOMAXCONN``, cut to
+  ``net.core.somaxconn``): a master that hangs lets it fill up.
+
+It takes a few milliseconds after the interpreter has started.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+from gbalance.state import SharedState, StateError, process_start_ticks, state_dir
+
+TCP_LISTEN = "0A"
+PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One LISTEN socket from /proc/net/tcp[6]."""
+
+    port: int
+    inode: int
+    queued: int       # connections waiting for accept
+
+
+def listeners(paths: tuple[str, ...] = PROC_NET) -> list[Listener]:
+    """Every TCP socket in LISTEN state in this network namespace."""
+    found = []
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != TCP_LISTEN:
+                continue
+            try:
+                port = int(fields[1].rsplit(":", 1)[1], 16)
+                queued = int(fields[4].split(":", 1)[1], 16)   # tx_queue:rx_queue
+                inode = int(fields[9])
+            except (ValueError, IndexError):
+                continue
+            found.append(Listener(port, inode, queued))
+    return found
+
+
+def accept_limit(path: str = "/proc/sys/net/core/somaxconn") -> int:
+    """How many connections may wait for a master's accept (its listen backlog)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            system = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        system = 0
+    return min(socket.SOMAXCONN, system) if system > 0 else socket.SOMAXCONN
+
+
+def socket_inodes(pid: int) -> set[int] | None:
+    """Inodes of the sockets ``pid`` holds open; None when /proc does not tell us."""
+    inodes = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target.endswith("]"):
+            try:
+                inodes.add(int(target[8:-1]))
+            except ValueError:
+                pass
+    return inodes
+
+
+def stopped(pid: int) -> bool:
+    """True if ``pid`` is stopped (SIGSTOP, a debugger): it accepts nothing."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"T", b"t")
+
+
+def master_of(key: str) -> tuple[int, str]:
+    """(pid, "") of the live master of instance ``key``, or (0, why not)."""
+    path = os.path.join(state_dir(), "balance." + key)
+    try:
+        st = SharedState.attach(path)
+    except FileNotFoundError:
+        return 0, "not running (no state file)"
+    except StateError as exc:
+        if exc.errno == 2:
+            return 0, "not running (no state file)"
+        return 0, f"state file unusable: {exc}"
+    try:
+        pid = st.pid
+        if not st.master_alive() or process_start_ticks(pid) is None:
+            return 0, "not running"
+        return pid, ""
+    finally:
+        st.close()
+
+
+def check(key: str, port: int, socks: list[Listener], limit: int | None = None) -> str:
+    """"" if instance ``key`` on ``port`` is up and accepting, else why not."""
+    limit = accept_limit() if limit is None else limit
+    pid, why = master_of(key)
+    if not pid:
+        return why
+    if stopped(pid):
+        return f"master (pid {pid}) is stopped"
+    mine = [s for s in socks if s.port == port]
+    if not mine:
+        return f"master (pid {pid}) runs but nothing listens on port {port}"
+    held = socket_inodes(pid)
+    if held is not None:
+        mine = [s for s in mine if s.inode in held]
+        if not mine:
+            return f"master (pid {pid}) does not hold a listening socket on port {port}"
+    if all(s.queued >= limit for s in mine):
+        return f"master (pid {pid}) is not accepting: accept queue full ({mine[0].queued})"
+    return ""
+
+
+def run(out) -> int:
+    """The ``health`` action of balance-instances: 0 healthy, 1 not, 78 unreadable config."""
+    from gbalance.instances import load
+
+    cfg = load(out)
+    if not cfg.instances:
+        out.problem(f"balance: no instances configured in {cfg.path}")
+        return 1
+    socks = listeners()
+    limit = accept_limit()
+    bad = 0
+    for inst in cfg.instances:
+        why = check(inst.key, inst.port, socks, limit)
+        if why:
+            bad += 1
+            out.problem(f"balance {inst.key}: {why}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":   # pragma: no cover - run through balance-instances
+    from gbalance.instances import Out
+    sys.exit(run(Out()))
