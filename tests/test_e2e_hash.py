@@ -13,6 +13,8 @@ from collections import Counter
 
 from conftest import free_port
 
+from gbalance.state import C_TOTALC, SharedState, row_offset, slot, state_path
+
 SOURCES = [f"127.0.0.{i}" for i in range(10, 90)]
 
 
@@ -41,6 +43,16 @@ def mapping(port: int, rounds: int = 1) -> dict[str, str]:
     return out
 
 
+def served_per_worker(balance, port: int, workers: int, channels: int) -> list[int]:
+    """Connections each worker of the master on ``port`` counted (its own counter row)."""
+    st = SharedState.attach(state_path(port, "127.0.0.1", str(balance.state_dir)))
+    try:
+        return [sum(st.q[slot(0, c, C_TOTALC) + row_offset(w)] for c in range(channels))
+                for w in range(workers)]
+    finally:
+        st.close()
+
+
 def test_hash_is_sticky_moves_little_and_agrees_across_masters_and_workers(balance, backends):
     chans = {t: backends(t) for t in "ABCD"}
     order1, order2 = "ABCD", "DBAC"
@@ -57,6 +69,7 @@ def test_hash_is_sticky_moves_little_and_agrees_across_masters_and_workers(balan
     # (each source connects 6 times, so both workers take some of them).
     assert mapping(p2) == first
     assert mapping(p3, rounds=6) == first
+    assert all(n > 0 for n in served_per_worker(balance, p3, 2, 4))     # both workers served
 
     # Disable B on the first and the third master (its index differs).
     assert balance.run("-b", "127.0.0.1", "-c", f"disable {order1.index('B')}", str(p1)).returncode == 0
