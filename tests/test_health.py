@@ -110,8 +110,37 @@ def test_listeners_parse_the_kernel_table_and_skip_junk(tmp_path):
         "   1: 0100007F:1F91 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4243 1\n"
         "   2: garbage\n"
         "   3: 0100007F:ZZZZ 00000000:0000 0A 00000080:00000000 00:00000000 00000000     0        0 9 1\n")
-    assert health.listeners((str(table), str(tmp_path / "absent"))) == \
-        [health.Listener(port=0x1F90, inode=4242, queued=3)]
+    assert health.proc_listeners((str(table), str(tmp_path / "absent")), backlog=100) == \
+        [health.Listener(port=0x1F90, inode=4242, queued=3, backlog=100)]
+
+
+def test_netlink_sees_what_proc_shows_with_the_backlog_and_a_full_queue():
+    """sock_diag agrees with /proc/net/tcp, and tells the backlog and a full queue."""
+    import socket
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(2)
+    port = srv.getsockname()[1]
+    clients = []
+    try:
+        mine = [s for s in health.listeners() if s.port == port]
+        assert [(s.queued, s.backlog) for s in mine] == [(0, 2)]
+        assert mine[0].inode == os.fstat(srv.fileno()).st_ino
+        assert {(s.port, s.inode) for s in health.listeners()} == \
+            {(s.port, s.inode) for s in health.proc_listeners()}
+        for _ in range(5):      # nobody accepts: the kernel queues 3 (backlog + 1), drops the rest
+            c = socket.socket()
+            c.setblocking(False)
+            try:
+                c.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            clients.append(c)
+        assert eventually(lambda: [s.queued for s in health.listeners() if s.port == port] == [3], 5)
+    finally:
+        for c in clients:
+            c.close()
+        srv.close()
 
 
 def test_check_needs_the_masters_own_listener_with_room(balance, backends, monkeypatch):
@@ -123,11 +152,11 @@ def test_check_needs_the_masters_own_listener_with_room(balance, backends, monke
     real = [s for s in health.listeners() if s.port == port]
     assert len(real) == 1 and health.check(key, port, real) == ""
     # Someone else's socket on the port is not the master's.
-    assert "does not hold" in health.check(key, port, [health.Listener(port, 1, 0)])
+    assert "does not hold" in health.check(key, port, [health.Listener(port, 1, 0, 128)])
     assert "nothing listens" in health.check(key, port, [])
-    full = health.Listener(port, real[0].inode, 128)
-    assert "accept queue full" in health.check(key, port, [full], limit=128)
-    assert health.check(key, port, [health.Listener(port, real[0].inode, 127)], limit=128) == ""
+    full = health.Listener(port, real[0].inode, 129, 128)
+    assert "accept queue full" in health.check(key, port, [full])
+    assert health.check(key, port, [health.Listener(port, real[0].inode, 128, 128)]) == ""
 
 
 def test_accept_limit(tmp_path):
