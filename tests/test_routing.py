@@ -257,16 +257,6 @@ def test_hash_failover_with_H_follows_the_clients_own_order(state):
             assert plain == (1, 0) and with_h[0] == 0
 
 
-def test_hash_failure_without_H_goes_to_the_next_group(state):
-    build(state, (HASH, 4), (RR, 1))
-    client = "10.20.30.40"
-    picked = first(Router(state), client)
-    assert picked[0] == 0
-    assert list(Router(state).candidates(client)) == [picked, (1, 0)]
-    state.set_status(0, picked[1], HARD_DISABLED)
-    assert list(Router(state).candidates(client)) == [(1, 0)]
-
-
 # -- how many clients move when the channels change ----------------------------------------
 # Deterministic: fixed clients, fixed channel addresses.  Ideal: 1/n of the
 # clients move when one of n channels goes, 1/(n+1) when one is added, and
