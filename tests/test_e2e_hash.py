@@ -97,3 +97,17 @@ def test_without_H_a_disabled_hash_channel_sends_its_clients_to_the_next_group(b
     after = mapping(port)
     for src in SOURCES:
         assert after[src] == ("Z" if first[src] == "C" else first[src])
+
+
+def test_a_restart_keeps_the_mapping_even_with_the_channels_reordered(balance, backends):
+    chans = {t: backends(t) for t in "ABCDE"}
+    port = free_port()
+    old = balance.start("-b", "127.0.0.1", str(port), *[chans[t].spec for t in "ABCDE"], "%", port=port)
+    first = mapping(port)
+    assert len(set(first.values())) == 5
+    # balance -r: the new master takes the listening socket over; the old one exits.
+    balance.start("-r", "-b", "127.0.0.1", str(port), *[chans[t].spec for t in "EDCBA"], "%", port=port,
+                  wait=False)
+    old.p.wait(20)
+    assert old.p.returncode == 0
+    assert mapping(port) == first
