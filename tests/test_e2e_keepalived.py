@@ -250,6 +250,11 @@ def failover(tmp_path: Path, what: str) -> dict:
         assert back is not None, f"connections never succeeded again: {figures}"
         assert all(r[2] for r in records if r[0] > killed + back), "failures after recovery"
         assert records[-1][2] and lab.has_vip("b")
+        logs = {role: (tmp_path / f"keepalived-{role}.log").read_text() for role in "ab"}
+        for role in "ab":   # the check passed on both hosts while all was well
+            assert "VRRP_Script(balance_health) succeeded" in logs[role], logs[role]
+        if what == "gbalance":   # ... and it is the check that gave A's address away
+            assert "VRRP_Script(balance_health) failed" in logs["a"], logs["a"]
         return figures
     finally:
         lab.close()
