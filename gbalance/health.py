@@ -28,6 +28,7 @@ milliseconds after the interpreter has started.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -175,7 +176,7 @@ def master_of(key: str) -> tuple[int, str]:
     except FileNotFoundError:
         return 0, "not running (no state file)"
     except StateError as exc:
-        if exc.errno == 2:
+        if exc.errno == errno.ENOENT:
             return 0, "not running (no state file)"
         return 0, f"state file unusable: {exc}"
     try:
