@@ -22,7 +22,7 @@ process signalled.  Everything is read from the kernel:
 The listening sockets come from the kernel's sock_diag netlink interface,
 asked for LISTEN sockets only, so a host with 100,000 connections in
 TIME_WAIT answers as fast as an idle one (reading /proc/net/tcp, the
-fallback, took 0.3 s with 50,000 of them).  The whole check takes a few
+fallback, took 0.45 s with 50,000 of them).  The whole check takes a few
 milliseconds after the interpreter has started.
 """
 
