@@ -28,8 +28,9 @@ channel with the highest score.  A channel's score for a client never
 depends on the other channels, so
 
 * disabling, enabling, filling up (``maxc``) or re-pointing one channel
-  moves only the clients whose best channel that is, and adding one takes
-  about 1/n of the clients from every other channel and moves no others;
+  moves only the clients whose best channel that is, and a new channel
+  (n+1 in all) takes about 1/(n+1) of every other channel's clients and
+  moves no one else;
 * with ``-H`` a client whose best channel cannot take it tries its second
   best, then its third...: each client has its own order, so the clients of
   a failed channel spread evenly over the rest instead of all landing on
