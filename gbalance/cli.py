@@ -41,7 +41,7 @@ Options:
   -f          Stay in the foreground (default: detach and log to syslog).
   -g sec      Grace period after SIGTERM: open connections may finish for
               this long, then are reset (0 = at once) [default: 30].
-  -H          Hash failover: a failed hash channel tries the next channel.
+  -H          Hash failover: a failed hash channel tries the client's next one.
   -i          Interactive control shell for the running master.
   -k t,i,p    Client-side TCP keepalive: idle secs, interval secs, probes.
   -K t,i,p    Server-side TCP keepalive: idle secs, interval secs, probes.

@@ -12,6 +12,7 @@ read the file the same way::
   balance-instances replace INSTANCE   systemd ExecReload: "balance -r <arguments>", MAINPID=
   balance-instances generate DIR ...   systemd generator: one balance@ unit per line
   balance-instances metrics DIR        node_exporter textfile collector files
+  balance-instances health             exit 0 only if every instance is up and accepting
 
 An instance is named after its state file (``state.state_path``),
 "<port>.<bind address or any>", because that pair is what makes two balance
@@ -600,7 +601,7 @@ def do_metrics(directory: str, out: Out) -> int:
 
 
 USAGE = ("usage: balance-instances start|stop|restart|status|list|check"
-         " | exec INSTANCE | replace INSTANCE | generate DIR... | metrics DIR")
+         " | exec INSTANCE | replace INSTANCE | generate DIR... | metrics DIR | health")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -620,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
             return do_generate(argv[1], out)
         if len(argv) == 2 and argv[0] == "metrics":
             return do_metrics(argv[1], out)
+        if argv == ["health"]:   # keepalived's vrrp_script (gbalance.health)
+            from gbalance import health
+            return health.run(out)
     except SystemExit as exc:
         return int(exc.code or 0)
     except KeyboardInterrupt:

@@ -19,20 +19,55 @@ open connections of every worker (and the connection counted at once, see
 in memory, starting at its own index: every worker hands out its
 connections in strict rotation, so each channel gets an even share of the
 total, but two connections in a row from different workers may go to the
-same channel.  Hash groups hash the client address the same way in every
-process (CRC-32), so a client sticks to its channel whichever worker
-accepts it.
+same channel.
+
+Hash groups use rendezvous (highest random weight) hashing: every channel
+of the group gets a score for the client, computed from the client's
+address and the channel's own address and port, and the client goes to the
+channel with the highest score.  A channel's score for a client never
+depends on the other channels, so
+
+* disabling, enabling, filling up (``maxc``) or re-pointing one channel
+  moves only the clients whose best channel that is, and a new channel
+  (n+1 in all) takes about 1/(n+1) of every other channel's clients and
+  moves no one else;
+* with ``-H`` a client whose best channel cannot take it tries its second
+  best, then its third...: each client has its own order, so the clients of
+  a failed channel spread evenly over the rest instead of all landing on
+  the next channel;
+* every process (``-w N``) and every host with the same channels picks the
+  same channel for a client, whatever order the channels were created in,
+  and a restart (``-r``) keeps the mapping.
+
+Cost: the per-channel numbers (two 64-bit words from BLAKE2b of the
+channel's address and port) are made only when the channel set or an
+address changes (the table's generation).  The client's CRC-32 is cut to a
+16-bit key; the winner of a key is computed once (one big-integer
+multiply-add scores every channel of the group at once) and remembered in a
+64 KiB table per hash group until the channels change, so a connection
+costs a CRC-32 and one index.  Only a client whose best channel is not
+usable, with ``-H``, has its whole order computed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import zlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from gbalance.channels import eligible, last_resort, usable
 from gbalance.counters import Counters
-from gbalance.state import (C_STATUS, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_NGROUPS, HARD_DISABLED, HASH,
-                            MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
+from gbalance.state import (C_PORT, C_STATUS, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
+                            HARD_DISABLED, HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
+
+#: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
+KEY_BITS = 16
+KEY_SHIFT = 32 - KEY_BITS
+_NKEYS = 1 << KEY_BITS
+_UNKNOWN = 0xFF            # a key whose winner is not computed yet (channels are < 64)
+_MASK64 = (1 << 64) - 1
+_LANE = 128                # bits per channel in the packed multiply: no carry between lanes
 
 
 def client_hash(address: str) -> int:
@@ -46,12 +81,106 @@ def client_hash(address: str) -> int:
     return zlib.crc32(address.encode("ascii", "replace"))
 
 
+def client_key(address: str) -> int:
+    """The 16-bit key a hash group picks a channel for: the top of :func:`client_hash`."""
+    return client_hash(address) >> KEY_SHIFT
+
+
+def channel_seed(address: str, port: int, twin: int = 0) -> tuple[int, int]:
+    """The two 64-bit numbers that make a channel's scores, from its address and port.
+
+    ``twin`` counts earlier channels of the same group with the same address
+    and port (0 for the first), so two such channels still get their own
+    clients.  The address is put in its compressed form first, so two hosts
+    that spell an IPv6 address differently still agree.
+    """
+    try:
+        address = ipaddress.ip_address(address).compressed
+    except ValueError:
+        pass
+    text = f"{address} {port} {twin}".encode("ascii", "replace")
+    digest = hashlib.blake2b(text, digest_size=16, person=b"gbalance-hrw").digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def score(key: int, seed: tuple[int, int]) -> int:
+    """A channel's score for a client key: ``(a * key + b) mod 2**64``.
+
+    Multiply-add-shift hashing (Dietzfelbinger): over random ``a, b`` the top
+    48 bits are 2-independent, which is what rendezvous hashing needs.
+    """
+    a, b = seed
+    return (a * key + b) & _MASK64
+
+
+def rendezvous_order(key: int, seeds: Sequence[tuple[int, int]]) -> list[int]:
+    """Channel indices best first for ``key`` (ties, which need equal seeds, by index)."""
+    scores = [score(key, s) for s in seeds]
+    return sorted(range(len(seeds)), key=lambda c: (-scores[c], c))
+
+
+class Rendezvous:
+    """One hash group's channels as rendezvous hashing sees them.
+
+    Built when the group's channels change; :meth:`best` is the per-connection
+    call.
+    """
+
+    __slots__ = ("seeds", "n", "generation", "winners", "_a", "_b", "_nbytes")
+
+    def __init__(self, seeds: Sequence[tuple[int, int]], generation: int = 0):
+        self.seeds = tuple(seeds)
+        self.n = len(self.seeds)
+        self.generation = generation
+        #: The best channel of every key once computed, else _UNKNOWN.
+        self.winners = bytearray(b"\xff" * _NKEYS)
+        # Every channel's a (and b) side by side in one integer, one 128-bit lane
+        # each: key * A + B computes every score at once (a*key+b < 2**113).
+        self._a = sum(a << (_LANE * c) for c, (a, _) in enumerate(self.seeds))
+        self._b = sum(b << (_LANE * c) for c, (_, b) in enumerate(self.seeds))
+        self._nbytes = _LANE // 8 * self.n
+
+    def best(self, key: int) -> int:
+        """The channel with the highest score for ``key`` (0 <= key < 2**KEY_BITS)."""
+        c = self.winners[key]
+        if c == _UNKNOWN:
+            c = self._compute(key)
+            self.winners[key] = c
+        return c
+
+    def _compute(self, key: int) -> int:
+        # The low 64 bits of each lane are the channel's score.
+        lanes = memoryview((key * self._a + self._b).to_bytes(self._nbytes, "little")).cast("Q")
+        scores = lanes[::2].tolist()
+        return scores.index(max(scores))
+
+    def order(self, key: int) -> list[int]:
+        """Every channel, best first, for ``key`` (the -H failover order)."""
+        return rendezvous_order(key, self.seeds)
+
+
+def group_seeds(state: SharedState, g: int, n: int) -> list[tuple[int, int]]:
+    """The seeds of the first ``n`` channels of group ``g``, read from the table."""
+    q = state.q
+    seen: dict[tuple[str, int], int] = {}
+    seeds = []
+    for c in range(n):
+        ident = (state.address(g, c), q[slot(g, c, C_PORT)])
+        twin = seen.get(ident, 0)
+        seen[ident] = twin + 1
+        seeds.append(channel_seed(ident[0], ident[1], twin))
+    return seeds
+
+
 class Router:
     """Candidate channels for new connections, read live from the table."""
 
     def __init__(self, state: SharedState, hash_failover: bool = False, last_resort: bool = False,
                  counters: Counters | None = None, worker: int = 0):
+        self.state = state
         self.q = state.q
+        #: Each hash group's :class:`Rendezvous`, rebuilt when the channels change.
+        self.rings: list[Rendezvous | None] = [None] * MAXGROUPS
         self.hash_failover = hash_failover
         self.last_resort = last_resort
         #: Set only when other processes serve too (-w N, N > 1).
@@ -78,13 +207,19 @@ class Router:
             if n <= 0:
                 continue
             if q[gslot(g, G_TYPE)] == HASH:
-                first = client_hash(client) % n
-                span = n if self.hash_failover else 1
-                for i in range(span):
-                    c = (first + i) % n
-                    if self._usable(g, c):
-                        yielded = True
-                        yield g, c
+                ring = self.rings[g]
+                if ring is None or ring.generation != q[H_GENERATION] or ring.n != n:
+                    ring = self._ring(g, n)
+                key = client_key(client)
+                best = ring.best(key)
+                if self._usable(g, best):
+                    yielded = True
+                    yield g, best
+                if self.hash_failover:
+                    for c in ring.order(key)[1:]:
+                        if self._usable(g, c):
+                            yielded = True
+                            yield g, c
             else:
                 # The cursor: a worker's own (in memory), else the group's slot in the table.
                 cursors, at = (self.cursors, g) if self.cursors is not None else (q, gslot(g, G_RR_NEXT))
@@ -97,6 +232,15 @@ class Router:
                         yield g, c
         if self.last_resort and not yielded:
             yield from self._last_resort()
+
+    def _ring(self, g: int, n: int) -> Rendezvous:
+        """Build group ``g``'s :class:`Rendezvous` from the table as it is now."""
+        # The generation is read before the addresses: a change made while they
+        # are read bumps it again, and the next connection rebuilds.
+        generation = self.q[H_GENERATION]
+        ring = Rendezvous(group_seeds(self.state, g, n), generation)
+        self.rings[g] = ring
+        return ring
 
     def _last_resort(self) -> Iterator[tuple[int, int]]:
         """Soft-disabled and suspect channels, in order, when nothing else is left."""

@@ -7,4 +7,4 @@
 # and Spanish.
 exec sh "$(dirname "$0")/apt-ensure.sh" iproute2 procps python3-venv \
     build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-build python3-stdeb fakeroot \
-    dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd
+    dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd keepalived

@@ -189,6 +189,7 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
                  "./lib/systemd/system/balance-metrics.service", "./lib/systemd/system/balance-metrics.timer",
                  "./lib/systemd/system-generators/balance-generator", "./usr/lib/tmpfiles.d/balance.conf",
                  "./usr/lib/gbalance/balance-instances", "./usr/share/doc/gbalance/copyright",
+                 "./usr/share/doc/gbalance/examples/gbalance.conf.example",
                  "./usr/lib/python3/dist-packages/gbalance/cli.py",
                  "./usr/lib/python3/dist-packages/gbalance/instances.py"):
         assert path in listing, path

@@ -7,8 +7,10 @@ from collections import Counter
 
 import pytest
 
-from gbalance.routing import Router, client_hash
-from gbalance.state import (C_C, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH, RR,
+from gbalance.channels import Channels
+from gbalance.routing import (KEY_BITS, Rendezvous, Router, channel_seed, client_hash, client_key,
+                              rendezvous_order, score)
+from gbalance.state import (C_C, C_MAXC, C_PORT, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH, RR,
                             SOFT_DISABLED, SharedState, gslot)
 
 
@@ -202,21 +204,167 @@ def test_hash_failure_without_H_goes_to_the_next_group(state):
     assert list(Router(state).candidates(client)) == [(1, 0)]
 
 
-def test_hash_failover_with_H_tries_the_following_channels(state):
+def channel_ids(st: SharedState, g: int = 0) -> list[tuple[str, int]]:
+    return [(st.address(g, c), st.get(g, c, C_PORT)) for c in range(st.nchannels(g))]
+
+
+def test_hash_picks_the_channel_with_the_highest_score(state):
+    build(state, (HASH, 6))
+    seeds = [channel_seed(a, p) for a, p in channel_ids(state)]
+    r = Router(state)
+    for client in ipv4_clients(300) + ipv6_clients(300):
+        key = client_key(client)
+        scores = [score(key, s) for s in seeds]
+        assert first(r, client) == (0, scores.index(max(scores)))
+
+
+def test_packed_scores_agree_with_one_by_one():
+    """Rendezvous.best (all lanes in one multiply) equals the plain score of each channel."""
+    seeds = [channel_seed(f"10.0.{c // 200}.{c % 200}", 80 + c % 3) for c in range(64)]
+    for n in (1, 2, 5, 16, 64):
+        ring = Rendezvous(seeds[:n])
+        for key in [0, 1, (1 << KEY_BITS) - 1] + list(range(7, 1 << KEY_BITS, 97)):
+            assert ring.best(key) == rendezvous_order(key, seeds[:n])[0]
+            assert ring.best(key) == ring.order(key)[0]      # and again from the memo
+
+
+def test_twin_channels_get_their_own_clients(state):
+    """Two channels with the same address and port still share the clients."""
+    g = state.add_group(HASH)
+    for _ in range(2):
+        state.add_channel(g, "127.0.0.1", 9000)
+    counts = spread(state, ipv4_clients(2000))
+    assert set(counts) == {(0, 0), (0, 1)} and min(counts.values()) > 800, counts
+
+
+def test_hash_failover_with_H_follows_the_clients_own_order(state):
     build(state, (HASH, 4), (RR, 1))
+    seeds = [channel_seed(a, p) for a, p in channel_ids(state)]
     client = "2001:db8::42"
-    start = first(Router(state), client)[1]
-    order = [(0, (start + i) % 4) for i in range(4)] + [(1, 0)]
-    assert list(Router(state, hash_failover=True).candidates(client)) == order
-    state.set_status(0, start, SOFT_DISABLED)
-    state.put(0, (start + 1) % 4, C_SUSPECT, 1)
+    order = rendezvous_order(client_key(client), seeds)
+    assert list(Router(state, hash_failover=True).candidates(client)) == [(0, c) for c in order] + [(1, 0)]
+    state.set_status(0, order[0], SOFT_DISABLED)
+    state.put(0, order[1], C_SUSPECT, 1)
     assert list(Router(state, hash_failover=True).candidates(client)) == \
-        [(0, (start + 2) % 4), (0, (start + 3) % 4), (1, 0)]
+        [(0, order[2]), (0, order[3]), (1, 0)]
     # Clients whose own channel is usable keep it, with or without -H; the
-    # others go to the next hash channel (-H) or the next group (no -H).
+    # others go to their next hash channel (-H) or the next group (no -H).
     for a in ipv4_clients(200):
         plain, with_h = first(Router(state), a), first(Router(state, hash_failover=True), a)
         if plain[0] == 0:
             assert with_h == plain
         else:
             assert plain == (1, 0) and with_h[0] == 0
+
+
+# -- how many clients move when the channels change ----------------------------------------
+# Deterministic: fixed clients, fixed channel addresses.  Ideal: 1/n of the
+# clients move when one of n channels goes, 1/(n+1) when one is added, and
+# with -H the moved ones spread evenly over the n-1 others.
+
+CLIENTS = ipv4_clients(12000) + ipv6_clients(4000)
+
+
+def mapping(st: SharedState, **kw) -> dict[str, tuple[str, int] | tuple[int, int]]:
+    """client -> (address, port) of its channel in group 0, or its (group, channel) elsewhere."""
+    r = Router(st, **kw)
+    out = {}
+    for a in CLIENTS:
+        g, c = first(r, a)
+        out[a] = (st.address(g, c), st.get(g, c, C_PORT)) if g == 0 else (g, c)
+    return out
+
+
+def moved(before: dict, after: dict) -> list[str]:
+    return [a for a in before if before[a] != after[a]]
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+@pytest.mark.parametrize("how", ["disable", "maxc"])
+def test_disabling_one_channel_moves_only_its_clients(state, n, how):
+    build(state, (HASH, n), (RR, 1))
+    before = mapping(state)
+    victim = n // 2
+    vid = (state.address(0, victim), state.get(0, victim, C_PORT))
+    if how == "disable":
+        state.set_status(0, victim, HARD_DISABLED)
+    else:
+        state.put(0, victim, C_MAXC, 3)
+        state.put(0, victim, C_C, 3)    # full
+    # Without -H: exactly the victim's clients move, to the next group.
+    after = mapping(state)
+    gone = moved(before, after)
+    assert all(before[a] == vid and after[a] == (1, 0) for a in gone)
+    assert abs(len(gone) / len(CLIENTS) - 1 / n) < 0.2 / n, len(gone)
+    # With -H: the same clients move, spread evenly over the other channels.
+    after_h = mapping(state, hash_failover=True)
+    assert moved(before, after_h) == gone
+    landed = Counter(after_h[a] for a in gone)
+    assert len(landed) == n - 1 and vid not in landed
+    even = len(gone) / (n - 1)
+    assert 0.7 * even <= min(landed.values()) and max(landed.values()) <= 1.3 * even, landed
+    # Back to normal: everybody returns.
+    state.set_status(0, victim, ENABLED)
+    state.put(0, victim, C_C, 0)
+    assert mapping(state) == before
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+def test_adding_a_channel_moves_only_the_new_channels_clients(state, n):
+    build(state, (HASH, n))
+    before = mapping(state)
+    Channels(state).create(0, "127.0.0.99", 4242)     # created hard-disabled, as balance does
+    state.set_status(0, n, ENABLED)
+    after = mapping(state)
+    gone = moved(before, after)
+    assert all(after[a] == ("127.0.0.99", 4242) for a in gone)
+    assert abs(len(gone) / len(CLIENTS) - 1 / (n + 1)) < 0.2 / (n + 1), len(gone)
+    # ... taken evenly from every old channel.
+    taken = Counter(before[a] for a in gone)
+    assert len(taken) == n
+    even = len(gone) / n
+    assert 0.7 * even <= min(taken.values()) and max(taken.values()) <= 1.3 * even, taken
+
+
+def test_reassigning_a_channel_moves_only_its_clients_and_its_new_share(state):
+    n = 8
+    build(state, (HASH, n))
+    before = mapping(state)
+    old = (state.address(0, 3), state.get(0, 3, C_PORT))
+    ch = Channels(state)
+    state.set_status(0, 3, HARD_DISABLED)
+    assert ch.assign(0, 3, "127.0.0.77", 7777).name == "OK"
+    state.set_status(0, 3, ENABLED)
+    after = mapping(state)
+    for a in moved(before, after):
+        assert before[a] == old or after[a] == ("127.0.0.77", 7777)
+    assert len(moved(before, after)) < 2.4 / n * len(CLIENTS)
+
+
+def test_mapping_does_not_depend_on_the_order_channels_were_made_in(tmp_path):
+    ports = [10000 + 7 * i for i in range(9)]
+    maps = []
+    for k, order in enumerate([ports, ports[::-1], ports[3:] + ports[:3]]):
+        st = SharedState.create(str(tmp_path / f"balance.{k}.any"))
+        try:
+            g = st.add_group(HASH)
+            for p in order:
+                st.add_channel(g, "127.0.0.1", p)
+            maps.append(mapping(st))
+        finally:
+            st.close()
+    assert maps[0] == maps[1] == maps[2]
+
+
+def test_an_ipv6_channel_is_the_same_however_it_is_written():
+    assert channel_seed("2001:db8:0:0::1", 80) == channel_seed("2001:DB8::1", 80)
+    assert channel_seed("2001:db8::1", 80) != channel_seed("2001:db8::1", 81)
+    assert channel_seed("2001:db8::1", 80, 1) != channel_seed("2001:db8::1", 80)
+
+
+def test_the_mapping_is_fixed(state):
+    """The same channels pick the same channels for the same clients in every
+    release (hosts running different versions side by side must agree)."""
+    build(state, (HASH, 4))
+    r = Router(state)
+    assert [first(r, a)[1] for a in ("10.0.0.1", "10.0.0.2", "192.168.1.10", "2001:db8::1")] == [0, 1, 2, 3]
