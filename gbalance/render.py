@@ -1,10 +1,12 @@
 """What the control shell prints: tables, MRTG lines, help, version and metrics.
 
 Pure functions of a mapped state file (read without locks: a value may be
-one connection old, never torn across a slot).  :func:`write_atomic` puts a
-rendering into a file for collectors that read files (node_exporter's
-textfile collector): written to a temporary file in the same directory and
-renamed over the target, so a reader never sees half a file.
+one connection old, never torn across a slot).  Text from the file is shown
+through :func:`printable`: only printable ASCII reaches a terminal.
+:func:`write_atomic` puts a rendering into a file for collectors that read
+files (node_exporter's textfile collector): written to a temporary file in
+the same directory and renamed over the target, so a reader never sees half
+a file.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ ADDR_WIDTH = 16
 HELP_WIDTH = 29
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on (escapes, controls,
+    non-ASCII) shown as ``?``: a state file's owner chooses what its fields hold."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+
 def address_width(channels: Iterable[Channel]) -> int:
-    return max([ADDR_WIDTH] + [len(ch.address) for ch in channels])
+    return max([ADDR_WIDTH] + [len(printable(ch.address)) for ch in channels])
 
 
 def show_text(state: SharedState) -> str:
@@ -41,7 +49,7 @@ def show_text(state: SharedState) -> str:
     for ch in channels:
         lines.append(SHOW_ROW.format(
             g=ch.group, t=TYPE_NAMES.get(state.group_type(ch.group), "?"), c=ch.index,
-            s=STATUS_NAMES.get(ch.status, "???"), addr=ch.address.rjust(width), port=ch.port,
+            s=STATUS_NAMES.get(ch.status, "???"), addr=printable(ch.address).rjust(width), port=ch.port,
             cur=ch.c, totalc=ch.totalc, maxc=ch.maxc, sent=ch.sent, rcvd=ch.rcvd))
     return "\n".join(lines) + "\n"
 
@@ -64,7 +72,7 @@ def monitor_table(state: SharedState) -> str:
         since = f"{max(0, now - changed)}s" if changed else "-"
         delay = stagger_seconds(state, ch.group, ch.index)
         lines.append(f"{ch.group:3d} {ch.index:2d} {STATUS_NAMES.get(ch.status, '???'):>3s} "
-                     f"{ch.address.rjust(width)} {ch.port:5d} "
+                     f"{printable(ch.address).rjust(width)} {ch.port:5d} "
                      f"{'yes' if ch.suspect else 'no':>7s} "
                      f"{state.get(ch.group, ch.index, C_FAILS):5d} "
                      f"{state.get(ch.group, ch.index, C_PASSES):6d} "
@@ -127,7 +135,7 @@ MONITOR_LABELS = {MON_NONE: "none", MON_ENABLED: "enabled", MON_DISABLED: "disab
 
 def label(value: object) -> str:
     """Escape a label value as the text exposition format requires."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return printable(str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
 
 
 def metrics_text(state: SharedState, port: int, bind: str | None) -> str:

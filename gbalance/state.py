@@ -85,7 +85,12 @@ a file owned by another user is refused.  Liveness is decided by the lock
 file for the owner, and by pid plus process start time plus command line
 for everybody else, so no other user can make a dead master look alive.
 
-This module imports nothing from the rest of the package.
+Every count read from the file is clamped to its range before it is used
+(:attr:`SharedState.ngroups`, :meth:`SharedState.nchannels`), and a file
+cut short while mapped costs no process its life (:mod:`gbalance.mapguard`).
+
+This module imports nothing from the rest of the package but the leaf
+:mod:`gbalance.mapguard`.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
+
+from gbalance import mapguard
 
 MAGIC = b"GBALSTAT"
 LAYOUT_VERSION = 3
@@ -405,6 +412,8 @@ class SharedState:
         self.owner = os.geteuid()   # the state file's owner (set by attach)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
+        # A file cut short under the mapping must not kill this process (SIGBUS).
+        self._guard = mapguard.guard(self.mm, FILE_SIZE, fd, writable)
         self.q = memoryview(self.mm)[len(MAGIC):ADDR_OFFSET].cast("q")
 
     # -- opening ---------------------------------------------------------
@@ -564,6 +573,7 @@ class SharedState:
         """Unmap and close (which also drops any lock this process holds)."""
         try:
             self.q.release()
+            mapguard.unguard(self._guard)
             self.mm.close()
         except (BufferError, ValueError):
             pass
@@ -686,7 +696,8 @@ class SharedState:
 
     @property
     def ngroups(self) -> int:
-        return self.q[H_NGROUPS]
+        """Groups in use, within 0..MAXGROUPS whatever the file says."""
+        return max(0, min(self.q[H_NGROUPS], MAXGROUPS))
 
     @property
     def generation(self) -> int:
@@ -724,7 +735,10 @@ class SharedState:
     # -- groups --------------------------------------------------------------
 
     def nchannels(self, group: int) -> int:
-        return self.q[gslot(group, G_NCHANNELS)]
+        """Channels of ``group``, within 0..MAXCHANNELS whatever the file says (0 for no group)."""
+        if not 0 <= group < MAXGROUPS:
+            return 0
+        return max(0, min(self.q[gslot(group, G_NCHANNELS)], MAXCHANNELS))
 
     def group_type(self, group: int) -> int:
         return self.q[gslot(group, G_TYPE)]
@@ -733,8 +747,8 @@ class SharedState:
         self.q[gslot(group, G_TYPE)] = kind
 
     def add_group(self, kind: int = RR) -> int:
-        """Append an empty group and return its number."""
-        g = self.q[H_NGROUPS]
+        """Append an empty group and return its number (never writing outside the group records)."""
+        g = self.ngroups
         if g >= MAXGROUPS:
             raise StateError("too many groups")
         self.q[gslot(g, G_NCHANNELS)] = 0
@@ -749,8 +763,10 @@ class SharedState:
                     status: int = ENABLED) -> int:
         """Append a channel to ``group`` and return its index.
 
-        Raises :class:`StateError` when the group is full.
+        Raises :class:`StateError` when the group is full or no group.
         """
+        if not 0 <= group < MAXGROUPS:
+            raise StateError("no such group")
         n = self.nchannels(group)
         if n >= MAXCHANNELS:
             raise StateError("no channel slots available")
