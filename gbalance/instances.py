@@ -627,48 +627,64 @@ def do_metrics(directory: str, out: Out) -> int:
     """Write the metrics of every running instance into ``directory``.
 
     For node_exporter's textfile collector: one file per instance (each
-    file's HELP/TYPE lines stand alone), written by the instance's own
-    ``balance -c "metrics FILE"``, which replaces the file atomically
-    (temporary file and rename), so the collector never reads half a file.
-    Files of instances that are gone or not running are removed.
+    file's HELP/TYPE lines stand alone), rendered here from the instance's
+    state file (mapped read-only when the file system is: the unit runs
+    sandboxed).  The directory is opened once and refused when others may
+    write to it; every file is written relative to that descriptor as a
+    temporary file renamed over the old one (the collector never reads half
+    a file), and only a file balance wrote is replaced.  Files of instances
+    that are gone or not running are removed.
     """
+    from gbalance.render import metrics_text, open_metrics_dir, write_metrics_at
+
     cfg = load(out)
-    if not os.path.isdir(directory):
-        out.problem(f"balance: cannot read {directory}: not a directory")
+    try:
+        dir_fd = open_metrics_dir(directory)
+    except OSError as exc:
+        out.problem(f"balance: cannot read {directory}: {exc.strerror or exc}")
         return 1
-    if re.search(r"\s", directory):   # "-c" splits the command at blanks
-        out.problem(f"balance: metrics directory {directory!r} has blanks in its name")
-        return 1
+    try:
+        return _write_metrics(cfg, dir_fd, out, metrics_text, write_metrics_at)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_metrics(cfg: Config, dir_fd: int, out: Out, render, write) -> int:
     written: set[str] = set()
     failed = 0
     for inst in cfg.instances:
-        if not master_pid(inst.key)[0]:
+        ref, _ = find_master(inst.key)
+        if ref is None:
             continue
         name = metrics_name(inst.key)
-        argv = [balance_bin(), *(["-b", inst.bind] if inst.bind else []),
-                "-c", f"metrics {os.path.join(directory, name)}", str(inst.port)]
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=START_TIMEOUT, cwd=SAFE_CWD)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            st = SharedState.attach(os.path.join(state_dir(), "balance." + inst.key))
+        except StateError as exc:
             out.problem(f"balance {inst.key}: metrics: {exc}", LOG_WARNING)
             failed += 1
             continue
-        if done.returncode != 0:
-            why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
-            out.problem(f"balance {inst.key}: metrics: {why}", LOG_WARNING)
+        try:
+            text = render(st, inst.port, inst.bind)
+        finally:
+            st.close()
+        try:
+            write(dir_fd, name, text)
+        except OSError as exc:
+            out.problem(f"balance {inst.key}: metrics: {exc.strerror or exc}", LOG_WARNING)
             failed += 1
             continue
         written.add(name)
     try:
-        stale = [n for n in os.listdir(directory)
+        stale = [n for n in os.listdir(dir_fd)
                  if n.startswith("balance_") and n.endswith(".prom") and n not in written]
     except OSError as exc:
-        out.problem(f"balance: cannot read {directory}: {exc.strerror}")
+        out.problem(f"balance: cannot read the metrics directory: {exc.strerror}")
         return 1
     for name in stale:
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, name))
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(name, dir_fd=dir_fd)
     return 1 if failed else 0
 
 

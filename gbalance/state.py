@@ -519,14 +519,19 @@ class SharedState:
 
     @classmethod
     def attach(cls, path: str) -> "SharedState":
-        """Map an existing state file: writable for the master's user, else read-only.
+        """Map an existing state file: writable for the master's user, else read-only
+        (also when the file system is read-only).
 
         Never follows a symbolic link; refuses a file that others may write.
         """
         writable = True
         try:
             fd = _open_nofollow(path, os.O_RDWR)
-        except PermissionError:
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
+            # Not ours to write, or a read-only file system (a sandboxed
+            # reader such as the metrics unit): reading is enough.
             writable = False
             try:
                 fd = _open_nofollow(path, os.O_RDONLY)

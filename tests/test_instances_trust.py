@@ -180,3 +180,31 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def test_metrics_and_show_read_a_state_dir_on_a_read_only_file_system(tmp_path, backends):
+    """The metrics unit sees /run/balance read-only (ProtectSystem=strict): it reads."""
+    from conftest import free_port, wait_listening
+    b = backends("A")
+    port = free_port()
+    state_dir = tmp_path / "state"
+    textfile = tmp_path / "textfile"
+    textfile.mkdir()
+    conf = tmp_path / "balance.conf"
+    conf.write_text(f"{port} {b.spec}\n")
+    balance_bin = str(Path(sys.executable).parent / "balance")
+    env = dict(os.environ, BALANCE_CONF=str(conf), BALANCE_STATE_DIR=str(state_dir), BALANCE_BIN=balance_bin)
+    assert helper(env, "start").returncode == 0
+    try:
+        wait_listening(port)
+        script = (f"mount --bind {state_dir} {state_dir} && mount -o remount,ro,bind {state_dir} && "
+                  f"{balance_bin} -c show {port} && "
+                  f"{sys.executable} -m gbalance.instances metrics {textfile}")
+        r = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True,
+                           text=True, timeout=60, cwd="/")
+        assert r.returncode == 0, r.stderr
+        assert b.spec.split(":")[0] in r.stdout
+        text = (textfile / f"balance_{port}.any.prom").read_text()
+        assert f'balance_up{{port="{port}",bind="any"}} 1' in text
+    finally:
+        assert f"balance {port}.any: stopped" in helper(env, "stop").stdout
