@@ -504,8 +504,9 @@ class SharedState:
         except OSError as exc:
             raise StateError(f"cannot create state file in {directory}: {exc.strerror}", exc.errno)
         try:
-            # Group and others may read (show), only the owner may change.
-            os.fchmod(fd, 0o644)
+            # Group and others may read (show), only the owner may change;
+            # a stricter umask (077: 0600) takes read access away from them.
+            os.fchmod(fd, 0o644 & ~_current_umask())
             os.ftruncate(fd, FILE_SIZE)
             os.rename(tmp, path)
         except OSError as exc:
@@ -835,6 +836,13 @@ class SharedState:
 
 
 _BASES = {C_TOTALC: C_TOTALC_BASE, C_SENT: C_SENT_BASE, C_RCVD: C_RCVD_BASE}
+
+
+def _current_umask() -> int:
+    """The process's umask (read by setting it, and setting it back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _shared_directory(path: str) -> bool:

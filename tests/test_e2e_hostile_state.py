@@ -10,6 +10,8 @@ Where the owner is someone else than the reader, it is a real second user
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import socket
@@ -197,3 +199,28 @@ def test_a_scope_id_naming_no_interface_is_no_address(balance, backends, tmp_pat
     r = balance.run("-c", "create [::1%lo] 80", str(port))
     assert r.returncode == 0 and "invalid" not in r.stdout + r.stderr
     assert pid_alive(proc.pid)
+
+
+def test_a_umask_of_077_keeps_the_state_file_0600_across_start_and_r(balance, backends):
+    """The README's "make the state file 0600": start balance with umask 077
+    (systemd: UMask=0077); a daemon start and a -r hand-over keep it so."""
+    b = backends("A")
+    port = free_port()
+    path = balance.state_dir / f"balance.{port}.any"
+    strict = lambda: os.umask(0o077)     # noqa: E731
+    from conftest import BALANCE
+    pids = []
+    try:
+        for extra in ([], ["-r"]):
+            r = subprocess.run(BALANCE + [*extra, str(port), b.spec], env=balance.env, cwd="/",
+                               capture_output=True, text=True, timeout=30, preexec_fn=strict)
+            assert r.returncode == 0, r.stderr
+            assert eventually(lambda: path.exists() and get_slot(path, S.H_PID) not in pids + [0])
+            pids.append(get_slot(path, S.H_PID))
+            balance.daemon_pids.append(pids[-1])
+            assert path.stat().st_mode & 0o777 == 0o600, oct(path.stat().st_mode)
+            assert read_tag(port) == "A"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
