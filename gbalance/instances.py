@@ -558,7 +558,7 @@ def do_replace(key: str, out: Out) -> int:
     said ``MAINPID=`` itself; systemd must learn the new pid before this
     reload command exits, or it would take the service for stopped.  So
     the new master's pid, read from its state file, is sent from here
-    (``NotifyAccess=all``), before we exit.
+    (``NotifyAccess=exec`` accepts it from this reload command), before we exit.
     """
     inst = find(key, out)
     if inst is None:
