@@ -237,7 +237,7 @@ class Out:
 # -- masters -----------------------------------------------------------------------
 
 #: An instance key: "<port>.<bind address or any>" as state.state_path spells it.
-KEY = re.compile(r"[1-9][0-9]{0,4}\.[A-Za-z0-9:_-][A-Za-z0-9.:_-]{0,63}")
+KEY = re.compile(r"[1-9][0-9]{0,4}\.[A-Za-z0-9:_-][A-Za-z0-9.:_-]{0,254}")
 
 
 def valid_key(key: str) -> bool:

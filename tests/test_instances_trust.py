@@ -130,10 +130,18 @@ def test_a_record_of_another_user_is_not_read(tmp_path, shared_dir):
     ("80.any", True), ("8080.127.0.0.1", True), ("443.::1", True), ("65535.any", True),
     ("65536.any", False), ("0.any", False), ("80", False), ("80.", False), ("../80.any", False),
     ("80.any/../x", False), ("80..", False), ("80.a..b", False), ("x.any", False), ("", False),
-    ("80.any\n", False),
+    ("80.any\n", False), ("80." + "a" * 200 + ".example", True),
 ])
 def test_only_port_addr_keys_are_valid(key, ok):
     assert instances.valid_key(key) is ok
+
+
+@pytest.mark.parametrize("line", [
+    "8080 a", "-b 127.0.0.1 80 a", "-b ::1 80 a", "-b fe80::1%eth0 443 a",
+    "-b " + "h" * 60 + ".example.org 80 a", "-6 25 a",
+])
+def test_every_instance_key_of_the_config_is_valid(line):
+    assert instances.valid_key(instances.parse_args(line.split()).key)
 
 
 FAKE_MASTER = """\
