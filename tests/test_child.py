@@ -7,6 +7,7 @@ in a worker, nor run a program of theirs as a monitoring check.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -26,26 +27,29 @@ ROOT = Path(__file__).resolve().parent.parent
 BALANCE_SCRIPT = os.path.join(os.path.dirname(sys.executable), "balance")
 
 
-def _planted_dir(marker: Path):
+@pytest.fixture
+def planted(tmp_path):
     """A directory of the other user holding a gbalance package, a pickle
-    module and a ``gbcheck`` program, each appending to ``marker`` when run."""
-    d = otheruser.temp_dir("gbal-cwd-", 0o755)
-    path = d.__enter__()
-    os.chown(path, otheruser.NOBODY, otheruser.NOBODY)
+    module and a ``gbcheck`` program, each appending to the marker file (in
+    root's private tmp_path: only root could write it) when run.  Yields
+    (directory, marker)."""
+    marker = tmp_path / "marker"
     payload = (f"import os\nwith open({str(marker)!r}, 'a') as f:\n"
                f"    f.write(f'{{os.getuid()}} {{__name__}}\\n')\n")
-    otheruser.run_code("""
-        import os, sys
-        d, payload = sys.argv[1], sys.argv[2]
-        os.mkdir(os.path.join(d, "gbalance"))
-        for name in ("gbalance/__init__.py", "gbalance/worker.py", "pickle.py", "base64.py"):
-            with open(os.path.join(d, name), "w") as f:
-                f.write(payload)
-        with open(os.path.join(d, "gbcheck"), "w") as f:
-            f.write("#!/bin/sh\\n" + f"echo $(id -u) gbcheck >> {sys.argv[3]}\\n")
-        os.chmod(os.path.join(d, "gbcheck"), 0o755)
-    """, str(path), payload, str(marker))
-    return d, path
+    with otheruser.temp_dir("gbal-cwd-", 0o755) as path:
+        os.chown(path, otheruser.NOBODY, otheruser.NOBODY)
+        otheruser.run_code("""
+            import os, sys
+            d, payload = sys.argv[1], sys.argv[2]
+            os.mkdir(os.path.join(d, "gbalance"))
+            for name in ("gbalance/__init__.py", "gbalance/worker.py", "pickle.py", "base64.py"):
+                with open(os.path.join(d, name), "w") as f:
+                    f.write(payload)
+            with open(os.path.join(d, "gbcheck"), "w") as f:
+                f.write("#!/bin/sh\\n" + f"echo $(id -u) gbcheck >> {sys.argv[3]}\\n")
+            os.chmod(os.path.join(d, "gbcheck"), 0o755)
+        """, str(path), payload, str(marker))
+        yield path, marker
 
 
 def _start(args: list[str], cwd: Path, env: dict, port: int, **kw) -> subprocess.Popen:
@@ -70,51 +74,44 @@ def _stop(proc: subprocess.Popen) -> str:
     return err.decode(errors="replace")
 
 
-def test_workers_ignore_a_planted_package_in_the_callers_directory(tmp_path, backends):
+def test_workers_ignore_a_planted_package_in_the_callers_directory(tmp_path, backends, planted):
     otheruser.require_root()
-    marker = tmp_path / "marker"        # in root's private tmp_path: only root can write it
-    holder, planted = _planted_dir(marker)
+    directory, marker = planted
     b = backends("W")
     port = free_port()
     env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path / "state"))
     env.pop("PYTHONPATH", None)
+    proc = _start(["-w", "2", str(port), b.spec], directory, env, port)
+    tags, cwds = [], []
     try:
-        proc = _start(["-w", "2", str(port), b.spec], planted, env, port)
-        try:
-            tags = [read_tag(port) for _ in range(8)]
-            assert tags == ["W"] * 8
-            workers = [p for p in _children(proc.pid)]
-            assert len(workers) == 2, workers
-            for pid in workers:
-                assert os.readlink(f"/proc/{pid}/cwd") == "/"
-        finally:
-            err = _stop(proc)
-        assert "died" not in err, err
-        assert not marker.exists(), marker.read_text()
+        time.sleep(0.5)                       # both workers started (and imported what they import)
+        cwds = [os.readlink(f"/proc/{pid}/cwd") for pid in _children(proc.pid)]
+        for _ in range(8):
+            with contextlib.suppress(OSError):
+                tags.append(read_tag(port, timeout=3))
     finally:
-        holder.__exit__(None, None, None)
+        err = _stop(proc)
+    assert not marker.exists(), marker.read_text()
+    assert tags == ["W"] * 8 and cwds == ["/", "/"], (tags, cwds)
+    assert "died" not in err, err
 
 
-def test_check_commands_never_run_a_program_from_the_callers_directory(tmp_path, backends):
+def test_check_commands_never_run_a_program_from_the_callers_directory(tmp_path, backends, planted):
     otheruser.require_root()
-    marker = tmp_path / "marker"
-    holder, planted = _planted_dir(marker)
+    directory, marker = planted
     b = backends("M")
     port = free_port()
     # "." and an empty entry both mean the caller's directory.
     env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path / "state"),
                PATH=".:" + os.environ.get("PATH", "/usr/bin:/bin") + ":")
+    proc = _start(["-m", "command=gbcheck %H %P:interval=0.2", str(port), b.spec], directory, env, port)
     try:
-        proc = _start(["-m", "command=gbcheck %H %P:interval=0.2", str(port), b.spec], planted, env, port)
-        try:
-            # The check fails (no such program), so the channel goes soft-disabled.
-            assert eventually(lambda: "dis" in _show(port, env), timeout=10), _show(port, env)
-        finally:
-            err = _stop(proc)
-        assert "soft-disabled by monitoring" in err, err
-        assert not marker.exists(), marker.read_text()
+        # The check fails (no such program), so the channel goes soft-disabled.
+        assert eventually(lambda: "dis" in _show(port, env), timeout=10), _show(port, env)
     finally:
-        holder.__exit__(None, None, None)
+        err = _stop(proc)
+    assert "soft-disabled by monitoring" in err, err
+    assert not marker.exists(), marker.read_text()
 
 
 def test_check_commands_run_in_root_with_the_start_fd_limit(tmp_path, backends):
