@@ -84,6 +84,47 @@ def test_stop_never_signals_a_pid_named_by_another_users_files(tmp_path, shared_
         victim.wait()
 
 
+def test_stop_never_signals_a_pid_from_a_state_file_root_does_not_own(tmp_path):
+    """A state directory that belongs to another user (a mistake, but one an
+    admin can make): that user's file for a configured port names root's pid."""
+    otheruser.require_root()
+    victim = subprocess.Popen(["sleep", "300"])
+    locker = None
+    with otheruser.temp_dir("gbal-userdir-", 0o755) as d:
+        os.chown(d, otheruser.NOBODY, otheruser.NOBODY)
+        try:
+            locker = otheruser.popen(otheruser.argv("-c", textwrap.dedent("""
+                import fcntl, os, struct, sys
+                from gbalance import state as S
+                path, pid, ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                os.ftruncate(fd, S.FILE_SIZE)
+                os.pwrite(fd, S.MAGIC, 0)
+                for index, value in ((S.H_VERSION, S.LAYOUT_VERSION), (S.H_PID, pid), (S.H_START_TICKS, ticks)):
+                    os.pwrite(fd, value.to_bytes(8, sys.byteorder, signed=True), 8 + 8 * index)
+                lock = os.open(S.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.fcntl(lock, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+                print("planted", flush=True)
+                sys.stdin.read()
+            """), str(d / "balance.9999.any"), str(victim.pid), str(S.process_start_ticks(victim.pid))))
+            assert locker.stdout.readline() == "planted\n", locker.stderr.read()
+            conf = tmp_path / "balance.conf"
+            conf.write_text("9999 127.0.0.1:1\n")
+            env = dict(os.environ, BALANCE_CONF=str(conf), BALANCE_STATE_DIR=str(d))
+            done = helper(env, "stop")
+            assert done.returncode == 0, done.stderr
+            time.sleep(0.2)
+            assert victim.poll() is None, "root signalled a pid from another user's state file"
+            status = helper(env, "status")
+            assert "running" not in status.stdout, status.stdout
+        finally:
+            if locker is not None:
+                locker.stdin.close()
+                locker.wait(timeout=10)
+            victim.kill()
+            victim.wait()
+
+
 def test_the_record_is_never_written_through_a_planted_name(tmp_path, shared_dir, backends):
     otheruser.require_root()
     precious = tmp_path / "precious"            # root's: nobody can reach it
