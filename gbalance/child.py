@@ -9,11 +9,11 @@ therefore runs in ``/`` (:data:`SAFE_CWD`), and:
   its path.  It imports the same gbalance as its master: the package's
   parent directory is put on its path only when the default path (site
   packages, an editable install's hook) would not find that very package;
-* a command (a monitoring check) gets a ``$PATH`` without empty or
-  relative entries (each means "the current directory") and the soft
-  descriptor limit the master started with (:mod:`gbalance.limits` raises
-  the master's own), so a program using ``select()`` works as it would
-  from a shell.
+* a command (a monitoring check) gets a ``$PATH`` (and ``$PYTHONPATH``,
+  ``$LD_LIBRARY_PATH``...) without empty or relative entries (each means
+  "the current directory") and the soft descriptor limit the master
+  started with (:mod:`gbalance.limits` raises the master's own), so a
+  program using ``select()`` works as it would from a shell.
 """
 
 from __future__ import annotations
@@ -57,8 +57,20 @@ def safe_path(path: str | None) -> str:
     return os.pathsep.join(kept) or "/usr/local/bin:/usr/bin:/bin"
 
 
+#: Search paths whose empty or relative entries would mean the current directory.
+SEARCH_PATHS = ("PYTHONPATH", "LD_LIBRARY_PATH", "PERL5LIB", "RUBYLIB")
+
+
 def command_env(base: dict | None = None) -> dict:
-    """The environment of a command: the master's, with a safe ``$PATH``."""
+    """The environment of a command: the master's, with a safe ``$PATH`` and
+    no empty or relative entry in the other search paths."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = safe_path(env.get("PATH"))
+    for name in SEARCH_PATHS:
+        if name in env:
+            kept = os.pathsep.join(p for p in env[name].split(os.pathsep) if p.startswith("/"))
+            if kept:
+                env[name] = kept
+            else:
+                del env[name]
     return env

@@ -192,3 +192,9 @@ def test_safe_path_drops_entries_meaning_the_current_directory(path, want):
 def test_python_argv_refuses_a_strange_module_name():
     with pytest.raises(ValueError):
         child.python_argv("os; import evil")
+
+
+def test_command_env_drops_relative_search_path_entries():
+    env = child.command_env({"PATH": ".:/bin", "PYTHONPATH": "lib::/opt/py", "LD_LIBRARY_PATH": ".",
+                             "HOME": "/root"})
+    assert env == {"PATH": "/bin", "PYTHONPATH": "/opt/py", "HOME": "/root"}
