@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -130,7 +129,7 @@ def test_check_commands_run_in_root_with_the_start_fd_limit(tmp_path, backends):
     try:
         assert eventually(lambda: out.exists() and out.read_text().endswith("\n"), timeout=10)
     finally:
-        err = _stop(proc)
+        _stop(proc)
     cwd, limit = out.read_text().splitlines()[0].split()
     assert cwd == "/"
     assert int(limit) == start_soft

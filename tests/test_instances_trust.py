@@ -11,7 +11,6 @@ start time but not its command line: it is not killed either.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import otheruser
-from conftest import eventually, pid_alive
+from conftest import eventually
 from gbalance import instances
 from gbalance import state as S
 
