@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 from dataclasses import dataclass
 
 from gbalance.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
@@ -65,12 +66,29 @@ class Result(enum.IntEnum):
 
 
 def valid_address(text: str) -> bool:
-    """True for a numeric IPv4 or IPv6 address (what the table may hold), nothing else."""
+    """True for a numeric IPv4 or IPv6 address (what the table may hold), nothing else.
+
+    An IPv6 scope id (``fe80::1%eth0``) must name an interface of this host:
+    ``::1%<text>`` would carry any text into a check's argv or a shell's screen.
+    """
     if not text or len(text) > 45 or not text.isascii():
         return False
     try:
-        ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
+        return False
+    return address.version == 4 or address.scope_id is None or known_scope(address.scope_id)
+
+
+def known_scope(scope: str) -> bool:
+    """True if an IPv6 scope id names an interface of this host (by name or index)."""
+    if not scope or not scope.isascii() or not scope.isprintable():
+        return False
+    try:
+        if scope.isdigit():
+            return int(scope) in {index for index, _ in socket.if_nameindex()}
+        socket.if_nametoindex(scope)
+    except (OSError, ValueError, OverflowError):
         return False
     return True
 

@@ -37,7 +37,7 @@ def detach() -> Report:
     if os.fork() > 0:
         os._exit(0)
     os.chdir("/")
-    os.umask(0o022)
+    os.umask(os.umask(0o022) | 0o022)   # at least 022; a stricter one (077) is kept
 
     def report(code: int, message: str = "") -> None:
         try:

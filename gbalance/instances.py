@@ -20,7 +20,12 @@ masters distinct: the name is stable when lines move, and
 "balance -c show PORT" finds the same master.  Each line is split like a
 shell command line (quotes work, "#" starts a comment).  Stopping uses the
 master pid recorded in each instance's state file, and only while that
-master is alive, so nothing is ever killed by name.
+master is alive, so nothing is ever killed by name.  Only state files and
+an ``init-instances`` record owned by this user (root) are trusted, only
+keys of the ``PORT.ADDR`` form are read from the record (written through
+mkstemp and rename), and pid, start time and command line are checked
+again right before every signal, SIGKILL included.  Every balance it runs
+starts in ``/``.
 
 Restarts never refuse a connection: ``restart`` (and systemd's reload) start
 a new master with ``-r``, which takes the listening socket over from the
@@ -43,8 +48,10 @@ import re
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from syslog import LOG_ERR, LOG_WARNING
@@ -52,10 +59,12 @@ from syslog import LOG_ERR, LOG_WARNING
 from docopt import DocoptExit, docopt
 
 from gbalance import cli
+from gbalance.child import SAFE_CWD
 from gbalance.errors import BalanceError
 from gbalance.log import journal_stderr
 from gbalance.spec import parse_port, parse_seconds
-from gbalance.state import SharedState, StateError, state_dir, state_path
+from gbalance.state import (H_START_TICKS, SharedState, StateError, check_directory,
+                            master_process_alive, state_dir, state_path)
 
 DEFAULT_CONF = "/etc/balance.conf"
 RECORD = "init-instances"      # keys started by the init script, in the state dir
@@ -228,19 +237,60 @@ class Out:
 
 # -- masters -----------------------------------------------------------------------
 
-def master_pid(key: str) -> tuple[int, bool]:
-    """(pid, state file exists) of the live master of ``key``; pid 0 if none."""
+#: An instance key: "<port>.<bind address or any>" as state.state_path spells it.
+KEY = re.compile(r"[1-9][0-9]{0,4}\.[A-Za-z0-9:_-][A-Za-z0-9.:_-]{0,254}")
+
+
+def valid_key(key: str) -> bool:
+    """True for a key of the ``PORT.ADDR`` form (no path, no "..")."""
+    return bool(KEY.fullmatch(key)) and int(key.split(".", 1)[0]) <= 65535 and ".." not in key
+
+
+@dataclass(frozen=True)
+class MasterRef:
+    """A live master as its state file recorded it: pid and process start time."""
+
+    key: str
+    pid: int
+    ticks: int
+
+    def still_there(self) -> bool:
+        """True while ``pid`` is that very balance master: same start time, a
+        balance command line (checked again right before every signal)."""
+        return master_process_alive(self.pid, self.ticks)
+
+
+def find_master(key: str) -> tuple[MasterRef | None, bool]:
+    """(the live master of ``key`` or None, state file exists).
+
+    Only a key of the ``PORT.ADDR`` form and a state file owned by this
+    user (root, for the init script) are trusted: a master of another user
+    is none of the init script's business, and its file could name any pid.
+    """
+    if not valid_key(key):
+        return None, False
     path = os.path.join(state_dir(), "balance." + key)
-    if not os.path.exists(path):
-        return 0, False
+    if not os.path.lexists(path):
+        return None, False
     try:
         st = SharedState.attach(path)
     except StateError:
-        return 0, True
+        return None, True
     try:
-        return (st.pid if st.master_alive() else 0), True
+        if st.owner != os.geteuid():
+            return None, True
+        pid, ticks = st.pid, st.q[H_START_TICKS]
+        if not st.master_alive() or not master_process_alive(pid, ticks):
+            return None, True
+        return MasterRef(key, pid, ticks), True
     finally:
         st.close()
+
+
+def master_pid(key: str) -> tuple[int, bool]:
+    """(pid, state file exists) of the live master of ``key``; pid 0 if none."""
+    ref, exists = find_master(key)
+    return (ref.pid if ref else 0), exists
 
 
 def record_path() -> str:
@@ -248,21 +298,45 @@ def record_path() -> str:
 
 
 def read_record() -> list[str]:
-    """Instance keys the init script started earlier (lines may be gone now)."""
+    """Instance keys the init script started earlier (lines may be gone now).
+
+    Only a plain file of this user (never through a symbolic link) is
+    read, and only keys of the ``PORT.ADDR`` form are taken from it.
+    """
     try:
-        with open(record_path(), encoding="utf-8") as f:
-            return [k for k in f.read().split() if k]
+        fd = os.open(record_path(), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
         return []
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return []
+        data = os.read(fd, 1 << 16)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    return [k for k in data.decode("ascii", "replace").split() if valid_key(k)]
 
 
 def write_record(keys: list[str], out: Out) -> None:
+    """Replace the record: a new private file (mkstemp) renamed over the old one."""
+    directory = state_dir()
     try:
-        os.makedirs(state_dir(), exist_ok=True)
-        tmp = record_path() + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(k + "\n" for k in keys))
-        os.replace(tmp, record_path())
+        os.makedirs(directory, exist_ok=True)
+        check_directory(directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{RECORD}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write("".join(k + "\n" for k in keys if valid_key(k)))
+                os.fchmod(f.fileno(), 0o644)
+            os.rename(tmp, record_path())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except StateError as exc:
+        out.problem(f"balance: cannot write {record_path()}: {exc}")
     except OSError as exc:
         out.problem(f"balance: cannot write {record_path()}: {exc.strerror}")
 
@@ -276,7 +350,7 @@ def run_balance(inst: Instance, conf: str, out: Out, *extra: str) -> int | None:
     argv = [balance_bin(), *extra, *inst.args]
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, timeout=START_TIMEOUT)
+                              stderr=subprocess.PIPE, text=True, timeout=START_TIMEOUT, cwd=SAFE_CWD)
     except (OSError, subprocess.TimeoutExpired) as exc:
         out.problem(f"balance {inst.key}: {conf} line {inst.line}: cannot start: {exc}")
         return None
@@ -326,28 +400,26 @@ def stop_keys(keys: list[str], grace: dict[str, float], out: Out) -> list[str]:
 
     A master still there after its grace period plus a margin is killed.
     """
-    waiting: dict[str, int] = {}
+    waiting: dict[str, MasterRef] = {}
     for key in keys:
-        pid, _ = master_pid(key)
-        if not pid:
+        ref, _ = find_master(key)
+        if ref is None or not signal_master(ref, signal.SIGTERM):
             continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        waiting[key] = pid
+        waiting[key] = ref
     start = time.monotonic()
     stopped = []
     while waiting:
-        for key, pid in list(waiting.items()):
-            if master_pid(key)[0] != pid and process_gone(pid):
-                out.say(f"balance {key}: stopped (pid {pid})")
+        for key, ref in list(waiting.items()):
+            if not ref.still_there():
+                out.say(f"balance {key}: stopped (pid {ref.pid})")
                 stopped.append(key)
                 del waiting[key]
             elif time.monotonic() - start > grace.get(key, DEFAULT_GRACE) + STOP_MARGIN:
-                kill_now(pid)
-                out.problem(f"balance {key}: killed (pid {pid}) after "
-                            f"{time.monotonic() - start:.0f}s", LOG_WARNING)
+                if signal_master(ref, signal.SIGKILL):
+                    out.problem(f"balance {key}: killed (pid {ref.pid}) after "
+                                f"{time.monotonic() - start:.0f}s", LOG_WARNING)
+                else:
+                    out.say(f"balance {key}: stopped (pid {ref.pid})")
                 stopped.append(key)
                 del waiting[key]
         if waiting:
@@ -355,20 +427,20 @@ def stop_keys(keys: list[str], grace: dict[str, float], out: Out) -> list[str]:
     return stopped
 
 
-def process_gone(pid: int) -> bool:
-    """True when ``pid`` has exited (gone, or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+def signal_master(ref: MasterRef, sig: int) -> bool:
+    """Send ``sig`` to the master of ``ref`` if the pid is still that master; True if sent.
 
-
-def kill_now(pid: int) -> None:
+    Checked right before the signal: pid, start time and a balance command
+    line, so a pid that was reused (or a process that became something
+    else) is never signalled.
+    """
+    if not ref.still_there():
+        return False
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(ref.pid, sig)
     except ProcessLookupError:
-        pass
+        return False
+    return True
 
 
 def do_stop(out: Out) -> int:
@@ -487,7 +559,7 @@ def do_replace(key: str, out: Out) -> int:
     said ``MAINPID=`` itself; systemd must learn the new pid before this
     reload command exits, or it would take the service for stopped.  So
     the new master's pid, read from its state file, is sent from here
-    (``NotifyAccess=all``), before we exit.
+    (``NotifyAccess=exec`` accepts it from this reload command), before we exit.
     """
     inst = find(key, out)
     if inst is None:
@@ -507,6 +579,7 @@ def do_exec(key: str, out: Out, *mode: str) -> int:
         return EX_CONFIG
     argv = [balance_bin(), *mode, *inst.args]
     try:
+        os.chdir(SAFE_CWD)
         os.execv(argv[0], argv)
     except OSError as exc:
         out.problem(f"balance {key}: cannot run {argv[0]}: {exc.strerror}")
@@ -555,48 +628,64 @@ def do_metrics(directory: str, out: Out) -> int:
     """Write the metrics of every running instance into ``directory``.
 
     For node_exporter's textfile collector: one file per instance (each
-    file's HELP/TYPE lines stand alone), written by the instance's own
-    ``balance -c "metrics FILE"``, which replaces the file atomically
-    (temporary file and rename), so the collector never reads half a file.
-    Files of instances that are gone or not running are removed.
+    file's HELP/TYPE lines stand alone), rendered here from the instance's
+    state file (mapped read-only when the file system is: the unit runs
+    sandboxed).  The directory is opened once and refused when others may
+    write to it; every file is written relative to that descriptor as a
+    temporary file renamed over the old one (the collector never reads half
+    a file), and only a file balance wrote is replaced.  Files of instances
+    that are gone or not running are removed.
     """
+    from gbalance.render import metrics_text, open_metrics_dir, write_metrics_at
+
     cfg = load(out)
-    if not os.path.isdir(directory):
-        out.problem(f"balance: cannot read {directory}: not a directory")
+    try:
+        dir_fd = open_metrics_dir(directory)
+    except OSError as exc:
+        out.problem(f"balance: cannot read {directory}: {exc.strerror or exc}")
         return 1
-    if re.search(r"\s", directory):   # "-c" splits the command at blanks
-        out.problem(f"balance: metrics directory {directory!r} has blanks in its name")
-        return 1
+    try:
+        return _write_metrics(cfg, dir_fd, out, metrics_text, write_metrics_at)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_metrics(cfg: Config, dir_fd: int, out: Out, render, write) -> int:
     written: set[str] = set()
     failed = 0
     for inst in cfg.instances:
-        if not master_pid(inst.key)[0]:
+        ref, _ = find_master(inst.key)
+        if ref is None:
             continue
         name = metrics_name(inst.key)
-        argv = [balance_bin(), *(["-b", inst.bind] if inst.bind else []),
-                "-c", f"metrics {os.path.join(directory, name)}", str(inst.port)]
         try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=START_TIMEOUT)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+            st = SharedState.attach(os.path.join(state_dir(), "balance." + inst.key))
+        except StateError as exc:
             out.problem(f"balance {inst.key}: metrics: {exc}", LOG_WARNING)
             failed += 1
             continue
-        if done.returncode != 0:
-            why = " ".join(done.stderr.split()) or f"exit {done.returncode}"
-            out.problem(f"balance {inst.key}: metrics: {why}", LOG_WARNING)
+        try:
+            text = render(st, inst.port, inst.bind)
+        finally:
+            st.close()
+        try:
+            write(dir_fd, name, text)
+        except OSError as exc:
+            out.problem(f"balance {inst.key}: metrics: {exc.strerror or exc}", LOG_WARNING)
             failed += 1
             continue
         written.add(name)
     try:
-        stale = [n for n in os.listdir(directory)
+        stale = [n for n in os.listdir(dir_fd)
                  if n.startswith("balance_") and n.endswith(".prom") and n not in written]
     except OSError as exc:
-        out.problem(f"balance: cannot read {directory}: {exc.strerror}")
+        out.problem(f"balance: cannot read the metrics directory: {exc.strerror}")
         return 1
     for name in stale:
         with contextlib.suppress(OSError):
-            os.unlink(os.path.join(directory, name))
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+                os.unlink(name, dir_fd=dir_fd)
     return 1 if failed else 0
 
 

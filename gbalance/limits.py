@@ -4,13 +4,18 @@ One process holds every proxied connection: two sockets each, plus two
 pipe descriptors per direction while it splices.  The usual soft limit of
 1024 open files would stop it at about 500 connections, so the master
 raises its soft limit to the hard limit at start (a process may always do
-that) and logs what it got.
+that) and logs what it got.  The commands it runs get the limit it started
+with back (:func:`restore_start_limit`).
 """
 
 from __future__ import annotations
 
 import resource
 from dataclasses import dataclass
+
+
+#: The soft limit this process started with (set by the first :func:`raise_fd_limit`).
+_start_soft: int | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,10 @@ def raise_fd_limit() -> FdLimit:
     An unlimited hard limit cannot be a soft limit for descriptors: then
     ``/proc/sys/fs/nr_open`` (the most one process may have) is used.
     """
+    global _start_soft
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _start_soft is None:
+        _start_soft = soft
     want = hard
     if want == resource.RLIM_INFINITY:
         want = _nr_open()
@@ -46,6 +54,22 @@ def raise_fd_limit() -> FdLimit:
             pass
     after = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return FdLimit(before=soft, after=after, hard=hard)
+
+
+def restore_start_limit() -> None:
+    """Give this process the soft descriptor limit it started with, if it was raised.
+
+    For a child (a monitoring check) between fork and exec: commands get
+    the limit a shell would give them, not the master's raised one.
+    """
+    if _start_soft is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != _start_soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_start_soft, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _nr_open() -> int:

@@ -17,7 +17,9 @@ at the first failure.  Each result is applied as soon as it is known:
 
 The state changes themselves are :class:`~gbalance.channels.Channels`'.
 A ``command=`` check runs directly when it is plain words; when it needs
-``/bin/sh``, ``%H`` and ``%P`` are substituted shell-quoted.
+``/bin/sh``, ``%H`` and ``%P`` are substituted shell-quoted.  Commands run
+in ``/`` with a ``$PATH`` that never means the current directory and the
+soft descriptor limit the master started with (:mod:`gbalance.child`).
 
 Checks never outlive their round: whatever is still running at the end of
 the interval (a connect that hangs, a command that hangs) fails and is
@@ -43,6 +45,8 @@ import gevent.socket
 import gevent.subprocess
 
 from gbalance.channels import Channels
+from gbalance.child import SAFE_CWD, command_env, safe_path
+from gbalance.limits import restore_start_limit
 from gbalance.log import Log
 from gbalance.monspec import Check, MonitorSpec
 from gbalance.state import (C_PORT, C_STATUS, ENABLED, HARD_DISABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
@@ -107,7 +111,7 @@ def command_argv(line: str) -> list[str]:
     words = line.split()
     if not words or SHELL_CHARS.search(line) or "=" in words[0]:
         return ["/bin/sh", "-c", line]
-    if "/" not in words[0] and shutil.which(words[0]) is None:
+    if "/" not in words[0] and shutil.which(words[0], path=safe_path(os.environ.get("PATH"))) is None:
         return ["/bin/sh", "-c", line]
     return words
 
@@ -267,7 +271,9 @@ class Monitor:
             proc = gevent.subprocess.Popen(argv, stdin=gevent.subprocess.DEVNULL,
                                            stdout=gevent.subprocess.PIPE,
                                            stderr=gevent.subprocess.STDOUT,
-                                           start_new_session=True, close_fds=True)
+                                           start_new_session=True, close_fds=True,
+                                           cwd=SAFE_CWD, env=command_env(),
+                                           preexec_fn=restore_start_limit)
         except OSError as exc:
             return f"cannot run {argv[0]}: {exc.strerror or exc}"
         killed = False

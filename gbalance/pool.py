@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 import gevent
 from gevent import subprocess
 
+from gbalance.child import SAFE_CWD, python_argv
 from gbalance.config import ProxyConfig
 from gbalance.log import Log
 from gbalance.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
@@ -105,15 +105,14 @@ class Pool:
                           listen_fd=self.listener.fileno(), ready_fd=w, master_pid=os.getpid())
         env = dict(os.environ)
         env[WORKER_ENV] = encode_spec(spec)
-        # The worker imports the same gbalance as this master, wherever it lives.
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            # In a process group of its own: a Ctrl-C on the terminal reaches the
-            # master only, which passes it on (so no worker is seen dying first).
-            s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker", str(s.index)], env=env,
-                                      pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True,
-                                      process_group=0)
+            # An isolated interpreter in "/" importing the master's own gbalance
+            # (never the caller's directory: see gbalance.child).  In a process
+            # group of its own: a Ctrl-C on the terminal reaches the master
+            # only, which passes it on (so no worker is seen dying first).
+            s.proc = subprocess.Popen(python_argv("gbalance.worker", str(s.index)), env=env,
+                                      cwd=SAFE_CWD, pass_fds=(spec.state_fd, spec.listen_fd, w),
+                                      close_fds=True, process_group=0)
         except OSError as exc:
             os.close(r)
             os.close(w)

@@ -1,17 +1,23 @@
 """What the control shell prints: tables, MRTG lines, help, version and metrics.
 
 Pure functions of a mapped state file (read without locks: a value may be
-one connection old, never torn across a slot).  :func:`write_atomic` puts a
-rendering into a file for collectors that read files (node_exporter's
-textfile collector): written to a temporary file in the same directory and
-renamed over the target, so a reader never sees half a file.
+one connection old, never torn across a slot).  Text from the file is shown
+through :func:`printable`: only printable ASCII reaches a terminal.
+:func:`write_atomic` puts a rendering into a file for collectors that read
+files (node_exporter's textfile collector): written to a temporary file in
+the same directory and renamed over the target, so a reader never sees half
+a file; every step is relative to a pinned descriptor of the directory
+(refused when others may write to it), and only a metrics file this program
+wrote is ever replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 import time
 from typing import Iterable
 
@@ -29,8 +35,14 @@ ADDR_WIDTH = 16
 HELP_WIDTH = 29
 
 
+def printable(text: str) -> str:
+    """``text`` with every character a terminal could act on (escapes, controls,
+    non-ASCII) shown as ``?``: a state file's owner chooses what its fields hold."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+
 def address_width(channels: Iterable[Channel]) -> int:
-    return max([ADDR_WIDTH] + [len(ch.address) for ch in channels])
+    return max([ADDR_WIDTH] + [len(printable(ch.address)) for ch in channels])
 
 
 def show_text(state: SharedState) -> str:
@@ -41,7 +53,7 @@ def show_text(state: SharedState) -> str:
     for ch in channels:
         lines.append(SHOW_ROW.format(
             g=ch.group, t=TYPE_NAMES.get(state.group_type(ch.group), "?"), c=ch.index,
-            s=STATUS_NAMES.get(ch.status, "???"), addr=ch.address.rjust(width), port=ch.port,
+            s=STATUS_NAMES.get(ch.status, "???"), addr=printable(ch.address).rjust(width), port=ch.port,
             cur=ch.c, totalc=ch.totalc, maxc=ch.maxc, sent=ch.sent, rcvd=ch.rcvd))
     return "\n".join(lines) + "\n"
 
@@ -64,7 +76,7 @@ def monitor_table(state: SharedState) -> str:
         since = f"{max(0, now - changed)}s" if changed else "-"
         delay = stagger_seconds(state, ch.group, ch.index)
         lines.append(f"{ch.group:3d} {ch.index:2d} {STATUS_NAMES.get(ch.status, '???'):>3s} "
-                     f"{ch.address.rjust(width)} {ch.port:5d} "
+                     f"{printable(ch.address).rjust(width)} {ch.port:5d} "
                      f"{'yes' if ch.suspect else 'no':>7s} "
                      f"{state.get(ch.group, ch.index, C_FAILS):5d} "
                      f"{state.get(ch.group, ch.index, C_PASSES):6d} "
@@ -127,7 +139,7 @@ MONITOR_LABELS = {MON_NONE: "none", MON_ENABLED: "enabled", MON_DISABLED: "disab
 
 def label(value: object) -> str:
     """Escape a label value as the text exposition format requires."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return printable(str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
 
 
 def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
@@ -186,22 +198,85 @@ def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` at once: temporary file, fsync, rename (mode 0644).
+#: How a metrics file this program wrote begins (the first family's HELP line).
+METRICS_SIGNATURE = b"# HELP balance_up "
 
+
+def open_metrics_dir(directory: str) -> int:
+    """Open (and pin) a directory for metrics files; its descriptor.
+
+    Refused (``OSError``) when it is no directory or group or others may
+    write to it: they could put a name of their choosing where root writes.
+    """
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & 0o022:
+            raise OSError(errno.EPERM, f"refusing directory {printable(directory)}: other users may write to it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_metrics_at(dir_fd: int, name: str, text: str) -> None:
+    """Replace file ``name`` in the pinned directory ``dir_fd`` with ``text`` at once.
+
+    Every step is relative to ``dir_fd`` and never follows a symbolic link:
+    a temporary file of our own (``O_EXCL``), fsync, rename over ``name``.
+    What sits at ``name`` is replaced only if this program wrote it: a
+    regular file of ours, with one name, beginning as a metrics file does.
     Raises ``OSError``; a failed write leaves the old file as it was.
     """
-    directory = os.path.dirname(path) or "."
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    if not name or "/" in name or name in (".", ".."):
+        raise OSError(errno.EINVAL, f"not a file name: {printable(name)}")
+    _check_replaceable(dir_fd, name)
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+def _check_replaceable(dir_fd: int, name: str) -> None:
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    why = None
+    if not stat.S_ISREG(info.st_mode):
+        why = "not a regular file"
+    elif info.st_uid != os.geteuid() or info.st_nlink != 1:
+        why = "not a metrics file balance wrote"
+    else:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                head = os.read(fd, len(METRICS_SIGNATURE))
+            finally:
+                os.close(fd)
+        except OSError:
+            head = b""
+        if head != METRICS_SIGNATURE:
+            why = "not a metrics file balance wrote"
+    if why:
+        raise OSError(errno.EEXIST, f"refusing to replace {printable(name)}: {why}")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replace the metrics file ``path`` with ``text`` at once (mode 0644); see
+    :func:`write_metrics_at`.  Raises ``OSError``."""
+    dir_fd = open_metrics_dir(os.path.dirname(path) or ".")
+    try:
+        write_metrics_at(dir_fd, os.path.basename(path), text)
+    finally:
+        os.close(dir_fd)

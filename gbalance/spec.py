@@ -14,6 +14,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from gbalance.channels import known_scope
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
 from gbalance.state import HASH, MAXCHANNELS, MAXGROUPS, RR
 
@@ -86,8 +87,15 @@ def resolve_host(host: str, prefer_ipv4: bool = True) -> str:
         pass
     else:
         if literal.version == 6:
-            # libc's spelling (``::ffff:127.0.0.1``), not Python 3.11's ``::ffff:7f00:1``.
-            return socket.inet_ntop(socket.AF_INET6, literal.packed)
+            # libc's spelling (``::ffff:127.0.0.1``), not Python 3.11's ``::ffff:7f00:1``;
+            # a scope id only when it names an interface of this host.
+            text = socket.inet_ntop(socket.AF_INET6, literal.packed)
+            if literal.scope_id is None:
+                return text
+            if not known_scope(literal.scope_id):
+                raise BalanceError(f"unknown or invalid address [{host}]: no interface"
+                                   f" {literal.scope_id!r}", EX_DATAERR)
+            return f"{text}%{literal.scope_id}"
         return str(literal)
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)

@@ -85,7 +85,12 @@ a file owned by another user is refused.  Liveness is decided by the lock
 file for the owner, and by pid plus process start time plus command line
 for everybody else, so no other user can make a dead master look alive.
 
-This module imports nothing from the rest of the package.
+Every count read from the file is clamped to its range before it is used
+(:attr:`SharedState.ngroups`, :meth:`SharedState.nchannels`), and a file
+cut short while mapped costs no process its life (:mod:`gbalance.mapguard`).
+
+This module imports nothing from the rest of the package but the leaf
+:mod:`gbalance.mapguard`.
 """
 
 from __future__ import annotations
@@ -102,6 +107,8 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
+
+from gbalance import mapguard
 
 MAGIC = b"GBALSTAT"
 LAYOUT_VERSION = 3
@@ -405,6 +412,8 @@ class SharedState:
         self.owner = os.geteuid()   # the state file's owner (set by attach)
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
+        # A file cut short under the mapping must not kill this process (SIGBUS).
+        self._guard = mapguard.guard(self.mm, FILE_SIZE, fd, writable)
         self.q = memoryview(self.mm)[len(MAGIC):ADDR_OFFSET].cast("q")
 
     # -- opening ---------------------------------------------------------
@@ -495,8 +504,9 @@ class SharedState:
         except OSError as exc:
             raise StateError(f"cannot create state file in {directory}: {exc.strerror}", exc.errno)
         try:
-            # Group and others may read (show), only the owner may change.
-            os.fchmod(fd, 0o644)
+            # Group and others may read (show), only the owner may change;
+            # a stricter umask (077: 0600) takes read access away from them.
+            os.fchmod(fd, 0o644 & ~_current_umask())
             os.ftruncate(fd, FILE_SIZE)
             os.rename(tmp, path)
         except OSError as exc:
@@ -510,14 +520,19 @@ class SharedState:
 
     @classmethod
     def attach(cls, path: str) -> "SharedState":
-        """Map an existing state file: writable for the master's user, else read-only.
+        """Map an existing state file: writable for the master's user, else read-only
+        (also when the file system is read-only).
 
         Never follows a symbolic link; refuses a file that others may write.
         """
         writable = True
         try:
             fd = _open_nofollow(path, os.O_RDWR)
-        except PermissionError:
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
+            # Not ours to write, or a read-only file system (a sandboxed
+            # reader such as the metrics unit): reading is enough.
             writable = False
             try:
                 fd = _open_nofollow(path, os.O_RDONLY)
@@ -564,6 +579,7 @@ class SharedState:
         """Unmap and close (which also drops any lock this process holds)."""
         try:
             self.q.release()
+            mapguard.unguard(self._guard)
             self.mm.close()
         except (BufferError, ValueError):
             pass
@@ -686,7 +702,8 @@ class SharedState:
 
     @property
     def ngroups(self) -> int:
-        return self.q[H_NGROUPS]
+        """Groups in use, within 0..MAXGROUPS whatever the file says."""
+        return max(0, min(self.q[H_NGROUPS], MAXGROUPS))
 
     @property
     def generation(self) -> int:
@@ -724,7 +741,10 @@ class SharedState:
     # -- groups --------------------------------------------------------------
 
     def nchannels(self, group: int) -> int:
-        return self.q[gslot(group, G_NCHANNELS)]
+        """Channels of ``group``, within 0..MAXCHANNELS whatever the file says (0 for no group)."""
+        if not 0 <= group < MAXGROUPS:
+            return 0
+        return max(0, min(self.q[gslot(group, G_NCHANNELS)], MAXCHANNELS))
 
     def group_type(self, group: int) -> int:
         return self.q[gslot(group, G_TYPE)]
@@ -733,8 +753,8 @@ class SharedState:
         self.q[gslot(group, G_TYPE)] = kind
 
     def add_group(self, kind: int = RR) -> int:
-        """Append an empty group and return its number."""
-        g = self.q[H_NGROUPS]
+        """Append an empty group and return its number (never writing outside the group records)."""
+        g = self.ngroups
         if g >= MAXGROUPS:
             raise StateError("too many groups")
         self.q[gslot(g, G_NCHANNELS)] = 0
@@ -749,8 +769,10 @@ class SharedState:
                     status: int = ENABLED) -> int:
         """Append a channel to ``group`` and return its index.
 
-        Raises :class:`StateError` when the group is full.
+        Raises :class:`StateError` when the group is full or no group.
         """
+        if not 0 <= group < MAXGROUPS:
+            raise StateError("no such group")
         n = self.nchannels(group)
         if n >= MAXCHANNELS:
             raise StateError("no channel slots available")
@@ -814,6 +836,13 @@ class SharedState:
 
 
 _BASES = {C_TOTALC: C_TOTALC_BASE, C_SENT: C_SENT_BASE, C_RCVD: C_RCVD_BASE}
+
+
+def _current_umask() -> int:
+    """The process's umask (read by setting it, and setting it back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _shared_directory(path: str) -> bool:

@@ -359,7 +359,7 @@ def test_installed_systemd_units_verify_and_generator(pkg, tmp_path):
                check=False, timeout=120)
     assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
     template = (units / "balance@.service").read_text()
-    for setting in ("Type=notify", "NotifyAccess=all", "ExecReload=/usr/lib/gbalance/balance-instances replace %i",
+    for setting in ("Type=notify", "NotifyAccess=exec", "ExecReload=/usr/lib/gbalance/balance-instances replace %i",
                     "TimeoutStopSec=45", "SyslogIdentifier=balance", "ReloadPropagatedFrom=balance.service",
                     "KillMode=mixed"):
         assert re.search(rf"^{re.escape(setting)}$", template, re.M), setting

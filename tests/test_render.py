@@ -54,9 +54,9 @@ def test_help_columns():
 
 def test_write_atomic_replaces_or_leaves_the_old_file(tmp_path):
     target = tmp_path / "x.prom"
-    target.write_text("old\n")
-    write_atomic(str(target), "new\n")
-    assert target.read_text() == "new\n" and target.stat().st_mode & 0o777 == 0o644
+    target.write_text("# HELP balance_up old\n")
+    write_atomic(str(target), "# HELP balance_up new\n")
+    assert target.read_text() == "# HELP balance_up new\n" and target.stat().st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["x.prom"]
     busy = tmp_path / "busy.prom"            # rename onto a non-empty directory fails
     busy.mkdir()
@@ -67,3 +67,39 @@ def test_write_atomic_replaces_or_leaves_the_old_file(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["busy.prom", "x.prom"]      # no temporary left
     with pytest.raises(OSError):
         write_atomic(str(tmp_path / "missing" / "x.prom"), "lost\n")
+
+
+def test_metrics_never_replace_what_balance_did_not_write(tmp_path):
+    """Only a regular file of ours that begins as a metrics file is replaced."""
+    from gbalance.render import write_atomic
+    text = "# HELP balance_up x\n"
+    precious = tmp_path / "passwd"
+    precious.write_text("root:x:0:0\n")
+    with pytest.raises(OSError, match="not a metrics file balance wrote"):
+        write_atomic(str(precious), text)
+    assert precious.read_text() == "root:x:0:0\n"
+    fifo = tmp_path / "fifo.prom"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.prom"
+    link.symlink_to(precious)
+    for target in (fifo, link):
+        with pytest.raises(OSError, match="not a regular file"):
+            write_atomic(str(target), text)
+    assert precious.read_text() == "root:x:0:0\n" and link.is_symlink()
+    hard = tmp_path / "hard.prom"
+    (tmp_path / "first.prom").write_text(text)
+    os.link(tmp_path / "first.prom", hard)
+    with pytest.raises(OSError, match="not a metrics file balance wrote"):
+        write_atomic(str(hard), text)
+    assert sorted(os.listdir(tmp_path)) == ["fifo.prom", "first.prom", "hard.prom", "link.prom", "passwd"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+def test_metrics_refuse_a_directory_others_may_write(tmp_path, mode):
+    from gbalance.render import write_atomic
+    d = tmp_path / "shared"
+    d.mkdir()
+    d.chmod(mode)
+    with pytest.raises(OSError, match="other users may write to it"):
+        write_atomic(str(d / "x.prom"), "# HELP balance_up x\n")
+    assert os.listdir(d) == []

@@ -636,7 +636,7 @@ def test_metrics_file_is_replaced_atomically(balance, backends, tmp_path):
     out = tmp_path / "textfile"
     out.mkdir()
     target = out / f"balance_{port}_any.prom"
-    target.write_text("old\n")
+    target.write_text("# HELP balance_up an earlier run\n")    # a metrics file balance wrote
     inode = target.stat().st_ino
     r = balance.run("-c", f"metrics {target}", str(port))
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
@@ -649,6 +649,12 @@ def test_metrics_file_is_replaced_atomically(balance, backends, tmp_path):
     assert r.returncode == 73 and r.stdout == ""
     assert r.stderr == (f"balance: cannot write metrics to {tmp_path}/missing/x.prom: "
                         "No such file or directory\n")
+    other = out / "other.prom"                       # not balance's: left alone
+    other.write_text("old\n")
+    r = balance.run("-c", f"metrics {other}", str(port))
+    assert r.returncode == 73 and other.read_text() == "old\n"
+    assert r.stderr == (f"balance: cannot write metrics to {other}: "
+                        "refusing to replace other.prom: not a metrics file balance wrote\n")
 
 
 def test_monitor_enable_disable_show(balance, backends):

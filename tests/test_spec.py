@@ -199,3 +199,26 @@ def test_seconds(text, value):
 def test_seconds_rejects(text):
     err = fails(parse_seconds, text, "-T")
     assert (err.code, err.message) == (EX_USAGE, f"invalid timeout [{text}] for -T")
+
+
+@pytest.mark.parametrize("word", ["::1%nosuchif0", "::1%; rm -rf /", "fe80::1%\x1b[2J", "::1%99999"])
+def test_a_scope_id_must_name_an_interface(word):
+    with pytest.raises(BalanceError) as info:
+        resolve_host(word)
+    assert info.value.code == EX_DATAERR
+
+
+def test_a_scope_id_naming_an_interface_is_kept():
+    import socket as _socket
+    index = _socket.if_nametoindex("lo")
+    assert resolve_host("fe80::1%lo") == "fe80::1%lo"
+    assert resolve_host(f"::1%{index}") == f"::1%{index}"
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("::1", True), ("::1%lo", True), ("::1%nosuchif0", False), ("::1%a b", False),
+    ("::1%\n0 RR", False), ("127.0.0.1", True), ("127.0.0.1%lo", False),
+])
+def test_valid_address_checks_scope_ids(text, ok):
+    from gbalance.channels import valid_address
+    assert valid_address(text) is ok
