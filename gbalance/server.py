@@ -335,11 +335,20 @@ class BalanceServer(StreamServer):
             self.full = False
             if self.started and not self.draining and not self.paused:
                 self.start_accepting()
-        if self.limited and count <= self.low_water:
+        if self.limited and count <= self.low_water and not self._backlog():
             self.limited = False
             took = self.loop.now() - self.limited_since
             self.log.info(f"open connections down to {count}, below the limit of {self.max_conns} (-L)"
                           f" again after {took:.1f} seconds")
+
+    def _backlog(self) -> bool:
+        """Do clients wait in the listen backlog?  (Asked only while limited.)"""
+        try:
+            poll = select.poll()
+            poll.register(self.socket.fileno(), select.POLLIN)
+            return bool(poll.poll(0))
+        except (OSError, ValueError, AttributeError):
+            return False
 
     # -- per-source limit (-l) ------------------------------------------------
 
