@@ -598,7 +598,9 @@ class BalanceServer(StreamServer):
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)
-        self._gone(link.source)
+        source = link.source
+        if source is not None or self.limited:
+            self._gone(source)
         if self.paused:
             self._resume()
         elif self.draining:
