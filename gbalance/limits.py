@@ -86,14 +86,15 @@ class ConnLimit:
     #: An explicit -L asks for more descriptors than this process may open.
     overcommitted: bool = False
 
-    def describe(self) -> str:
-        """One log line about the limit (or what is wrong with it)."""
+    def describe(self, per: str = "") -> str:
+        """One log line about the limit (or what is wrong with it); ``per``:
+        whose limit it is (" per worker")."""
         if not self.conns:
             return "no connection limit (-L 0)"
         if self.overcommitted:
-            return (f"-L: {self.conns} connections need about {2 * self.conns + RESERVED_FDS} file descriptors,"
-                    f" this process may open {self.nofile}: accepting pauses when they run out")
-        return f"at most {self.conns} connections at once (file descriptor limit {self.nofile})"
+            return (f"-L: {self.conns} connections{per} need about {2 * self.conns + RESERVED_FDS} file"
+                    f" descriptors, a process may open {self.nofile}: accepting pauses when they run out")
+        return f"at most {self.conns} connections at once{per} (file descriptor limit {self.nofile})"
 
 
 def current_nofile() -> int:

@@ -101,10 +101,11 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     checks = sum(len(g.channels) for g in cfg.groups) if monitoring and cfg.workers <= 1 else 0
     limit = connection_limit(cfg.max_conns, cfg.workers, reserve=2 * checks)
     forward.PIPES.limit = limit.pipes
-    if limit.overcommitted:
-        log.warning(limit.describe())
+    per = " per worker" if cfg.workers > 1 else ""
+    if worker == 0 and limit.overcommitted:
+        log.warning(limit.describe(per))
     elif worker == 0 and (cfg.debug or not cfg.foreground):
-        log.info(limit.describe() + (" per worker" if cfg.workers > 1 else ""))
+        log.info(limit.describe(per))
     server = BalanceServer(listener, state, router, connector, log, addresses,
                            idle_timeout=cfg.idle_timeout,
                            dump=write_stdout if cfg.packet_dump else None, row=counters.off,

@@ -397,3 +397,16 @@ def test_idle_timeout_with_nothing_in_flight_ends_cleanly(balance, tmp_path):
         c.close()
     finally:
         be.close()
+
+
+def test_a_limit_beyond_the_descriptors_is_said_at_start(balance, backends, tmp_path):
+    """-L above what the descriptor limit allows: one warning at start
+    (accepting would pause on EMFILE before the limit), and it serves."""
+    be = backends("X")
+    port = free_port()
+    with stderr_file(tmp_path) as err:
+        proc = balance.start("-L", "50000", str(port), be.spec, port=port, stderr=err)
+    assert tag_or_none(client_from("127.0.0.2", port), 10) == "X"
+    proc.stop()
+    text = log_text(tmp_path)
+    assert text.count("-L: 50000 connections need about 100064 file descriptors") == 1, text

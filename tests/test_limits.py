@@ -46,7 +46,7 @@ def test_zero_means_no_limit():
 def test_more_than_the_descriptors_allow_is_said():
     lim = connection_limit(5000, nofile=1024)
     assert lim.overcommitted and lim.conns == 5000 and lim.pipes == 0
-    assert "this process may open 1024" in lim.describe()
+    assert "a process may open 1024" in lim.describe()
 
 
 def test_health_check_sockets_are_kept_aside():
