@@ -17,12 +17,12 @@ from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
 from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monspec import parse_monitor
 from gbalance.proxyproto import parse_version
-from gbalance.spec import parse_groups, parse_keepalive, parse_port, parse_seconds, parse_workers
+from gbalance.spec import parse_groups, parse_keepalive, parse_limit, parse_port, parse_seconds, parse_workers
 from gbalance.state import MAXWORKERS
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-w n] [-adfpHMr6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-w n] [-L max] [-l max] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -45,6 +45,13 @@ Options:
   -i          Interactive control shell for the running master.
   -k t,i,p    Client-side TCP keepalive: idle secs, interval secs, probes.
   -K t,i,p    Server-side TCP keepalive: idle secs, interval secs, probes.
+  -l max      At most max connections open at once from one client address
+              (IPv6: one /64 network); more are reset at once (0 = no
+              limit) [default: 0].
+  -L max      At most max connections open at once (pending or linked);
+              more wait in the listen backlog.  Default: what the file
+              descriptor limit allows; 0 = no limit.  With -w n each worker
+              takes max/n.
   -m spec     Monitor channels, e.g. connect:interval=10 (see balance(1)).
   -M          Accepted for compatibility (state is always a mapped file).
   -p          Packet dump: print all forwarded data on stdout.
@@ -55,7 +62,8 @@ Options:
               over its listening socket (no connection is refused) while it
               finishes its open connections as on SIGTERM.
   -t sec      Connect timeout in seconds [default: 5].
-  -T sec      Close connections idle this many seconds (0 = never) [default: 0].
+  -T sec      Close connections idle this many seconds (0 = never): with a
+              FIN if nothing was in flight, else with a reset [default: 0].
   -w n        Worker processes accepting on the port, each on its own core
               ("auto": one per usable CPU); the master supervises them
               [default: 1].
@@ -68,7 +76,7 @@ quit, reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_
 The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 
-KNOWN_SHORTS = set("6abBcdfgHikKmMpPrthw")
+KNOWN_SHORTS = set("6abBcdfgHikKlLmMpPrthw")
 
 
 def short_usage() -> str:
@@ -76,7 +84,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBcgtTkKmPw")
+TAKES_ARG = set("bBcgtTkKlLmPw")
 
 
 def _explain(argv: list[str]) -> str:
@@ -131,6 +139,8 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         replace=args["-r"],
         proxy_protocol=parse_version(args["-P"]) if args["-P"] is not None else None,
         workers=parse_workers(args["-w"] or "1", MAXWORKERS),
+        max_conns=parse_limit(args["-L"], "-L") if args["-L"] is not None else None,
+        per_source=parse_limit(args["-l"] or "0", "-l"),
     )
     cfg.groups = parse_groups(args["<channel>"], port)
     return cfg

@@ -35,6 +35,8 @@ class ProxyConfig:
     replace: bool = False               # -r take over from the running master
     proxy_protocol: ProxyVersion | None = None   # -P v1|v2: PROXY header to backends
     workers: int = 1                    # -w worker processes (1 = the master serves alone)
+    max_conns: int | None = None        # -L open connections (None: from the fd limit; 0: none)
+    per_source: int = 0                 # -l open connections per client address (0: no limit)
 
 
 @dataclass

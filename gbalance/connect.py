@@ -10,7 +10,10 @@ and log.  Additions over balance:
   sends meanwhile is read into a small buffer (passed to the link, which
   sends it first), so the watch goes on after a request too.  A reset
   always cancels; an end of stream cancels only before any data (after a
-  request it may be a half-close that awaits the reply);
+  request it may be a half-close that awaits the reply).  Each client's
+  buffer holds at most :data:`EARLY_MAX` bytes, and all of a process's
+  races together at most :data:`EARLY_TOTAL`: past either, the client is
+  no longer read (its bytes wait in the kernel) until its link starts;
 * a connect that completed and was reset before this process saw it
   (``ECONNRESET``) is not a failed connect: the link passes on what the
   backend sent, then the reset, as a direct connection would show;
@@ -58,6 +61,9 @@ _RESET_AFTER_CONNECT = (errno.ECONNRESET, errno.EPIPE)
 #: Client bytes held while a connect is pending; past this the client is
 #: no longer read (nor watched) until the link starts.
 EARLY_MAX = 65536
+#: Client bytes held by all the pending connects of one process together
+#: (many clients that talk while their connects hang must not grow it).
+EARLY_TOTAL = 4 << 20
 #: What a race step returns while the race goes on.
 _GOING = object()
 
@@ -143,6 +149,13 @@ class Connector:
         self.send_early = True
         #: Recycled watchers for races and links.
         self.watchers = Watchers(loop, timeout)
+        #: Early client bytes held by this process's races, and the cap on them.
+        self.early_held = 0
+        self.early_cap = EARLY_TOTAL
+
+    def early_room(self, have: int) -> int:
+        """How many more early bytes a race holding ``have`` may read now."""
+        return min(EARLY_MAX - have, self.early_cap - self.early_held)
 
     def open_socket(self, family: int) -> socket.socket:
         """A non-blocking backend socket with balance's options set."""
@@ -202,7 +215,7 @@ class Race:
     """
 
     __slots__ = ("conn", "client", "candidates", "done", "peer", "pending", "client_io",
-                 "stagger_timer", "exhausted", "early", "over", "shortage", "oob")
+                 "stagger_timer", "exhausted", "early", "over", "shortage", "oob", "held", "source")
 
     def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]],
                  done: Callable[["Race", "Connected | None", "BaseException | None"], None],
@@ -222,6 +235,10 @@ class Race:
         self.shortage: OSError | None = None
         #: For the caller: an urgent byte the client sent before it was accepted.
         self.oob = b""
+        #: Early bytes of this race counted in the connector's ``early_held``.
+        self.held = 0
+        #: For the caller: its key for the client's address (per-source limit).
+        self.source = None
 
     # -- start and events --------------------------------------------------
 
@@ -246,8 +263,7 @@ class Race:
             elif not self.pending:
                 result = self._finish(None)
             else:
-                early = self.early
-                if early is None or len(early) < EARLY_MAX:
+                if self.conn.early_room(self.held) > 0:
                     self.client_io = self.conn.watchers.io(self.client.fileno(), 1)
                     self.client_io.start(self._event, "client", None)
                 return
@@ -388,6 +404,9 @@ class Race:
 
     def _finish(self, winner: Attempt | None):
         """Stop every watcher, close the losers, return the winner's result."""
+        if self.held:
+            self.conn.early_held -= self.held     # the link holds them now, or nobody
+            self.held = 0
         for att in self.pending:
             att.stop()
             if att is not winner:
@@ -420,11 +439,17 @@ class Race:
 
         Data is kept for the link and the watch goes on, so a reset that
         follows a request is still seen.  The watch stops once the buffer
-        is full, or at an end of stream after data (a half-close).
+        is full (this race's, or what the process may hold for all of
+        them: then the bytes wait in the kernel), or at an end of stream
+        after data (a half-close).
         """
         early = self.early
+        room = self.conn.early_room(self.held)
+        if room <= 0:
+            self.client_io.stop()
+            return False
         try:
-            data = self.client.recv(EARLY_MAX - len(early) if early else EARLY_MAX, DONTWAIT)
+            data = self.client.recv(room, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -440,7 +465,9 @@ class Race:
             if not isinstance(early, bytearray):
                 early = self.early = bytearray(early)
             early += data
-        if len(early) >= EARLY_MAX:
+        self.held += len(data)
+        self.conn.early_held += len(data)
+        if len(data) >= room:
             self.client_io.stop()
         return False
 
@@ -448,8 +475,11 @@ class Race:
         """Keep what the client sent before its race began: False if it has
         gone instead (an end before any byte, or a reset; a reset is seen
         only once, so it must be acted on here)."""
+        room = self.conn.early_room(0)
+        if room <= 0:
+            return True          # no room: its bytes (or its end) wait in the kernel
         try:
-            data = self.client.recv(EARLY_MAX, DONTWAIT)
+            data = self.client.recv(room, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -457,6 +487,8 @@ class Race:
         if not data:
             return False
         self.early = data
+        self.held = len(data)
+        self.conn.early_held += len(data)
         return True
 
     # -- the race ------------------------------------------------------------

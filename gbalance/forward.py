@@ -43,6 +43,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 from typing import Callable
 
 from gbalance.dump import dump as render_dump
@@ -90,6 +91,26 @@ _U64 = struct.Struct("=Q")
 _LAST = DONTWAIT | getattr(socket, "MSG_MORE", 0)
 #: Whether a link looks for its backend's end at the first read of the reply.
 _PROBE_END = bool(_TCP_INFO) and _LAST != DONTWAIT and _plain_tcp()
+#: ioctls for the bytes a socket has received but not yet been read
+#: (SIOCINQ) and sent but not yet acknowledged (SIOCOUTQ).
+_SIOCINQ = getattr(termios, "FIONREAD", 0x541B)
+_SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
+_INT = struct.Struct("i")
+
+
+class PipeBudget:
+    """How many splice pipes this process may hold at once (2 descriptors
+    each): the server sets ``limit`` from what its connection limit leaves
+    of the descriptor limit.  One per process, as descriptors are."""
+
+    __slots__ = ("open", "limit")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.limit = 1 << 62
+
+
+PIPES = PipeBudget()
 
 
 def read_watcher(link: "Link", fd: int, reuse=None):
@@ -190,6 +211,7 @@ class Flow:
         except OSError:
             self.link.abort()
             return
+        self.link.active = True          # bytes moved: not idle (-T)
         if m < len(self.pending):
             self.pending = self.pending[m:]
             return
@@ -209,6 +231,9 @@ class Flow:
     # -- splice path (Linux) -----------------------------------------------
 
     def _start_splice(self) -> None:
+        if PIPES.open >= PIPES.limit:
+            self.link.splice = False   # the descriptors left are for connections
+            return
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -226,6 +251,7 @@ class Flow:
             self.link.splice = False
             return
         self.pipe_r, self.pipe_w = r, w
+        PIPES.open += 1
         # splice() blocks on a blocking socket whatever its flags say; the
         # copy path's sockets may be blocking (every call passes DONTWAIT).
         try:
@@ -270,6 +296,7 @@ class Flow:
                 self.link.abort()
                 return
             self.fill -= m
+            self.link.active = True      # bytes moved: not idle (-T)
         if self.ww is not None and self.ww.active:
             self.ww.stop()
             self.rw.start(self.on_read_splice)
@@ -325,6 +352,7 @@ class Flow:
             os.close(self.pipe_r)
             os.close(self.pipe_w)
             self.pipe_r = self.pipe_w = -1
+            PIPES.open -= 1
 
 
 def _all_read(info: bytes, n: int) -> bool:
@@ -342,7 +370,8 @@ class Link:
     """One proxied connection: two flows and the bookkeeping around them."""
 
     __slots__ = ("loop", "client", "server", "q", "up", "down", "c_idx", "closed",
-                 "active", "dump", "splice", "on_close", "urgent", "early", "early_sent", "watchers")
+                 "active", "dump", "splice", "on_close", "urgent", "early", "early_sent", "watchers",
+                 "source")
 
     def __init__(self, loop, client: socket.socket, server: socket.socket, q: memoryview,
                  sent_idx: int, rcvd_idx: int, c_idx: int,
@@ -379,6 +408,8 @@ class Link:
         # has usually queued its end behind its reply by the time the reply
         # is read: then both go to the client in one segment, not two.
         self.down.probe = _PROBE_END
+        #: The owner's key for the client's address (the per-source limit).
+        self.source = None
 
     def start(self, preamble: bytes = b"", oob: bytes = b"") -> None:
         """Start both flows.  ``preamble`` (what is left of a PROXY header) goes
@@ -432,6 +463,35 @@ class Link:
             return
         self.up.flush()
         self.down.flush()
+        for sock in (self.client, self.server):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            except OSError:
+                pass
+        self.close()
+
+    def in_flight(self) -> bool:
+        """Is any byte of this link on its way: held here (a flow's rest or
+        pipe), received by either socket and not yet read, or sent and not
+        yet acknowledged by the peer?  Asked when ``-T`` ends the link: a
+        clean end (FIN) would then pass a cut transfer off as a whole one."""
+        if self.up.pending is not None or self.down.pending is not None or self.up.fill or self.down.fill:
+            return True
+        for sock in (self.client, self.server):
+            try:
+                fd = sock.fileno()
+                if _INT.unpack(fcntl.ioctl(fd, _SIOCINQ, b"\0\0\0\0"))[0] or \
+                        _INT.unpack(fcntl.ioctl(fd, _SIOCOUTQ, b"\0\0\0\0"))[0]:
+                    return True
+            except OSError:
+                return True      # cannot tell: take the safe side
+        return False
+
+    def reset(self) -> None:
+        """End the link with a reset on both sides (SO_LINGER 0), sending
+        nothing more: the idle timeout's end when bytes are in flight."""
+        if self.closed:
+            return
         for sock in (self.client, self.server):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)

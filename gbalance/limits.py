@@ -86,3 +86,66 @@ def raise_and_report(log, quiet: bool = False) -> FdLimit:
     if not quiet:
         log.info(limit.describe())
     return limit
+
+
+#: Descriptors kept for what is not a proxied connection: the listener,
+#: state file, event loop, log, control and hand-over sockets, health checks.
+RESERVED_FDS = 64
+#: Without -L, this share of the descriptors is kept for splice pipes
+#: (2 descriptors each); connections take the rest, 2 descriptors each.
+PIPE_SHARE = 32
+#: No pipe or connection limit.
+UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True)
+class ConnLimit:
+    """What one serving process may hold: ``conns`` open connections
+    (accepted ones, with their backend connect pending or linked; 0 = no
+    limit) and ``pipes`` splice pipes at once."""
+
+    conns: int
+    pipes: int
+    nofile: int
+    #: An explicit -L asks for more descriptors than this process may open.
+    overcommitted: bool = False
+
+    def describe(self, per: str = "") -> str:
+        """One log line about the limit (or what is wrong with it); ``per``:
+        whose limit it is (" per worker")."""
+        if not self.conns:
+            return "no connection limit (-L 0)"
+        if self.overcommitted:
+            return (f"-L: {self.conns} connections{per} need about {2 * self.conns + RESERVED_FDS} file"
+                    f" descriptors, a process may open {self.nofile}: accepting pauses when they run out")
+        return f"at most {self.conns} connections at once{per} (file descriptor limit {self.nofile})"
+
+
+def current_nofile() -> int:
+    """This process's soft RLIMIT_NOFILE (an unlimited one as nr_open)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return _nr_open() if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(requested: int | None, workers: int = 1, nofile: int | None = None,
+                     reserve: int = 0) -> ConnLimit:
+    """The limits of one serving process.
+
+    ``requested``: -L (None: derived from the descriptor limit, so that
+    connections and splice pipes together stay below it; 0: no limit).  An
+    explicit -L counts for the whole instance and is split over the
+    ``workers`` (each gets its share, rounded up); the derived default is per
+    process, since each has its own descriptor table.  ``reserve``: more
+    descriptors to keep aside (health checks).
+    """
+    if nofile is None:
+        nofile = current_nofile()
+    kept = min(RESERVED_FDS + reserve, nofile // 4)
+    usable = max(0, nofile - kept)
+    if requested == 0:
+        return ConnLimit(0, UNLIMITED, nofile)
+    if requested is None:
+        pipes = nofile // PIPE_SHARE
+        return ConnLimit(max(1, (usable - 2 * pipes) // 2), pipes, nofile)
+    conns = -(-requested // max(1, workers))
+    return ConnLimit(conns, max(0, (usable - 2 * conns) // 2), nofile, overcommitted=2 * conns > usable)

@@ -8,6 +8,15 @@ client, the link does; running out of file descriptors pauses accepting
 can *drain*: close the listener, let every open link (and every connect
 still pending) finish, and say when the last one has ended, or reset
 whatever is still open when told to.
+
+Limits (``-L``, ``-l``): at ``max_conns`` open connections (links plus
+connects pending) the server stops accepting, so further clients wait in
+the listen backlog, and accepts again as soon as one ends; it logs when
+the limit is reached and when the load has fallen clearly below it again,
+not per connection.  A client address (an IPv6 /64) that already has
+``per_source`` connections open gets its next ones reset at once; that is
+counted and logged at most once per :data:`SOURCE_REPORT_EVERY` per
+address.  Both checks are a counter compared per accept.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
 LINGER_RESET = struct.pack("ii", 1, 0)
+#: Seconds between two log lines about one source over the per-source limit.
+SOURCE_REPORT_EVERY = 60.0
 
 
 def set_reset_on_close(sock: socket.socket) -> None:
@@ -201,7 +212,7 @@ class BalanceServer(StreamServer):
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
                  idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
-                 row: int = 0):
+                 row: int = 0, max_conns: int = 0, per_source: int = 0):
         super().__init__(listener, handle=self.handle_client)
         self.state = state
         self.q = state.q
@@ -228,6 +239,21 @@ class BalanceServer(StreamServer):
         self._sweeper = None
         self.urgent = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
+        # -L: not accepting while ``full``; ``limited`` from the first time the
+        # limit is reached until the open count is down to ``low_water``.
+        self.max_conns = max_conns
+        self.low_water = max_conns - max(1, max_conns // 10)
+        self.full = False
+        self.limited = False
+        self.limited_since = 0.0
+        # -l: open connections per source key, and the sources over the
+        # limit: key -> [connections reset since the last report, its time, name].
+        self.per_source = per_source
+        self.sources: dict = {}
+        self.refused: dict = {}
+        self.refused_total = 0
+        self.report_every = SOURCE_REPORT_EVERY
+        self._reporter = None
 
     # -- lifecycle ------------------------------------------------------
 
@@ -255,7 +281,11 @@ class BalanceServer(StreamServer):
         """
         accept = self.socket._accept
         handle = self.handle_client
+        limit = self.max_conns
         for _ in range(self.max_accept):
+            if limit and len(self.links) + len(self.pending) >= limit:
+                self._hold()
+                return
             try:
                 fd, address = accept()
             except BlockingIOError:
@@ -275,6 +305,99 @@ class BalanceServer(StreamServer):
 
     def do_close(self, *args) -> None:  # only reached if do_handle raised
         pass
+
+    def start_accepting(self) -> None:
+        """Watch the listener again (the same watcher, if there is one);
+        not while at the connection limit."""
+        if self.full:
+            return
+        watcher = self._watcher
+        if watcher is None:
+            super().start_accepting()
+        elif not watcher.active:
+            watcher.start(self._do_read)
+
+    def _hold(self) -> None:
+        """At the connection limit: leave new clients in the listen backlog."""
+        self.full = True
+        if self._watcher is not None:
+            self._watcher.stop()        # kept, not closed: started again at once when one ends
+        if not self.limited:
+            self.limited = True
+            self.limited_since = self.loop.now()
+            self.log.warning(f"connection limit of {self.max_conns} reached (-L);"
+                             " new connections wait in the listen backlog")
+
+    def _ended(self) -> None:
+        """A connection ended while at or near the connection limit."""
+        count = len(self.links) + len(self.pending)
+        if self.full and count < self.max_conns:
+            self.full = False
+            if self.started and not self.draining and not self.paused:
+                self.start_accepting()
+        if self.limited and count <= self.low_water and not self._backlog():
+            self.limited = False
+            took = self.loop.now() - self.limited_since
+            self.log.info(f"open connections down to {count}, below the limit of {self.max_conns} (-L)"
+                          f" again after {took:.1f} seconds")
+
+    def _backlog(self) -> bool:
+        """Do clients wait in the listen backlog?  (Asked only while limited.)"""
+        try:
+            poll = select.poll()
+            poll.register(self.socket.fileno(), select.POLLIN)
+            return bool(poll.poll(0))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    # -- per-source limit (-l) ------------------------------------------------
+
+    def _refuse(self, client, key, address) -> None:
+        """``key`` has ``per_source`` connections open: reset this one."""
+        set_reset_on_close(client)
+        client.close()
+        self.refused_total += 1
+        entry = self.refused.get(key)
+        if entry is not None:
+            entry[0] += 1
+            return
+        name = source_name(key, address)
+        self.refused[key] = [0, self.loop.now(), name]
+        self.log.warning(f"{name} has {self.per_source} connections open, the per-source limit (-l):"
+                         f" its new connections are reset (reported at most every {self.report_every:g} seconds)")
+        if self._reporter is None:
+            step = self.report_every / 4
+            self._reporter = self.loop.timer(step, step)
+            self._reporter.start(self._report_refused)
+
+    def _report_refused(self) -> None:
+        """Every quarter report period: one line per source whose period is over
+        and that had connections reset in it; forget sources that had none."""
+        now = self.loop.now()
+        for key, entry in list(self.refused.items()):
+            if now - entry[1] < self.report_every - 1e-6:
+                continue
+            if entry[0]:
+                self.log.warning(f"{entry[2]}: {entry[0]} more connection{'s' if entry[0] != 1 else ''} reset"
+                                 f" over the per-source limit of {self.per_source} (-l) in"
+                                 f" {now - entry[1]:.0f} seconds ({self.refused_total} from all sources"
+                                 " since start)")
+                entry[0] = 0
+                entry[1] = now
+            else:
+                del self.refused[key]
+        if not self.refused and self._reporter is not None:
+            self._reporter.stop()
+            self._reporter = None
+
+    def _release(self, key) -> None:
+        """A connection from ``key`` ended (per-source limit)."""
+        sources = self.sources
+        n = sources.get(key, 0) - 1
+        if n > 0:
+            sources[key] = n
+        else:
+            sources.pop(key, None)
 
     def _pause(self, exc: OSError, what: str = "") -> None:
         """Out of descriptors (or ``what`` else went wrong): stop accepting
@@ -342,6 +465,7 @@ class BalanceServer(StreamServer):
         self.aborted = True
         self._on_drained = None
         count = self.open_count
+        self.sources.clear()
         for race in list(self.pending):
             race.abandon()
             set_reset_on_close(race.client)
@@ -361,6 +485,9 @@ class BalanceServer(StreamServer):
         if self._resume_timer is not None:
             self._resume_timer.stop()
             self._resume_timer = None
+        if self._reporter is not None:
+            self._reporter.stop()
+            self._reporter = None
 
     # -- per connection -------------------------------------------------
 
@@ -375,6 +502,14 @@ class BalanceServer(StreamServer):
             set_reset_on_close(client)
             client.close()
             return
+        key = None
+        if self.per_source:
+            key = source_key(address[0])
+            n = self.sources.get(key, 0)
+            if n >= self.per_source:
+                self._refuse(client, key, address[0])
+                return
+            self.sources[key] = n + 1
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
@@ -399,10 +534,13 @@ class BalanceServer(StreamServer):
                 addresses.refresh()
             race = Race(self.connector, client, self.router.candidates(address[0]), self._connected, address)
             race.oob = oob
+            race.source = key
             self.pending.add(race)
         except Exception as exc:  # never let one client take the server down
             client.close()
             self.log.error(f"internal error handling {address[0]}: {type(exc).__name__}: {exc}")
+            if key is not None:
+                self._release(key)
             self._check_drained()
             return
         race.start(talking)
@@ -415,6 +553,7 @@ class BalanceServer(StreamServer):
         if error is not None:
             client.close()
             self.log.error(f"internal error handling {race.peer[0]}: {type(error).__name__}: {error}")
+            self._gone(race.source)
             self._check_drained()
             return
         if result is None or self.aborted:
@@ -427,6 +566,7 @@ class BalanceServer(StreamServer):
                 result.sock.close()
                 self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
             client.close()
+            self._gone(race.source)
             if self.draining:
                 self._check_drained()
             return
@@ -445,8 +585,10 @@ class BalanceServer(StreamServer):
             result.sock.close()
             self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
             self.log.error(f"internal error handling {race.peer[0]}: {type(exc).__name__}: {exc}")
+            self._gone(race.source)
             self._check_drained()
             return
+        link.source = race.source
         self.links[link] = 0.0
         try:
             link.start(rest, race.oob)    # rare: a header's unsent rest; an urgent byte sent before accept
@@ -456,13 +598,29 @@ class BalanceServer(StreamServer):
 
     def _closed(self, link: Link) -> None:
         self.links.pop(link, None)
+        source = link.source
+        if source is not None or self.limited:
+            self._gone(source)
         if self.paused:
             self._resume()
         elif self.draining:
             self._check_drained()
 
+    def _gone(self, key) -> None:
+        """A connection (pending or linked) ended: the limits' bookkeeping."""
+        if key is not None:
+            self._release(key)
+        if self.limited:
+            self._ended()
+
     def _sweep(self, step: float) -> None:
-        """Close links idle (no bytes either way) for ``idle_timeout`` seconds."""
+        """End links idle (no bytes either way) for ``idle_timeout`` seconds.
+
+        A link with nothing in flight is closed (a FIN each way, as
+        balance does); one with bytes still on their way (held here, or
+        in a socket's queues) is reset on both sides, so neither end can
+        take the cut transfer for a whole one.  One log line per sweep.
+        """
         expired = []
         for link, idle in self.links.items():
             if link.active:
@@ -473,13 +631,42 @@ class BalanceServer(StreamServer):
                 self.links[link] = idle
                 if idle >= self.idle_timeout - 1e-9:
                     expired.append(link)
+        closed = reset = 0
         for link in expired:
-            self.log.info(f"timed out after {self.idle_timeout:g} seconds")
-            link.close()
+            if link.in_flight():
+                reset += 1
+                link.reset()
+            else:
+                closed += 1
+                link.close()
+        if closed:
+            self.log.info(f"timed out after {self.idle_timeout:g} seconds"
+                          + (f" ({closed} connections)" if closed > 1 else ""))
+        if reset:
+            self.log.info(f"timed out after {self.idle_timeout:g} seconds with data in flight: reset"
+                          + (f" ({reset} connections)" if reset > 1 else ""))
 
     def close_links(self) -> None:
         for link in list(self.links):
             link.close()
+
+
+def source_key(host: str):
+    """What the per-source limit counts by: an IPv4 address (also written
+    as IPv4-mapped IPv6) as it is, an IPv6 address by its /64 network."""
+    if ":" not in host or "." in host:
+        return host
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])[:8]
+    except OSError:
+        return host
+
+
+def source_name(key, host: str) -> str:
+    """How a source key is written in the log."""
+    if isinstance(key, bytes):
+        return socket.inet_ntop(socket.AF_INET6, key + bytes(8)) + "/64"
+    return host
 
 
 def _take_urgent(client) -> bytes:

@@ -242,3 +242,14 @@ def parse_workers(text: str, limit: int, cpus: int | None = None) -> int:
     if text.isascii() and text.isdigit() and 1 <= int(text) <= limit:
         return int(text)
     raise BalanceError(f"invalid number of workers [{text}] for -w (1 to {limit}, or auto)", EX_USAGE)
+
+
+#: Largest -L/-l value (a C int, as maxc).
+MAX_LIMIT = 2147483647
+
+
+def parse_limit(text: str, option: str) -> int:
+    """``-L``/``-l``: a number of connections, 0 (no limit) to :data:`MAX_LIMIT`."""
+    if text.isascii() and text.isdigit() and int(text) <= MAX_LIMIT:
+        return int(text)
+    raise BalanceError(f"invalid connection limit [{text}] for {option}", EX_USAGE)

@@ -75,7 +75,9 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     over ``listener``, counting in ``counters``' row.  Needs a gevent hub."""
     from gevent import get_hub
 
+    from gbalance import forward
     from gbalance.connect import Connector
+    from gbalance.limits import connection_limit
     from gbalance.routing import Router
     from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
     from gbalance.stagger import StaggerEstimator, StaggerRule
@@ -95,9 +97,19 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
                           source=source, keepalive=cfg.server_keepalive, estimator=estimator)
     router = Router(state, hash_failover=cfg.hash_failover, last_resort=monitoring,
                     counters=counters, worker=worker)
+    # -L: this process's share; health checks (-m) may hold a socket per channel.
+    checks = sum(len(g.channels) for g in cfg.groups) if monitoring and cfg.workers <= 1 else 0
+    limit = connection_limit(cfg.max_conns, cfg.workers, reserve=2 * checks)
+    forward.PIPES.limit = limit.pipes
+    per = " per worker" if cfg.workers > 1 else ""
+    if worker == 0 and limit.overcommitted:
+        log.warning(limit.describe(per))
+    elif worker == 0 and (cfg.debug or not cfg.foreground):
+        log.info(limit.describe(per))
     server = BalanceServer(listener, state, router, connector, log, addresses,
                            idle_timeout=cfg.idle_timeout,
-                           dump=write_stdout if cfg.packet_dump else None, row=counters.off)
+                           dump=write_stdout if cfg.packet_dump else None, row=counters.off,
+                           max_conns=limit.conns, per_source=cfg.per_source)
     if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
         from gbalance.proxyproto import header_maker
         server.proxy = header_maker(cfg.proxy_protocol, listener)

@@ -70,6 +70,11 @@ BAD_INPUT = [
     (["-t", "abc", "8080", "127.0.0.1"], 64, "invalid timeout [abc] for -t"),
     (["-T", "nan", "8080", "127.0.0.1"], 64, "invalid timeout [nan] for -T"),
     (["-T", "-5", "8080", "127.0.0.1"], 64, "invalid timeout [-5] for -T"),
+    (["-L", "-1", "8080", "127.0.0.1"], 64, "invalid connection limit [-1] for -L"),
+    (["-L", "many", "8080", "127.0.0.1"], 64, "invalid connection limit [many] for -L"),
+    (["-l", "2147483648", "8080", "127.0.0.1"], 64, "invalid connection limit [2147483648] for -l"),
+    (["-l", "٣", "8080", "127.0.0.1"], 64, "for -l"),
+    (["8080", "127.0.0.1", "-L"], 64, "option -L requires an argument"),
     (["-m", "bogus", "8080", "127.0.0.1"], 69, "invalid monitoring spec"),
     (["-m", "connect:interval=0", "8080", "127.0.0.1"], 69, "interval"),
     (["-m", "", "8080", "127.0.0.1"], 69, "invalid monitoring spec"),
@@ -180,6 +185,14 @@ def test_parse_defaults_and_combined_flags():
     assert cfg.client_keepalive is None and cfg.monitor is None
     assert parse(["-t5", "8080"]).connect_timeout == 5.0
     assert parse(["8080"]).groups == []
+    assert (cfg.max_conns, cfg.per_source) == (None, 0)     # -L from the fd limit, no -l
+
+
+def test_parse_connection_limits():
+    cfg = parse(["-L", "5000", "-l", "50", "8080", "127.0.0.1"])
+    assert (cfg.max_conns, cfg.per_source) == (5000, 50)
+    cfg = parse(["-L0", "-l0", "8080", "127.0.0.1"])
+    assert (cfg.max_conns, cfg.per_source) == (0, 0)
 
 
 def test_parse_shell_forms():

@@ -703,3 +703,55 @@ def test_a_spoken_client_skips_a_refusing_backend_at_once():
         peer.close()
         listener.close()
         closed.close()
+
+
+# -- the cap on early bytes held by all pending connects ------------------------------------
+
+def test_early_bytes_of_all_races_stay_under_the_cap_and_none_is_dropped(hanging):
+    """Four clients send 2,000 bytes each while their connects hang; the
+    process may hold 3,000 early bytes in all: the first race takes 2,000,
+    the second 1,000, the others none.  What is not taken stays in the
+    client's socket (for the link to read), so once the backend answers each
+    client's bytes are all there, in order; the count goes back to 0."""
+    import gevent
+
+    from gbalance.connect import Race
+
+    h = hanging()
+    conn, hooks = _hanging_connector([h], timeout=10)
+    conn.early_cap = 3000
+    conn.loop.update_now()         # HangingListener blocked the loop: its time is stale
+    data = [bytes([65 + i]) * 1000 + bytes([97 + i]) * 1000 for i in range(4)]
+    pairs = [_spoken_client(d) for d in data]
+    calls: list = []
+    races = []
+    try:
+        for client, _ in pairs:
+            race = Race(conn, client, iter([(0, 0)]), lambda *args: calls.append(args))
+            races.append(race)
+            race.start(talking=True)
+            gevent.sleep(0.02)
+        assert calls == []
+        assert [len(r.early or b"") for r in races] == [2000, 1000, 0, 0]
+        assert conn.early_held == 3000
+        for _, peer in pairs:               # more bytes come: none is taken now
+            peer.sendall(b"!")
+        gevent.sleep(0.1)
+        assert conn.early_held == 3000
+        h.sock.listen(64)                  # the backend answers (at the SYN's retransmission)
+        with gevent.Timeout(8):
+            while len(calls) < 4:
+                gevent.sleep(0.01)
+        assert conn.early_held == 0
+        for (race, result, error), (client, _), sent in zip(sorted(calls, key=lambda c: races.index(c[0])),
+                                                             pairs, data):
+            assert error is None and result is not None
+            rest = b""
+            while len(result.early) + len(rest) < len(sent) + 1:
+                rest += client.recv(4096)
+            assert result.early + rest == sent + b"!"
+            result.sock.close()
+    finally:
+        for client, peer in pairs:
+            client.close()
+            peer.close()

@@ -318,6 +318,8 @@ def test_urgent_data_forwarded(balance):
 
 
 def test_fd_exhaustion_pauses_and_resumes(balance, backends, tmp_path):
+    """Out of descriptors (-L 0: no connection limit keeps it from happening),
+    accepting pauses with one log line and resumes."""
     be = backends("X")
     port = free_port()
     env = dict(balance.env)
@@ -327,7 +329,7 @@ def test_fd_exhaustion_pauses_and_resumes(balance, backends, tmp_path):
 
     err_path = tmp_path / "err"
     with open(err_path, "wb") as err:
-        p = subprocess.Popen(BALANCE + ["-f", str(port), be.spec], env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen(BALANCE + ["-f", "-L", "0", str(port), be.spec], env=env, stdout=subprocess.DEVNULL,
                              stderr=err, preexec_fn=limit, cwd=ROOT)
         try:
             wait_port(port)
@@ -449,14 +451,15 @@ def test_bind_address_forms(balance, backends, bind, connect_to):
 
 
 def test_fd_exhaustion_does_not_autodisable_channels(balance, backends, tmp_path):
-    """Running out of descriptors is this process's problem, not the channel's."""
+    """Running out of descriptors (-L 0 lets it happen) is this process's
+    problem, not the channel's."""
     be = backends("X")
     port = free_port()
 
     def limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 
-    p = subprocess.Popen(BALANCE + ["-f", "-a", str(port), be.spec], env=balance.env,
+    p = subprocess.Popen(BALANCE + ["-f", "-a", "-L", "0", str(port), be.spec], env=balance.env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=limit, cwd=ROOT)
     try:
         from conftest import wait_listening

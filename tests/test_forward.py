@@ -637,3 +637,106 @@ def test_the_end_is_taken_from_tcp_info_only_on_plain_tcp(monkeypatch):
 
     monkeypatch.setattr(forward.socket, "socket", MptcpSocket)
     assert forward._plain_tcp() is False
+
+
+# -- -T: what a timed-out link holds, and how it ends -------------------------------------
+
+def test_in_flight_is_false_on_a_quiet_link_and_true_under_back_pressure(rigs):
+    """Quiet with every byte delivered: nothing in flight (a FIN may end it).
+    A server that stops reading: bytes wait here or in the kernel's queues."""
+    rig = rigs(splice=False)
+    rig.client.sendall(b"ping")
+    assert recv_exactly(rig.server, 4) == b"ping"
+    rig.server.sendall(b"pong")
+    assert recv_exactly(rig.client, 4) == b"pong"
+    gevent.sleep(0.05)
+    assert not rig.link.in_flight()
+    rig.link.up.pending = b"held"           # a flow's rest counts
+    assert rig.link.in_flight()
+    rig.link.up.pending = None
+    assert not rig.link.in_flight()
+
+
+def test_in_flight_sees_bytes_sent_and_not_yet_acknowledged(rigs):
+    """The client's receive window is full: bytes wait in the proxy-side
+    socket's send queue (sent, not acknowledged), not at the client."""
+    rig = rigs(splice=False)
+    rig.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    rig.client_end.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        for _ in range(1000):
+            rig.client_end.send(b"z" * 65536)
+    assert rig.link.in_flight()
+
+
+def test_in_flight_sees_bytes_not_yet_read_from_a_socket(rigs):
+    rig = rigs(splice=False)
+    rig.link.up.rw.stop()                   # the link does not read the client now
+    rig.client.sendall(b"waiting")
+    gevent.sleep(0.05)
+    assert rig.link.in_flight()
+
+
+def test_reset_ends_both_sides_with_a_reset(rigs):
+    rig = rigs(splice=False)
+    rig.client.sendall(b"x")
+    assert recv_exactly(rig.server, 1) == b"x"
+    rig.link.reset()
+    assert rig.link.closed and rig.q[C] == 0 and rig.closed == [rig.link]
+    for app in (rig.client, rig.server):
+        with pytest.raises(ConnectionResetError):
+            app.recv(10)
+
+
+def test_a_slow_draining_destination_keeps_the_link_active(rigs):
+    """Writes of held bytes count as activity for -T, not only reads."""
+    rig = rigs(splice=False)
+    rig.server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    rig.server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    sender = gevent.spawn(rig.client.sendall, payload(8 << 20, 3))
+    gevent.sleep(0.3)
+    flow = rig.link.up
+    assert flow.pending is not None and flow.ww.active   # stalled on the server
+    rig.link.active = False
+    taken = 0                                # the server takes some (without running
+    with contextlib.suppress(BlockingIOError):     # the hub): room to write
+        while taken < 256 << 10:
+            taken += len(os.read(rig.server.fileno(), 65536))
+    assert taken
+    held = len(flow.pending)
+    flow.on_write()                          # what the write watcher calls
+    assert flow.pending is None or len(flow.pending) < held
+    assert rig.link.active
+    sender.kill()
+
+
+def test_the_pipe_budget_keeps_a_link_on_the_copy_path(rigs):
+    """No pipe left in the process's budget (the descriptors are for
+    connections): the link copies, every byte arrives, no pipe is made."""
+    from gbalance import forward
+
+    saved = forward.PIPES.limit
+    forward.PIPES.limit = forward.PIPES.open
+    try:
+        rig = rigs()
+        data = payload(4 << 20, 5)
+        sender = gevent.spawn(rig.client.sendall, data)
+        assert recv_exactly(rig.server, len(data)) == data
+        sender.get()
+        assert rig.link.up.pipe_r < 0 and not rig.link.splice
+    finally:
+        forward.PIPES.limit = saved
+
+
+def test_the_pipe_budget_counts_pipes_open(rigs):
+    from gbalance import forward
+
+    before = forward.PIPES.open
+    rig = rigs()
+    data = payload(2 << 20, 6)
+    sender = gevent.spawn(rig.client.sendall, data)
+    assert recv_exactly(rig.server, len(data)) == data
+    sender.get()
+    assert rig.link.up.pipe_r >= 0 and forward.PIPES.open == before + 1
+    rig.link.close()
+    assert forward.PIPES.open == before

@@ -52,3 +52,71 @@ def test_unexpected_accept_error_logs_one_line_and_accepting_resumes(tmp_path, m
     lines = [line for line in text.splitlines() if "accept failed" in line]
     assert lines == ["balance: accept failed (Bad file descriptor); pausing new connections"], text
     assert "pausing new connections" not in text.replace(lines[0], "", 1), text
+
+
+# -- the per-source limit's bookkeeping and reports (-l) -----------------------------------
+
+def test_source_keys_count_ipv4_by_address_and_ipv6_by_64():
+    from gbalance.server import source_key, source_name
+
+    assert source_key("10.0.0.1") == "10.0.0.1" != source_key("10.0.0.2")
+    assert source_key("::ffff:10.0.0.1") == "::ffff:10.0.0.1"
+    a = source_key("2001:db8:1:2::5")
+    assert a == source_key("2001:db8:1:2:ffff::1") == source_key("2001:db8:1:2::5%eth0")
+    assert a != source_key("2001:db8:1:3::5")
+    assert source_name(a, "2001:db8:1:2::5") == "2001:db8:1:2::/64"
+    assert source_name("10.0.0.1", "10.0.0.1") == "10.0.0.1"
+
+
+def _from(source: str, port: int) -> socket.socket:
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def test_per_source_refusals_are_counted_and_reported_once_per_period(tmp_path, monkeypatch, backends, capfd):
+    """-l 2: a third connection from 127.0.0.2 is reset and logged; more in
+    the same period are only counted, and reported in one line when the
+    period is over; a period without any forgets the source (the next
+    refusal is logged at once again).  Another address is not affected,
+    and a source's count goes down as its connections end."""
+    import gevent
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    be = backends("OK")
+    port = free_port()
+    with inprocess_server(["-f", "-l", "2", str(port), be.spec], tmp_path / "state") as (master, server):
+        server.report_every = 0.4
+        capfd.readouterr()
+        kept = [_from("127.0.0.2", port) for _ in range(2)]
+        gevent.sleep(0.2)
+        assert len(server.links) == 2 and server.sources == {"127.0.0.2": 2}
+        over = [_from("127.0.0.2", port) for _ in range(3)]
+        other = _from("127.0.0.3", port)
+        gevent.sleep(0.2)
+        assert len(server.links) == 3 and server.refused_total == 3
+        assert server.sources == {"127.0.0.2": 2, "127.0.0.3": 1}
+        first = capfd.readouterr().err.splitlines()
+        assert first == ["balance: 127.0.0.2 has 2 connections open, the per-source limit (-l): its new"
+                         " connections are reset (reported at most every 0.4 seconds)"]
+        gevent.sleep(0.5)
+        report = capfd.readouterr().err.splitlines()
+        assert len(report) == 1 and report[0].startswith(
+            "balance: 127.0.0.2: 2 more connections reset over the per-source limit of 2 (-l) in"), report
+        assert report[0].endswith("(3 from all sources since start)"), report
+        gevent.sleep(0.6)
+        assert capfd.readouterr().err == "" and server.refused == {} and server._reporter is None
+        kept[0].close()
+        gevent.sleep(0.2)
+        assert server.sources == {"127.0.0.2": 1, "127.0.0.3": 1}
+        again = _from("127.0.0.2", port)
+        late = _from("127.0.0.2", port)
+        gevent.sleep(0.2)
+        assert server.refused_total == 4
+        assert "127.0.0.2 has 2 connections open" in capfd.readouterr().err
+        for s in kept + over + [other, again, late]:
+            s.close()
+        gevent.sleep(0.2)
+        assert server.sources == {}
