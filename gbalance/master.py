@@ -211,6 +211,7 @@ class Master:
         self.inherited: handover.Inherited | None = None
         self.carry = None           # the replaced master's table (gbalance.carry)
         self.old_ticks = 0
+        self.started = False        # the server accepts already (take_over)
         # Everything that can fail on our own arguments fails before a
         # hand-over, while the running master still serves.
         self.source = resolve_source(cfg.source)
@@ -264,26 +265,35 @@ class Master:
     def take_over(self) -> None:
         """``-r``: take the listener from the old master, then put our table in place.
 
-        Workers (``-w N``) are started first and wait to accept, so the port
-        is served the moment the old master lets go.  From the old master's
-        ``DONE`` on, nothing makes us give the socket up: if our state file
-        cannot be put in place we serve on from its temporary name and say
-        so.  Only when the old master never confirmed and still holds its
-        state file is the hand-over abandoned (it serves on).
+        Our server starts accepting first (its table already holds what the
+        old master's had a moment ago), so the port never waits for us:
+        for a moment both masters accept from the one socket.  From the old
+        master's ``DONE`` on, nothing makes us give the socket up: if our
+        state file cannot be put in place we serve on from its temporary
+        name and say so.  Only when the old master never confirmed and still
+        holds its state file is the hand-over abandoned (it serves on; what
+        we accepted meanwhile drains as on SIGTERM).
         """
         inherited, self.inherited = self.inherited, None
         if inherited is None:
             return
-        if hasattr(self.server, "prestart"):
-            self.server.prestart()
+        try:
+            set_listener_options(self.listener, self.cfg)
+        except OSError:
+            pass
+        self.listener.setblocking(False)
+        self.server.start()
+        self.started = True
         why = inherited.take()
         state = self.state
         try:
             state.place(retry=STATE_RETRY if why is None else 0.0)
             placed = None
         except MasterRunning as exc:
-            if why is not None:        # it never let go: it serves on, we leave
-                self.listener.close()
+            if why is not None:        # it never let go: it serves on, we drain and leave
+                self.begin_drain(f"hand-over from master pid {inherited.pid} failed ({why})",
+                                 handed_over=True)
+                self.done.wait(self.cfg.grace + 1.0)
                 raise BalanceError(f"hand-over from master pid {inherited.pid} failed: {why}", EX_OSERR)
             placed = exc
         except StateError as exc:
@@ -291,8 +301,7 @@ class Master:
         if why is not None:
             self.log.warning(f"master pid {inherited.pid} did not confirm the hand-over ({why}) but"
                              " let go of its state file: serving")
-        fill_table(state, self.cfg)
-        if self.carry is not None:
+        if self.carry is not None:     # again: the admin may have changed it meanwhile
             for warn, line in self.carry.apply(state):
                 (self.log.warning if warn else self.log.info)(line)
         if placed is not None:
@@ -300,11 +309,6 @@ class Master:
                            f" {state.pending}: -i, -c and -r cannot reach this master until it is"
                            " stopped and started again")
             state.path, state.pending = state.pending, ""
-        try:
-            set_listener_options(self.listener, self.cfg)
-        except OSError:
-            pass
-        self.listener.setblocking(False)
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
@@ -499,7 +503,8 @@ class Master:
             import gevent
             gevent.spawn(self._fold_late_counts)
         try:
-            self.server.start()
+            if not self.started:
+                self.server.start()
             self.control = handover.HandoverServer(handover.control_path(self.state.path),
                                                    self.listener.fileno(), self._handed_over,
                                                    self.log.warning)

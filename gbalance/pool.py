@@ -58,7 +58,7 @@ def describe_exit(code: int) -> str:
 class Slot:
     """One worker position: its current process and restart bookkeeping."""
 
-    __slots__ = ("index", "proc", "started", "backoff", "ready", "watcher", "go")
+    __slots__ = ("index", "proc", "started", "backoff", "ready", "watcher")
 
     def __init__(self, index: int):
         self.index = index
@@ -67,7 +67,6 @@ class Slot:
         self.backoff = 0.1
         self.ready = None
         self.watcher = None
-        self.go = -1        # write end of the pipe a held worker waits on before accepting
 
 
 class Pool:
@@ -85,38 +84,11 @@ class Pool:
         self.stopping = False
         self._on_drained = None
         self.restarts = 0
-        self.held = False   # workers started by prestart() wait for start() to accept
 
     # -- starting -------------------------------------------------------------
 
-    def prestart(self) -> None:
-        """Start every worker, held: ready, but not accepting until :meth:`start`.
-
-        ``-r`` starts the new workers this way while the old master still
-        accepts, so the port never waits for an interpreter to start.
-        """
-        self.held = True
-        self._start_all()
-
     def start(self) -> None:
-        """Start every worker (or release the held ones) and wait (bounded) until each is ready."""
-        if self.held:
-            self.held = False
-            for s in self.slots:
-                self._release(s)
-            return
-        self._start_all()
-
-    def _release(self, s: Slot) -> None:
-        go, s.go = s.go, -1
-        if go >= 0:
-            try:
-                os.write(go, b"G")
-            except OSError:
-                pass
-            os.close(go)
-
-    def _start_all(self) -> None:
+        """Start every worker and wait (bounded) until each says it is ready."""
         for s in self.slots:
             self._spawn(s)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -128,14 +100,9 @@ class Pool:
         from gevent.event import Event
 
         r, w = os.pipe()
-        go_r = -1
-        if self.held:
-            go_r, s.go = os.pipe()
         spec = WorkerSpec(index=s.index, rows=self.n, cfg=self.cfg, source=self.source,
                           state_path=self.state.path, state_fd=self.state.fd,
-                          listen_fd=self.listener.fileno(), ready_fd=w, master_pid=os.getpid(),
-                          go_fd=go_r)
-        fds = (spec.state_fd, spec.listen_fd, w) + ((go_r,) if go_r >= 0 else ())
+                          listen_fd=self.listener.fileno(), ready_fd=w, master_pid=os.getpid())
         env = dict(os.environ)
         env[WORKER_ENV] = encode_spec(spec)
         # The worker imports the same gbalance as this master, wherever it lives.
@@ -145,21 +112,17 @@ class Pool:
             # In a process group of its own: a Ctrl-C on the terminal reaches the
             # master only, which passes it on (so no worker is seen dying first).
             s.proc = subprocess.Popen([sys.executable, "-m", "gbalance.worker", str(s.index)], env=env,
-                                      pass_fds=fds, close_fds=True,
+                                      pass_fds=(spec.state_fd, spec.listen_fd, w), close_fds=True,
                                       process_group=0)
         except OSError as exc:
             os.close(r)
             os.close(w)
-            if go_r >= 0:
-                os.close(go_r)
             self.log.error(f"cannot start worker {s.index}: {exc.strerror}")
             s.proc = None
             s.watcher = gevent.spawn_later(s.backoff, self._retry, s)
             s.backoff = min(MAX_BACKOFF, s.backoff * 2)
             return
         os.close(w)
-        if go_r >= 0:
-            os.close(go_r)
         s.started = time.monotonic()
         s.ready = Event()
         s.watcher = gevent.spawn(self._watch, s, s.proc, r, s.ready)
@@ -243,9 +206,6 @@ class Pool:
             for s in self.slots:
                 if s.proc is None and s.watcher is not None:
                     s.watcher.kill(block=False)     # a pending restart
-                if s.go >= 0:                       # held: never starts accepting
-                    os.close(s.go)
-                    s.go = -1
             self._signal(signal.SIGTERM)
 
     def drain(self, on_drained) -> None:

@@ -56,7 +56,6 @@ class WorkerSpec:
     listen_fd: int
     ready_fd: int
     master_pid: int
-    go_fd: int = -1             # held (-r): accept only after a byte arrives on it
 
 
 def encode_spec(spec: WorkerSpec) -> str:
@@ -142,7 +141,6 @@ class Worker:
         self.server = None
         self.done = None
         self.draining = False
-        self.serving = False
         self.timer = None
 
     def run(self) -> int:
@@ -158,44 +156,17 @@ class Worker:
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)
-        if spec.go_fd < 0:
-            self.server.start()
-            self.serving = True
+        self.server.start()
         try:
             os.write(spec.ready_fd, b"R")
         except OSError:
             pass
         os.close(spec.ready_fd)
-        if spec.go_fd >= 0:
-            if not self._wait_go(spec.go_fd):
-                return 0
-            self.server.start()
-            self.serving = True
         self.done.wait()
         self.server.stop_timers()
         return 0
 
-    def _wait_go(self, fd: int) -> bool:
-        """Held by a master taking over (-r): wait for its go (True) or a stop (False)."""
-        import gevent
-        from gevent.socket import wait_read
-
-        def go() -> bool:
-            wait_read(fd)
-            return os.read(fd, 1) == b"G"
-
-        waiter = gevent.spawn(go)
-        gevent.wait([waiter, self.done], count=1)
-        started = waiter.ready() and waiter.successful() and waiter.value and not self.done.is_set()
-        waiter.kill()
-        os.close(fd)
-        return bool(started)
-
     def on_sigterm(self) -> None:
-        if not self.serving:        # held, never accepted: nothing to drain
-            self.draining = True
-            self.done.set()
-            return
         if self.draining:
             self.stop_now()
             return
@@ -211,10 +182,6 @@ class Worker:
         self.timer.start(self.stop_now)
 
     def stop_now(self) -> None:
-        if not self.serving:
-            self.draining = True
-            self.done.set()
-            return
         if not self.draining:
             self.draining = True
             self.server.drain(lambda: None)
