@@ -159,6 +159,27 @@ def test_changed_command_line_keeps_unchanged_channels_and_logs_each(balance, ba
     assert len(kept) == 3, kept
 
 
+def test_bytes_of_links_still_draining_in_the_old_master_are_counted(balance, backends):
+    a = backends("A")
+    port = free_port()
+    old = balance.start(str(port), a.spec, port=port)
+    long_link = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert read_line(long_link) == "A"
+    new = balance.start("-r", str(port), a.spec, port=port, wait=False)
+    assert wait_for(lambda: pid_alive(old.pid) and
+                    balance.run("-i", str(port), input="quit\n").stdout.count(f"is {new.pid}") == 1)
+    at_reload = int(show(balance, port)[0][9])          # sent, carried over
+    payload = b"y" * 50_000
+    long_link.sendall(payload)                          # still served by the old master
+    got = b""
+    while len(got) < len(payload):
+        got += long_link.recv(65536)
+    long_link.close()
+    old.p.wait(TIMEOUT)
+    assert wait_for(lambda: int(show(balance, port)[0][9]) == at_reload + len(payload))
+    new.stop()
+
+
 # -- §1: a full stop and start begins from the command line --------------------------------
 
 def test_stop_and_start_begins_from_the_command_line(balance, backends):
