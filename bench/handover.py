@@ -47,7 +47,8 @@ def summary(out: str) -> str:
 def run(args, handovers: bool, backend: int, state: str) -> str:
     env = dict(os.environ, BALANCE_STATE_DIR=state, PYTHONPATH=args.code)
     port = free_port()
-    line = [*(["-w", str(args.workers)] if args.workers > 1 else []), str(port), f"127.0.0.1:{backend}"]
+    line = [*(["-w", str(args.workers)] if args.workers > 1 else []), "-b", "127.0.0.1", str(port),
+            f"127.0.0.1:{backend}"]
     cmd = [PYTHON, "-m", "gbalance", "-f"]
     masters = [subprocess.Popen(cmd + line, env=env, cwd="/", stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
