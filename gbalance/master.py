@@ -284,6 +284,13 @@ class Master:
         self.listener.setblocking(False)
         self.server.start()
         self.started = True
+        import gevent
+        from gevent import socket as gsocket
+
+        # Wait for the old master's answer in the loop, so that we accept meanwhile.
+        inherited.conn = gsocket.socket(fileno=inherited.conn.detach())
+        inherited.conn.settimeout(handover.STEP_TIMEOUT)
+        gevent.sleep(0)
         why = inherited.take()
         state = self.state
         try:

@@ -8,8 +8,8 @@ cases use a real second user (tests/otheruser.py).
 
 from __future__ import annotations
 
+import array
 import os
-import re
 import signal
 import socket
 import stat
@@ -21,6 +21,7 @@ import pytest
 
 import otheruser
 from conftest import eventually, free_port, listening, pid_alive, read_line
+from test_e2e_workers import accepting, children
 from gbalance.handover import control_path
 from gbalance.state import state_path
 
@@ -195,6 +196,42 @@ def test_stop_and_start_begins_from_the_command_line(balance, backends):
     rows = show(balance, port)
     assert [r[3] for r in rows] == ["ENA", "ENA"] and [r[7] for r in rows] == ["0", "0"]
     new.stop()
+
+
+# -- §1: a reload with -w N is as smooth as with -w 1 -------------------------------------
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_new_master_accepts_before_it_takes_the_socket(balance, backends, workers):
+    """The test plays the running master: when the new one says TAKE, it (with -w 2:
+    every worker) must already accept, so no connection waits for it to start."""
+    a = backends("A")
+    port = free_port()
+    listener = socket.create_server(("0.0.0.0", port))
+    balance.state_dir.mkdir(mode=0o755, exist_ok=True)
+    ctl_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl_server.bind(control_path(state_path(port, None, str(balance.state_dir))))
+    ctl_server.listen(1)
+    ctl_server.settimeout(TIMEOUT)
+    new = balance.start("-r", "-w", str(workers), str(port), a.spec, port=port, wait=False)
+    try:
+        conn, _ = ctl_server.accept()
+        conn.settimeout(TIMEOUT)
+        assert conn.recv(100) == b"HANDOVER 1\n"
+        conn.sendmsg([b"FD 1\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [listener.fileno()]))])
+        assert conn.recv(100) == b"TAKE\n"
+        serving = [new.pid] if workers == 1 else children(new.pid)
+        assert len(serving) == workers
+        assert wait_for(lambda: all(accepting(pid, port) for pid in serving), timeout=10)
+        assert roundtrip(port) == "A"          # we never accept: the new master served it
+        conn.sendall(b"DONE\n")
+        conn.close()
+        listener.close()
+        assert wait_for(lambda: balance.run("-c", "show", str(port)).returncode == 0)
+        assert show(balance, port)[0][7] == "1"
+    finally:
+        ctl_server.close()
+        new.stop()
 
 
 # -- §3: -r has no point of no return ---------------------------------------------------------
