@@ -50,6 +50,9 @@ from gbalance.state import (C_CHANGED, C_MAXC, C_PORT, C_RCVD, C_RCVD_BASE, C_SE
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, RR, SOFT_DISABLED,
                             STATUS_NAMES, TYPE_NAMES, SharedState, StateError, slot)
 
+#: Largest counter value carried (a damaged file must not overflow a slot).
+MAX_COUNT = 2**62
+
 #: Counters that carry over, with the baseline slot that carries them.
 CARRIED = ((C_TOTALC, C_TOTALC_BASE), (C_SENT, C_SENT_BASE), (C_RCVD, C_RCVD_BASE))
 
@@ -117,7 +120,7 @@ class Carry:
         self.same = False
 
     def _counts(self, g: int, c: int) -> tuple[int, int, int]:
-        return tuple(self.old.counter(g, c, field) for field, _ in CARRIED)
+        return tuple(max(0, min(self.old.counter(g, c, field), MAX_COUNT)) for field, _ in CARRIED)
 
     def apply(self, new: SharedState) -> list[tuple[bool, str]]:
         """Copy into ``new`` (filled from the command line, not serving yet).
@@ -193,7 +196,7 @@ class Carry:
         nq[nb + C_CHANGED] = oq[ob + C_CHANGED]
         counts = self._counts(og, oc)
         for (_field, base), value in zip(CARRIED, counts):
-            nq[nb + base] = -max(0, value)
+            nq[nb + base] = -value
         self.links.append(Link(og, oc, ng, nc, counts))
 
     def fold(self, new: SharedState) -> None:
@@ -204,7 +207,7 @@ class Carry:
             nb = slot(link.new_g, link.new_c, 0)
             for (_field, base), before, after in zip(CARRIED, link.counts, now):
                 if after > before:
-                    nq[nb + base] -= after - before
+                    nq[nb + base] = max(-MAX_COUNT, nq[nb + base] - (after - before))
             link.counts = now
 
     def close(self) -> None:
