@@ -12,9 +12,12 @@ old -> new                 ``FD <pid>`` with the listening descriptor
                            attached (``SCM_RIGHTS``); the old master
                            still accepts
 new -> old                 ``TAKE`` once the new one has checked the
-                           socket (or it just hangs up: nothing changes)
-old -> new                 ``DONE`` after it stopped accepting, gave up
-                           its state file and control socket; it now
+                           socket, prepared its state file and table and
+                           started accepting on it too (or it just hangs
+                           up: nothing changes)
+old -> new                 ``DONE`` after it stopped accepting, let go of
+                           its state file (left for the new one to rename
+                           over) and closed its control socket; it now
                            drains its own links
 =========================  =============================================
 

@@ -5,7 +5,12 @@ state file (a live master on the same port and address is an error), then
 bind the listener, fill the table, start the server and report success to
 the waiting parent (and to systemd: ``READY=1``).  With ``-r`` the listener
 and the right to the state file come from the running master instead
-(:mod:`gbalance.handover`).
+(:mod:`gbalance.handover`): the socket is received first, then our state
+file is prepared under a temporary name and filled (the command line, plus
+what :mod:`gbalance.carry` copies from the running master's table), the
+server (or the workers) starts accepting, and only then is the socket
+taken; the old master lets go of its state file and ours is renamed over
+it.  From then on no failure gives the port up.
 
 Stopping: SIGTERM (or the shell's ``kill``) *drains*: the listener is
 closed at once, the state file given up (a new master may start at once)

@@ -45,7 +45,8 @@ in counter row *w*          events, :mod:`gbalance.forward` on close):
 row                                                                     before its replacement
 ``C_SENT``, ``C_RCVD``,     the serving process, in its own row         per chunk / connect
 ``C_STAGGERED`` in row *w*  (:mod:`gbalance.forward`, connect)
-``C_*_BASE`` (reset)        the master (:mod:`gbalance.channels`)       on a ``reset`` request
+``C_*_BASE`` (reset,        the master (:mod:`gbalance.channels`,       on a ``reset`` request;
+carried counters)           :mod:`gbalance.carry`)                      at a reload (``-r``)
 ``G_RR_NEXT``               the master with ``-w 1``                    per connection
                             (:mod:`gbalance.routing`); with N > 1 each
                             worker keeps its own cursor in memory
@@ -54,6 +55,7 @@ status and suspect mark     the serving process: a worker with          connect 
 on a connect result         ``-w N`` (``-a``, passive detection,        address read back
                             through :mod:`gbalance.channels`)           invalid
 ``H_WORKERS``               the master, at start-up                     once
+``H_TABLE_DIGEST``          the master, at start-up                     once
 ==========================  ==========================================  =====================
 
 Readers sum the counter rows (``C_C``, ``C_TOTALC``, ``C_SENT``, ``C_RCVD``,

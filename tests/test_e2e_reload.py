@@ -13,8 +13,6 @@ import os
 import signal
 import socket
 import stat
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
