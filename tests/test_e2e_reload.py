@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -229,6 +230,51 @@ def test_the_new_master_accepts_before_it_takes_the_socket(balance, backends, wo
         assert show(balance, port)[0][7] == "1"
     finally:
         ctl_server.close()
+        new.stop()
+
+
+def test_a_take_over_never_confirmed_drains_what_it_accepted_and_leaves(balance, backends):
+    """The test plays a running master that gets TAKE but neither confirms nor lets go of
+    its state file: the new master must not serve on beside it; what it accepted in the
+    meantime finishes (no reset), then it exits 71."""
+    import fcntl
+    from gbalance.state import _try_lock, lock_path
+    a = backends("A")
+    port = free_port()
+    listener = socket.create_server(("0.0.0.0", port))
+    balance.state_dir.mkdir(mode=0o755, exist_ok=True)
+    path = state_path(port, None, str(balance.state_dir))
+    lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    assert _try_lock(lock_fd, fcntl.F_WRLCK, 0)          # the "old master" holds its lock
+    ctl_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ctl_server.bind(control_path(path))
+    ctl_server.listen(1)
+    ctl_server.settimeout(TIMEOUT)
+    new = balance.start("-r", "-g", "10", str(port), a.spec, port=port, wait=False)
+    try:
+        conn, _ = ctl_server.accept()
+        conn.settimeout(TIMEOUT)
+        assert conn.recv(100) == b"HANDOVER 1\n"
+        conn.sendmsg([b"FD 1\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [listener.fileno()]))])
+        assert conn.recv(100) == b"TAKE\n"
+        link = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert read_line(link) == "A"                     # accepted by the new master
+        conn.close()                                      # no DONE
+        time.sleep(0.5)
+        assert new.p.poll() is None                       # still draining our link
+        link.sendall(b"still there\n")
+        assert read_line(link) == "still there"
+        link.close()
+        new.p.wait(TIMEOUT)
+        assert new.p.returncode == 71
+        _out, err = new.stop()
+        assert "hand-over from master pid" in err and "failed" in err, err
+        assert not os.path.exists(path)                   # it left no state file behind
+    finally:
+        ctl_server.close()
+        listener.close()
+        os.close(lock_fd)
         new.stop()
 
 
