@@ -144,3 +144,14 @@ def test_open_previous_wants_the_peer_pid(tmp_path):
         assert open_previous(str(tmp_path / "missing"), os.getpid()) is None
     finally:
         st.close()
+
+
+def test_monitoring_switched_off_stays_off(tables):
+    cfg = config([("10.0.0.1", 80, 0)])
+    old = tables("1", cfg)
+    old.set_monitor(S.MON_DISABLED)
+    new = tables("2", cfg)
+    new.set_monitor(S.MON_ENABLED)           # the new command line has -m
+    lines = Carry(old, cfg).apply(new)
+    assert new.monitor == S.MON_DISABLED
+    assert lines == [(False, "reload: monitoring stays disabled (monitor enable turns it on)")]
