@@ -60,7 +60,8 @@ Options:
               (binary).  Health checks (-m connect) send one too.
   -r          Replace the master running on this port and address: take
               over its listening socket (no connection is refused) while it
-              finishes its open connections as on SIGTERM.
+              finishes its open connections as on SIGTERM.  Channel states,
+              maxc, created channels and counters carry over.
   -t sec      Connect timeout in seconds [default: 5].
   -T sec      Close connections idle this many seconds (0 = never): with a
               FIN if nothing was in flight, else with a reset [default: 0].

@@ -12,9 +12,12 @@ old -> new                 ``FD <pid>`` with the listening descriptor
                            attached (``SCM_RIGHTS``); the old master
                            still accepts
 new -> old                 ``TAKE`` once the new one has checked the
-                           socket (or it just hangs up: nothing changes)
-old -> new                 ``DONE`` after it stopped accepting, gave up
-                           its state file and control socket; it now
+                           socket, prepared its state file and table and
+                           started accepting on it too (or it just hangs
+                           up: nothing changes)
+old -> new                 ``DONE`` after it stopped accepting, let go of
+                           its state file (left for the new one to rename
+                           over) and closed its control socket; it now
                            drains its own links
 =========================  =============================================
 
@@ -81,20 +84,24 @@ def peer_uid(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def release_state(state) -> None:
+def release_state(state, unlink: bool = True) -> None:
     """Give up a master's state file but keep its mapping.
 
-    The file is unlinked (only if the path still names our file) so a new
-    master can create its own at once, and every lock this process holds on
-    it is dropped so ``-i``/``-c`` sessions see this master as gone.  The
-    mapping stays valid: draining links keep counting into it.
+    The file is unlinked (only if the path still names our file; with
+    ``unlink`` False it stays for the master that replaces us, which
+    renames its own over it, so the name is never free for another user to
+    take) and every lock this process holds on it is dropped so ``-i``/``-c``
+    sessions see this master as gone.  The mapping stays valid: draining
+    links keep counting into it.  A prepared file never put in place goes.
     """
     fd = state.fd
     if fd < 0:
         return
+    pending = getattr(state, "pending", "")
     with contextlib.suppress(OSError):
-        if os.stat(state.path).st_ino == os.fstat(fd).st_ino:
-            os.unlink(state.path)
+        name = pending or state.path
+        if (unlink or pending) and os.stat(name).st_ino == os.fstat(fd).st_ino:
+            os.unlink(name)
     with contextlib.suppress(OSError):
         fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0)
     with contextlib.suppress(OSError):
@@ -137,28 +144,26 @@ class HandoverServer:
         from gevent import socket as gsocket
         import gevent
 
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(self.path)
-            if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
-                # We own the state file, so whatever master made this is gone.
-                try:
-                    os.unlink(self.path)
-                except OSError as exc:
-                    self.warn(f"cannot remove stale control socket {self.path}: {exc.strerror};"
-                              " balance -r cannot replace this master")
-                    return False
-            else:
-                self.warn(f"{self.path} exists and is not a socket; balance -r cannot replace this master")
-                return False
+        # Bound under a temporary name, then renamed over whatever is at the
+        # path (a dead master's socket, a planted link): a rename replaces
+        # the name and never follows it.
+        directory, name = os.path.split(self.path)
+        tmp = os.path.join(directory or ".", f".{name}.{os.getpid()}")
         sock = gsocket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
-            with _short_path(self.path) as name:
-                sock.bind(name)     # created 0600 through the umask: no chmod by name
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)          # our own left-over (same pid)
+            with _short_path(tmp) as short:
+                sock.bind(short)        # created 0600 through the umask: no chmod by name
             sock.listen(4)
-            self.ino = os.lstat(self.path).st_ino
+            ino = os.lstat(tmp).st_ino
+            os.rename(tmp, self.path)
+            self.ino = ino
         except OSError as exc:
             sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             self.warn(f"cannot create control socket {self.path}: {exc.strerror};"
                       " balance -r cannot replace this master")
             return False
@@ -256,21 +261,20 @@ class Inherited:
     pid: int
     conn: socket.socket
 
-    def take(self) -> None:
-        """Tell the old master to stop accepting and let go of its state file."""
+    def take(self) -> str | None:
+        """Tell the old master to stop accepting and let go of its state file.
+
+        None once it confirmed; else why not (the socket stays open: the
+        caller decides whether the old master still serves it).
+        """
         try:
             self.conn.sendall(b"TAKE\n")
             reply = _read_line(self.conn)
         except OSError as exc:
-            reply = b""
-            why = exc.strerror or str(exc)
-        else:
-            why = "no confirmation"
+            return exc.strerror or str(exc)
         finally:
             self.conn.close()
-        if reply != b"DONE\n":
-            self.sock.close()
-            raise BalanceError(f"hand-over from master pid {self.pid} failed: {why}", EX_OSERR)
+        return None if reply == b"DONE\n" else "no confirmation"
 
     def abandon(self) -> None:
         """Hang up without taking over: the old master serves on."""
@@ -278,12 +282,24 @@ class Inherited:
         self.sock.close()
 
 
-def request(path: str, timeout: float = STEP_TIMEOUT) -> Inherited | None:
+def request(path: str, timeout: float = STEP_TIMEOUT,
+            warn: Callable[[str], None] | None = None) -> Inherited | None:
     """Ask the master behind control socket ``path`` for its listener.
 
-    None when no master answers there (start normally); raises
+    None when no master answers there (start normally), and when what is
+    at ``path`` is not a socket of our own (a planted link or another
+    user's socket offers no hand-over; ``warn`` says so).  Raises
     :class:`BalanceError` when one answers but the hand-over cannot be done.
     """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid():
+        if warn is not None:
+            what = "not a socket" if not stat.S_ISSOCK(st.st_mode) else f"owned by uid {st.st_uid}"
+            warn(f"ignoring {path}: {what}, so no master offers a hand-over there")
+        return None
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     conn.settimeout(timeout)
     try:

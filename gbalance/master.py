@@ -5,7 +5,12 @@ state file (a live master on the same port and address is an error), then
 bind the listener, fill the table, start the server and report success to
 the waiting parent (and to systemd: ``READY=1``).  With ``-r`` the listener
 and the right to the state file come from the running master instead
-(:mod:`gbalance.handover`).
+(:mod:`gbalance.handover`): the socket is received first, then our state
+file is prepared under a temporary name and filled (the command line, plus
+what :mod:`gbalance.carry` copies from the running master's table), the
+server (or the workers) starts accepting, and only then is the socket
+taken; the old master lets go of its state file and ours is renamed over
+it.  From then on no failure gives the port up.
 
 Stopping: SIGTERM (or the shell's ``kill``) *drains*: the listener is
 closed at once, the state file given up (a new master may start at once)
@@ -31,7 +36,8 @@ from gbalance.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
 from gbalance.limits import raise_and_report
 from gbalance.log import Log
-from gbalance.state import MON_ENABLED, MON_NONE, MasterRunning, SharedState, StateError, state_path
+from gbalance.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MON_ENABLED, MON_NONE, MasterRunning,
+                            SharedState, StateError, master_process_alive, state_path)
 
 LISTEN_BACKLOG = socket.SOMAXCONN
 
@@ -108,14 +114,16 @@ def resolve_source(source: str | None) -> dict[int, tuple]:
     return result
 
 
-def inherit_listener(cfg: ProxyConfig) -> tuple[socket.socket, int] | None:
-    """``-r``: take the listening socket of the master running on this port.
+def request_handover(cfg: ProxyConfig, log: Log) -> handover.Inherited | None:
+    """``-r``: receive the listening socket of the master running on this port.
 
-    Returns the socket (already listening) and the old master's pid, or None
-    when no master answers (then we start as usual).  On return the old
-    master has stopped accepting and given up its state file.
+    Returns it (checked to listen on our address) with the old master's
+    pid, not yet taken: the old master still accepts until
+    :meth:`Master.take_over`.  None when no master offers one (then we
+    start as usual).
     """
-    inherited = handover.request(handover.control_path(state_path(cfg.port, cfg.bind)))
+    inherited = handover.request(handover.control_path(state_path(cfg.port, cfg.bind)),
+                                 warn=log.warning)
     if inherited is None:
         return None
     family, sockaddr = listen_address(cfg)
@@ -124,14 +132,20 @@ def inherit_listener(cfg: ProxyConfig) -> tuple[socket.socket, int] | None:
         inherited.abandon()
         raise BalanceError(f"the running master (pid {inherited.pid}) cannot be replaced: its socket {why}"
                            " (stop it first)", EX_OSERR)
-    inherited.take()
-    sock = inherited.sock
+    return inherited
+
+
+def _state_error(exc: StateError) -> BalanceError:
+    code = EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EX_OSERR
+    return BalanceError(f"{exc} (set $BALANCE_STATE_DIR to use another directory)", code)
+
+
+def prepare_state(cfg: ProxyConfig) -> SharedState:
+    """``-r``: our state file, ready beside the running master's (not yet in place)."""
     try:
-        set_listener_options(sock, cfg)
-    except OSError:
-        pass
-    sock.setblocking(False)
-    return sock, inherited.pid
+        return SharedState.prepare(state_path(cfg.port, cfg.bind))
+    except StateError as exc:
+        raise _state_error(exc)
 
 
 def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
@@ -161,14 +175,16 @@ def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
         raise BalanceError(f"another balance master (pid {exc.pid}) is already running on {where}{hint}",
                            EX_OSERR)
     except StateError as exc:
-        code = EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EX_OSERR
-        raise BalanceError(f"{exc} (set $BALANCE_STATE_DIR to use another directory)", code)
+        raise _state_error(exc)
 
 
 def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     """Write the groups and channels of the command line into the table."""
     from gbalance.channels import Channels
 
+    from gbalance.carry import table_digest
+
+    state.q[H_NGROUPS] = 0        # (again after a hand-over: the table is rebuilt)
     channels = Channels(state)
     for group in cfg.groups:
         g = channels.add_group(group.kind)
@@ -176,6 +192,7 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
             channels.add_channel(g, ch.address, ch.port, ch.maxc)
     state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
     state.set_workers(cfg.workers)
+    state.q[H_TABLE_DIGEST] = table_digest(cfg.groups)
 
 
 def _preload(cfg: ProxyConfig) -> None:
@@ -196,28 +213,47 @@ class Master:
         self.cfg = cfg
         self.log = log
         self.replaced_pid = 0
+        self.inherited: handover.Inherited | None = None
+        self.carry = None           # the replaced master's table (gbalance.carry)
+        self.old_ticks = 0
+        self.started = False        # the server accepts already (take_over)
         # Everything that can fail on our own arguments fails before a
         # hand-over, while the running master still serves.
         self.source = resolve_source(cfg.source)
         if cfg.replace:
             _preload(cfg)   # import before taking over: the port waits while we start
-        inherited = inherit_listener(cfg) if cfg.replace else None
-        if inherited is not None:
-            self.listener, self.replaced_pid = inherited
+            self.inherited = request_handover(cfg, log)
+        if self.inherited is not None:
+            # Prepare all that can fail (state file, table) while the old
+            # master still accepts; the socket is taken in take_over().
+            inherited = self.inherited
+            self.listener, self.replaced_pid = inherited.sock, inherited.pid
             try:
-                self.state = open_state(cfg, retry=STATE_RETRY)
+                self.state = prepare_state(cfg)
             except BaseException:
-                self.listener.close()
+                inherited.abandon()
+                raise
+            try:
+                from gbalance.carry import Carry, open_previous
+                old = open_previous(self.state.path, inherited.pid)
+                if old is not None:
+                    self.old_ticks = old.q[H_START_TICKS]
+                    self.carry = Carry(old, cfg)
+                fill_table(self.state, cfg)
+                if self.carry is not None:
+                    self.carry.apply(self.state)
+            except BaseException:
+                inherited.abandon()
+                self.remove_state()
                 raise
         else:
             self.state = open_state(cfg)
-        try:
-            if inherited is None:
+            try:
                 self.listener = make_listener(cfg)
-            fill_table(self.state, cfg)
-        except BaseException:
-            self.remove_state()
-            raise
+                fill_table(self.state, cfg)
+            except BaseException:
+                self.remove_state()
+                raise
         self.server = None
         self.monitor = None
         self.mailbox = None
@@ -227,9 +263,64 @@ class Master:
         self.grace_timer = None
         self.monitor_stopper = None
 
-    def remove_state(self) -> None:
+    def remove_state(self, unlink: bool = True) -> None:
         """Give up our state file (removed if it is still ours); the mapping stays."""
-        handover.release_state(self.state)
+        handover.release_state(self.state, unlink)
+
+    def take_over(self) -> None:
+        """``-r``: take the listener from the old master, then put our table in place.
+
+        Our server starts accepting first (its table already holds what the
+        old master's had a moment ago), so the port never waits for us:
+        for a moment both masters accept from the one socket.  From the old
+        master's ``DONE`` on, nothing makes us give the socket up: if our
+        state file cannot be put in place we serve on from its temporary
+        name and say so.  Only when the old master never confirmed and still
+        holds its state file is the hand-over abandoned (it serves on; what
+        we accepted meanwhile drains as on SIGTERM).
+        """
+        inherited, self.inherited = self.inherited, None
+        if inherited is None:
+            return
+        try:
+            set_listener_options(self.listener, self.cfg)
+        except OSError:
+            pass
+        self.listener.setblocking(False)
+        self.server.start()
+        self.started = True
+        import gevent
+        from gevent import socket as gsocket
+
+        # Wait for the old master's answer in the loop, so that we accept meanwhile.
+        inherited.conn = gsocket.socket(fileno=inherited.conn.detach())
+        inherited.conn.settimeout(handover.STEP_TIMEOUT)
+        gevent.sleep(0)
+        why = inherited.take()
+        state = self.state
+        try:
+            state.place(retry=STATE_RETRY if why is None else 0.0)
+            placed = None
+        except MasterRunning as exc:
+            if why is not None:        # it never let go: it serves on, we drain and leave
+                self.begin_drain(f"hand-over from master pid {inherited.pid} failed ({why})",
+                                 handed_over=True)
+                self.done.wait(self.cfg.grace + 1.0)
+                raise BalanceError(f"hand-over from master pid {inherited.pid} failed: {why}", EX_OSERR)
+            placed = exc
+        except StateError as exc:
+            placed = exc
+        if why is not None:
+            self.log.warning(f"master pid {inherited.pid} did not confirm the hand-over ({why}) but"
+                             " let go of its state file: serving")
+        if self.carry is not None:     # again: the admin may have changed it meanwhile
+            for warn, line in self.carry.apply(state):
+                (self.log.warning if warn else self.log.info)(line)
+        if placed is not None:
+            self.log.error(f"{placed}; serving port {self.cfg.port} on with the state file at"
+                           f" {state.pending}: -i, -c and -r cannot reach this master until it is"
+                           " stopped and started again")
+            state.path, state.pending = state.pending, ""
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
@@ -327,7 +418,7 @@ class Master:
             self.control.close()
         if self.mailbox is not None:
             self.mailbox.stop()     # the file goes now: no shell can reach us any more
-        self.remove_state()
+        self.remove_state(unlink=not handed_over)   # the new master renames its own over it
         if not handed_over:
             notify.stopping()
         if self.monitor is not None:
@@ -385,6 +476,20 @@ class Master:
             self.grace_timer = None
         self.done.set()
 
+    def _fold_late_counts(self) -> None:
+        """Once the replaced master has exited, add what its draining links counted."""
+        import gevent
+
+        deadline = time.monotonic() + self.cfg.grace + 60.0
+        try:
+            while master_process_alive(self.replaced_pid, self.old_ticks) and time.monotonic() < deadline:
+                gevent.sleep(0.5)
+            if self.phase is Phase.SERVING:
+                self.carry.fold(self.state)
+        finally:
+            self.carry.close()
+            self.carry = None
+
     def _handed_over(self, pid: int) -> None:
         """The new master (``pid``) has our socket: drain as on SIGTERM."""
         self.begin_drain(f"replaced by master pid {pid}", handed_over=True)
@@ -406,8 +511,12 @@ class Master:
             self.monitor.start()
         if self.mailbox is not None:
             self.mailbox.start(self.server.loop)
+        if self.carry is not None:
+            import gevent
+            gevent.spawn(self._fold_late_counts)
         try:
-            self.server.start()
+            if not self.started:
+                self.server.start()
             self.control = handover.HandoverServer(handover.control_path(self.state.path),
                                                    self.listener.fileno(), self._handed_over,
                                                    self.log.warning)
@@ -442,6 +551,7 @@ def run_master(cfg: ProxyConfig) -> int:
         master = Master(cfg, log)
         master.build()
         master.listen()
+        master.take_over()
     except Exception as exc:
         if master is not None:
             master.remove_state()

@@ -45,7 +45,8 @@ in counter row *w*          events, :mod:`gbalance.forward` on close):
 row                                                                     before its replacement
 ``C_SENT``, ``C_RCVD``,     the serving process, in its own row         per chunk / connect
 ``C_STAGGERED`` in row *w*  (:mod:`gbalance.forward`, connect)
-``C_*_BASE`` (reset)        the master (:mod:`gbalance.channels`)       on a ``reset`` request
+``C_*_BASE`` (reset,        the master (:mod:`gbalance.channels`,       on a ``reset`` request;
+carried counters)           :mod:`gbalance.carry`)                      at a reload (``-r``)
 ``G_RR_NEXT``               the master with ``-w 1``                    per connection
                             (:mod:`gbalance.routing`); with N > 1 each
                             worker keeps its own cursor in memory
@@ -54,6 +55,7 @@ status and suspect mark     the serving process: a worker with          connect 
 on a connect result         ``-w N`` (``-a``, passive detection,        address read back
                             through :mod:`gbalance.channels`)           invalid
 ``H_WORKERS``               the master, at start-up                     once
+``H_TABLE_DIGEST``          the master, at start-up                     once
 ==========================  ==========================================  =====================
 
 Readers sum the counter rows (``C_C``, ``C_TOTALC``, ``C_SENT``, ``C_RCVD``,
@@ -137,6 +139,7 @@ H_NGROUPS = 8
 H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
 H_WORKERS = 10     # counter rows in use: the -w number (1 = the master alone)
 H_STAGGER_US = 11  # stagger delay of a channel not measured yet, microseconds (0 = off)
+H_TABLE_DIGEST = 12  # digest of the command line's table (gbalance.carry; 0 = unknown)
 # The request mailbox (see gbalance.mailbox).
 H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
 H_REQ_OP = 17
@@ -410,6 +413,7 @@ class SharedState:
         self.writable = writable
         self.lock_fd = lock_fd
         self.owner = os.geteuid()   # the state file's owner (set by attach)
+        self.pending = ""           # temporary name of a prepared file not yet in place
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.mm = mmap.mmap(fd, FILE_SIZE, mmap.MAP_SHARED, prot)
         # A file cut short under the mapping must not kill this process (SIGBUS).
@@ -424,37 +428,76 @@ class SharedState:
 
         Takes the master lock (on the owner-only lock file) for the life of
         the process, then writes a fresh file beside the old one and renames
-        it into place, so nothing another process holds or planted at
-        ``path`` is ever written through.  Raises :class:`MasterRunning`
+        it over whatever is at ``path`` (a dead master's file, a stale
+        symbolic link of ours), so nothing another process holds or planted
+        at ``path`` is ever written through.  Raises :class:`MasterRunning`
         when a live master holds the lock, :class:`UnsafeState` for a
         directory or file another user controls, and :class:`StateError`
         when the directory or file cannot be used.
         """
-        directory = os.path.dirname(path) or "."
-        try:
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise StateError(f"cannot create state directory {directory}: {exc.strerror}", exc.errno)
-        check_directory(directory)
+        _make_directory(path)
         lock_fd = cls._take_master_lock(path)
         try:
+            fd, tmp = cls._fresh_file(path)
             try:
-                old = os.lstat(path)
-            except FileNotFoundError:
-                old = None
-            except OSError as exc:
-                raise StateError(f"cannot use state file {path}: {exc.strerror}", exc.errno)
-            if old is not None:
-                if stat.S_ISLNK(old.st_mode):
-                    raise UnsafeState(f"refusing state file {path}: it is a symbolic link")
-                check_own_file(path, old)
-            fd = cls._fresh_file(path)
+                _rename_over(tmp, path)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         except BaseException:
             os.close(lock_fd)
             raise
         st = cls(path, fd, True, lock_fd)
-        st.mm[: len(MAGIC)] = MAGIC
-        q = st.q
+        st._init_header()
+        return st
+
+    @classmethod
+    def prepare(cls, path: str) -> "SharedState":
+        """A new master's state file, written but not yet at ``path`` (``-r``).
+
+        The running master still owns ``path`` and the master lock; the new
+        file waits under a temporary name beside it (``pending``) until
+        :meth:`place` takes the lock and renames it into place, so nothing
+        that can fail on the file itself is left for after the hand-over.
+        """
+        _make_directory(path)
+        fd, tmp = cls._fresh_file(path)
+        st = cls(path, fd, True)
+        st.pending = tmp
+        st._init_header()
+        return st
+
+    def place(self, retry: float = 0.0) -> None:
+        """Take the master lock and rename a :meth:`prepare`d file onto ``path``.
+
+        ``retry``: keep trying this long while another master still holds
+        the lock.  Raises :class:`MasterRunning` or :class:`StateError`; the
+        file then stays under its temporary name (still mapped).
+        """
+        if not self.pending:
+            return
+        deadline = time.monotonic() + retry
+        while True:
+            try:
+                lock_fd = self._take_master_lock(self.path)
+                break
+            except MasterRunning:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        try:
+            _rename_over(self.pending, self.path)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        self.lock_fd = lock_fd
+        self.pending = ""
+
+    def _init_header(self) -> None:
+        self.mm[: len(MAGIC)] = MAGIC
+        q = self.q
         q[H_VERSION] = LAYOUT_VERSION
         q[H_MAXGROUPS] = MAXGROUPS
         q[H_MAXCHANNELS] = MAXCHANNELS
@@ -462,7 +505,6 @@ class SharedState:
         q[H_START_TICKS] = process_start_ticks(os.getpid()) or 0
         q[H_STARTED] = int(time.time())
         q[H_WORKERS] = 1
-        return st
 
     @staticmethod
     def _take_master_lock(path: str) -> int:
@@ -491,8 +533,8 @@ class SharedState:
         return fd
 
     @staticmethod
-    def _fresh_file(path: str) -> int:
-        """A new, initialised-to-zero state file renamed onto ``path``; its fd."""
+    def _fresh_file(path: str) -> tuple[int, str]:
+        """A new, initialised-to-zero state file beside ``path``: (fd, its temporary name)."""
         directory, name = os.path.split(path)
         tmp = os.path.join(directory or ".", f".{name}.new.{os.getpid()}")
         try:
@@ -508,15 +550,12 @@ class SharedState:
             # a stricter umask (077: 0600) takes read access away from them.
             os.fchmod(fd, 0o644 & ~_current_umask())
             os.ftruncate(fd, FILE_SIZE)
-            os.rename(tmp, path)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            if exc.errno in (errno.EACCES, errno.EPERM):
-                raise UnsafeState(f"refusing state file {path}: {exc.strerror}")
             raise StateError(f"cannot initialise state file {path}: {exc.strerror}", exc.errno)
-        return fd
+        return fd, tmp
 
     @classmethod
     def attach(cls, path: str) -> "SharedState":
@@ -843,6 +882,36 @@ def _current_umask() -> int:
     mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+def _make_directory(path: str) -> None:
+    """Create the state directory of ``path`` if needed and refuse an unsafe one."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot create state directory {directory}: {exc.strerror}", exc.errno)
+    check_directory(directory)
+
+
+def _rename_over(tmp: str, path: str) -> None:
+    """Put the file ``tmp`` at ``path``, replacing whatever name is there.
+
+    A rename replaces a symbolic link or another name of ours without ever
+    following it.  Only a sticky directory refuses: another user's entry
+    there may not be replaced, and that is said as such.
+    """
+    try:
+        os.rename(tmp, path)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise UnsafeState(f"refusing state file {path}: {exc.strerror}")
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
+            raise UnsafeState(f"refusing state file {path}: {kind} owned by uid {st.st_uid} in a"
+                              " sticky directory (it may not be replaced)")
+        raise StateError(f"cannot put state file {path} in place: {exc.strerror}", exc.errno)
 
 
 def _shared_directory(path: str) -> bool:

@@ -7,6 +7,7 @@ masters and shells are the real CLI.
 from __future__ import annotations
 
 import os
+import stat
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from gbalance.mailbox import Op, ask
 from gbalance.state import H_PID, H_START_TICKS, SharedState, process_start_ticks, state_path
 
 import otheruser
-from conftest import free_port, listening, pid_alive, read_tag
+from conftest import free_port, pid_alive, read_tag
 from test_shell import channels, ctl, launch, wait_for
 
 LOCKER = textwrap.dedent("""
@@ -122,7 +123,8 @@ def test_restart_after_kill9_while_another_user_read_locks_the_file(balance, bac
         locker.stop()
 
 
-def test_master_refuses_a_planted_symlink_and_leaves_the_target(balance, backends, sticky):
+def test_master_replaces_a_planted_symlink_and_leaves_the_target(balance, backends, sticky):
+    """Issue 17: what sits at the name is replaced (renamed over), never followed nor refused."""
     a = backends("A")
     port = free_port()
     target = sticky / "precious"
@@ -130,26 +132,29 @@ def test_master_refuses_a_planted_symlink_and_leaves_the_target(balance, backend
     target.chmod(0o600)
     path = sticky / f"balance.{port}.any"
     otheruser.plant_symlink(str(target), str(path))
-    r = balance.run("-f", str(port), a.spec, timeout=20)
-    assert r.returncode == 77
-    assert r.stderr.count("\n") == 1
-    assert r.stderr.startswith(f"balance: refusing state file {path}: it is a symbolic link")
+    r = balance.run("-c", "show", str(port))
+    assert r.returncode == 77 and "symbolic link" in r.stderr
+    master = balance.start(str(port), a.spec, port=port)
     assert target.read_text() == "root's own data\n" and target.stat().st_mode & 0o777 == 0o600
-    assert not listening(port)
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+    r = balance.run("-c", "show", str(port))
+    assert r.returncode == 0 and r.stderr == ""
+    master.stop()
 
 
-def test_master_and_shell_refuse_a_file_another_user_created(balance, backends, sticky):
+def test_master_replaces_a_file_another_user_created_and_the_shell_refuses_it(balance, backends, sticky):
     a = backends("A")
     port = free_port()
     path = sticky / f"balance.{port}.any"
     otheruser.plant_table(str(path))
-    before = path.read_bytes()
-    r = balance.run("-f", "-m", "command=true %H", str(port), a.spec, timeout=20)
-    assert r.returncode == 77 and r.stderr.count("\n") == 1
-    assert r.stderr.startswith(f"balance: refusing state file {path}: owned by uid 65534")
     r = balance.run("-c", "show", str(port))
     assert r.returncode == 77 and r.stderr.count("\n") == 1 and "owned by uid 65534" in r.stderr
-    assert path.read_bytes() == before
+    master = balance.start("-m", "command=true %H", str(port), a.spec, port=port)
+    assert path.stat().st_uid == os.getuid()
+    r = balance.run("-c", "show", str(port))
+    assert r.returncode == 0 and "touch" not in r.stdout
+    master.stop()
     assert not os.path.exists("/tmp/pwned")
 
 

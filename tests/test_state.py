@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -333,7 +334,8 @@ def sticky_dir():
         yield d
 
 
-def test_symlink_planted_by_another_user_is_refused(sticky_dir):
+def test_symlink_planted_by_another_user_is_replaced_never_followed(sticky_dir):
+    """A sticky directory lets root replace the name (issue 17: replace rather than refuse)."""
     otheruser.require_root()
     target = sticky_dir / "precious"
     target.write_text("root's data\n")
@@ -341,11 +343,15 @@ def test_symlink_planted_by_another_user_is_refused(sticky_dir):
     path = sticky_dir / "balance.8080.any"
     otheruser.plant_symlink(str(target), str(path))
     with pytest.raises(UnsafeState, match="symbolic link"):
-        SharedState.create(str(path))
-    with pytest.raises(UnsafeState, match="symbolic link"):
         SharedState.attach(str(path))
-    assert target.read_text() == "root's data\n" and target.stat().st_mode & 0o777 == 0o600
-    assert path.is_symlink()
+    st = SharedState.create(str(path))
+    try:
+        assert target.read_text() == "root's data\n" and target.stat().st_mode & 0o777 == 0o600
+        info = os.lstat(path)
+        assert stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+        assert st.pid == os.getpid()
+    finally:
+        st.close()
 
 
 def test_symlink_planted_at_the_lock_file_is_refused(sticky_dir):
@@ -361,17 +367,21 @@ def test_symlink_planted_at_the_lock_file_is_refused(sticky_dir):
     assert not path.exists()
 
 
-def test_file_precreated_by_another_user_is_refused(sticky_dir):
+def test_file_precreated_by_another_user_is_replaced_never_used(sticky_dir):
     otheruser.require_root()
     path = sticky_dir / "balance.8080.any"
     # A well-formed table whose address field would reach a shell as root.
     otheruser.plant_table(str(path))
-    before = path.read_bytes()
-    with pytest.raises(UnsafeState, match="owned by uid 65534"):
-        SharedState.create(str(path))
     with pytest.raises(UnsafeState, match="owned by uid 65534"):
         SharedState.attach(str(path))
-    assert path.read_bytes() == before and path.stat().st_uid == otheruser.NOBODY
+    st = SharedState.create(str(path))
+    try:
+        info = os.lstat(path)
+        assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o644
+        assert b"touch" not in path.read_bytes()[:S.FILE_SIZE]
+        assert st.pid == os.getpid()
+    finally:
+        st.close()
 
 
 def test_directory_others_may_write_is_refused_unless_sticky(tmp_path):
