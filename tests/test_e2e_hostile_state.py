@@ -167,14 +167,14 @@ def test_root_sees_only_printable_text_from_another_users_file(backends):
                 os.pwrite(fd, {forged!r}.ljust({S.ADDR_LEN}, b"\\0"), {S.ADDR_OFFSET})
             """, str(d / f"balance.{port}.any"))
             env = dict(os.environ, BALANCE_STATE_DIR=str(d))
-            for cmd in ("show", "monitor show"):
+            for cmd in ("show", "health"):
                 r = subprocess.run([sys.executable, "-m", "gbalance", "-c", cmd, str(port)], env=env,
                                    cwd="/", capture_output=True, timeout=20)
                 assert r.returncode == 0, r.stderr
                 assert not _control_chars(r.stdout), r.stdout
                 assert b"?]0;owned?" in r.stdout
             r = subprocess.run([sys.executable, "-m", "gbalance", "-i", str(port)], env=env, cwd="/",
-                               input=b"show\nmonitor show\n", capture_output=True, timeout=20)
+                               input=b"show\nhealth\n", capture_output=True, timeout=20)
             assert r.returncode == 0 and not _control_chars(r.stdout), r.stdout
         finally:
             _end(master)
