@@ -141,6 +141,10 @@ class Connector:
         #: Send what the client said during the connect as soon as it
         #: completes (off when something must go first: a PROXY header).
         self.send_early = True
+        #: Close every backend connection the race does not use with a reset
+        #: (on with -P: one that completed unseen must not end with a clean
+        #: EOF before its header, which a PROXY-protocol backend logs as an error).
+        self.abort_unused = False
         #: Recycled watchers for races and links.
         self.watchers = Watchers(loop, timeout)
 
@@ -388,10 +392,13 @@ class Race:
 
     def _finish(self, winner: Attempt | None):
         """Stop every watcher, close the losers, return the winner's result."""
+        abort = self.conn.abort_unused
         for att in self.pending:
             att.stop()
             if att is not winner:
                 self._recycle(att, True)
+                if abort:
+                    _abort_on_close(att.sock)
                 att.sock.close()
                 self.conn.hooks.cancel(att.g, att.c)
         self.pending = []
@@ -514,6 +521,19 @@ class Race:
         if not self.pending:
             return self._finish(None)
         return _GOING
+
+
+#: SO_LINGER on with a zero timeout: close() aborts (RST) instead of a FIN.
+_LINGER_ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+def _abort_on_close(sock: socket.socket) -> None:
+    """Make closing ``sock`` reset its connection if it has one (a connect
+    still pending is simply dropped)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass
 
 
 def _reason(err: int) -> str:

@@ -238,6 +238,7 @@ class BalanceServer(StreamServer):
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
+        self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
