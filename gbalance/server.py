@@ -197,6 +197,8 @@ class BalanceServer(StreamServer):
 
     #: -P: ``(client_socket, client_address) -> PROXY header``, set by the master.
     proxy: Callable[[socket.socket, tuple], bytes] | None = None
+    #: -A: reads each client's PROXY header first (a :class:`~gbalance.frontdoor.FrontDoor`).
+    frontdoor = None
 
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
@@ -239,6 +241,8 @@ class BalanceServer(StreamServer):
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
         self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
+        if self.frontdoor is not None:   # -A: the client's PROXY header is read before all else
+            self.handle_client = self.frontdoor.wrap(self.handle_client)
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
@@ -343,6 +347,8 @@ class BalanceServer(StreamServer):
         self.aborted = True
         self._on_drained = None
         count = self.open_count
+        if self.frontdoor is not None:
+            count += self.frontdoor.close_all()
         for race in list(self.pending):
             race.abandon()
             set_reset_on_close(race.client)
