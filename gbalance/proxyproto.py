@@ -321,7 +321,7 @@ _V2_UNIX_LEN = 2 * 108
 def _parse_v2(data: bytes) -> Received | None:
     n = len(data)
     if n < 16:
-        if data != V2_SIGNATURE[:n]:
+        if data[:12] != V2_SIGNATURE[:n]:
             raise HeaderError("no PROXY protocol signature")
         return None
     if data[:12] != V2_SIGNATURE:
