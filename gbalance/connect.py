@@ -392,12 +392,11 @@ class Race:
 
     def _finish(self, winner: Attempt | None):
         """Stop every watcher, close the losers, return the winner's result."""
-        abort = self.conn.abort_unused
         for att in self.pending:
             att.stop()
             if att is not winner:
                 self._recycle(att, True)
-                if abort:
+                if self.conn.abort_unused:
                     _abort_on_close(att.sock)
                 att.sock.close()
                 self.conn.hooks.cancel(att.g, att.c)

@@ -272,6 +272,7 @@ class FrontDoor:
         if self.debug:
             self.log.trace(f"PROXY v{header.version} header from {w.address[0]}: client "
                            f"{_show(address)}\n")
+        self._stop(w)
         sock.detach()
         self.handle(w.fd, address)
         return True

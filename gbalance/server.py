@@ -241,7 +241,8 @@ class BalanceServer(StreamServer):
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
         self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
-        if self.frontdoor is not None:   # -A: the client's PROXY header is read before all else
+        if self.frontdoor is not None and self.frontdoor.handle is None:
+            # -A: the client's PROXY header is read before all else.
             self.handle_client = self.frontdoor.wrap(self.handle_client)
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
