@@ -236,11 +236,12 @@ class Race:
         first and go out with the connect (see :meth:`_launch`).  A client
         that has already gone (an end before any byte, or a reset) is
         cancelled at once, as when it leaves during the connect: the
-        attempt is counted and given back.
+        attempt is counted and given back.  With ``abort_unused`` (-P) no
+        connect is made for it at all: a backend would only see a reset.
         """
         try:
             gone = talking and not self._take_waiting()
-            won = self._launch()
+            won = None if gone and self.conn.abort_unused else self._launch()
             if gone:
                 if won is not None:
                     self.pending.append(won)

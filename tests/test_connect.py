@@ -703,3 +703,23 @@ def test_a_spoken_client_skips_a_refusing_backend_at_once():
         peer.close()
         listener.close()
         closed.close()
+
+
+def test_with_abort_unused_a_client_gone_before_its_race_opens_no_connect(hanging):
+    """-P: a client already gone when its race starts costs the backend nothing
+    (no connection that would end in a reset)."""
+    from gbalance.connect import Race
+
+    h = hanging()
+    conn, hooks = _hanging_connector([h], timeout=5)
+    conn.abort_unused = True
+    client, peer = socket.socketpair()
+    client.setblocking(False)
+    peer.close()
+    calls = []
+    try:
+        Race(conn, client, iter([(0, 0)]), lambda *args: calls.append(args)).start(talking=True)
+        assert [(result, error) for _, result, error in calls] == [(None, None)]
+        assert hooks.events == []
+    finally:
+        client.close()
