@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lib import LOAD_CPU, GBalance, cpus_available, start_greeter, stop, stop_all  # noqa: E402
+from lib import LOAD_CPU, BenchError, GBalance, cpus_available, start_greeter, stop, stop_all  # noqa: E402
 from measure import settle_timewait  # noqa: E402
 from proxyproto_rate import cpu_seconds  # noqa: E402
 
@@ -52,6 +52,22 @@ def loop(port: int, count: int, first: bytes) -> float:
     return time.perf_counter() - start
 
 
+def one_run(tmp: Path, backend: int, args: list[str], first: bytes, count: int) -> tuple[float, float]:
+    """(seconds, proxy CPU seconds) for ``count`` connections on a fresh master;
+    a start that lost its port to another process is tried again."""
+    for attempt in range(3):
+        try:
+            with GBalance(tmp, backend, args=args) as proxy:
+                loop(proxy.port, WARMUP, first)
+                before = cpu_seconds(proxy.pid)
+                took = loop(proxy.port, count, first)
+                return took, cpu_seconds(proxy.pid) - before
+        except BenchError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def run(count: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
     results: dict[str, tuple[list[float], list[float]]] = {m: ([], []) for m in MODES}
     greeter, backend = start_greeter()
@@ -60,11 +76,7 @@ def run(count: int, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
             for _ in range(rounds):
                 for mode, (args, first) in MODES.items():
                     settle_timewait(max_wait=5.0)   # bounded: a shared machine may never settle
-                    with GBalance(Path(tmp), backend, args=args) as proxy:
-                        loop(proxy.port, WARMUP, first)
-                        before = cpu_seconds(proxy.pid)
-                        took = loop(proxy.port, count, first)
-                        used = cpu_seconds(proxy.pid) - before
+                    took, used = one_run(Path(tmp), backend, args, first, count)
                     rates, cpus = results[mode]
                     rates.append(count / took)
                     cpus.append(used / count * 1e6)
@@ -89,8 +101,9 @@ def micro(n: int = 200_000, conns: int = 2000) -> dict[str, float]:
     for name, header in (("parse v1", V1 + b"GET /"), ("parse v2", V2 + b"GET /")):
         out[name] = min(timeit.repeat(lambda: parse_header(header), number=n, repeat=3)) / n * 1e9
     handed = []
-    for name, header in (("reader v1", V1), ("reader v2", V2)):
-        door = FrontDoor(get_hub().loop, socket.AF_INET, parse_frontdoor("any"), Log(foreground=True))
+    for name, header, spec in (("reader v1", V1, "any"), ("reader v2", V2, "any"),
+                               ("reader v2, nets", V2, "127.0.0.0/8,10.0.0.0/8")):
+        door = FrontDoor(get_hub().loop, socket.AF_INET, parse_frontdoor(spec), Log(foreground=True))
         accept = door.wrap(lambda fd, addr: handed.append(fd))
         best = float("inf")
         for _ in range(3):
@@ -126,7 +139,7 @@ def main(argv: list[str]) -> int:
     if cpus_available():
         os.sched_setaffinity(0, {LOAD_CPU})
     for what, ns in micro().items():
-        print(f"{what:10} {ns / 1000:7.2f} us")
+        print(f"{what:16} {ns / 1000:7.2f} us")
     results = run(args.count, args.rounds)
     print(f"{args.count} sequential short connections, {args.rounds} interleaved rounds, "
           f"load average {os.getloadavg()[0]:.2f}")

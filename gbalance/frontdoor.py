@@ -93,18 +93,34 @@ def parse_frontdoor(text: str) -> FrontDoorSpec:
     return FrontDoorSpec(None if anyone else tuple(trusted), timeout)
 
 
+#: Trusted peer addresses remembered (a front tier is a handful of hosts).
+TRUSTED_CACHE_MAX = 1024
+
+
 def trusted_matcher(networks: tuple[Network, ...]) -> Callable[[str], bool]:
-    """A test ``host -> bool`` for accepted peers (v4-mapped IPv6 counts as IPv4)."""
+    """A test ``host -> bool`` for accepted peers (v4-mapped IPv6 counts as IPv4).
+
+    Addresses found trusted are remembered (up to :data:`TRUSTED_CACHE_MAX`),
+    so a front tier's connections cost one dict look-up; others are worked
+    out each time and never stored, so they cannot fill the memory.
+    """
     nets = tuple(networks)
+    known: set[str] = set()
 
     def trusted(host: str) -> bool:
+        if host in known:
+            return True
         try:
             addr = ipaddress.ip_address(host.split("%", 1)[0])
         except ValueError:
             return False
         if addr.version == 6 and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
-        return any(addr in net for net in nets)
+        if any(addr in net for net in nets):
+            if len(known) < TRUSTED_CACHE_MAX:
+                known.add(host)
+            return True
+        return False
     return trusted
 
 

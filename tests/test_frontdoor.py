@@ -43,6 +43,20 @@ def test_trusted_matcher():
     assert trusted("2001:db8::1%eth0")
     assert not trusted("127.0.0.2") and not trusted("10.2.0.1") and not trusted("::1")
     assert not trusted("not an address") and not trusted("")
+    # Asked again (remembered, or not): the same answers.
+    assert trusted("127.0.0.1") and trusted("::ffff:10.1.2.3") and not trusted("127.0.0.2")
+
+
+def test_trusted_matcher_remembers_a_bounded_number_of_addresses(monkeypatch):
+    from gbalance import frontdoor
+    monkeypatch.setattr(frontdoor, "TRUSTED_CACHE_MAX", 4)
+    trusted = trusted_matcher(parse_frontdoor("10.0.0.0/8").trusted)
+    assert all(trusted(f"10.0.0.{i}") for i in range(50))
+    assert all(trusted(f"10.0.0.{i}") for i in range(50))
+    assert trusted.__closure__ is not None
+    known = [c.cell_contents for c in trusted.__closure__ if isinstance(c.cell_contents, set)][0]
+    assert len(known) == 4
+    assert not any(trusted(f"11.0.0.{i}") for i in range(50)) and len(known) == 4
 
 
 # -- the log: once per source per interval ---------------------------------------------
