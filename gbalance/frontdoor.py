@@ -196,6 +196,9 @@ class FrontDoor:
         self.refusals = RateLimitedLog(log.warning, clock or loop.now)
         self.waiting: set[_Waiting] = set()
         self.handle: Callable[[int, tuple], None] | None = None
+        #: Called when a client that waited for its header is settled (the
+        #: server's drain waits for these clients too).
+        self.settled: Callable[[], None] | None = None
 
     def wrap(self, handle: Callable[[int, tuple], None]) -> Callable[[int, tuple], None]:
         self.handle = handle
@@ -225,19 +228,27 @@ class FrontDoor:
 
     def _readable(self, w: _Waiting) -> None:
         try:
-            if self._read(w):
-                self._stop(w)
+            if not self._read(w):
+                return
+            self._stop(w)
         except Exception as exc:   # never let one client take the server down
             self._stop(w)
             self._drop(w)
             self.log.error(f"internal error reading the PROXY header from {w.address[0]}:"
                            f" {type(exc).__name__}: {exc}")
+        self._after()
 
     def _expired(self, w: _Waiting) -> None:
         self._stop(w)
         self._refuse(w.sock, w.address[0],
                      f"no complete PROXY header within {self.spec.timeout:g} s"
                      f" ({len(w.got)} bytes)")
+        self._after()
+
+    def _after(self) -> None:
+        """A waiting client is settled (handed on: the server holds it now)."""
+        if self.settled is not None and not self.waiting:
+            self.settled()
 
     def _stop(self, w: _Waiting) -> None:
         self.waiting.discard(w)

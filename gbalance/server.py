@@ -244,6 +244,7 @@ class BalanceServer(StreamServer):
         if self.frontdoor is not None and self.frontdoor.handle is None:
             # -A: the client's PROXY header is read before all else.
             self.handle_client = self.frontdoor.wrap(self.handle_client)
+            self.frontdoor.settled = self._check_drained
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
@@ -336,6 +337,8 @@ class BalanceServer(StreamServer):
 
     def _check_drained(self) -> None:
         if self.draining and not self.links and not self.pending and self._on_drained is not None:
+            if self.frontdoor is not None and self.frontdoor.waiting:
+                return    # -A: clients still sending their header are accepted clients too
             callback, self._on_drained = self._on_drained, None
             callback()
 

@@ -305,3 +305,23 @@ def test_haproxy_front_tier_passes_the_original_client_on(balance, proxy_backend
     for info, _peer in backend.headers:
         if info not in clients_seen:
             assert info.get("src") == host and info.get("sport") not in {p for _, p in clients}
+
+
+def test_a_stop_waits_for_a_client_still_sending_its_header(balance, backends):
+    """SIGTERM drains: a client accepted but still sending its header is an
+    open connection too; it is served, then the master exits."""
+    import signal
+
+    backend = backends("b")
+    port = free_port()
+    proc = balance.start("-A", "any,timeout=5", "-b", "127.0.0.1", str(port), backend.spec, port=port)
+    header = v1_header("203.0.113.5", "127.0.0.1", 999, port)
+    with client(port, "127.0.0.2", header[:10]) as s:
+        time.sleep(0.2)
+        proc.p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.p.poll() is None           # still draining: the client is waited for
+        s.sendall(header[10:])
+        s.settimeout(10)
+        assert read_line(s) == "b"
+    assert proc.p.wait(10) == 0

@@ -276,3 +276,19 @@ def test_close_all_resets_the_clients_still_waiting(door):
     assert [peer_result(c) for c in cs] == ["reset"] * 3
     for c in cs:
         c.close()
+
+
+def test_settled_is_called_when_the_last_waiting_client_is_settled(door):
+    d = door("any,timeout=0.3")
+    calls = []
+    d.door.settled = lambda: calls.append(len(d.door.waiting))
+    late = d.connect("127.0.0.2")
+    silent = d.connect("127.0.0.3")
+    gevent.sleep(0.05)
+    late.sendall(v2_header("192.0.2.1", "127.0.0.1", 1, 2))
+    settle(lambda: d.handed)
+    assert calls == []                   # one still waits
+    settle(lambda: calls)
+    assert calls == [0]
+    late.close()
+    silent.close()
