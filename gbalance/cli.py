@@ -14,6 +14,7 @@ from docopt import DocoptExit, docopt
 from gbalance import __version__
 from gbalance.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, ProxyConfig, ShellConfig
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
+from gbalance.frontdoor import parse_frontdoor
 from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monspec import parse_monitor
 from gbalance.proxyproto import parse_version
@@ -22,7 +23,7 @@ from gbalance.state import MAXWORKERS
 
 USAGE = """\
 Usage:
-  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-w n] [-L max] [-l max] [-adfpHMr6] <port> [<channel>...]
+  balance [-b addr] [-B addr] [-t sec] [-T sec] [-m spec] [-k t,i,p] [-K t,i,p] [-g sec] [-P ver] [-A spec] [-w n] [-L max] [-l max] [-adfpHMr6] <port> [<channel>...]
   balance [-b addr] -i [-d] [-M] <port>
   balance [-b addr] -c cmd [-d] [-M] <port>
   balance (-h | --help | --version)
@@ -33,6 +34,11 @@ a client-address hash group.
 
 Options:
   -6          Listen on IPv6 (dual stack "::" unless -b is given).
+  -A spec     Accept the PROXY protocol (v1 or v2) from a front tier: each
+              client must start with a header, whose client address is used
+              instead of the connection's.  spec: "any" or the front tier's
+              addresses/networks (others are refused), comma-separated, and
+              optionally timeout=SEC for the header (3 by default).
   -a          Autodisable: a channel whose connect fails is soft-disabled.
   -b addr     Listen on this address instead of all addresses.
   -B addr     Make outgoing connections from this source address.
@@ -77,7 +83,7 @@ quit, reset, show, version.  State lives in /var/run/balance (or $BALANCE_STATE_
 The command "metrics FILE" replaces FILE atomically (node_exporter textfiles).
 """
 
-KNOWN_SHORTS = set("6abBcdfgHikKlLmMpPrthw")
+KNOWN_SHORTS = set("6aAbBcdfgHikKlLmMpPrthw")
 
 
 def short_usage() -> str:
@@ -85,7 +91,7 @@ def short_usage() -> str:
     return USAGE.split("\n\n", 1)[0]
 
 
-TAKES_ARG = set("bBcgtTkKlLmPw")
+TAKES_ARG = set("AbBcgtTkKlLmPw")
 
 
 def _explain(argv: list[str]) -> str:
@@ -139,6 +145,7 @@ def parse(argv: list[str]) -> ProxyConfig | ShellConfig:
         grace=parse_seconds(args["-g"], "-g") if args["-g"] is not None else DEFAULT_GRACE,
         replace=args["-r"],
         proxy_protocol=parse_version(args["-P"]) if args["-P"] is not None else None,
+        frontdoor=parse_frontdoor(args["-A"]) if args["-A"] is not None else None,
         workers=parse_workers(args["-w"] or "1", MAXWORKERS),
         max_conns=parse_limit(args["-L"], "-L") if args["-L"] is not None else None,
         per_source=parse_limit(args["-l"] or "0", "-l"),

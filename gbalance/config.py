@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gbalance.frontdoor import FrontDoorSpec
 from gbalance.monspec import MonitorSpec
 from gbalance.proxyproto import Version as ProxyVersion
 from gbalance.spec import GroupSpec
@@ -34,6 +35,7 @@ class ProxyConfig:
     grace: float = DEFAULT_GRACE        # -g drain grace period (0 = reset at once)
     replace: bool = False               # -r take over from the running master
     proxy_protocol: ProxyVersion | None = None   # -P v1|v2: PROXY header to backends
+    frontdoor: FrontDoorSpec | None = None   # -A: accept a PROXY header from a front tier
     workers: int = 1                    # -w worker processes (1 = the master serves alone)
     max_conns: int | None = None        # -L open connections (None: from the fd limit; 0: none)
     per_source: int = 0                 # -l open connections per client address (0: no limit)

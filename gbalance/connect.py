@@ -147,6 +147,10 @@ class Connector:
         #: Send what the client said during the connect as soon as it
         #: completes (off when something must go first: a PROXY header).
         self.send_early = True
+        #: Close every backend connection the race does not use with a reset
+        #: (on with -P: one that completed unseen must not end with a clean
+        #: EOF before its header, which a PROXY-protocol backend logs as an error).
+        self.abort_unused = False
         #: Recycled watchers for races and links.
         self.watchers = Watchers(loop, timeout)
         #: Early client bytes held by this process's races, and the cap on them.
@@ -249,11 +253,12 @@ class Race:
         first and go out with the connect (see :meth:`_launch`).  A client
         that has already gone (an end before any byte, or a reset) is
         cancelled at once, as when it leaves during the connect: the
-        attempt is counted and given back.
+        attempt is counted and given back.  With ``abort_unused`` (-P) no
+        connect is made for it at all: a backend would only see a reset.
         """
         try:
             gone = talking and not self._take_waiting()
-            won = self._launch()
+            won = None if gone and self.conn.abort_unused else self._launch()
             if gone:
                 if won is not None:
                     self.pending.append(won)
@@ -411,6 +416,8 @@ class Race:
             att.stop()
             if att is not winner:
                 self._recycle(att, True)
+                if self.conn.abort_unused:
+                    _abort_on_close(att.sock)
                 att.sock.close()
                 self.conn.hooks.cancel(att.g, att.c)
         self.pending = []
@@ -546,6 +553,19 @@ class Race:
         if not self.pending:
             return self._finish(None)
         return _GOING
+
+
+#: SO_LINGER on with a zero timeout: close() aborts (RST) instead of a FIN.
+_LINGER_ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+def _abort_on_close(sock: socket.socket) -> None:
+    """Make closing ``sock`` reset its connection if it has one (a connect
+    still pending is simply dropped)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    except OSError:
+        pass
 
 
 def _reason(err: int) -> str:

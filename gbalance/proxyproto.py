@@ -30,6 +30,11 @@ the whole destination part when the listener is bound to one address); per
 connection only the client's part is formatted, plus one ``getsockname``
 when the listener is a wildcard (the destination then depends on the
 address the client chose).
+
+Receiving (``-A``, see :mod:`gbalance.frontdoor`): :func:`parse_header`
+is a strict, bounded parser of both versions for headers a front tier
+sends; it works on whatever prefix has arrived and says "need more",
+"a header of N bytes" or why the bytes are not a header.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from gbalance.errors import EX_USAGE, BalanceError
 
@@ -209,3 +214,161 @@ def send_header(sock: socket.socket, header: bytes) -> bytes:
     except OSError:   # BlockingIOError included
         return header
     return header[n:] if n < len(header) else b""
+
+
+# -- receiving (-A) -------------------------------------------------------------
+#
+# A header that arrives is hostile input.  The parser below takes the bytes
+# read so far and says "need more", "here is a header of N bytes", or raises
+# HeaderError; it never looks past the limits below, so a caller that reads
+# at most that much holds a bounded buffer per client.
+
+#: The longest version 1 line the specification allows, CRLF included.
+V1_MAX = 107
+#: The most address-and-TLV bytes accepted after a version 2 header's first
+#: 16 (the specification allows 65535; real senders use far less: the
+#: addresses, an SNI or unique id, an SSL block, a cloud's endpoint id).
+V2_MAX_BODY = 2048
+#: The longest header accepted: what a reader may need to hold.
+HEADER_MAX = 16 + V2_MAX_BODY
+_V1_PREFIX = b"PROXY "
+#: Bytes a version 1 line may contain (after "PROXY "), CR included.
+_V1_CHARS = b"0123456789abcdefABCDEFTCPUNKOWX.: \r"
+_PORT_DIGITS = frozenset("0123456789")
+
+
+class HeaderError(ValueError):
+    """The bytes are not a valid PROXY protocol header; the text says why."""
+
+
+class Received(NamedTuple):
+    """A complete, valid header.
+
+    ``source`` and ``dest`` are ``(address, port)`` as the sender gave them
+    (IPv6 in its canonical form), or None when the header carries no
+    usable address (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 ``UNSPEC``/``UNIX``):
+    the receiver then uses the connection's own endpoints.
+    """
+
+    length: int
+    version: int
+    source: tuple[str, int] | None = None
+    dest: tuple[str, int] | None = None
+
+
+def parse_header(data: bytes) -> Received | None:
+    """The header at the start of ``data``: None while more bytes are needed.
+
+    Raises :class:`HeaderError` as soon as the bytes cannot start a valid
+    header (garbage is refused at its first byte, not after a timeout), or
+    when a header would exceed :data:`V1_MAX` / :data:`HEADER_MAX`.
+    """
+    if not data:
+        return None
+    if data[0] == 0x50:   # "P"
+        return _parse_v1(data)
+    if data[0] == 0x0D:
+        return _parse_v2(data)
+    raise HeaderError("no PROXY protocol signature")
+
+
+def _parse_v1(data: bytes) -> Received | None:
+    head = data[:6]
+    if head != _V1_PREFIX[:len(head)]:
+        raise HeaderError("no PROXY protocol signature")
+    end = data.find(b"\r\n", 6, V1_MAX)
+    line = data[6:end if end >= 0 else V1_MAX]
+    if line.translate(None, _V1_CHARS) or b"\r" in line.rstrip(b"\r"):
+        raise HeaderError("v1: invalid character")
+    if end < 0:
+        if len(data) >= V1_MAX:
+            raise HeaderError(f"v1: no CRLF within {V1_MAX} bytes")
+        return None
+    words = line.decode("ascii").split(" ")
+    if words[0] == "UNKNOWN":   # the rest of the line is to be ignored
+        return Received(end + 2, 1)
+    if len(words) != 5:
+        raise HeaderError("v1: not five fields")
+    proto, src, dst, sport, dport = words
+    if proto == "TCP4":
+        family = socket.AF_INET
+    elif proto == "TCP6":
+        family = socket.AF_INET6
+    else:
+        raise HeaderError("v1: unknown protocol")
+    return Received(end + 2, 1, (_v1_address(family, src), _v1_port(sport)),
+                    (_v1_address(family, dst), _v1_port(dport)))
+
+
+def _v1_address(family: int, text: str) -> str:
+    try:
+        packed = _inet_pton(family, text)
+    except OSError:
+        raise HeaderError("v1: invalid address") from None
+    return text if family == socket.AF_INET else socket.inet_ntop(family, packed)
+
+
+def _v1_port(text: str) -> int:
+    if not text or len(text) > 5 or not _PORT_DIGITS.issuperset(text) or (text[0] == "0" and text != "0"):
+        raise HeaderError("v1: invalid port")
+    port = int(text)
+    if port > 65535:
+        raise HeaderError("v1: invalid port")
+    return port
+
+
+_V2_UNPACK4 = struct.Struct("!4s4sHH").unpack_from
+_V2_UNPACK6 = struct.Struct("!16s16sHH").unpack_from
+_V2_UNIX = (0x31, 0x32)
+_V2_UNIX_LEN = 2 * 108
+
+
+def _parse_v2(data: bytes) -> Received | None:
+    n = len(data)
+    if n < 16:
+        if data[:12] != V2_SIGNATURE[:n]:
+            raise HeaderError("no PROXY protocol signature")
+        return None
+    if data[:12] != V2_SIGNATURE:
+        raise HeaderError("no PROXY protocol signature")
+    ver_cmd, fam = data[12], data[13]
+    length = int.from_bytes(data[14:16], "big")
+    if ver_cmd >> 4 != 2:
+        raise HeaderError(f"v2: unsupported version {ver_cmd >> 4}")
+    command = ver_cmd & 0x0F
+    if command > 1:
+        raise HeaderError(f"v2: unknown command {command}")
+    if length > V2_MAX_BODY:
+        raise HeaderError(f"v2: {length} bytes of addresses and TLVs (at most {V2_MAX_BODY})")
+    if n < 16 + length:
+        return None
+    if command == 0:   # LOCAL: the sender's own connection, its block is ignored
+        return Received(16 + length, 2)
+    if fam == V2_TCP4:
+        need, unpack, af = V2_LEN4, _V2_UNPACK4, socket.AF_INET
+    elif fam == V2_TCP6:
+        need, unpack, af = V2_LEN6, _V2_UNPACK6, socket.AF_INET6
+    elif fam == V2_UNSPEC:
+        need, unpack, af = 0, None, 0
+    elif fam in _V2_UNIX:   # a local client of the sender: no IP address to use
+        need, unpack, af = _V2_UNIX_LEN, None, 0
+    else:
+        raise HeaderError(f"v2: unsupported family/protocol {fam:#04x}")
+    if length < need:
+        raise HeaderError("v2: address block too short")
+    _check_tlvs(data, 16 + need, 16 + length)
+    if unpack is None:
+        return Received(16 + length, 2)
+    src, dst, sport, dport = unpack(data, 16)
+    return Received(16 + length, 2, (socket.inet_ntop(af, src), sport), (socket.inet_ntop(af, dst), dport))
+
+
+def _check_tlvs(data: bytes, pos: int, end: int) -> None:
+    """Walk the TLVs between ``pos`` and ``end`` (their contents are not used):
+    each must fit whole, nothing may be left over."""
+    while pos < end:
+        if end - pos < 3:
+            raise HeaderError("v2: truncated TLV")
+        pos += 3 + int.from_bytes(data[pos + 1:pos + 3], "big")
+        if pos > end:
+            raise HeaderError("v2: TLV longer than the header")

@@ -208,6 +208,8 @@ class BalanceServer(StreamServer):
 
     #: -P: ``(client_socket, client_address) -> PROXY header``, set by the master.
     proxy: Callable[[socket.socket, tuple], bytes] | None = None
+    #: -A: reads each client's PROXY header first (a :class:`~gbalance.frontdoor.FrontDoor`).
+    frontdoor = None
 
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
@@ -264,6 +266,11 @@ class BalanceServer(StreamServer):
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
+        self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
+        if self.frontdoor is not None and self.frontdoor.handle is None:
+            # -A: the client's PROXY header is read before all else.
+            self.handle_client = self.frontdoor.wrap(self.handle_client)
+            self.frontdoor.settled = self._check_drained
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
             self._sweeper = self.loop.timer(step, step)
@@ -453,6 +460,8 @@ class BalanceServer(StreamServer):
 
     def _check_drained(self) -> None:
         if self.draining and not self.links and not self.pending and self._on_drained is not None:
+            if self.frontdoor is not None and self.frontdoor.waiting:
+                return    # -A: clients still sending their header are accepted clients too
             callback, self._on_drained = self._on_drained, None
             callback()
 
@@ -466,6 +475,8 @@ class BalanceServer(StreamServer):
         self._on_drained = None
         count = self.open_count
         self.sources.clear()
+        if self.frontdoor is not None:
+            count += self.frontdoor.close_all()
         for race in list(self.pending):
             race.abandon()
             set_reset_on_close(race.client)

@@ -113,6 +113,9 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
         from gbalance.proxyproto import header_maker
         server.proxy = header_maker(cfg.proxy_protocol, listener)
+    if cfg.frontdoor is not None:   # -A: each client starts with a PROXY header
+        from gbalance.frontdoor import FrontDoor
+        server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)
     return server
 
 

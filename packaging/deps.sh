@@ -5,6 +5,8 @@
 # lintian, rpmlint and systemd-analyze, build the wheel with Debian's
 # setuptools (python3-build), and read the man pages with man-db in English
 # and Spanish.
+# HAProxy is a real PROXY-protocol front tier for tests/test_e2e_frontdoor.py;
+# keepalived runs the two-host pair of tests/test_e2e_keepalived.py.
 exec sh "$(dirname "$0")/apt-ensure.sh" iproute2 procps python3-venv \
     build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-build python3-stdeb fakeroot \
-    dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd keepalived
+    dpkg-dev apt-utils lintian rpm rpmlint groff-base man-db locales systemd keepalived haproxy

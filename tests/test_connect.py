@@ -755,3 +755,22 @@ def test_early_bytes_of_all_races_stay_under_the_cap_and_none_is_dropped(hanging
         for client, peer in pairs:
             client.close()
             peer.close()
+
+def test_with_abort_unused_a_client_gone_before_its_race_opens_no_connect(hanging):
+    """-P: a client already gone when its race starts costs the backend nothing
+    (no connection that would end in a reset)."""
+    from gbalance.connect import Race
+
+    h = hanging()
+    conn, hooks = _hanging_connector([h], timeout=5)
+    conn.abort_unused = True
+    client, peer = socket.socketpair()
+    client.setblocking(False)
+    peer.close()
+    calls = []
+    try:
+        Race(conn, client, iter([(0, 0)]), lambda *args: calls.append(args)).start(talking=True)
+        assert [(result, error) for _, result, error in calls] == [(None, None)]
+        assert hooks.events == []
+    finally:
+        client.close()

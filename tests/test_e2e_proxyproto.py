@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import socket
 import threading
+import time
 
 import pytest
 from conftest import TcpServer, closing_factory, free_port, ipv6_available
@@ -225,3 +226,67 @@ def test_every_worker_sends_the_header(balance, proxy_backend, version):
     assert backend.errors == []
     got = sorted((info["src"], info["sport"]) for info, _peer in backend.headers)
     assert got == sorted(clients)
+
+
+class RecordingBackend(TcpServer):
+    """Records how each accepted connection ended: ``("header", info)`` for a
+    complete valid header (whatever follows), ``("reset", data)`` for a reset
+    before one, ``("eof", data)`` for a clean end before one (zero bytes or
+    part of a header), ``("bad", text)`` for bytes that are not a header."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.outcomes: list[tuple[str, object]] = []
+        super().__init__(host)
+
+    def accepted(self, conn: socket.socket, peer: tuple) -> None:
+        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(HEADER_WAIT)
+            data = b""
+            try:
+                while True:
+                    info, _n = decode(data) if data else (None, 0)
+                    if info is not None:
+                        self.outcomes.append(("header", info))
+                        return
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        self.outcomes.append(("eof", data))
+                        return
+                    data += chunk
+            except ConnectionResetError:
+                self.outcomes.append(("reset", data))
+            except (Bad, OSError, UnicodeError) as exc:
+                self.outcomes.append(("bad", f"{exc} after {data!r}"))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_client_that_closes_at_once_leaves_no_headerless_backend_connection(balance, version):
+    """200 clients connect and close at once (a front tier's TCP health check).
+    Every backend connection gbalance completed either got a whole, valid
+    header or was reset: none ends cleanly with zero bytes or half a header,
+    which a strict backend logs as an error each time."""
+    backend = RecordingBackend()
+    try:
+        port = free_port()
+        balance.start("-P", version, str(port), backend.spec, port=port)
+        for i in range(200):
+            with socket.socket() as s:
+                s.bind((f"127.0.0.{2 + i % 50}", 0))
+                s.connect(("127.0.0.1", port))
+        # Then one real client: when its header has come, every earlier
+        # backend connection has been accepted (one accept thread, in order).
+        with socket.socket() as s:
+            s.bind(("127.0.0.99", 0))
+            s.connect(("127.0.0.1", port))
+            cport = s.getsockname()[1]
+            s.sendall(b"hello")
+            wait_for(lambda: any(o == "header" and i.get("sport") == cport
+                                        for o, i in backend.outcomes), 10)
+        time.sleep(0.5)
+        bad = [o for o in backend.outcomes if o[0] not in ("header", "reset")]
+        assert bad == [], f"{len(bad)} of {len(backend.outcomes)} backend connections: {bad[:5]}"
+    finally:
+        backend.close()

@@ -411,3 +411,142 @@ def test_without_P_nothing_is_hooked(tmp_path, monkeypatch, args, on):
     finally:
         master.listener.close()
         master.remove_state()
+
+
+# -- receiving: parse_header with hostile input ----------------------------------------
+
+from gbalance.proxyproto import HEADER_MAX, V1_MAX, V2_MAX_BODY, HeaderError, Received, parse_header  # noqa: E402
+
+
+def tlv(kind: int, value: bytes) -> bytes:
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value
+
+
+def v2_raw(ver_cmd: int, fam: int, body: bytes, length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    return SIG + bytes([ver_cmd, fam]) + n.to_bytes(2, "big") + body
+
+
+GOOD = {
+    "v1-tcp4": (b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n",
+                Received(45, 1, ("192.0.2.1", 56324), ("198.51.100.2", 443))),
+    "v1-tcp6": (b"PROXY TCP6 2001:DB8:0:0::1 ::1 0 65535\r\n",
+                Received(40, 1, ("2001:db8::1", 0), ("::1", 65535))),
+    "v1-unknown": (b"PROXY UNKNOWN\r\n", Received(15, 1)),
+    "v1-unknown-with-addresses": (b"PROXY UNKNOWN ffff:f::1 ::2 65535 65535\r\n", Received(41, 1)),
+    "v1-longest": (b"PROXY TCP6 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                   b" 65535 65535\r\n",
+                   Received(104, 1, ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535),
+                            ("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", 65535))),
+    "v2-tcp4": (v2_header("10.0.0.1", "10.0.0.2", 1, 2), Received(28, 2, ("10.0.0.1", 1), ("10.0.0.2", 2))),
+    "v2-tcp6": (v2_header("fe80::1", "::ffff:1.2.3.4", 65535, 0),
+                Received(52, 2, ("fe80::1", 65535), ("::ffff:1.2.3.4", 0))),
+    "v2-local": (V2_LOCAL_HEADER, Received(16, 2)),
+    "v2-local-with-block": (v2_raw(0x20, 0x11, bytes(12) + b"\xff\xff"), Received(30, 2)),
+    "v2-unspec": (v2_raw(0x21, 0x00, b""), Received(16, 2)),
+    "v2-unix": (v2_raw(0x21, 0x31, bytes(216)), Received(232, 2)),
+    "v2-tlvs": (v2_raw(0x21, 0x11, socket.inet_aton("10.0.0.1") + socket.inet_aton("10.0.0.2")
+                       + b"\x00\x01\x00\x02" + tlv(0x02, b"example.org") + tlv(0x04, b"") + tlv(0xE0, b"x" * 300)),
+                Received(16 + 12 + 14 + 3 + 303, 2, ("10.0.0.1", 1), ("10.0.0.2", 2))),
+    "v2-largest": (v2_raw(0x21, 0x11, bytes(12) + tlv(0x04, bytes(V2_MAX_BODY - 15))),
+                   Received(HEADER_MAX, 2, ("0.0.0.0", 0), ("0.0.0.0", 0))),
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD))
+def test_parse_valid_headers(name):
+    data, want = GOOD[name]
+    assert parse_header(data) == want
+    # What follows the header is not part of it.
+    assert parse_header(data + b"GET / HTTP/1.1\r\n") == want
+    # Every strict prefix asks for more, never fails or claims a header.
+    for n in range(len(data)):
+        assert parse_header(data[:n]) is None, n
+
+
+BAD = {
+    "http": b"GET / HTTP/1.1\r\n",
+    "lowercase": b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "no-space": b"PROXYTCP4",
+    "tab": b"PROXY\tTCP4",
+    "two-spaces": b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",
+    "lf-only": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+    "cr-inside": b"PROXY TCP4 1.2.3.4\r5.6.7.8 1 2\r\n",
+    "nul": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\x00\r\n",
+    "high-byte": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 \xb2\r\n",
+    "udp4": b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+    "tcp6-with-v4": b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+    "tcp4-with-v6": b"PROXY TCP4 ::1 ::2 1 2\r\n",
+    "octal-ish": b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+    "short-v4": b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n",
+    "v4-256": b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
+    "scope": b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
+    "port-big": b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+    "port-zero-pad": b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+    "port-empty": b"PROXY TCP4 1.2.3.4 5.6.7.8  2\r\n",
+    "port-sign": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n",
+    "four-fields": b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",
+    "six-fields": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n",
+    "v1-too-long": b"PROXY UNKNOWN " + b"1" * (V1_MAX - 14),
+    "v1-crlf-past-limit": b"PROXY UNKNOWN " + b"1" * (V1_MAX - 15) + b"\r\n",
+    "v2-bad-signature": b"\r\n\r\n\x00\r\nQUIX\n\x21\x11\x00\x0c",
+    "v2-early-garbage": b"\r\n\r\nX",
+    "v2-version-1": v2_raw(0x11, 0x11, bytes(12)),
+    "v2-version-3": v2_raw(0x31, 0x11, bytes(12)),
+    "v2-command-2": v2_raw(0x22, 0x11, bytes(12)),
+    "v2-family-4": v2_raw(0x21, 0x41, bytes(12)),
+    "v2-udp4": v2_raw(0x21, 0x12, bytes(12)),
+    "v2-tcp4-short": v2_raw(0x21, 0x11, bytes(11)),
+    "v2-tcp6-short": v2_raw(0x21, 0x21, bytes(35)),
+    "v2-unix-short": v2_raw(0x21, 0x31, bytes(215)),
+    "v2-oversized": v2_raw(0x21, 0x11, b"", length=V2_MAX_BODY + 1),
+    "v2-max-length": v2_raw(0x21, 0x11, b"", length=0xFFFF),
+    "v2-tlv-truncated-head": v2_raw(0x21, 0x11, bytes(12) + b"\x04\x00"),
+    "v2-tlv-overruns": v2_raw(0x21, 0x11, bytes(12) + b"\x04\x00\x05abc"),
+    "v2-tlv-trailing-byte": v2_raw(0x21, 0x11, bytes(12) + tlv(0x04, b"ab") + b"\x00"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_parse_refuses_hostile_headers(name):
+    data = BAD[name]
+    with pytest.raises(HeaderError):
+        parse_header(data)
+    with pytest.raises(HeaderError):
+        parse_header(data + b"\r\n" + bytes(HEADER_MAX))
+
+
+def test_garbage_is_refused_at_its_first_byte():
+    """No wait for a timeout when the first bytes cannot begin a header."""
+    for first in range(256):
+        if first in (0x50, 0x0D):
+            continue
+        with pytest.raises(HeaderError):
+            parse_header(bytes([first]))
+
+
+def test_v2_oversize_is_refused_from_its_first_sixteen_bytes():
+    with pytest.raises(HeaderError, match="at most"):
+        parse_header(v2_raw(0x21, 0x11, b"", length=V2_MAX_BODY + 1))
+
+
+def test_random_input_never_breaks_the_parser():
+    """Random and mutated headers: a header within the data, None, or HeaderError."""
+    import random
+    rng = random.Random(20)
+    seeds = [d for d, _ in GOOD.values()]
+    for _ in range(20000):
+        if rng.random() < 0.5:
+            data = bytearray(rng.choice(seeds))
+            for _ in range(rng.randint(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data[:rng.randint(0, len(data))])
+        else:
+            data = rng.choice((b"PROXY ", SIG, b"")) + rng.randbytes(rng.randint(0, 300))
+        try:
+            got = parse_header(data)
+        except HeaderError:
+            continue
+        if got is not None:
+            assert 0 < got.length <= min(len(data), HEADER_MAX)
+            assert got.length <= V1_MAX or data[0] == 0x0D
