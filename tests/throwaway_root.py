@@ -106,8 +106,8 @@ class ThrowawayRoot:
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         full_env = dict(BASE_ENV, **(env or {}))
-        wrapped = ["nsenter", f"--target={self.pid}", "--mount", "--root", f"--wd={cwd}",
-                   "--", "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
+        wrapped = ["nsenter", f"--target={self.pid}", "--mount", "--root", "--wd",
+                   "--", "/usr/bin/env", "-i", "-C", cwd, *[f"{k}={v}" for k, v in full_env.items()], *argv]
         done = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout,
                               input=input, stdin=None if input is not None else subprocess.DEVNULL,
                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
