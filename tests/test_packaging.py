@@ -387,6 +387,66 @@ def test_init_script_restart_hands_over_without_refusing_or_cutting(pkg):
         assert f"running (pid {new})" in init(root, "status").stdout
 
 
+GREETER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    c, _ = s.accept()
+    c.sendall(b"S\\n")
+    c.close()
+"""
+# systemctl start waits for balance.service (a oneshot), not for the
+# instances it wants: the client retries while nothing listens (10 s at most).
+GREETING = """
+import socket, sys, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+print(c.makefile().readline().strip())
+"""
+
+
+@pytest.mark.packaging
+def test_init_script_start_on_a_systemd_host_picks_up_a_new_line(pkg):
+    """The seed blog's workflow under systemd: edit /etc/balance.conf, then
+    ``/etc/init.d/balance start``; the new line runs without a manual
+    ``systemctl daemon-reload``.
+
+    systemd really runs (pid 1 of its own pid and network namespaces in the
+    throwaway root); lsb's init-functions hand the action to balance.service,
+    whose instances come from the generator, which the init script re-runs
+    (daemon-reload) when its units are out of date.
+    """
+    root = pkg["root"]
+    b, p1, p2 = free_port(), free_port(), free_port()
+    root.write("/etc/balance.conf", f"-b 127.0.0.1 {p1} 127.0.0.1:{b}\n")
+    with root.boot_systemd() as sd:
+        sd.run(["systemd-run", "--unit=greeter", "--property=Type=exec", "python3", "-c", GREETER, str(b)])
+        first = sd.run(["/etc/init.d/balance", "start"])
+        assert "daemon-reload" not in first.stdout, first.stdout   # the boot's generator saw the file
+        assert sd.run(["python3", "-c", GREETING, str(p1)]).stdout.strip() == "S"
+        root.write("/etc/balance.conf", f"-b 127.0.0.1 {p1} 127.0.0.1:{b}\n-b 127.0.0.1 {p2} 127.0.0.1:{b}\n")
+        second = sd.run(["/etc/init.d/balance", "start"])
+        assert "/etc/balance.conf changed; systemctl daemon-reload" in second.stdout, second.stdout
+        assert sd.run(["python3", "-c", GREETING, str(p2)]).stdout.strip() == "S"
+        assert sd.run(["systemctl", "is-active", f"balance@{p2}.127.0.0.1.service"],
+                      check=False).stdout.strip() == "active"
+        third = sd.run(["/etc/init.d/balance", "start"])   # nothing changed: no reload
+        assert "daemon-reload" not in third.stdout, third.stdout
+        sd.run(["systemctl", "stop", "balance.service"], timeout=120)
+        assert sd.run(["systemctl", "is-active", f"balance@{p2}.127.0.0.1.service"],
+                      check=False).stdout.strip() != "active"
+
+
 @pytest.mark.packaging
 def test_installed_man_pages_english_and_spanish(pkg):
     root = pkg["root"]
