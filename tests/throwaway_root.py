@@ -28,8 +28,22 @@ written from the host through ``/proc/<holder>/root``.  ``close()`` kills
 every process left in the namespace by its pid (daemons the tests
 started), then the holder, and removes the temporary directory.
 
+``boot_systemd()`` boots systemd (basic.target only) as pid 1 of its own
+pid, mount and network namespaces inside the root, with its own /run,
+/tmp, /dev and a cgroup subtree made for it, for tests of the package on
+a systemd host; killing it by pid ends everything it started.
+
 Needs root and a kernel with overlayfs; ``create_root()`` says clearly
-why when it cannot work.
+why when it cannot work.  A command that leaves a process running must
+point that process's stdout and stderr away from the captured pipes (as
+daemons do), or ``run()`` waits for it.
+
+Typical use::
+
+    with create_root() as root:
+        root.install_debs([deb], "gbalance")
+        root.write("/etc/balance.conf", "8080 127.0.0.1:8081\n")
+        root.run(["/etc/init.d/balance", "start"])
 """
 
 from __future__ import annotations
