@@ -106,6 +106,7 @@ class ThrowawayRoot:
         #: The root as the host sees it (valid while the holder lives).
         self.path = Path(f"/proc/{holder.pid}/root")
         self._ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
+        self._systemds: list[BootedSystemd] = []
 
     # -- commands ---------------------------------------------------------
 
@@ -220,6 +221,8 @@ class ThrowawayRoot:
 
     def close(self) -> None:
         """Kill what runs in the root (by pid), then the holder; drop everything."""
+        for booted in self._systemds:   # their own namespaces: not in processes()
+            booted.close()
         if self._holder.poll() is None:
             self.kill_processes()
             self._holder.kill()
@@ -230,7 +233,9 @@ class ThrowawayRoot:
 
     def boot_systemd(self, timeout: float = 60) -> BootedSystemd:
         """Boot systemd (basic.target) in the root, in its own pid and network namespaces."""
-        return BootedSystemd(self, timeout)
+        booted = BootedSystemd(self, timeout)
+        self._systemds.append(booted)
+        return booted
 
     def __enter__(self) -> "ThrowawayRoot":
         return self
