@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit bench soak deb deb-stdeb rpm apt-repo clean
+.PHONY: all deps venv test unit packaging autopkgtest bench soak deb deb-stdeb rpm apt-repo clean
 
 all: venv
 
@@ -23,6 +23,15 @@ venv: $(VPY)
 
 test: deps venv
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+# Only the packaging tests: build the .deb and .rpm, install and drive the
+# .deb in a throwaway root (nothing of the host changes), autopkgtests.
+packaging: deps venv
+	$(VPY) -m pytest -m packaging $(PYTEST_ARGS)
+
+# debian/tests (autopkgtest, null runner) in a throwaway root; make test runs it too.
+autopkgtest: deps venv
+	$(VPY) -m pytest -m packaging -k autopkgtests $(PYTEST_ARGS)
 
 # Only the fast in-process and loopback tests (no packaging).
 unit: venv

@@ -6,6 +6,7 @@ read the file the same way::
 
   balance-instances list               valid lines: "<line> <instance> <arguments>"
   balance-instances check              report bad lines, exit 0 (for systemd)
+  balance-instances verify             report bad lines, exit 78 if any (init script "check")
   balance-instances start|stop|status  the SysV init script's actions
   balance-instances restart            hand every instance over to a new master (-r)
   balance-instances exec INSTANCE      systemd ExecStart: become "balance -f <arguments>"
@@ -406,6 +407,8 @@ def stop_keys(keys: list[str], grace: dict[str, float], out: Out) -> list[str]:
         if ref is None or not signal_master(ref, signal.SIGTERM):
             continue
         waiting[key] = ref
+        out.say(f"balance {key}: stopping (pid {ref.pid}); waiting up to "
+                f"{grace.get(key, DEFAULT_GRACE) + STOP_MARGIN:.0f} s for its open connections to close")
     start = time.monotonic()
     stopped = []
     while waiting:
@@ -525,6 +528,17 @@ def do_check(out: Out) -> int:
     for p in cfg.problems:
         out.problem(f"balance: {p}", LOG_WARNING)
     out.say(f"balance: {len(cfg.instances)} instance(s) in {cfg.path}")
+    return 0
+
+
+def do_verify(out: Out) -> int:
+    """The init script's ``check``: every bad line on stderr, EX_CONFIG if any; starts nothing."""
+    cfg = load(out)
+    for p in cfg.problems:
+        out.problem(f"balance: {p}")
+    if cfg.problems:
+        return EX_CONFIG
+    out.say(f"balance: {cfg.path}: {len(cfg.instances)} instance(s), every line valid")
     return 0
 
 
@@ -689,7 +703,7 @@ def _write_metrics(cfg: Config, dir_fd: int, out: Out, render, write) -> int:
     return 1 if failed else 0
 
 
-USAGE = ("usage: balance-instances start|stop|restart|status|list|check"
+USAGE = ("usage: balance-instances start|stop|restart|status|list|check|verify"
          " | exec INSTANCE | replace INSTANCE | generate DIR... | metrics DIR | health")
 
 
@@ -698,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     out = Out()
     actions = {"start": do_start, "stop": do_stop, "restart": do_restart, "status": do_status,
-               "list": do_list, "check": do_check}
+               "list": do_list, "check": do_check, "verify": do_verify}
     try:
         if len(argv) == 1 and argv[0] in actions:
             return int(actions[argv[0]](out))

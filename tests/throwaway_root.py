@@ -28,8 +28,22 @@ written from the host through ``/proc/<holder>/root``.  ``close()`` kills
 every process left in the namespace by its pid (daemons the tests
 started), then the holder, and removes the temporary directory.
 
+``boot_systemd()`` boots systemd (basic.target only) as pid 1 of its own
+pid, mount and network namespaces inside the root, with its own /run,
+/tmp, /dev and a cgroup subtree made for it, for tests of the package on
+a systemd host; killing it by pid ends everything it started.
+
 Needs root and a kernel with overlayfs; ``create_root()`` says clearly
-why when it cannot work.
+why when it cannot work.  A command that leaves a process running must
+point that process's stdout and stderr away from the captured pipes (as
+daemons do), or ``run()`` waits for it.
+
+Typical use::
+
+    with create_root() as root:
+        root.install_debs([deb], "gbalance")
+        root.write("/etc/balance.conf", "8080 127.0.0.1:8081\n")
+        root.run(["/etc/init.d/balance", "start"])
 """
 
 from __future__ import annotations
@@ -92,6 +106,7 @@ class ThrowawayRoot:
         #: The root as the host sees it (valid while the holder lives).
         self.path = Path(f"/proc/{holder.pid}/root")
         self._ns = os.readlink(f"/proc/{holder.pid}/ns/mnt")
+        self._systemds: list[BootedSystemd] = []
 
     # -- commands ---------------------------------------------------------
 
@@ -106,8 +121,8 @@ class ThrowawayRoot:
         """
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         full_env = dict(BASE_ENV, **(env or {}))
-        wrapped = ["nsenter", f"--target={self.pid}", "--mount", "--root", f"--wd={cwd}",
-                   "--", "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
+        wrapped = ["nsenter", f"--target={self.pid}", "--mount", "--root", "--wd",
+                   "--", "/usr/bin/env", "-i", "-C", cwd, *[f"{k}={v}" for k, v in full_env.items()], *argv]
         done = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout,
                               input=input, stdin=None if input is not None else subprocess.DEVNULL,
                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
@@ -206,6 +221,8 @@ class ThrowawayRoot:
 
     def close(self) -> None:
         """Kill what runs in the root (by pid), then the holder; drop everything."""
+        for booted in self._systemds:   # their own namespaces: not in processes()
+            booted.close()
         if self._holder.poll() is None:
             self.kill_processes()
             self._holder.kill()
@@ -214,11 +231,148 @@ class ThrowawayRoot:
         # directory on the host is empty.
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
+    def boot_systemd(self, timeout: float = 60) -> BootedSystemd:
+        """Boot systemd (basic.target) in the root, in its own pid and network namespaces."""
+        booted = BootedSystemd(self, timeout)
+        self._systemds.append(booted)
+        return booted
+
     def __enter__(self) -> "ThrowawayRoot":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Run by boot_systemd() inside the root: own pid, mount and network
+# namespaces (so whatever systemd starts listens nowhere but there), a
+# private /run, loopback up, then systemd as pid 1 of the namespace.
+_BOOT = r"""
+set -eu
+for h in systemd unified; do echo $$ > "/sys/fs/cgroup/$h/$1/cgroup.procs"; done
+exec unshare --pid --fork --mount-proc --net --propagation private sh -c '
+set -eu
+# Nothing systemd mounts, remounts or cleans may reach a filesystem the
+# host (or the rest of the root) shares: its own /run, /tmp, /dev and
+# cgroup tree (its two cgroups bound in, as systemd-nspawn does).
+for d in /run /tmp; do mount -t tmpfs -o mode=0755 boot "$d"; done
+chmod 1777 /tmp
+mkdir -p /run/lock /run/host/dev /run/host/cg
+mount --rbind /dev /run/host/dev
+mount -t tmpfs -o mode=0755 dev /dev
+for n in null zero full random urandom tty; do touch "/dev/$n"; mount --bind "/run/host/dev/$n" "/dev/$n"; done
+mkdir /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
+ln -s pts/ptmx /dev/ptmx
+mount -t tmpfs -o mode=1777 shm /dev/shm
+umount -l /run/host/dev
+mount --rbind /sys/fs/cgroup /run/host/cg
+mount -t tmpfs -o mode=0755 cgroup /sys/fs/cgroup
+mkdir /sys/fs/cgroup/systemd /sys/fs/cgroup/unified
+mount --bind "/run/host/cg/systemd/$1" /sys/fs/cgroup/systemd
+mount --bind "/run/host/cg/unified/$1" /sys/fs/cgroup/unified
+umount -l /run/host/cg
+ip link set lo up
+exec env -i container=gbalance-test PATH=/usr/sbin:/usr/bin:/sbin:/bin /lib/systemd/systemd --unit=basic.target --log-target=console --log-level=warning
+' sh "$1"
+"""
+
+
+class BootedSystemd:
+    """systemd running as pid 1 of its own namespaces inside a throwaway root.
+
+    Only basic.target is booted (services of the host's multi-user.target,
+    web servers and the like, stay down); the network namespace is private,
+    with loopback only.  Commands run with :meth:`run`, in all of systemd's
+    namespaces (so ``systemctl`` talks to it).  :meth:`close` kills systemd
+    by its pid, which ends every process of its pid namespace, and removes
+    the cgroups made for it.
+    """
+
+    def __init__(self, root: "ThrowawayRoot", timeout: float = 60) -> None:
+        self.root = root
+        self.cgroup = f"gbalance-test-{root.pid}-{time.monotonic_ns()}"
+        self._cgroup_dirs = [Path(f"/sys/fs/cgroup/{h}/{self.cgroup}") for h in ("systemd", "unified")]
+        for d in self._cgroup_dirs:
+            d.mkdir()
+        log = open(root.file("/root/systemd-boot.log"), "w")
+        self._starter = subprocess.Popen(
+            ["nsenter", f"--target={root.pid}", "--mount", "--root", "--wd", "--", "/bin/sh", "-c", _BOOT, "sh",
+             self.cgroup], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        log.close()
+        self.pid = 0
+        self.state = ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._starter.poll() is None:
+            # systemd moves itself into init.scope below our cgroup.
+            for pid in (p for f in self._cgroup_dirs[0].rglob("cgroup.procs") for p in f.read_text().split()):
+                if _comm(int(pid)) == "systemd" and self._is_ns_init(int(pid)):
+                    self.pid = int(pid)
+            if self.pid:
+                state = self.run(["systemctl", "is-system-running"], check=False, timeout=timeout).stdout.strip()
+                if state in ("running", "degraded"):
+                    return
+                self.state = state
+            time.sleep(0.1)
+        self.close()
+        raise RootError(f"systemd did not boot in the throwaway root (state {self.state or 'unknown'}):\n"
+                        + root.read("/root/systemd-boot.log"))
+
+    @staticmethod
+    def _is_ns_init(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                ns = next(line for line in f if line.startswith("NSpid:")).split()
+            return ns[-1] == "1"
+        except (OSError, StopIteration):
+            return False
+
+    def run(self, cmd: list[str] | str, *, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """Like :meth:`ThrowawayRoot.run`, in systemd's pid, mount and network namespaces."""
+        argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        full_env = dict(BASE_ENV, **(env or {}))
+        wrapped = ["nsenter", f"--target={self.pid}", "--mount", "--pid", "--net", "--root", "--wd", "--",
+                   "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in full_env.items()], *argv]
+        done = subprocess.run(wrapped, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        if check and done.returncode != 0:
+            raise RootError(f"under systemd in the throwaway root: {shlex.join(argv)} exited {done.returncode}\n"
+                            f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}")
+        return done
+
+    def close(self) -> None:
+        if self.pid and _alive(self.pid):
+            os.kill(self.pid, signal.SIGKILL)   # pid 1 of its namespace: all of it ends
+        try:
+            self._starter.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._starter.kill()
+            self._starter.wait()
+        for top in self._cgroup_dirs:
+            deadline = time.monotonic() + 10
+            while top.exists() and time.monotonic() < deadline:
+                for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+                if top.exists():
+                    time.sleep(0.1)
+
+    def __enter__(self) -> "BootedSystemd":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
