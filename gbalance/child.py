@@ -6,9 +6,12 @@ therefore runs in ``/`` (:data:`SAFE_CWD`), and:
 
 * a Python child (a worker) runs ``python -I``: no current directory, no
   script directory, no ``PYTHON*`` variable and no user site directory on
-  its path.  It imports the same gbalance as its master: the package's
-  parent directory is put on its path only when the default path (site
-  packages, an editable install's hook) would not find that very package;
+  its path.  It imports the same code as its master: it is handed the
+  master's own module search path (:func:`inherited_path`: absolute
+  entries only, less the entry Python put first for ``python -m`` or
+  ``-c``, which is the caller's directory), with the package's parent
+  directory first, so an rpm's private module directory or gevent on the
+  master's ``$PYTHONPATH`` are found as the master found them;
 * a command (a monitoring check) gets a ``$PATH`` (and ``$PYTHONPATH``,
   ``$LD_LIBRARY_PATH``...) without empty or relative entries (each means
   "the current directory") and the soft descriptor limit the master
@@ -18,6 +21,7 @@ therefore runs in ``/`` (:data:`SAFE_CWD`), and:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -26,14 +30,11 @@ import gbalance
 #: The working directory of every child process.
 SAFE_CWD = "/"
 
-#: Run in the child before anything else: find the master's gbalance (argv[1]).
+#: Run in the child before anything else: take the master's path (argv[1], JSON).
 _BOOT = """\
-import os, sys, importlib.util
-d = sys.argv.pop(1)
-s = importlib.util.find_spec("gbalance")
-if s is None or s.origin is None or os.path.realpath(os.path.dirname(s.origin)) != \
-        os.path.realpath(os.path.join(d, "gbalance")):
-    sys.path.insert(0, d)
+import sys, json
+p = json.loads(sys.argv.pop(1))
+sys.path[:] = p + [e for e in sys.path if e not in p]
 from {module} import main
 sys.exit(main())
 """
@@ -44,11 +45,36 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(gbalance.__file__)))
 
 
+def inherited_path() -> list[str]:
+    """The master's module search path as a child should get it.
+
+    Only absolute entries are kept (a relative one means the current
+    directory).  Unless the master ran with ``-P``/``-I``, Python put one
+    entry first itself: the script's directory, or for ``python -m`` and
+    ``-c`` the caller's directory, which is dropped.  The package's parent
+    directory comes first.
+    """
+    entries = list(sys.path)
+    if entries and not sys.flags.safe_path and not sys.flags.isolated:
+        argv0 = sys.argv[0] if sys.argv else ""
+        script_dir = os.path.dirname(os.path.realpath(argv0)) if argv0 not in ("", "-c", "-m") else None
+        first = entries[0]
+        if (first == "" or script_dir is None or os.path.realpath(first) != script_dir
+                or argv0.endswith("__main__.py")):
+            entries = entries[1:]
+    parent = package_parent()
+    kept = [parent]
+    for entry in entries:
+        if os.path.isabs(entry) and entry not in kept:
+            kept.append(entry)
+    return kept
+
+
 def python_argv(module: str, *args: str) -> list[str]:
     """argv that runs ``module.main()`` of this package in an isolated interpreter."""
     if not module.replace(".", "").replace("_", "").isalnum():
         raise ValueError(f"not a module name: {module!r}")
-    return [sys.executable, "-I", "-c", _BOOT.format(module=module), package_parent(), *args]
+    return [sys.executable, "-I", "-c", _BOOT.format(module=module), json.dumps(inherited_path()), *args]
 
 
 def safe_path(path: str | None) -> str:

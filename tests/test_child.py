@@ -8,6 +8,7 @@ in a worker, nor run a program of theirs as a monitoring check.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import subprocess
@@ -157,7 +158,7 @@ def test_python_argv_is_isolated_and_finds_this_package(tmp_path):
     (tmp_path / "gbalance" / "__init__.py").write_text("raise SystemExit('planted')\n")
     code = ("import gbalance, sys; print(gbalance.__file__)")
     r = subprocess.run([sys.executable, "-I", "-c", child._BOOT.replace(
-        "from {module} import main\nsys.exit(main())\n", code), child.package_parent()],
+        "from {module} import main\nsys.exit(main())\n", code), json.dumps(child.inherited_path())],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
         capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -169,7 +170,7 @@ def test_python_argv_finds_a_package_only_on_its_own_directory():
     """A copy of gbalance outside every default path (as the other user's
     readable copy is) is still what the child imports."""
     copy = otheruser.readable_copy()
-    code = ("import os, sys; sys.argv[1:1] = [os.environ['D']]\n"
+    code = ("import os, sys; sys.argv[1:1] = ['[\"%s\"]' % os.environ['D']]\n"
             + child._BOOT.replace("from {module} import main\nsys.exit(main())\n",
                                   "import gbalance; print(gbalance.__file__)"))
     r = subprocess.run([otheruser.interpreter(), "-I", "-c", code], cwd="/",
@@ -197,3 +198,20 @@ def test_command_env_drops_relative_search_path_entries():
     env = child.command_env({"PATH": ".:/bin", "PYTHONPATH": "lib::/opt/py", "LD_LIBRARY_PATH": ".",
                              "HOME": "/root"})
     assert env == {"PATH": "/bin", "PYTHONPATH": "/opt/py", "HOME": "/root"}
+
+
+def test_inherited_path_keeps_the_masters_absolute_entries_but_not_its_directory(tmp_path):
+    """A master whose gevent comes from $PYTHONPATH (or an rpm's private
+    directory) hands that entry on; the caller's directory, which Python put
+    first for -c or -m, and relative entries are not handed on."""
+    extra = tmp_path / "deps"
+    extra.mkdir()
+    code = "import json; from gbalance import child; print(json.dumps(child.inherited_path()))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([child.package_parent(), str(extra), "rel"]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    path = json.loads(r.stdout)
+    assert path[0] == child.package_parent() and str(extra) in path
+    assert "" not in path and "rel" not in path and str(tmp_path) not in path
+    assert all(os.path.isabs(p) for p in path)

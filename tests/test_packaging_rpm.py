@@ -15,6 +15,7 @@ root's python3 after installing, nothing left after erasing.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -148,8 +149,11 @@ def test_installed_rpm_proxies_with_workers_and_answers_the_control_commands(roo
         assert len(workers) == 2, workers
         for pid in workers:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            assert cmdline[:3] == [b"/usr/bin/python3", b"-m", b"gbalance.worker"], cmdline
-            assert f"PYTHONPATH={root}/usr/share/gbalance:".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+            # An isolated interpreter handed the master's module path, the
+            # rpm's private directory first (gbalance.child).
+            assert cmdline[:3] == [b"/usr/bin/python3", b"-I", b"-c"], cmdline
+            assert json.loads(cmdline[4])[0] == f"{root}/usr/share/gbalance", cmdline
+            assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
         # The one gbalance on that path is the installed one: Python cached
         # its bytecode there (no PYTHONDONTWRITEBYTECODE in this environment).
         cache = root / "usr/share/gbalance/gbalance/__pycache__"
