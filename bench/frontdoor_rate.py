@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lib import LOAD_CPU, BenchError, GBalance, cpus_available, start_greeter, stop, stop_all  # noqa: E402
+from lib import LOAD_CPU, BenchError, GBalance, cpus_available, print_rate_report, start_greeter, stop, stop_all  # noqa: E402
 from measure import settle_timewait  # noqa: E402
 from proxyproto_rate import cpu_seconds  # noqa: E402
 
@@ -138,16 +138,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if cpus_available():
         os.sched_setaffinity(0, {LOAD_CPU})
-    for what, ns in micro().items():
-        print(f"{what:16} {ns / 1000:7.2f} us")
-    results = run(args.count, args.rounds)
-    print(f"{args.count} sequential short connections, {args.rounds} interleaved rounds, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'mode':18} {'conn/s median':>14} {'all rounds':>28} {'proxy CPU us/conn median':>25} {'min':>6}")
-    for mode, (rates, cpus) in results.items():
-        med = sorted(rates)[len(rates) // 2]
-        cmed = sorted(cpus)[len(cpus) // 2]
-        print(f"{mode:18} {med:14.0f} {' '.join(f'{r:.0f}' for r in rates):>28} {cmed:25.1f} {min(cpus):6.1f}")
+    print_rate_report(micro(), run(args.count, args.rounds), args.count, args.rounds, 16, 18)
     return 0
 
 

@@ -399,3 +399,23 @@ def haproxy_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "not installed"
     return out.splitlines()[0] if out else "unknown"
+
+
+def print_rate_report(micro: dict[str, float], results: dict, count: int, rounds: int,
+                      label_width: int, mode_width: int) -> None:
+    """The report of a micro-benchmark plus interleaved short-connection rounds
+    (bench/proxyproto_rate.py, bench/frontdoor_rate.py): ``micro`` maps a
+    name to nanoseconds, ``results`` a mode to (conn/s per round, CPU us per
+    connection per round)."""
+    for what, ns in micro.items():
+        print(f"{what:{label_width}} {ns / 1000:7.2f} us")
+    print(f"{count} sequential short connections, {rounds} interleaved rounds, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    rounds_width = 6 * max(rounds, 1) + 16
+    print(f"{'mode':{mode_width}} {'conn/s median':>14} {'all rounds':>{rounds_width}}"
+          f" {'proxy CPU us/conn median':>25} {'min':>6}")
+    for mode, (rates, cpus) in results.items():
+        med = sorted(rates)[len(rates) // 2]
+        cmed = sorted(cpus)[len(cpus) // 2]
+        spread = " ".join(f"{r:.0f}" for r in rates)
+        print(f"{mode:{mode_width}} {med:14.0f} {spread:>{rounds_width}} {cmed:25.1f} {min(cpus):6.1f}")
