@@ -54,7 +54,9 @@ carried counters)           :mod:`gbalance.carry`)                      at a rel
 status and suspect mark,    the serving process: a worker with          connect results, an
 ``C_CHANGED``, ``C_PASSES`` ``-w N`` (``-a``, passive detection,        address read back
 = 0, on a connect result    through :mod:`gbalance.channels`, under     invalid
-                            the maxc lock)
+                            the maxc lock; ``C_PASSES`` = 0 just
+                            after it, outside: at worst a rise count
+                            is one off)
 ``H_WORKERS``               the master, at start-up                     once
 ``H_TABLE_DIGEST``          the master, at start-up                     once
 ==========================  ==========================================  =====================
