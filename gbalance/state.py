@@ -16,9 +16,9 @@ layout is fixed and versioned:
 * then one fixed-size, NUL-padded text field per channel: its numeric
   address; then one more such field: the address argument of a request.
 
-Every number is a 64-bit slot so that the master can update counters with a
-plain indexed add on a ``memoryview`` (no struct packing, no allocation, no
-lock).
+Every number is a 64-bit slot so that a serving process can update its
+counters with a plain indexed add on a ``memoryview`` (no struct packing, no
+allocation, and no lock but in the one case :mod:`gbalance.counters` names).
 
 Who writes which slot
 ---------------------
