@@ -1,36 +1,48 @@
-"""The channel life cycle: every change of a channel's state, in one place.
+"""The channel life cycle: one state machine, and every write of it.
 
 A channel is *enabled* (``ENA``: takes connections), *soft-disabled*
 (``dis``: by ``-a`` or monitoring, which may enable it again) or
 *hard-disabled* (``DIS``: by an admin; only an admin enables it again; new
-channels from ``create`` start so).  Besides its state a channel carries a
-*suspect* mark (a connect to it has been pending too long; routing skips it
-until it answers or a check passes), the monitor's counts of consecutive
-failed and passed checks (*fall*/*rise*), its ``maxc`` and its counters.
+channels from ``create`` start so): :class:`~gbalance.state.ChannelState`.
+Besides its state a channel carries a *suspect* mark (a connect to it has
+been pending too long; routing skips it until it answers or a check passes),
+the monitor's counts of consecutive failed and passed checks (*fall*/*rise*),
+its ``maxc`` and its counters.
 
-Only the master writes the table (see the writers table in
-:mod:`gbalance.state`); inside the master, this module makes every state
-change: at start-up (the command line), on a shell's request
-(:mod:`gbalance.mailbox`), on connect results (``-a`` autodisable and
-passive detection, in the server's channel events) and on check results
-(:mod:`gbalance.monitor`).  Routing asks :func:`usable` and
-:func:`last_resort` which channels may take a connection.
+What may happen to a channel is an :class:`Event`; :data:`TRANSITIONS` maps
+every (state, event) pair to a :class:`Step` (the state after it and what
+becomes of the suspect mark), and :meth:`Channels.fire` is the one place
+that executes it.  Whether an event happens at all is the caller's policy:
+a connect failure is ``CONNECT_FAILED`` only with ``-a`` or while passive
+monitoring is on; ``RISE``/``FALL`` are the ``rise``-th pass and the
+``fall``-th failure in a row unless the spec says ``noenable``/``nodisable``.
 
-Transitions:
+=================  =====================================  ===============================
+from               event                                  to
+=================  =====================================  ===============================
+any                ``ADMIN_ENABLE``                       ENA
+any                ``ADMIN_DISABLE``                      DIS
+ENA                ``CONNECT_FAILED`` (-a, or -m)         dis (passes counted from 0)
+ENA/dis            ``CONNECT_PENDING`` too long (-m)      same, suspect mark set
+any                ``CONNECT_SUCCEEDED``, ``CHECK_PASSED``  same, suspect mark cleared
+dis                ``RISE`` (``rise`` checks passed)      ENA, suspect mark cleared
+ENA                ``FALL`` (``fall`` checks failed)      dis
+any                ``MONITOR_OFF`` (every channel)        same, suspect mark cleared
+any                ``ADDRESS_INVALID`` (read back)        DIS, suspect mark cleared
+any (DIS: assign)  ``READDRESS``                          same, suspect mark cleared
+=================  =====================================  ===============================
 
-=================  ==============================  ===============================
-from               event                           to
-=================  ==============================  ===============================
-any                admin ``enable``                ENA
-any                admin ``disable``               DIS
-ENA                connect fails, ``-a`` or -m     dis (passes counted from 0)
-ENA                ``fall`` failed checks          dis (unless ``nodisable``)
-dis                ``rise`` passed checks          ENA (unless ``noenable``)
-ENA/dis            connect pending too long (-m)   suspect mark set
-any                connect succeeds, check passes  suspect mark cleared
-any                monitoring switched off         every suspect mark cleared
-any                address read back invalid       DIS (never routed nor checked)
-=================  ==============================  ===============================
+Every other pair leaves the channel as it is (the table says so too, so a
+test can walk all of it).
+
+Who calls it (the writers table in :mod:`gbalance.state` says which bytes
+each process writes): the master at start-up (the command line), on a
+shell's request (:mod:`gbalance.mailbox`) and on check results
+(:mod:`gbalance.monitor`); the serving process on connect results
+(``-a`` autodisable, passive detection, suspect marks, an address read back
+invalid: the server's channel events), which with ``-w N`` is a worker.
+Routing asks :func:`usable` and :func:`last_resort` which channels may take
+a connection.
 """
 
 from __future__ import annotations
@@ -40,10 +52,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
+from gbalance.counters import lock, unlock
 from gbalance.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
                             C_SUSPECT, C_TOTALC, ENABLED, H_NGROUPS, HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
-                            SOFT_DISABLED, SharedState, StateError, gslot, slot, G_NCHANNELS,
+                            SOFT_DISABLED, ChannelState, SharedState, StateError, gslot, slot, G_NCHANNELS,
                             C_RCVD_BASE, C_SENT_BASE, C_TOTALC_BASE, row_sum)
 
 #: Largest ``maxc`` (the C balance keeps it in an int).
@@ -63,6 +76,86 @@ class Result(enum.IntEnum):
     NO_MONITOR = 7       # the master runs without -m
     BAD_REQUEST = 8      # a request the master does not understand
     NO_GROUP = 9         # no such group
+
+
+
+class Event(enum.Enum):
+    """Something that may change a channel's state or suspect mark."""
+
+    ADMIN_ENABLE = "admin enable"
+    ADMIN_DISABLE = "admin disable"
+    CONNECT_FAILED = "connect failed"          # with -a, or passive detection under -m
+    CONNECT_PENDING = "connect pending"        # pending longer than the stagger (-m)
+    CONNECT_SUCCEEDED = "connect succeeded"
+    CHECK_PASSED = "check passed"              # one passed check (below rise, or noenable)
+    RISE = "rise"                              # the rise-th passed check in a row
+    FALL = "fall"                              # the fall-th failed check in a row
+    MONITOR_OFF = "monitoring switched off"
+    ADDRESS_INVALID = "address invalid"        # the address read back is no numeric address
+    READDRESS = "assign"                       # an admin re-pointed it (only a DIS one may be)
+
+
+class Mark(enum.Enum):
+    """What a step does to the suspect mark."""
+
+    KEEP = "keep"
+    SET = "set"
+    CLEAR = "clear"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of :data:`TRANSITIONS`: the state after the event, and the suspect mark."""
+
+    to: ChannelState
+    suspect: Mark = Mark.KEEP
+
+
+_ENA, _DIS_SOFT, _DIS_HARD = ChannelState.ENABLED, ChannelState.SOFT_DISABLED, ChannelState.HARD_DISABLED
+
+
+def _build() -> dict[tuple[ChannelState, Event], Step]:
+    table = {(s, e): Step(s) for s in ChannelState for e in Event}   # by default: nothing changes
+    for s in ChannelState:
+        table[s, Event.ADMIN_ENABLE] = Step(_ENA)
+        table[s, Event.ADMIN_DISABLE] = Step(_DIS_HARD)
+        table[s, Event.CONNECT_SUCCEEDED] = Step(s, Mark.CLEAR)
+        table[s, Event.CHECK_PASSED] = Step(s, Mark.CLEAR)
+        table[s, Event.RISE] = Step(s, Mark.CLEAR)
+        table[s, Event.MONITOR_OFF] = Step(s, Mark.CLEAR)
+        table[s, Event.ADDRESS_INVALID] = Step(_DIS_HARD, Mark.CLEAR)
+        table[s, Event.READDRESS] = Step(s, Mark.CLEAR)
+    table[_ENA, Event.CONNECT_FAILED] = Step(_DIS_SOFT)
+    table[_ENA, Event.CONNECT_PENDING] = Step(_ENA, Mark.SET)
+    table[_DIS_SOFT, Event.CONNECT_PENDING] = Step(_DIS_SOFT, Mark.SET)
+    table[_DIS_SOFT, Event.RISE] = Step(_ENA, Mark.CLEAR)
+    table[_ENA, Event.FALL] = Step(_DIS_SOFT)
+    return table
+
+
+#: The channel state machine: (state, event) -> step, for every pair.
+TRANSITIONS: dict[tuple[ChannelState, Event], Step] = _build()
+#: Events that lead to one state whatever the state before.
+_ABSOLUTE = frozenset(e for e in Event if len({TRANSITIONS[s, e].to for s in ChannelState}) == 1)
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What :meth:`Channels.fire` did."""
+
+    before: ChannelState
+    after: ChannelState
+    changed: bool = False           # the status slot was written
+    suspect_set: bool = False       # the suspect mark went from clear to set
+    suspect_cleared: bool = False   # the suspect mark went from set to clear
+
+
+def _state_of(value: int) -> ChannelState:
+    """The state a slot holds; anything the file should not hold counts as hard-disabled."""
+    try:
+        return ChannelState(value)
+    except ValueError:
+        return ChannelState.HARD_DISABLED
 
 
 def valid_address(text: str) -> bool:
@@ -110,6 +203,11 @@ def usable(q: memoryview, base: int) -> bool:
     return not maxc or q[base + C_C] < maxc
 
 
+def fallback_eligible(q: memoryview, base: int) -> bool:
+    """Not hard-disabled: may take a last-resort connection if its ``maxc`` leaves room."""
+    return q[base + C_STATUS] != HARD_DISABLED
+
+
 def last_resort(q: memoryview, base: int) -> bool:
     """May it take one when nothing usable is left and monitoring is on?
 
@@ -133,11 +231,18 @@ class CheckOutcome:
 
 
 class Channels:
-    """The master's writer of channel states, over its own state file."""
+    """The writer of channel states, over one process's map of the state file.
 
-    def __init__(self, state: SharedState):
+    ``lock_fd``: with ``-w N`` (N > 1), this process's own open of the lock
+    file; every :meth:`fire` then reads, decides and writes under the maxc
+    lock, so a worker's connect result and the master's admin or check
+    result never interleave (one would undo the other).  -1: one process.
+    """
+
+    def __init__(self, state: SharedState, lock_fd: int = -1):
         self.state = state
         self.q = state.q
+        self.lock_fd = lock_fd
 
     # -- reading -------------------------------------------------------------
 
@@ -148,8 +253,41 @@ class Channels:
     def status(self, g: int, c: int) -> int:
         return self.q[slot(g, c, C_STATUS)]
 
-    def _set_status(self, g: int, c: int, status: int) -> None:
-        self.state.set_status(g, c, status)
+    def checkable(self, g: int, c: int) -> bool:
+        """May the monitor check the channel?  Every one but the hard-disabled."""
+        return self.q[slot(g, c, C_STATUS)] != HARD_DISABLED
+
+    # -- the state machine ---------------------------------------------------------
+
+    def fire(self, g: int, c: int, event: Event) -> Fired:
+        """Apply ``event`` to channel ``g``/``c`` as :data:`TRANSITIONS` says; what changed."""
+        fd = self.lock_fd
+        if fd < 0:
+            return self._fire(g, c, event)
+        lock(fd)
+        try:
+            return self._fire(g, c, event)
+        finally:
+            unlock(fd)
+
+    def _fire(self, g: int, c: int, event: Event) -> Fired:
+        q, base = self.q, slot(g, c, 0)
+        raw = q[base + C_STATUS]
+        before = _state_of(raw)
+        step = TRANSITIONS[before, event]
+        # An event with one target from every state (admin, invalid address)
+        # also overwrites a value the file should not hold; the others leave it.
+        changed = step.to != before or (raw != step.to and event in _ABSOLUTE)
+        if changed:
+            self.state.set_status(g, c, step.to)
+        suspect_set = suspect_cleared = False
+        if step.suspect is Mark.SET and not q[base + C_SUSPECT]:
+            q[base + C_SUSPECT] = 1
+            suspect_set = True
+        elif step.suspect is Mark.CLEAR and q[base + C_SUSPECT]:
+            q[base + C_SUSPECT] = 0
+            suspect_cleared = True
+        return Fired(before, step.to, changed, suspect_set, suspect_cleared)
 
     # -- building ----------------------------------------------------------------
 
@@ -171,19 +309,19 @@ class Channels:
     # -- admin changes (a shell's requests) --------------------------------------
 
     def enable(self, g: int, c: int) -> Result:
-        return self._admin_set(g, c, ENABLED)
+        return self._admin(g, c, Event.ADMIN_ENABLE)
 
     def disable(self, g: int, c: int) -> Result:
-        return self._admin_set(g, c, HARD_DISABLED)
+        return self._admin(g, c, Event.ADMIN_DISABLE)
 
-    def _admin_set(self, g: int, c: int, status: int) -> Result:
+    def _admin(self, g: int, c: int, event: Event) -> Result:
         if not self.exists(g, c):
             return Result.NO_CHANNEL
-        if self.status(g, c) == status:
+        if self.status(g, c) == TRANSITIONS[_state_of(self.status(g, c)), event].to:
             return Result.ALREADY
-        if status == ENABLED and not valid_address(self.state.address(g, c)):
+        if event is Event.ADMIN_ENABLE and not valid_address(self.state.address(g, c)):
             return Result.INVALID_ADDRESS
-        self._set_status(g, c, status)
+        self.fire(g, c, event)
         return Result.OK
 
     def create(self, g: int, address: str, port: int) -> tuple[Result, int]:
@@ -210,8 +348,8 @@ class Channels:
         if self.status(g, c) != HARD_DISABLED:
             return Result.NOT_DISABLED
         self.state.set_address(g, c, address, port)
+        self.fire(g, c, Event.READDRESS)
         q, base = self.q, slot(g, c, 0)
-        q[base + C_SUSPECT] = 0
         q[base + C_FAILS] = 0
         q[base + C_PASSES] = 0
         self.state.bump_generation()
@@ -264,6 +402,10 @@ class Channels:
             self.clear_suspects()
         return Result.OK
 
+    def start_monitor(self, monitoring: bool) -> None:
+        """At start-up: monitoring on (``-m``) or absent (never switchable)."""
+        self.state.set_monitor(MON_ENABLED if monitoring else MON_NONE)
+
     # -- connect results ----------------------------------------------------------
 
     def soft_disable(self, g: int, c: int) -> bool:
@@ -272,43 +414,34 @@ class Channels:
         The monitor's rise count starts again from this failure.  False if
         the channel was not enabled.
         """
-        base = slot(g, c, 0)
-        q = self.q
-        if q[base + C_STATUS] != ENABLED:
+        if not self.fire(g, c, Event.CONNECT_FAILED).changed:
             return False
-        self._set_status(g, c, SOFT_DISABLED)
-        q[base + C_PASSES] = 0
+        self.q[slot(g, c, C_PASSES)] = 0
         return True
 
     def mark_suspect(self, g: int, c: int) -> bool:
         """A connect has been pending too long: routing skips the channel.  True if new."""
-        idx = slot(g, c, C_SUSPECT)
-        if self.q[idx] or self.status(g, c) == HARD_DISABLED:
-            return False
-        self.q[idx] = 1
-        return True
+        return self.fire(g, c, Event.CONNECT_PENDING).suspect_set
 
     def clear_suspect(self, g: int, c: int) -> bool:
-        """The channel answered: routing may use it again.  True if it was suspect."""
-        idx = slot(g, c, C_SUSPECT)
-        if not self.q[idx]:
+        """A connect succeeded: routing may use the channel again.  True if it was suspect.
+
+        (The common case, no mark, costs one read: this runs per connection.)
+        """
+        if not self.q[slot(g, c, C_SUSPECT)]:
             return False
-        self.q[idx] = 0
-        return True
+        return self.fire(g, c, Event.CONNECT_SUCCEEDED).suspect_cleared
 
     def clear_suspects(self) -> None:
         """Monitoring was switched off: nothing would clear suspect marks, so drop them."""
         for g in range(min(self.q[H_NGROUPS], MAXGROUPS)):
             for c in range(min(self.q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
-                self.q[slot(g, c, C_SUSPECT)] = 0
+                if self.q[slot(g, c, C_SUSPECT)]:
+                    self.fire(g, c, Event.MONITOR_OFF)
 
     def invalidate(self, g: int, c: int) -> bool:
         """The address read back is no numeric address: hard-disable.  True if it changed."""
-        if self.status(g, c) == HARD_DISABLED:
-            return False
-        self._set_status(g, c, HARD_DISABLED)
-        self.q[slot(g, c, C_SUSPECT)] = 0
-        return True
+        return self.fire(g, c, Event.ADDRESS_INVALID).changed
 
     # -- monitoring -----------------------------------------------------------------
 
@@ -318,15 +451,10 @@ class Channels:
         q[base + C_FAILS] = 0
         passes = q[base + C_PASSES] + 1
         q[base + C_PASSES] = passes
-        out = CheckOutcome(passes, unsuspected=self.clear_suspect(g, c))
-        if q[base + C_STATUS] != SOFT_DISABLED or not may_enable:
-            return out
-        if passes >= rise:
-            self._set_status(g, c, ENABLED)
-            out.changed = True
-        else:
-            out.counting = True
-        return out
+        towards = q[base + C_STATUS] == SOFT_DISABLED and may_enable
+        fired = self.fire(g, c, Event.RISE if towards and passes >= rise else Event.CHECK_PASSED)
+        return CheckOutcome(passes, changed=fired.changed, unsuspected=fired.suspect_cleared,
+                            counting=towards and not fired.changed)
 
     def check_failed(self, g: int, c: int, fall: int, may_disable: bool) -> CheckOutcome:
         """Count a failed check; ``fall`` in a row soft-disable an enabled channel."""
@@ -334,15 +462,10 @@ class Channels:
         q[base + C_PASSES] = 0
         fails = q[base + C_FAILS] + 1
         q[base + C_FAILS] = fails
-        out = CheckOutcome(fails)
-        if q[base + C_STATUS] != ENABLED or not may_disable:
-            return out
-        if fails >= fall:
-            self._set_status(g, c, SOFT_DISABLED)
-            out.changed = True
-        else:
-            out.counting = True
-        return out
+        towards = q[base + C_STATUS] == ENABLED and may_disable
+        if not towards or fails < fall:
+            return CheckOutcome(fails, counting=towards)
+        return CheckOutcome(fails, changed=self.fire(g, c, Event.FALL).changed)
 
     def address_of(self, g: int, c: int) -> tuple[str, int] | None:
         """(address, port) of a channel, or None when what the file holds is not valid."""

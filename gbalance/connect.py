@@ -1,10 +1,11 @@
 """Backend connects: timed, cancellable, and (with monitoring) staggered.
 
 For each client the server runs one :class:`Race`.  It asks the router for
-candidates and connects to them one after another, each with the ``-t``
-timeout, until one succeeds; refusals and timeouts are
-reported through :class:`Hooks` so the server can count, trace, autodisable
-and log.  Additions over balance:
+candidates and connects to them in turn, each with the ``-t`` timeout,
+until one succeeds (with a stagger delay, a hanging connect overlaps the
+next: see below); every attempt, success, refusal, timeout, cancel and
+hang is reported through :class:`Hooks` so the server can count, trace,
+autodisable, mark suspects and log.  Additions over balance:
 
 * a client that hangs up while its connect is pending cancels it: what it
   sends meanwhile is read into a small buffer (passed to the link, which

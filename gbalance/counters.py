@@ -103,6 +103,16 @@ class Counters:
         self.q[base + self.off + C_C] -= 1
 
 
+def lock(fd: int) -> None:
+    """Take the maxc lock through ``fd`` (also what a state change by
+    :meth:`gbalance.channels.Channels.fire` holds with ``-w N``)."""
+    _lock(fd, _LOCK)
+
+
+def unlock(fd: int) -> None:
+    _lock(fd, _UNLOCK)
+
+
 def _lock(fd: int, how: bytes) -> None:
     """Take or drop the maxc lock, waiting (held by a sibling for microseconds)."""
     while True:

@@ -1,8 +1,11 @@
 """Exit codes (sysexits) and the one exception type that carries them.
 
-Every failure a user can cause ends as a :class:`BalanceError`; ``cli.main``
-is the single place that turns it into a line on stderr and an exit code, so
-no path shows a Python traceback.
+Every failure a user of ``balance`` can cause ends as a
+:class:`BalanceError`, which ``cli.main`` turns into a line on stderr and an
+exit code, so no path shows a Python traceback.  Other code catches it only
+to say it in its own words (a ``-m`` spec, a shell command's address,
+``balance-instances``' configuration errors) or to clean up and raise it
+again (a hand-over).
 """
 
 EX_OK = 0

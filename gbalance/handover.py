@@ -37,7 +37,6 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
-import fcntl
 import ipaddress
 import os
 import socket
@@ -90,9 +89,11 @@ def release_state(state, unlink: bool = True) -> None:
     The file is unlinked (only if the path still names our file; with
     ``unlink`` False it stays for the master that replaces us, which
     renames its own over it, so the name is never free for another user to
-    take) and every lock this process holds on it is dropped so ``-i``/``-c``
-    sessions see this master as gone.  The mapping stays valid: draining
-    links keep counting into it.  A prepared file never put in place goes.
+    take), its descriptor is closed, and the lock file's descriptor with
+    the master lock on it (the only lock the master holds, byte 0) is closed
+    so ``-i``/``-c`` sessions of the owner see this master as gone.  The
+    mapping stays valid: draining links keep counting into it.  A prepared
+    file never put in place goes.
     """
     fd = state.fd
     if fd < 0:
@@ -103,11 +104,7 @@ def release_state(state, unlink: bool = True) -> None:
         if (unlink or pending) and os.stat(name).st_ino == os.fstat(fd).st_ino:
             os.unlink(name)
     with contextlib.suppress(OSError):
-        fcntl.lockf(fd, fcntl.LOCK_UN, 0, 0)
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    with contextlib.suppress(OSError):
-        os.close(fd)        # closing also drops any remaining POSIX record lock
+        os.close(fd)        # (no lock is ever taken on the state file itself)
     state.fd = -1
     lock_fd = getattr(state, "lock_fd", -1)
     if lock_fd >= 0:        # the master lock on the owner-only lock file

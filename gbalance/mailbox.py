@@ -1,6 +1,8 @@
 """Requests from a control shell to its master, through the state file.
 
-The master is the only writer of the table.  A shell (``-i``/``-c``) of the
+A shell never writes the table: the master makes every change it asks for
+(the writers table in :mod:`gbalance.state` lists the few slots serving
+workers write on connect results).  A shell (``-i``/``-c``) of the
 master's own user asks for a change by writing one request into the header
 of the state file and waiting for the master's answer:
 

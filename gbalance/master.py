@@ -36,7 +36,7 @@ from gbalance.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
 from gbalance.limits import raise_and_report
 from gbalance.log import Log
-from gbalance.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MON_ENABLED, MON_NONE, MasterRunning,
+from gbalance.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
                             SharedState, StateError, master_process_alive, state_path)
 
 LISTEN_BACKLOG = socket.SOMAXCONN
@@ -190,7 +190,7 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
         g = channels.add_group(group.kind)
         for ch in group.channels:
             channels.add_channel(g, ch.address, ch.port, ch.maxc)
-    state.set_monitor(MON_ENABLED if cfg.monitor is not None else MON_NONE)
+    channels.start_monitor(cfg.monitor is not None)
     state.set_workers(cfg.workers)
     state.q[H_TABLE_DIGEST] = table_digest(cfg.groups)
 
@@ -342,7 +342,7 @@ class Master:
             from gbalance.evloop import install_hub
             install_hub()
         self.done = Event()
-        channels = Channels(self.state)
+        channels = Channels(self.state, self._own_lock() if cfg.workers > 1 else -1)
         if monitoring and cfg.monitor.stagger > 0:
             # The delay shown for channels no process has measured yet.
             self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
@@ -363,6 +363,15 @@ class Master:
             # -P: health checks send a header too (clients' headers: worker.build_server).
             from gbalance.proxyproto import check_header
             self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
+
+    def _own_lock(self) -> int:
+        """The master's own open of the lock file, for state changes with -w N (see
+        :class:`~gbalance.channels.Channels`); -1, with a warning, if it cannot be had."""
+        try:
+            return self.state.open_own_lock()
+        except StateError as exc:
+            self.log.warning(f"{exc}; channel state changes are made without the lock")
+            return -1
 
     def trace_channels(self) -> None:
         """``-d``: list the active channels at start-up."""

@@ -49,7 +49,7 @@ from gbalance.child import SAFE_CWD, command_env, safe_path
 from gbalance.limits import restore_start_limit
 from gbalance.log import Log
 from gbalance.monspec import Check, MonitorSpec
-from gbalance.state import (C_PORT, C_STATUS, ENABLED, HARD_DISABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
+from gbalance.state import (C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
                             SharedState, slot)
 
 #: Characters that only mean something to a shell: a command containing one
@@ -131,7 +131,6 @@ class Monitor:
         self.connect_timeout = connect_timeout
         self.log = log
         self.source = source or {}
-        self.rounds = 0
         self._greenlet: gevent.Greenlet | None = None
         self._checks = gevent.pool.Group()
         self._was_enabled = True
@@ -189,11 +188,11 @@ class Monitor:
 
     def targets(self) -> list[Target]:
         """Every channel that may be checked now, read fresh from the table."""
-        st, q = self.state, self.q
+        st = self.state
         found = []
         for g in range(min(st.ngroups, MAXGROUPS)):
             for c in range(min(st.nchannels(g), MAXCHANNELS)):
-                if q[slot(g, c, C_STATUS)] == HARD_DISABLED:
+                if not self.channels.checkable(g, c):
                     continue
                 where = self.channels.address_of(g, c)
                 if where is not None:
@@ -202,7 +201,6 @@ class Monitor:
 
     def run_round(self, deadline: float) -> None:
         """Check all channels in parallel; return when all are done or the deadline passed."""
-        self.rounds += 1
         for target in self.targets():
             self._checks.spawn(self._check_channel, target, deadline)
         # Each check stops itself at the deadline; the slack covers reaping.
@@ -334,7 +332,7 @@ class Monitor:
         g, c = target.group, target.channel
         return (st.monitor == MON_ENABLED and g < st.ngroups and c < st.nchannels(g)
                 and st.address(g, c) == target.address and self.q[slot(g, c, C_PORT)] == target.port
-                and self.q[slot(g, c, C_STATUS)] != HARD_DISABLED)
+                and self.channels.checkable(g, c))
 
     def _passed(self, target: Target) -> None:
         spec = self.spec

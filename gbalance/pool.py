@@ -83,7 +83,6 @@ class Pool:
         self.slots = [Slot(i) for i in range(self.n)]
         self.stopping = False
         self._on_drained = None
-        self.restarts = 0
 
     # -- starting -------------------------------------------------------------
 
@@ -150,7 +149,6 @@ class Pool:
         if self.stopping:
             self._check_drained()
             return
-        self.restarts += 1
         lived = time.monotonic() - s.started
         if lived >= 1.0:
             s.backoff = 0.1
@@ -244,6 +242,3 @@ class Pool:
                 self.log.warning(f"worker {s.index} (pid {proc.pid}) did not stop: killed")
                 proc.kill()
                 proc.wait(timeout=1.0)
-
-    def close(self) -> None:
-        self.listener.close()

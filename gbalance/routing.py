@@ -1,4 +1,4 @@
-"""Which channel gets the next connection: pure decisions over the table.
+"""Which channel gets the next connection: decisions over the table.
 
 The router yields candidate channels in the order balance tries them: the
 groups in order; in a round-robin group from the group's cursor on, in a
@@ -9,8 +9,11 @@ the soft-disabled and suspect channels are tried in order as a last resort,
 so a monitor that misjudges cannot take the whole service down.
 
 No sockets here: the server asks for candidates and acts on them.  Which
-channel may take a connection is decided by :mod:`gbalance.channels`; the
-only slot written here is each group's round-robin cursor.
+channel may take a connection is decided by :mod:`gbalance.channels`.  The
+router does write to the table: each group's round-robin cursor (with
+``-w 1``), and with ``-w N`` the connection :meth:`Counters.room
+<gbalance.counters.Counters.room>` counts at once for a channel with a
+``maxc``; it changes no channel's state.
 
 With workers (``-w N``, N > 1) a router is given the worker's
 :class:`~gbalance.counters.Counters`: ``maxc`` is then checked against the
@@ -56,10 +59,10 @@ import ipaddress
 import zlib
 from typing import Iterator, Sequence
 
-from gbalance.channels import eligible, last_resort, usable
+from gbalance.channels import eligible, fallback_eligible, last_resort, usable
 from gbalance.counters import Counters
-from gbalance.state import (C_PORT, C_STATUS, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
-                            HARD_DISABLED, HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
+from gbalance.state import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
+                            HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
 
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
 KEY_BITS = 16
@@ -252,5 +255,5 @@ class Router:
                 if counters is None:
                     if last_resort(q, base):
                         yield g, c
-                elif q[base + C_STATUS] != HARD_DISABLED and counters.room(base):
+                elif fallback_eligible(q, base) and counters.room(base):
                     yield g, c

@@ -40,8 +40,7 @@ from gbalance.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED, C_STATUS, C_SUSPECT,
-                            ENABLED,
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -102,7 +101,7 @@ class ChannelEvents(Hooks):
     def success(self, g: int, c: int) -> None:
         if self.debug:
             self.log.trace(f"connect to channel {c} successful\n")
-        if self.q[slot(g, c, C_SUSPECT)] and self.channels.clear_suspect(g, c):
+        if self.channels.clear_suspect(g, c):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
@@ -112,8 +111,6 @@ class ChannelEvents(Hooks):
                 self.log.trace(f"timeout group {g} channel {c}\n")
             else:
                 self.log.trace(f"connection refused group {g} channel {c}\n")
-        if self.q[slot(g, c, C_STATUS)] != ENABLED:
-            return
         if self._monitoring():
             if self.channels.soft_disable(g, c):
                 self.log.warning(f"group {g} channel {c} {self._where(g, c)} soft-disabled: connect {reason}"
@@ -214,11 +211,13 @@ class BalanceServer(StreamServer):
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
                  idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
-                 row: int = 0, max_conns: int = 0, per_source: int = 0):
+                 counters: Counters | None = None, max_conns: int = 0, per_source: int = 0):
         super().__init__(listener, handle=self.handle_client)
         self.state = state
         self.q = state.q
-        self.row = row      # offset of this process's counter row (-w N)
+        # This process's counter row (-w N): connections given back through it.
+        self.counters = counters if counters is not None else Counters(state)
+        self.row = self.counters.off
         self.router = router
         self.connector = connector
         self.log = log
@@ -306,12 +305,6 @@ class BalanceServer(StreamServer):
                 self._pause(exc, f"accept failed ({exc.strerror})")
                 return
             handle(fd, address)
-
-    def do_handle(self, fd, address) -> None:
-        self.handle_client(fd, address)
-
-    def do_close(self, *args) -> None:  # only reached if do_handle raised
-        pass
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
@@ -575,7 +568,7 @@ class BalanceServer(StreamServer):
                 set_reset_on_close(client)
                 set_reset_on_close(result.sock)
                 result.sock.close()
-                self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
+                self.counters.uncount(slot(result.group, result.channel, 0))
             client.close()
             self._gone(race.source)
             if self.draining:
@@ -594,7 +587,7 @@ class BalanceServer(StreamServer):
         except Exception as exc:  # never let one client take the server down
             client.close()
             result.sock.close()
-            self.q[slot(result.group, result.channel, C_C) + self.row] -= 1
+            self.counters.uncount(slot(result.group, result.channel, 0))
             self.log.error(f"internal error handling {race.peer[0]}: {type(exc).__name__}: {exc}")
             self._gone(race.source)
             self._check_drained()
@@ -656,10 +649,6 @@ class BalanceServer(StreamServer):
         if reset:
             self.log.info(f"timed out after {self.idle_timeout:g} seconds with data in flight: reset"
                           + (f" ({reset} connections)" if reset > 1 else ""))
-
-    def close_links(self) -> None:
-        for link in list(self.links):
-            link.close()
 
 
 def source_key(host: str):

@@ -12,9 +12,10 @@ a channel's delay runs out and a parallel connect starts, its delay doubles
 slower than assumed stops being raced after a few connects, and the next
 measured connect sets the delay from the estimates again.
 
-The estimates live in the process that connects (one list per master); the
-master copies the current delay of each channel into the table for
-``monitor show`` and ``metrics``.  Nothing here touches sockets or clocks:
+The estimates live in the process that connects (the master with ``-w 1``,
+each worker its own with ``-w N``); after each connect that process writes
+the channel's delay into the table (``C_STAGGER_US``, the last writer wins)
+for ``monitor show`` and ``metrics``.  Nothing here touches sockets or clocks:
 callers pass measured seconds, so tests drive it with any numbers.
 """
 
@@ -43,10 +44,6 @@ class StaggerRule:
 
     ceiling: float
     floor: float = DEFAULT_FLOOR
-
-    @property
-    def enabled(self) -> bool:
-        return self.ceiling > 0
 
 
 class StaggerEstimator:

@@ -1,4 +1,4 @@
-"""The shared channel table: an mmap'd file, one writer, and who may touch it.
+"""The shared channel table: an mmap'd file, and who may write which slot of it.
 
 One file per master, named by listening port and bind address, holds the
 whole routing table (groups, channels, states, counters), the master's pid
@@ -16,9 +16,9 @@ layout is fixed and versioned:
 * then one fixed-size, NUL-padded text field per channel: its numeric
   address; then one more such field: the address argument of a request.
 
-Every number is a 64-bit slot so that the master can update counters with a
-plain indexed add on a ``memoryview`` (no struct packing, no allocation, no
-lock).
+Every number is a 64-bit slot so that a serving process can update its
+counters with a plain indexed add on a ``memoryview`` (no struct packing, no
+allocation, and no lock but in the one case :mod:`gbalance.counters` names).
 
 Who writes which slot
 ---------------------
@@ -33,8 +33,8 @@ request address                                                         (owner-o
 ``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
 groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
 addresses, status, maxc,                                                connect results (-w 1),
-suspect/fails/passes,                                                   monitoring
-monitor switch, generation
+suspect/fails/passes,       (:mod:`gbalance.carry` copies them into     monitoring; at a
+monitor switch, generation  the new file at a reload)                   reload, before serving
 ``C_TOTALC``, ``C_C``       the process that serves (server's channel   per connection
 in counter row *w*          events, :mod:`gbalance.forward` on close):
                             the master with ``-w 1``, worker *w* with
@@ -51,9 +51,12 @@ carried counters)           :mod:`gbalance.carry`)                      at a rel
                             (:mod:`gbalance.routing`); with N > 1 each
                             worker keeps its own cursor in memory
 ``C_STAGGER_US``            any serving process (last writer wins)      per connect (with -m)
-status and suspect mark     the serving process: a worker with          connect results, an
-on a connect result         ``-w N`` (``-a``, passive detection,        address read back
-                            through :mod:`gbalance.channels`)           invalid
+status and suspect mark,    the serving process: a worker with          connect results, an
+``C_CHANGED``, ``C_PASSES`` ``-w N`` (``-a``, passive detection,        address read back
+= 0, on a connect result    through :mod:`gbalance.channels`, under     invalid
+                            the maxc lock; ``C_PASSES`` = 0 just
+                            after it, outside: at worst a rise count
+                            is one off)
 ``H_WORKERS``               the master, at start-up                     once
 ``H_TABLE_DIGEST``          the master, at start-up                     once
 ==========================  ==========================================  =====================
@@ -66,18 +69,23 @@ records the sums at that moment in ``C_TOTALC_BASE``, ``C_SENT_BASE`` and
 
 With ``-w N`` the serving processes are the workers; they also make the
 connect-result transitions (autodisable, passive detection, suspect marks)
-through :mod:`gbalance.channels`, as single-slot writes, as balance's forked
-children did.  Everything else stays the master's.
+through :mod:`gbalance.channels`, as balance's forked children did.  Each
+change of a status or suspect mark is then read, decided and written under
+the maxc lock (byte 2 of the lock file), by workers and master alike, so a
+worker's connect result cannot undo an admin's ``disable`` or a check's
+result made meanwhile.  Everything else stays the master's.
 
 A shell never writes the table itself: it posts a request in the mailbox
 and waits for the master's acknowledgement (see :mod:`gbalance.mailbox`), so
 a ``reset`` can never race with the master's counting.  The master takes no
-lock while it serves: it holds the *master lock* (byte 0 of the lock file)
+lock per connection: it holds the *master lock* (byte 0 of the lock file)
 for its life, and shells of the same user take the *change lock* (byte 1)
 to use the mailbox one at a time.  With ``-w N`` (N > 1) the workers take the
 *maxc lock* (byte 2) for the few instructions that count a connection to a
 channel with a ``maxc`` limit (:mod:`gbalance.counters`); channels without a
-limit never take it.
+limit never take it.  Workers and the master also take it for a channel
+state change (:meth:`gbalance.channels.Channels.fire`), never per
+connection.
 
 Permissions: the state file is 0644 (everybody may ``show``), the lock file
 beside it (``.balance.<port>.<bind>.lock``) is 0600, so no other user can
@@ -98,6 +106,7 @@ This module imports nothing from the rest of the package but the leaf
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import mmap
@@ -133,7 +142,7 @@ H_MAXGROUPS = 2
 H_MAXCHANNELS = 3
 H_GENERATION = 4   # bumped whenever a channel's address or the channel set changes
 H_MONITOR = 5      # MON_NONE / MON_ENABLED / MON_DISABLED
-H_PORT = 6
+# slot 6 is unused (layout version 3 kept it)
 H_STARTED = 7      # unix time the master started
 H_NGROUPS = 8
 H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
@@ -176,8 +185,6 @@ C_TOTALC_BASE = 13  # sum of C_TOTALC at the last reset (readers subtract it)
 C_SENT_BASE = 14
 C_RCVD_BASE = 15
 C_SLOTS = 16
-#: Fields counted per serving process (one row each), summed by readers.
-ROW_COUNTERS = (C_C, C_TOTALC, C_SENT, C_RCVD, C_STAGGERED)
 
 GROUP_BASE = H_SLOTS
 CHANNEL_BASE = GROUP_BASE + MAXGROUPS * G_SLOTS
@@ -188,10 +195,19 @@ ADDR_OFFSET = len(MAGIC) + NSLOTS * 8
 REQ_ADDR_OFFSET = ADDR_OFFSET + MAXGROUPS * MAXCHANNELS * ADDR_LEN
 FILE_SIZE = REQ_ADDR_OFFSET + ADDR_LEN
 
-# Channel states.
-ENABLED = 0
-SOFT_DISABLED = 1   # by -a or monitoring; monitoring may re-enable it
-HARD_DISABLED = 2   # by an admin; only an admin re-enables it
+
+
+class ChannelState(enum.IntEnum):
+    """A channel's state, as stored in its ``C_STATUS`` slot (the values are the file's)."""
+
+    ENABLED = 0         # ENA: takes connections
+    SOFT_DISABLED = 1   # dis: by -a or monitoring; monitoring may re-enable it
+    HARD_DISABLED = 2   # DIS: by an admin; only an admin re-enables it
+
+
+ENABLED = ChannelState.ENABLED
+SOFT_DISABLED = ChannelState.SOFT_DISABLED
+HARD_DISABLED = ChannelState.HARD_DISABLED
 STATUS_NAMES = {ENABLED: "ENA", SOFT_DISABLED: "dis", HARD_DISABLED: "DIS"}
 
 # Group types.
@@ -199,10 +215,19 @@ RR = 0
 HASH = 1
 TYPE_NAMES = {RR: "RR", HASH: "Hash"}
 
-# Monitoring state in the header.
-MON_NONE = 0
-MON_ENABLED = 1
-MON_DISABLED = 2
+
+
+class MonitorSwitch(enum.IntEnum):
+    """The monitoring switch in the header's ``H_MONITOR`` slot (the values are the file's)."""
+
+    NONE = 0        # the master runs without -m
+    ENABLED = 1     # -m, checks run (``monitor enable``)
+    DISABLED = 2    # -m, switched off by ``monitor disable``
+
+
+MON_NONE = MonitorSwitch.NONE
+MON_ENABLED = MonitorSwitch.ENABLED
+MON_DISABLED = MonitorSwitch.DISABLED
 
 
 class StateError(Exception):

@@ -108,7 +108,7 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
         log.info(limit.describe(per))
     server = BalanceServer(listener, state, router, connector, log, addresses,
                            idle_timeout=cfg.idle_timeout,
-                           dump=write_stdout if cfg.packet_dump else None, row=counters.off,
+                           dump=write_stdout if cfg.packet_dump else None, counters=counters,
                            max_conns=limit.conns, per_source=cfg.per_source)
     if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
         from gbalance.proxyproto import header_maker
@@ -167,7 +167,7 @@ class Worker:
         spec = self.spec
         self.done = Event()
         self.server = build_server(self.cfg, self.state, self.listener, self.log, spec.source,
-                                   Channels(self.state), self.counters, spec.index)
+                                   Channels(self.state, self.counters.lock_fd), self.counters, spec.index)
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gbalance import state as S
@@ -172,3 +174,89 @@ def test_address_cache_disables_what_it_cannot_trust(ch, st):
     cache.refresh()
     assert ch.status(0, 1) == HARD_DISABLED
     assert log.lines == ["group 0 channel 1: invalid address in the state file, channel disabled"]
+
+
+# -- the state machine as a table --------------------------------------------------
+
+from gbalance import channels as CH  # noqa: E402
+from gbalance.channels import TRANSITIONS, Event, Mark, Step  # noqa: E402
+from gbalance.state import C_SUSPECT, ChannelState  # noqa: E402
+
+# The rules in words (the module's docstring), written out independently of
+# how channels.py builds its table: (state, event) -> (state after, mark).
+_E, _S, _H = ChannelState.ENABLED, ChannelState.SOFT_DISABLED, ChannelState.HARD_DISABLED
+_RULES = {
+    Event.ADMIN_ENABLE: lambda s: (_E, Mark.KEEP),
+    Event.ADMIN_DISABLE: lambda s: (_H, Mark.KEEP),
+    Event.CONNECT_FAILED: lambda s: (_S if s == _E else s, Mark.KEEP),
+    Event.CONNECT_PENDING: lambda s: (s, Mark.KEEP if s == _H else Mark.SET),
+    Event.CONNECT_SUCCEEDED: lambda s: (s, Mark.CLEAR),
+    Event.CHECK_PASSED: lambda s: (s, Mark.CLEAR),
+    Event.RISE: lambda s: (_E if s == _S else s, Mark.CLEAR),
+    Event.FALL: lambda s: (_S if s == _E else s, Mark.KEEP),
+    Event.MONITOR_OFF: lambda s: (s, Mark.CLEAR),
+    Event.ADDRESS_INVALID: lambda s: (_H, Mark.CLEAR),
+    Event.READDRESS: lambda s: (s, Mark.CLEAR),
+}
+
+
+def test_the_table_covers_every_state_and_event_and_says_what_the_docstring_says():
+    assert set(_RULES) == set(Event)
+    assert set(TRANSITIONS) == {(s, e) for s in ChannelState for e in Event}
+    for (s, e), step in TRANSITIONS.items():
+        assert (step.to, step.suspect) == _RULES[e](s), (s, e)
+    for e in Event:                                  # every event is in the docstring's table
+        assert f"``{e.name}``" in CH.__doc__
+
+
+def test_the_states_keep_the_file_layout():
+    assert (int(_E), int(_S), int(_H)) == (0, 1, 2)
+    assert S.MON_NONE == 0 and S.MON_ENABLED == 1 and S.MON_DISABLED == 2
+
+
+@pytest.mark.parametrize("key", sorted(TRANSITIONS, key=lambda k: (k[0], k[1].name)),
+                         ids=lambda k: f"{k[0].name}-{k[1].name}")
+@pytest.mark.parametrize("suspect", [0, 1])
+def test_fire_executes_every_row_on_the_file(ch, st, key, suspect):
+    state, event = key
+    step: Step = TRANSITIONS[key]
+    st.set_status(0, 0, state)
+    st.q[S.slot(0, 0, C_SUSPECT)] = suspect
+    other = st.channel(0, 1)
+    fired = ch.fire(0, 0, event)
+    assert ch.status(0, 0) == step.to and fired.before == state and fired.after == step.to
+    assert fired.changed == (state != step.to)
+    want = {Mark.KEEP: suspect, Mark.SET: 1, Mark.CLEAR: 0}[step.suspect]
+    assert st.q[S.slot(0, 0, C_SUSPECT)] == want
+    assert fired.suspect_set == (want and not suspect)
+    assert fired.suspect_cleared == (suspect and not want)
+    assert st.channel(0, 1) == other                 # nothing else in the table moved
+
+
+def test_a_status_the_file_should_not_hold_counts_as_hard_disabled(ch, st):
+    st.q[S.slot(0, 0, S.C_STATUS)] = 7
+    assert not ch.soft_disable(0, 0) and st.q[S.slot(0, 0, S.C_STATUS)] == 7
+    assert not ch.mark_suspect(0, 0)
+    assert ch.invalidate(0, 0) and ch.status(0, 0) == HARD_DISABLED
+
+
+def test_with_workers_a_change_waits_for_the_lock_another_process_holds(st):
+    import threading
+
+    from gbalance.counters import lock, unlock
+    setup = Channels(st)
+    setup.add_channel(setup.add_group(), "127.0.0.1", 8001)
+    held, mine = st.open_own_lock(), st.open_own_lock()    # two opens: two "processes"
+    try:
+        ch = Channels(st, lock_fd=mine)
+        lock(held)
+        worker = threading.Thread(target=ch.fire, args=(0, 0, Event.CONNECT_FAILED))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive() and ch.status(0, 0) == ENABLED     # waits for the holder
+        unlock(held)
+        worker.join(10)
+        assert not worker.is_alive() and ch.status(0, 0) == SOFT_DISABLED
+    finally:
+        os.close(held)
+        os.close(mine)

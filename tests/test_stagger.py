@@ -57,7 +57,6 @@ def test_zero_stagger_stays_off():
     e = est(0.0)
     e.sample(0, 0, 0.001)
     assert e.delay(0, 0) == 0.0
-    assert not StaggerRule(0.0).enabled
 
 
 def test_floor_never_exceeds_the_ceiling():
