@@ -48,7 +48,7 @@ from gbalance.channels import Channels
 from gbalance.child import SAFE_CWD, command_env, safe_path
 from gbalance.limits import restore_start_limit
 from gbalance.log import Log
-from gbalance.monspec import Check, MonitorSpec
+from gbalance.monspec import Check, CheckKind, MonitorSpec
 from gbalance.state import (C_PORT, C_STATUS, ENABLED, HARD_DISABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
                             SharedState, slot)
 
@@ -218,7 +218,7 @@ class Monitor:
             if remaining <= 0:
                 reason = "checks did not finish within the interval"
                 break
-            if check.kind == "connect":
+            if check.kind is CheckKind.CONNECT:
                 reason = self._connect(target, check, remaining)
             else:
                 reason = self._command(target, check, remaining)
