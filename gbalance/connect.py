@@ -41,13 +41,14 @@ import errno
 import fcntl
 import select
 import socket
+from enum import StrEnum
 from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
 from gbalance.forward import DONTWAIT, F_SETOWN
 from gbalance.stagger import StaggerEstimator
-from gbalance.watchers import Watchers
+from gbalance.watchers import READ, WRITE, Watchers
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
@@ -67,6 +68,15 @@ EARLY_MAX = 65536
 EARLY_TOTAL = 4 << 20
 #: What a race step returns while the race goes on.
 _GOING = object()
+
+
+class FailReason(StrEnum):
+    """Why a connect failed, where it is not an errno's name (a str, so it
+    logs as the word)."""
+
+    TIMEOUT = "timeout"            # no answer within -t
+    REFUSED = "refused"            # ECONNREFUSED
+    SOCKET_ERROR = "socket error"  # no socket could be made (no errno text)
 
 
 class Connected(NamedTuple):
@@ -95,7 +105,7 @@ class Hooks:
 
     def attempt(self, g: int, c: int) -> None: ...
     def success(self, g: int, c: int) -> None: ...
-    def failure(self, g: int, c: int, reason: str) -> None: ...
+    def failure(self, g: int, c: int, reason: str) -> None: ...   # a FailReason or an errno name
     def cancel(self, g: int, c: int) -> None: ...
     def suspect(self, g: int, c: int) -> None: ...
     def staggered(self, g: int, c: int) -> None: ...
@@ -270,20 +280,23 @@ class Race:
                 result = self._finish(None)
             else:
                 if self.conn.early_room(self.held) > 0:
-                    self.client_io = self.conn.watchers.io(self.client.fileno(), 1)
-                    self.client_io.start(self._event, "client", None)
+                    self.client_io = self.conn.watchers.io(self.client.fileno(), READ)
+                    self.client_io.start(self._event, Race._on_client, None)
                 return
         except BaseException as exc:
             self._fault(exc)
             return
         self._end(result)
 
-    def _event(self, kind: str, att: "Attempt | None") -> None:
-        """A watcher fired: move the race on, and end it if it is decided."""
+    def _event(self, step: Callable[["Race", "Attempt | None"], object], att: "Attempt | None") -> None:
+        """A watcher fired: ``step`` is the handler of its kind (``_on_io``,
+        ``_on_timeout``, ``_on_stagger``, ``_on_client``, passed as plain
+        functions so arming a watcher allocates nothing more).  Move the
+        race on, and end it if it is decided."""
         if self.over:
             return
         try:
-            result = self._step(kind, att)
+            result = step(self, att)
         except BaseException as exc:
             self._fault(exc)
             return
@@ -318,69 +331,81 @@ class Race:
         Returns an attempt that connected at once, or None; pending ones go
         to ``self.pending``.  Immediate failures move on to the next.
         """
-        conn, hooks = self.conn, self.conn.hooks
         while not self.exhausted:
             try:
                 g, c = next(self.candidates)
             except StopIteration:
                 self.exhausted = True
                 break
-            family, addr = conn.address_of(g, c)
-            hooks.attempt(g, c)
-            try:
-                sock = conn.open_socket(family)
-            except OSError as exc:
-                if exc.errno in _LOCAL_SHORTAGE:
-                    # Out of descriptors or memory here: no channel is to
-                    # blame (no autodisable), and no other would fare better.
-                    self.shortage = exc
-                    hooks.cancel(g, c)
-                    self.exhausted = True
-                    break
-                hooks.failure(g, c, exc.strerror or "socket error")
-                continue
-            rc = sock.connect_ex(addr)
-            att = Attempt(g, c, sock)
-            if rc == 0:
-                return att
-            if conn.estimator is not None:
-                att.t0 = conn.loop.now()
-            if rc in _NO_PORT:
-                # Out of local ports for this destination: not the channel's fault.
-                sock.close()
-                hooks.cancel(g, c)
-                continue
-            if rc not in (errno.EINPROGRESS, errno.EALREADY):
-                sock.close()
-                hooks.failure(g, c, _reason(rc))
-                continue
-            early = self.early
-            if early and conn.send_early:
-                # The client has spoken: send now.  A near backend (this
-                # host) has completed the handshake inside connect(), and
-                # the send then ends the race with no loop turn; a far one
-                # is still connecting (EAGAIN) and is waited for below.
-                try:
-                    att.sent = sock.send(early, DONTWAIT)
-                    return att
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError as exc:
-                    if exc.errno in _RESET_AFTER_CONNECT:
-                        att.reset = True
-                        return att
-                    sock.close()
-                    hooks.failure(g, c, _reason(exc.errno))
-                    continue
-            att.io = conn.watchers.io(sock.fileno(), 2)
-            att.io.start(self._event, "io", att)
-            if conn.timeout > 0:
-                att.timer = conn.watchers.timer()
-                att.timer.again(self._event, "timeout", att)   # the full -t, whatever its past
+            att = self._connect(g, c)
+            if att is None:
+                continue               # failed at once: the next candidate
+            if att.io is None:
+                return att             # connected (or reset) at once
             self.pending.append(att)
             self._arm_stagger(att)
             return None
         return None
+
+    def _connect(self, g: int, c: int) -> Attempt | None:
+        """Open a socket and connect it to channel ``g``/``c``.
+
+        Returns the attempt (with an I/O watcher when its connect is
+        pending, without when it is already decided), or None when it
+        failed at once (reported; ``self.exhausted`` is set when no other
+        candidate could fare better).
+        """
+        conn, hooks = self.conn, self.conn.hooks
+        family, addr = conn.address_of(g, c)
+        hooks.attempt(g, c)
+        try:
+            sock = conn.open_socket(family)
+        except OSError as exc:
+            if exc.errno in _LOCAL_SHORTAGE:
+                # Out of descriptors or memory here: no channel is to
+                # blame (no autodisable), and no other would fare better.
+                self.shortage = exc
+                hooks.cancel(g, c)
+                self.exhausted = True
+                return None
+            hooks.failure(g, c, exc.strerror or FailReason.SOCKET_ERROR)
+            return None
+        rc = sock.connect_ex(addr)
+        att = Attempt(g, c, sock)
+        if rc == 0:
+            return att
+        if conn.estimator is not None:
+            att.t0 = conn.loop.now()
+        if rc in _NO_PORT:
+            # Out of local ports for this destination: not the channel's fault.
+            sock.close()
+            hooks.cancel(g, c)
+            return None
+        if rc not in (errno.EINPROGRESS, errno.EALREADY):
+            sock.close()
+            hooks.failure(g, c, _reason(rc))
+            return None
+        if self.early and conn.send_early:
+            # The client has spoken: send now.  A near backend (this host)
+            # has completed the handshake inside connect(), and the send
+            # then ends the race with no loop turn; a far one is still
+            # connecting (EAGAIN) and is waited for.
+            err = self._send_early(att)
+            if err == 0:
+                return att
+            if err in _RESET_AFTER_CONNECT:
+                att.reset = True
+                return att
+            if err > 0:
+                sock.close()
+                hooks.failure(g, c, _reason(err))
+                return None
+        att.io = conn.watchers.io(sock.fileno(), WRITE)
+        att.io.start(self._event, Race._on_io, att)
+        if conn.timeout > 0:
+            att.timer = conn.watchers.timer()
+            att.timer.again(self._event, Race._on_timeout, att)   # the full -t, whatever its past
+        return att
 
     def _arm_stagger(self, att: Attempt) -> None:
         conn = self.conn
@@ -390,7 +415,7 @@ class Race:
         if self.stagger_timer is not None:
             self.stagger_timer.stop()
         self.stagger_timer = conn.loop.timer(delay)
-        self.stagger_timer.start(self._event, "stagger", att)
+        self.stagger_timer.start(self._event, Race._on_stagger, att)
 
     def _fail(self, att: Attempt, reason: str) -> None:
         att.stop()
@@ -501,53 +526,71 @@ class Race:
 
     # -- the race ------------------------------------------------------------
 
-    def _step(self, kind: str, att: "Attempt | None"):
-        """Handle one event: the race's result, or ``_GOING`` while it goes on."""
-        if kind == "io":
-            if att not in self.pending:
-                return _GOING
-            early = self.early
-            if early and self.conn.send_early:
-                # The client has spoken: its bytes go now, and the send
-                # tells how the connect went (no SO_ERROR look-up needed).
-                try:
-                    att.sent = att.sock.send(early, DONTWAIT)
-                    err = 0
-                except BlockingIOError:
-                    err = 0
-                except OSError as exc:
-                    err = exc.errno
-            else:
-                err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0:
-                return self._finish(att)
-            if err in _RESET_AFTER_CONNECT:
-                # Connected, then reset before we looked (reading SO_ERROR cleared it).
-                att.reset = True
-                return self._finish(att)
-            self._fail(att, _reason(err))
-        elif kind == "timeout":
-            if att not in self.pending:
-                return _GOING
-            self._fail(att, "timeout")
-        elif kind == "stagger":
-            if not self.pending or self.exhausted:
-                return _GOING
-            done = _settled(self.pending)
-            if done is not None:
-                # Connected (or failed) already; the loop had not told us yet.
-                return self._step("io", done)
-            hooks = self.conn.hooks
-            for p in self.pending:
-                hooks.suspect(p.g, p.c)
-            if att in self.pending:
-                hooks.staggered(att.g, att.c)
-                if self.conn.estimator is not None:
-                    hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
-        elif kind == "client":
-            if self._client_gone():
-                return self._finish(None)
+    def _send_early(self, att: Attempt) -> int:
+        """Send the client's early bytes on ``att``: 0 if the send took
+        them, -1 if the connect is still pending, else the errno."""
+        try:
+            att.sent = att.sock.send(self.early, DONTWAIT)
+            return 0
+        except (BlockingIOError, InterruptedError):
+            return -1
+        except OSError as exc:
+            return exc.errno
+
+    # -- the race: one handler per watcher kind ------------------------------
+
+    def _on_io(self, att: Attempt):
+        """A pending connect became writable: it connected, or it failed."""
+        if att not in self.pending:
             return _GOING
+        if self.early and self.conn.send_early:
+            # The client has spoken: its bytes go now, and the send tells
+            # how the connect went (no SO_ERROR look-up needed).
+            err = max(self._send_early(att), 0)
+        else:
+            err = att.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            return self._finish(att)
+        if err in _RESET_AFTER_CONNECT:
+            # Connected, then reset before we looked (reading SO_ERROR cleared it).
+            att.reset = True
+            return self._finish(att)
+        self._fail(att, _reason(err))
+        return self._next()
+
+    def _on_timeout(self, att: Attempt):
+        """A pending connect had no answer within -t."""
+        if att not in self.pending:
+            return _GOING
+        self._fail(att, FailReason.TIMEOUT)
+        return self._next()
+
+    def _on_stagger(self, att: Attempt):
+        """The stagger delay ran out with ``att`` (and maybe others) pending:
+        suspect them and start a parallel attempt on the next candidate."""
+        if not self.pending or self.exhausted:
+            return _GOING
+        done = _settled(self.pending)
+        if done is not None:
+            # Connected (or failed) already; the loop had not told us yet.
+            return self._on_io(done)
+        hooks = self.conn.hooks
+        for p in self.pending:
+            hooks.suspect(p.g, p.c)
+        if att in self.pending:
+            hooks.staggered(att.g, att.c)
+            if self.conn.estimator is not None:
+                hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
+        return self._next()
+
+    def _on_client(self, _att: None):
+        """The client sent something, or left, while connects are pending."""
+        if self._client_gone():
+            return self._finish(None)
+        return _GOING
+
+    def _next(self):
+        """Launch the next candidate: the race's result, or ``_GOING``."""
         won = self._launch()
         if won is not None:
             return self._finish(won)
@@ -571,7 +614,7 @@ def _abort_on_close(sock: socket.socket) -> None:
 
 def _reason(err: int) -> str:
     """How a failed connect is reported (``refused``, else the errno's name)."""
-    return "refused" if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err))
+    return FailReason.REFUSED if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err))
 
 
 def _settled(pending: list[Attempt]) -> Attempt | None:

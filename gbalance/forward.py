@@ -47,6 +47,7 @@ import termios
 from typing import Callable
 
 from gbalance.dump import dump as render_dump
+from gbalance.watchers import READ, READ_WRITE, WRITE
 
 CHUNK = 65536
 SCRATCH = bytearray(CHUNK)
@@ -122,12 +123,12 @@ def read_watcher(link: "Link", fd: int, reuse=None):
     """
     if reuse is not None and not reuse.active and reuse.fd == fd:
         try:
-            if reuse.events & 3 != 1:
-                reuse.events = 1
+            if reuse.events & READ_WRITE != READ:
+                reuse.events = READ
             return reuse
         except (AttributeError, TypeError, ValueError):
             pass
-    return new_watcher(link, fd, 1)
+    return new_watcher(link, fd, READ)
 
 
 def new_watcher(link: "Link", fd: int, events: int):
@@ -225,7 +226,7 @@ class Flow:
         if urgent is not None:   # nobody reads src now: have its errors reported
             urgent.add(self.src, self.dst, self.link)
         if self.ww is None:
-            self.ww = new_watcher(self.link, self.dst.fileno(), 2)
+            self.ww = new_watcher(self.link, self.dst.fileno(), WRITE)
         self.ww.start(callback)
 
     # -- splice path (Linux) -----------------------------------------------
@@ -589,7 +590,7 @@ class UrgentRelay:
         self.calm = calm
         self.signals = 0                     # SIGURGs seen (for tests and tracing)
         if self.ep is not None:
-            self.watcher = loop.io(self.ep.fileno(), 1, priority=2)
+            self.watcher = loop.io(self.ep.fileno(), READ, priority=2)
             self.watcher.start(self._on_event)
             self.sigurg = loop.signal(signal.SIGURG, priority=2)
             self.sigurg.start(self._on_sigurg)

@@ -40,6 +40,7 @@ from typing import Callable
 
 from gbalance.errors import EX_USAGE, BalanceError
 from gbalance.proxyproto import HEADER_MAX, HeaderError, parse_header
+from gbalance.watchers import READ
 
 #: Seconds a client has to send its whole header.
 DEFAULT_TIMEOUT = 3.0
@@ -217,7 +218,7 @@ class FrontDoor:
         try:
             if self._read(w):       # most front tiers send the header with the connect
                 return
-            w.io = self.loop.io(fd, 1)
+            w.io = self.loop.io(fd, READ)
             w.timer = self.loop.timer(self.spec.timeout)
             self.waiting.add(w)
             w.io.start(self._readable, w)

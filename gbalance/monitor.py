@@ -48,7 +48,8 @@ from gbalance.channels import Channels
 from gbalance.child import SAFE_CWD, command_env, safe_path
 from gbalance.limits import restore_start_limit
 from gbalance.log import Log
-from gbalance.monspec import Check, MonitorSpec
+from gbalance.clock import REAL, Clock
+from gbalance.monspec import Check, CheckKind, MonitorSpec
 from gbalance.state import (C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
                             SharedState, slot)
 
@@ -123,8 +124,11 @@ class Monitor:
     proxy_header = None
 
     def __init__(self, state: SharedState, spec: MonitorSpec, connect_timeout: float, log: Log,
-                 source: dict[int, tuple] | None = None, channels: Channels | None = None):
+                 source: dict[int, tuple] | None = None, channels: Channels | None = None,
+                 clock: Clock = REAL):
         self.state = state
+        #: Intervals are measured and waited for on this clock (a test's fake one).
+        self.clock = clock
         self.q = state.q
         self.channels = channels if channels is not None else Channels(state)
         self.spec = spec
@@ -157,20 +161,20 @@ class Monitor:
     # -- scheduling ----------------------------------------------------------
 
     def _loop(self) -> None:
-        interval = self.spec.interval
-        next_at = time.monotonic()
+        interval, clock = self.spec.interval, self.clock
+        next_at = clock.now()
         while True:
-            delay = next_at - time.monotonic()
+            delay = next_at - clock.now()
             if delay > 0:
-                gevent.sleep(delay)
-            started = time.monotonic()
+                clock.sleep(delay)
+            started = clock.now()
             if self.state.monitor == MON_ENABLED:
                 self._was_enabled = True
                 self.run_round(started + interval)
             elif self._was_enabled:
                 self._was_enabled = False
                 self._clear_suspects()
-            finished = time.monotonic()
+            finished = clock.now()
             next_at = self._next_tick(started, finished, interval)
 
     def _next_tick(self, started: float, finished: float, interval: float) -> float:
@@ -204,7 +208,7 @@ class Monitor:
         for target in self.targets():
             self._checks.spawn(self._check_channel, target, deadline)
         # Each check stops itself at the deadline; the slack covers reaping.
-        self._checks.join(timeout=max(0.0, deadline - time.monotonic()) + REAP_GRACE + 1)
+        self._checks.join(timeout=max(0.0, deadline - self.clock.now()) + REAP_GRACE + 1)
         self._checks.kill(block=False)
 
     # -- one channel -----------------------------------------------------------
@@ -212,11 +216,11 @@ class Monitor:
     def _check_channel(self, target: Target, deadline: float) -> None:
         reason = None
         for check in self.spec.checks:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock.now()
             if remaining <= 0:
                 reason = "checks did not finish within the interval"
                 break
-            if check.kind == "connect":
+            if check.kind is CheckKind.CONNECT:
                 reason = self._connect(target, check, remaining)
             else:
                 reason = self._command(target, check, remaining)

@@ -11,6 +11,7 @@ connect to the next channel; 0 turns it off).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from gbalance.errors import EX_UNAVAILABLE, BalanceError
 
@@ -18,11 +19,18 @@ DEFAULT_INTERVAL = 60.0
 DEFAULT_STAGGER = 0.25
 
 
+class CheckKind(StrEnum):
+    """What one monitoring action does (a str: ``-m`` spells it so)."""
+
+    CONNECT = "connect"    # a TCP connect to the channel
+    COMMAND = "command"    # a shell command, judged by its exit status
+
+
 @dataclass
 class Check:
     """One monitoring action in a chain."""
 
-    kind: str                      # "connect" or "command"
+    kind: CheckKind
     timeout: float | None = None   # connect: None means the -t value
     command: str = ""              # command: with %H, %P, %% placeholders
     passes: tuple[int, ...] = (0,)
@@ -92,22 +100,22 @@ def parse_monitor(text: str) -> MonitorSpec:
         val = value if sep else None
         if not key:
             raise _bad("empty key (two colons in a row or a colon at an end?)")
-        if key == "connect":
+        if key == CheckKind.CONNECT:
             if val is not None:
                 raise _bad("unexpected value for 'connect'")
-            spec.checks.append(Check("connect"))
-        elif key == "command":
+            spec.checks.append(Check(CheckKind.CONNECT))
+        elif key == CheckKind.COMMAND:
             if not val or not val.strip():
                 raise _bad("'command' action requires a value")
-            spec.checks.append(Check("command", command=val))
+            spec.checks.append(Check(CheckKind.COMMAND, command=val))
         elif key == "timeout":
-            if not spec.checks or spec.checks[-1].kind != "connect":
+            if not spec.checks or spec.checks[-1].kind is not CheckKind.CONNECT:
                 raise _bad("timeout must follow a connect action")
             spec.checks[-1].timeout = _float(key, val)
         elif key == "pass":
             if not spec.checks:
                 raise _bad("'pass' option given without action")
-            if spec.checks[-1].kind != "command":
+            if spec.checks[-1].kind is not CheckKind.COMMAND:
                 raise _bad("'pass' option unsupported for this action")
             words = (val or "").split(",")
             if all(w.strip().isascii() and w.strip().isdigit() for w in words):

@@ -31,6 +31,7 @@ import gevent
 from gevent import subprocess
 
 from gbalance.child import SAFE_CWD, python_argv
+from gbalance.clock import REAL, Clock
 from gbalance.config import ProxyConfig
 from gbalance.log import Log
 from gbalance.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
@@ -68,11 +69,25 @@ class Slot:
         self.ready = None
         self.watcher = None
 
+    def restart_delay(self, lived: float) -> float:
+        """The pause before replacing a worker that died after ``lived``
+        seconds: none after a second or more of life (the back-off starts
+        over), else the back-off, which then doubles up to MAX_BACKOFF."""
+        if lived >= 1.0:
+            self.backoff = 0.1
+            return 0.0
+        delay = self.backoff
+        self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+        return delay
+
 
 class Pool:
     """N worker processes serving one listener for one master."""
 
-    def __init__(self, cfg: ProxyConfig, state: SharedState, listener, log: Log, source: dict):
+    def __init__(self, cfg: ProxyConfig, state: SharedState, listener, log: Log, source: dict,
+                 clock: Clock = REAL):
+        #: Worker lifetimes and restart pauses are measured on this clock.
+        self.clock = clock
         self.cfg = cfg
         self.state = state
         self.listener = listener
@@ -121,7 +136,7 @@ class Pool:
             s.backoff = min(MAX_BACKOFF, s.backoff * 2)
             return
         os.close(w)
-        s.started = time.monotonic()
+        s.started = self.clock.now()
         s.ready = Event()
         s.watcher = gevent.spawn(self._watch, s, s.proc, r, s.ready)
 
@@ -149,17 +164,11 @@ class Pool:
         if self.stopping:
             self._check_drained()
             return
-        lived = time.monotonic() - s.started
-        if lived >= 1.0:
-            s.backoff = 0.1
-            delay = 0.0
-        else:
-            delay = s.backoff
-            s.backoff = min(MAX_BACKOFF, s.backoff * 2)
+        delay = s.restart_delay(self.clock.now() - s.started)
         self.log.warning(f"worker {s.index} (pid {proc.pid}) died ({describe_exit(code)});"
                          f" starting a replacement{f' in {delay:g} seconds' if delay else ''}")
         if delay:
-            gevent.sleep(delay)
+            self.clock.sleep(delay)
         if not self.stopping:
             self._spawn(s)
 

@@ -34,7 +34,7 @@ from typing import Callable
 from gevent.server import StreamServer
 
 from gbalance.channels import Channels
-from gbalance.connect import Connected, Connector, Hooks, Race
+from gbalance.connect import Connected, Connector, FailReason, Hooks, Race
 from gbalance.counters import Counters
 from gbalance.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
 from gbalance.log import Log
@@ -107,7 +107,7 @@ class ChannelEvents(Hooks):
     def failure(self, g: int, c: int, reason: str) -> None:
         self.counters.uncount(slot(g, c, 0))
         if self.debug:
-            if reason == "timeout":
+            if reason is FailReason.TIMEOUT:
                 self.log.trace(f"timeout group {g} channel {c}\n")
             else:
                 self.log.trace(f"connection refused group {g} channel {c}\n")

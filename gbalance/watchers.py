@@ -14,6 +14,12 @@ and arguments, so it keeps no closed link or race alive.
 
 from __future__ import annotations
 
+#: libev event masks for I/O watchers: readable, writable.
+READ = 1
+WRITE = 2
+#: Both directions (masks a watcher's ``events`` down to what I/O means).
+READ_WRITE = READ | WRITE
+
 #: Stopped watchers of each kind kept for reuse.
 KEEP = 512
 

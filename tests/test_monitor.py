@@ -73,13 +73,11 @@ def test_dead_port_disabled_then_reenabled_within_one_interval(balance, backends
     time.sleep(INTERVAL)
     assert t.status(0, 0) == ENABLED and t.status(0, 1) == ENABLED
     a.close()
-    took = wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
-    assert took <= INTERVAL + SLACK
+    wait_for(lambda: t.status(0, 0) == SOFT_DISABLED, INTERVAL + SLACK)
     assert {read_tag(port) for _ in range(4)} == {"B"}
     a2 = reopen(a, "A2")
     try:
-        took = wait_for(lambda: t.status(0, 0) == ENABLED, INTERVAL + SLACK)
-        assert took <= INTERVAL + SLACK
+        wait_for(lambda: t.status(0, 0) == ENABLED, INTERVAL + SLACK)
         assert {read_tag(port) for _ in range(4)} == {"A2", "B"}
     finally:
         a2.close()
@@ -88,23 +86,38 @@ def test_dead_port_disabled_then_reenabled_within_one_interval(balance, backends
     assert f"group 0 channel 0 127.0.0.1:{a.port} enabled by monitoring: checks pass" in err
 
 
+def rounds_passed(t, witness: Backend, g: int, c: int) -> Backend:
+    """Prove that a whole monitoring round started after this call and ran:
+    close ``witness`` (channel g/c) and wait for its soft-disable, then
+    reopen it and wait for its enable again (that needs a round that began
+    after the close).  Returns the reopened witness."""
+    witness.close()
+    wait_for(lambda: t.status(g, c) == SOFT_DISABLED, 4 * (INTERVAL + SLACK))
+    again = reopen(witness, "W2")
+    wait_for(lambda: t.status(g, c) == ENABLED, 4 * (INTERVAL + SLACK))
+    return again
+
+
 def test_hard_disabled_is_never_touched(balance, backends, table):
-    a, b = backends("A"), backends("B")
+    # "Nothing happened" is shown by a witness channel the same rounds
+    # visibly changed, not by sleeping and hoping a round ran.
+    a, b, w = backends("A"), backends("B"), backends("W")
     port = free_port()
-    balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, port=port)
+    balance.start("-m", f"connect:interval={INTERVAL}", str(port), a.spec, b.spec, w.spec, port=port)
     t = table(port)
     t.set_status(0, 0, HARD_DISABLED)        # what "disable 0" in the shell does
-    time.sleep(3 * INTERVAL)
+    w = rounds_passed(t, w, 0, 2)
     assert t.status(0, 0) == HARD_DISABLED    # passing checks do not enable it
     b.close()
     wait_for(lambda: t.status(0, 1) == SOFT_DISABLED, INTERVAL + SLACK)
     t.set_status(0, 1, HARD_DISABLED)
     b2 = reopen(b, "B2")
     try:
-        time.sleep(3 * INTERVAL)
+        w = rounds_passed(t, w, 0, 2)
         assert t.status(0, 1) == HARD_DISABLED
     finally:
         b2.close()
+        w.close()
 
 
 def test_noenable_keeps_failed_channel_disabled(balance, backends, table):
@@ -391,3 +404,69 @@ def test_flooding_check_output_is_bounded(balance, backends, table, tmp_path):
     assert "still running at the end of the interval" in err
     assert err.count("check output: 0123456789abcdef") <= 20
     assert "Traceback" not in err
+
+
+# -- scheduling on a fake clock (no sleeps) ------------------------------------
+
+class RecordingLog:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, msg): self.lines.append(msg)
+    def warning(self, msg): self.lines.append(msg)
+
+
+def scheduled_monitor(interval: float, round_takes: list[float], monitor_on=lambda n: True):
+    """A Monitor whose rounds take ``round_takes`` seconds of fake time each;
+    the loop ends after the last of them (the first round starts with no wait)."""
+    from types import SimpleNamespace
+
+    from fakeloop import Enough, FakeClock
+
+    from gbalance.monitor import Monitor
+    from gbalance.monspec import parse_monitor
+    from gbalance.state import MON_DISABLED as OFF, MON_ENABLED as ON
+
+    clock = FakeClock(stop_after=len(round_takes) - 1)
+    state = SimpleNamespace(q=None, monitor=ON)
+    log = RecordingLog()
+    mon = Monitor(state, parse_monitor(f"connect:interval={interval}"), 1.0, log,
+                  channels=object(), clock=clock)
+    rounds: list[tuple[float, float]] = []
+    cleared: list[float] = []
+
+    def run_round(deadline):
+        rounds.append((clock.t, deadline))
+        clock.t += round_takes[len(rounds) - 1]
+        state.monitor = ON if monitor_on(len(rounds)) else OFF
+
+    mon.run_round = run_round
+    mon._clear_suspects = lambda: cleared.append(clock.t)
+    with pytest.raises(Enough):
+        mon._loop()
+    return clock, rounds, log, cleared
+
+
+def test_rounds_start_every_interval_whatever_they_take():
+    clock, rounds, log, _ = scheduled_monitor(1.0, [0.25, 0.5, 0.0, 0.9])
+    assert [r[0] for r in rounds] == [100.0, 101.0, 102.0, 103.0]
+    assert [r[1] - r[0] for r in rounds] == [1.0] * 4     # each round's deadline is one interval
+    assert clock.sleeps == [0.75, 0.5, 1.0]
+    assert not any("longer than the interval" in line for line in log.lines)
+
+
+def test_an_overrun_skips_the_ticks_it_covered_and_warns_once():
+    # Rounds of 2.5 s with a 1 s interval: the next start is the first tick
+    # after the round ended (3 s later), and the warning is not repeated.
+    clock, rounds, log, _ = scheduled_monitor(1.0, [2.5, 2.5, 0.2, 0.2])
+    assert [r[0] for r in rounds] == [100.0, 103.0, 106.0, 107.0]
+    warnings = [line for line in log.lines if "longer than the interval" in line]
+    assert len(warnings) == 1 and "skipping 2 interval(s)" in warnings[0]
+
+
+def test_monitor_switched_off_clears_suspects_once_and_runs_no_round():
+    clock, rounds, log, cleared = scheduled_monitor(2.0, [0.0, 0.0, 0.0, 0.0],
+                                                    monitor_on=lambda n: n != 1)
+    assert [r[0] for r in rounds] == [100.0]      # round 1 switched it off: no more rounds
+    assert cleared == [102.0]                     # suspects cleared at the next tick, once
+    assert clock.sleeps == [2.0, 2.0, 2.0]
