@@ -4,7 +4,7 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv test unit packaging autopkgtest bench soak deb deb-stdeb rpm apt-repo clean
+.PHONY: all deps venv lint test unit packaging autopkgtest bench soak deb deb-stdeb rpm apt-repo clean
 
 all: venv
 
@@ -21,7 +21,21 @@ $(VPY): pyproject.toml
 
 venv: $(VPY)
 
-test: deps venv
+# Linter and type checker, pinned so CI gives the same answer every time;
+# their settings are in pyproject.toml ([tool.ruff], [tool.mypy]).
+RUFF_VERSION := 0.8.4
+MYPY_VERSION := 1.13.0
+LINT_STAMP   := $(VENV)/.lint-$(RUFF_VERSION)-$(MYPY_VERSION)
+
+$(LINT_STAMP): $(VPY)
+	$(VPY) -m pip install -q 'ruff==$(RUFF_VERSION)' 'mypy==$(MYPY_VERSION)'
+	@touch $@
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check gbalance tests bench
+	$(VENV)/bin/mypy
+
+test: deps venv lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 # Only the packaging tests: build the .deb and .rpm, install and drive the
@@ -60,4 +74,4 @@ apt-repo: deb
 	sh packaging/build-apt-repo.sh
 
 clean:
-	rm -rf $(VENV) build dist deb_dist *.egg-info .pytest_cache repo rpmbuild bench/results
+	rm -rf $(VENV) build dist deb_dist *.egg-info .pytest_cache .mypy_cache .ruff_cache repo rpmbuild bench/results

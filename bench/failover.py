@@ -102,7 +102,7 @@ class FailingPrimary:
         while not self._down.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 conn.sendall(b"primary\n")
@@ -154,7 +154,7 @@ def one_client(port: int, out: list, i: int) -> None:
             out[i] = (True, time.perf_counter() - t0)
         else:
             out[i] = (False, "closed")
-    except socket.timeout:
+    except TimeoutError:
         out[i] = (False, "timeout")
     except OSError as exc:
         out[i] = (False, type(exc).__name__)

@@ -441,7 +441,7 @@ class Soak:
 
 def hold_idle(port: int, count: int) -> list[socket.socket]:
     held = []
-    for i in range(count):
+    for _ in range(count):
         s = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
         s.sendall(b"echo\n")
         held.append(s)

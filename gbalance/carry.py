@@ -120,7 +120,8 @@ class Carry:
         self.same = False
 
     def _counts(self, g: int, c: int) -> tuple[int, int, int]:
-        return tuple(max(0, min(self.old.counter(g, c, field), MAX_COUNT)) for field, _ in CARRIED)
+        a, b, d = (max(0, min(self.old.counter(g, c, field), MAX_COUNT)) for field, _ in CARRIED)
+        return a, b, d
 
     def apply(self, new: SharedState) -> list[tuple[bool, str]]:
         """Copy into ``new`` (filled from the command line, not serving yet).

@@ -87,7 +87,7 @@ def safe_path(path: str | None) -> str:
 SEARCH_PATHS = ("PYTHONPATH", "LD_LIBRARY_PATH", "PERL5LIB", "RUBYLIB")
 
 
-def command_env(base: dict | None = None) -> dict:
+def command_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a command: the master's, with a safe ``$PATH`` and
     no empty or relative entry in the other search paths."""
     env = dict(os.environ if base is None else base)

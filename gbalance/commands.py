@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 from gbalance.channels import MAX_MAXC, Result
 from gbalance.config import ShellConfig
@@ -24,7 +25,7 @@ from gbalance.mailbox import NoAnswer, Op
 from gbalance.render import (help_text, metrics_text, monitor_status_line, monitor_table,
                              mrtg_bytes, mrtg_conns, show_text, version_text, write_atomic)
 from gbalance.spec import resolve_host
-from gbalance.state import HASH, MAXGROUPS, MON_NONE, RR, SharedState, StateError
+from gbalance.state import HASH, MAXGROUPS, MON_NONE, RR, Channel, SharedState, StateError
 
 DENIED = "permission denied: only the master's user may change this balance"
 
@@ -237,7 +238,7 @@ class Shell:
         self.say(monitor_status_line(st))
         self.out.write(monitor_table(st))
 
-    def _mrtg(self, args: list[str]):
+    def _mrtg(self, args: list[str]) -> Channel:
         need(args, 2)
         g, c = int_arg(args[0]), int_arg(args[1])
         if not 0 <= g < min(self.state.ngroups, MAXGROUPS):

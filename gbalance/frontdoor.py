@@ -36,7 +36,8 @@ import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from gbalance.errors import EX_USAGE, BalanceError
 from gbalance.proxyproto import HEADER_MAX, HeaderError, parse_header
@@ -172,8 +173,8 @@ class _Waiting:
         self.fd = fd
         self.address = address
         self.got = b""          # header bytes taken so far (all of them header)
-        self.io = None
-        self.timer = None
+        self.io: Any = None      # gevent watchers (no type stubs)
+        self.timer: Any = None
 
 
 class FrontDoor:
@@ -302,7 +303,7 @@ class FrontDoor:
                            f"{_show(address)}\n")
         self._stop(w)
         sock.detach()
-        self.handle(w.fd, address)
+        self.handle(w.fd, address)  # type: ignore[misc]  # set by the owner before start
         return True
 
     def _refuse(self, sock, source: str, why: str) -> None:

@@ -43,7 +43,7 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from gbalance.errors import EX_OSERR, BalanceError
 
@@ -365,4 +365,5 @@ def check_listener(sock: socket.socket, family: int, sockaddr: tuple) -> str | N
 
 
 def _family_name(family: int) -> str:
-    return {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}.get(family, str(family))
+    names: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+    return names.get(family, str(family))

@@ -75,7 +75,7 @@ def listeners() -> list[Listener]:
 
 def diag_listeners(family: int, timeout: float = 2.0) -> list[Listener]:
     """LISTEN TCP sockets of ``family`` from sock_diag; OSError when it cannot tell."""
-    found = []
+    found: list[Listener] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         nl.settimeout(timeout)
         request = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 1 << _STATE_LISTEN, bytes(48))

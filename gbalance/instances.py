@@ -387,10 +387,10 @@ def do_start(out: Out) -> int:
         if pid:
             out.say(f"balance {inst.key}: already running (pid {pid})")
         else:
-            pid = run_balance(inst, cfg.path, out)
-            if pid is None:
+            started = run_balance(inst, cfg.path, out)
+            if started is None:
                 continue
-            out.say(f"balance {inst.key}: started (pid {pid})")
+            out.say(f"balance {inst.key}: started (pid {started})")
         ok.append(inst.key)
     write_record(sorted(set(read_record()) | set(ok)), out)
     return 0 if len(ok) == len(cfg.instances) and not cfg.problems else 1

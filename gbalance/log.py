@@ -18,10 +18,11 @@ from __future__ import annotations
 import os
 import sys
 import syslog
-from syslog import LOG_ERR, LOG_INFO, LOG_WARNING  # noqa: F401  (re-exported)
+from typing import TextIO
+from syslog import LOG_ERR as LOG_ERR, LOG_INFO as LOG_INFO, LOG_WARNING as LOG_WARNING  # re-exported
 
 
-def journal_stderr(stream=None) -> bool:
+def journal_stderr(stream: TextIO | None = None) -> bool:
     """True when ``stream`` (default stderr) is the journal stream systemd gave us."""
     value = os.environ.get("JOURNAL_STREAM", "")
     dev, sep, ino = value.partition(":")

@@ -42,7 +42,8 @@ from __future__ import annotations
 import enum
 import socket
 import struct
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from gbalance.errors import EX_USAGE, BalanceError
 
@@ -345,6 +346,7 @@ def _parse_v2(data: bytes) -> Received | None:
     if command == 0:   # LOCAL: the sender's own connection, its block is ignored
         return Received(16 + length, 2)
     if fam == V2_TCP4:
+        af: int
         need, unpack, af = V2_LEN4, _V2_UNPACK4, socket.AF_INET
     elif fam == V2_TCP6:
         need, unpack, af = V2_LEN6, _V2_UNPACK6, socket.AF_INET6

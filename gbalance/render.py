@@ -19,7 +19,7 @@ import os
 import secrets
 import stat
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from gbalance import __version__
 from gbalance.state import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGER_US, C_STAGGERED, ENABLED, H_STAGGER_US,
@@ -180,10 +180,10 @@ def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
         for value, name in STATE_LABELS.items():
             out.append(f'balance_channel_state{{{labels[ch.group, ch.index]},state="{name}"}} '
                        f"{1 if ch.status == value else 0}")
-    for name, kind, text, attr in CHANNEL_METRICS:
-        family(name, kind, text)
+    for metric, mtype, text, attr in CHANNEL_METRICS:
+        family(metric, mtype, text)
         for ch in channels:
-            out.append(f"{name}{{{labels[ch.group, ch.index]}}} {int(getattr(ch, attr))}")
+            out.append(f"{metric}{{{labels[ch.group, ch.index]}}} {int(getattr(ch, attr))}")
     family("balance_channel_stagger_seconds", "gauge",
            "Adaptive stagger delay: how long a connect to the channel may pend before a"
            " parallel one starts (monitoring; 0 = off).")

@@ -211,7 +211,7 @@ def parse_keepalive(text: str, option: str) -> tuple[int, int, int]:
     if len(values) != 3 or min(values) <= 0 or \
             any(v > top for v, top in zip(values, KEEPALIVE_LIMITS)):
         raise BalanceError(f"invalid keepalive [{text}] for {option}: expected idle,interval,probes", EX_USAGE)
-    return values  # type: ignore[return-value]
+    return values
 
 
 def parse_seconds(text: str, option: str) -> float:

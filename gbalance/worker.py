@@ -31,6 +31,7 @@ import pickle
 import signal
 import socket
 import sys
+from typing import Any
 from dataclasses import dataclass
 
 from gbalance.config import ProxyConfig
@@ -82,18 +83,19 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
     from gbalance.stagger import StaggerEstimator, StaggerRule
 
-    monitoring = cfg.monitor is not None
+    mon = cfg.monitor
+    monitoring = mon is not None
     loop = get_hub().loop
     estimator = None    # -m: each process learns its own connect times
-    if monitoring and cfg.monitor.stagger > 0:
-        estimator = StaggerEstimator(StaggerRule(cfg.monitor.stagger), MAXGROUPS, MAXCHANNELS)
+    if mon is not None and mon.stagger > 0:
+        estimator = StaggerEstimator(StaggerRule(mon.stagger), MAXGROUPS, MAXCHANNELS)
     readdress = functools.partial(forget_connect_times, estimator, state.q) if estimator else None
     addresses = AddressCache(state, channels, log, on_readdress=readdress)
     events = ChannelEvents(state, log, debug=cfg.debug, autodisable=cfg.autodisable,
-                           passive=monitoring and cfg.monitor.disable, channels=channels,
+                           passive=mon is not None and mon.disable, channels=channels,
                            counters=counters)
     connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
-                          stagger=cfg.monitor.stagger if monitoring else 0.0,
+                          stagger=mon.stagger if mon is not None else 0.0,
                           source=source, keepalive=cfg.server_keepalive, estimator=estimator)
     router = Router(state, hash_failover=cfg.hash_failover, last_resort=monitoring,
                     counters=counters, worker=worker)
@@ -115,7 +117,7 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
         server.proxy = header_maker(cfg.proxy_protocol, listener)
     if cfg.frontdoor is not None:   # -A: each client starts with a PROXY header
         from gbalance.frontdoor import FrontDoor
-        server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)
+        server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)  # type: ignore[assignment]  # server.py declares frontdoor = None
     return server
 
 
@@ -153,10 +155,10 @@ class Worker:
         self.counters = Counters(self.state, spec.index, spec.rows, lock_fd)
         self.listener = socket.socket(fileno=spec.listen_fd)
         self.listener.setblocking(False)
-        self.server = None
-        self.done = None
+        self.server: Any = None     # set by run(); gevent objects have no stubs
+        self.done: Any = None
         self.draining = False
-        self.timer = None
+        self.timer: Any = None
 
     def run(self) -> int:
         import gevent

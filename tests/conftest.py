@@ -215,7 +215,7 @@ class HangingListener:
         try:
             probe.connect((host, self.port))
             hung = False
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             hung = True
         finally:
             probe.close()

@@ -14,7 +14,7 @@ import socket
 import time
 
 from conftest import read_line
-from typing import Callable
+from collections.abc import Callable
 
 from gbalance.mailbox import Op, ask
 from gbalance.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,

@@ -57,7 +57,7 @@ def readable_copy() -> Path:
                 shutil.copytree(pkg, path / top, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, path / source.name)
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chmod(root, 0o755)
         for f in files:
             os.chmod(os.path.join(root, f), 0o644 if not f.endswith(".so") else 0o755)

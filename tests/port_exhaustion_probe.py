@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-from conftest import BALANCE, Backend, BalanceRunner, read_line
+from conftest import Backend, BalanceRunner, read_line
 
 from gbalance.state import C_C, C_STATUS, SharedState, state_path
 

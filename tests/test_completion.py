@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from conftest import BALANCE, ROOT, free_port
+from conftest import BALANCE, free_port
 
 from gbalance.completion import Completer, arg_kinds, specs_from
 from gbalance.shell import COMMANDS

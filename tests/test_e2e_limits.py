@@ -18,7 +18,7 @@ import pytest
 from conftest import (BALANCE, ROOT, TcpServer, closing_factory, eventually, free_port, read_line,
                       wait_listening)
 
-from gbalance.state import C_C, SharedState, slot, state_path
+from gbalance.state import SharedState, state_path
 
 
 def client_from(source: str, port: int, timeout: float = 10.0) -> socket.socket:
@@ -47,7 +47,7 @@ def tag_or_none(s: socket.socket | None, wait: float) -> str | None:
     s.settimeout(wait)
     try:
         return read_line(s)
-    except socket.timeout:
+    except TimeoutError:
         return None
     except ConnectionResetError:
         return ""
@@ -268,7 +268,7 @@ def test_early_bytes_of_1500_pending_clients_stay_bounded(balance, hanging, tmp_
         time.sleep(1.0)
         before = rss_kb(proc.pid)
         chunk = b"e" * 65536
-        for i in range(1500):
+        for _ in range(1500):
             s = socket.socket()
             s.bind(("127.0.0.2", 0))
             s.settimeout(10)
@@ -304,7 +304,7 @@ def drain_until_end(sock: socket.socket, timeout: float = 10.0) -> str:
                 return "eof"
     except ConnectionResetError:
         return "reset"
-    except socket.timeout:
+    except TimeoutError:
         return "timeout"
 
 

@@ -271,8 +271,8 @@ def test_keepalive_options_k_and_K(balance, backends):
         client_side = _ss_keepalive_timers(port)
         server_side = _ss_keepalive_timers(be.port)
     # The proxy's accepted socket (local port = listen port) and its backend socket.
-    assert any("keepalive,1min" in l or "keepalive,1.0" in l or "keepalive,6" in l for l in client_side), client_side
-    assert any("keepalive,1min1" in l or "keepalive,7" in l for l in server_side), server_side
+    assert any("keepalive,1min" in line or "keepalive,1.0" in line or "keepalive,6" in line for line in client_side), client_side
+    assert any("keepalive,1min1" in line or "keepalive,7" in line for line in server_side), server_side
 
 
 def test_nodelay_and_keepalive_by_default(balance, backends):
@@ -516,7 +516,7 @@ def syslog_socket(tmp_path):
         while True:
             try:
                 got.append(sock.recv(65536).decode(errors="replace"))
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 return got
 
     try:

@@ -411,7 +411,7 @@ def test_four_clients_across_eight_handovers(balance, backends):
             procs[-2].p.wait(30)
             assert procs[-2].p.returncode == 0
             target = min(x.attempts for x in loads) + 30
-            assert wait_for(lambda: min(x.attempts for x in loads) >= target)
+            assert wait_for(lambda target=target: min(x.attempts for x in loads) >= target)
     finally:
         for x in loads:
             x.stop()

@@ -66,7 +66,7 @@ def test_start_up_errors_are_err_priority(tmp_path):
     assert lines[0] == "<3>unknown option -x" and all(line.startswith("<3>") for line in lines), lines
 
 
-def test_detached_master_logs_to_syslog_with_priorities(balance, syslog_socket):
+def test_detached_master_logs_to_syslog_with_priorities(balance, syslog_socket):  # noqa: F811  (the fixture)
     """Detached: syslog datagrams "<PRI>... balance[pid]: ..." with facility daemon and each line's severity."""
     import re
     import signal

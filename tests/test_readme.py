@@ -78,11 +78,13 @@ def test_install_is_one_command_for_a_fresh_image_that_puts_balance_on_the_path(
 def test_make_targets_the_readme_names():
     tests = [b for b in quick_start() if any(line.startswith("make ") for line in b)][0]
     targets = [line.split()[1] for line in tests]
-    assert targets == ["unit", "test"]
+    assert targets == ["unit", "lint", "test"]
     makefile = (ROOT / "Makefile").read_text()
     unit = re.search(r"^unit:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
     assert '-m "not packaging"' in unit                    # make unit: no packaging tests
-    assert re.search(r"^test:", makefile, re.M)
+    lint = re.search(r"^lint:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "ruff check" in lint and "mypy" in lint         # make lint: both tools
+    assert re.search(r"^test:.*\blint\b", makefile, re.M)  # make test runs the lint step
     assert (ROOT / "man" / "balance.1").is_file()           # `man -l man/balance.1`
 
 
