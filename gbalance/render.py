@@ -162,14 +162,14 @@ def metrics_text(state: SharedState, port: int, bind: str | None) -> str:
     family("balance_start_time_seconds", "gauge", "Unix time the master process started.")
     out.append(f"balance_start_time_seconds{{{inst}}} {state.started}")
     family("balance_monitoring", "gauge", "Monitoring (-m) state: 1 for the current one.")
-    for value, name in MONITOR_LABELS.items():
-        out.append(f'balance_monitoring{{{inst},state="{name}"}} {1 if state.monitor == value else 0}')
+    for switch, name in MONITOR_LABELS.items():
+        out.append(f'balance_monitoring{{{inst},state="{name}"}} {1 if state.monitor == switch else 0}')
     family("balance_group_type", "gauge", "Routing of a group: 1 for its current type (rr or hash).")
     for g in range(min(state.ngroups, MAXGROUPS)):
         kind = state.group_type(g)
-        for value, name in ((RR, "rr"), (HASH, "hash")):
+        for routing, name in ((RR, "rr"), (HASH, "hash")):
             out.append(f'balance_group_type{{{inst},group="{g}",type="{name}"}} '
-                       f"{1 if kind == value else 0}")
+                       f"{1 if kind == routing else 0}")
     channels = list(state.channels())
     labels = {(ch.group, ch.index): (f'{inst},group="{ch.group}",channel="{ch.index}",'
                                      f'address="{label(ch.address)}",channel_port="{ch.port}"')

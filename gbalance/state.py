@@ -208,7 +208,7 @@ class ChannelState(enum.IntEnum):
 ENABLED = ChannelState.ENABLED
 SOFT_DISABLED = ChannelState.SOFT_DISABLED
 HARD_DISABLED = ChannelState.HARD_DISABLED
-STATUS_NAMES = {ENABLED: "ENA", SOFT_DISABLED: "dis", HARD_DISABLED: "DIS"}
+STATUS_NAMES: dict[int, str] = {ENABLED: "ENA", SOFT_DISABLED: "dis", HARD_DISABLED: "DIS"}
 
 # Group types.
 RR = 0
