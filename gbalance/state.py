@@ -347,9 +347,11 @@ def check_own_file(path: str, st: os.stat_result, what: str = "state file") -> N
 
 
 def _open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
-    """``os.open`` that never follows a symbolic link at ``path``."""
+    """``os.open`` that never follows a symbolic link at ``path``, nor waits
+    for a writer when another user has put a FIFO there (O_NONBLOCK: no
+    effect on a regular file; the caller then refuses what is not one)."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafeState(f"refusing {path}: it is a symbolic link")

@@ -12,4 +12,4 @@
 # keepalived runs the two-host pair of tests/test_e2e_keepalived.py.
 exec sh "$(dirname "$0")/apt-ensure.sh" iproute2 procps python3-venv \
     build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-build python3-stdeb fakeroot \
-    dpkg-dev apt-utils lintian autopkgtest rpm rpmlint groff-base man-db locales systemd keepalived haproxy
+    dpkg-dev apt-utils lintian autopkgtest rpm rpmlint groff-base man-db locales systemd keepalived haproxy curl

@@ -276,3 +276,19 @@ def test_other_addresses_trusts_only_live_masters_state_files(balance, backends,
     assert other_addresses(port, None, str(d)) == ["127.0.0.1"]
     assert other_addresses(port, "127.0.0.1", str(d)) == []
     assert other_addresses(stale_port, None, str(d)) == []
+
+
+def test_a_fifo_at_the_state_path_never_hangs_a_shell(balance, shared):
+    """A FIFO another user may only read stands where a state file would: the
+    shell's read-only open must not wait for a writer; it refuses the FIFO
+    in one line."""
+    otheruser.require_root()
+    port = free_port()
+    path = shared / f"balance.{port}.any"
+    os.mkfifo(path, 0o644)
+    try:
+        r = otheruser.run(otheruser.balance_argv("-c", "show", str(port)), balance.env, timeout=15)
+        assert r.returncode == 77, r
+        assert r.stderr == f"balance: refusing state file {path}: not a regular file\n", r.stderr
+    finally:
+        os.unlink(path)
