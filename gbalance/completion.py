@@ -101,13 +101,14 @@ def specs_from(commands: Sequence) -> list[Spec]:
     return [Spec(c.name, arg_kinds(c.synopsis)) for c in commands]
 
 
-def install_completion(shell) -> None:
-    """Bind Tab to completion for an interactive ``shell`` session (readline only)."""
+def install_completion(shell, commands) -> None:
+    """Bind Tab to completion for an interactive ``shell`` session over the
+    shell's command table ``commands`` (readline only).  The table is passed
+    in, so this module imports nothing of the shell's."""
     try:
         import readline
     except ImportError:
         return
-    from gbalance.shell import COMMANDS
 
     state = shell.state
 
@@ -117,7 +118,7 @@ def install_completion(shell) -> None:
     def channels(group: int) -> int:
         return state.nchannels(group) if 0 <= group < state.ngroups else 0
 
-    completer = Completer(specs_from(COMMANDS), groups, channels, lambda: shell.group)
+    completer = Completer(specs_from(commands), groups, channels, lambda: shell.group)
     readline.set_completer(completer.complete)
     readline.set_completer_delims(" \t")
     if "libedit" in (readline.__doc__ or ""):

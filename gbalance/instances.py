@@ -61,6 +61,7 @@ from docopt import DocoptExit, docopt
 
 from gbalance import cli
 from gbalance.child import SAFE_CWD
+from gbalance.config import DEFAULT_GRACE
 from gbalance.errors import BalanceError
 from gbalance.log import journal_stderr
 from gbalance.spec import parse_port, parse_seconds
@@ -69,8 +70,6 @@ from gbalance.state import (H_START_TICKS, SharedState, StateError, check_direct
 
 DEFAULT_CONF = "/etc/balance.conf"
 RECORD = "init-instances"      # keys started by the init script, in the state dir
-#: The drain grace period of a master started without -g (the -g contract).
-DEFAULT_GRACE = 30.0
 #: What stop and the units allow beyond the grace period (exit, clean-up).
 STOP_MARGIN = 15.0
 START_TIMEOUT = 60.0

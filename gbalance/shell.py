@@ -110,7 +110,7 @@ def interactive(shell: Shell) -> int:
     out.write(banner(shell.state))
     reader = LineReader(out)
     if reader.tty:
-        install_completion(shell)   # Tab completion (gbalance/completion.py)
+        install_completion(shell, COMMANDS)   # Tab completion (gbalance/completion.py)
     try:
         while True:
             try:
