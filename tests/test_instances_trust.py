@@ -37,6 +37,25 @@ def shared_dir():
         yield d
 
 
+#: Code the other user runs first: a state file at ``path`` naming ``pid``
+#: (started at ``ticks``) as its live master, its lock held as a master holds
+#: it; the returned descriptors keep the lock while the process lives.
+PLANT_LIVE_MASTER = textwrap.dedent("""
+    import fcntl, os, struct, sys
+    from gbalance import state as S
+
+    def plant_live_master(path, pid, ticks):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(fd, S.FILE_SIZE)
+        os.pwrite(fd, S.MAGIC, 0)
+        for index, value in ((S.H_VERSION, S.LAYOUT_VERSION), (S.H_PID, pid), (S.H_START_TICKS, ticks)):
+            os.pwrite(fd, value.to_bytes(8, sys.byteorder, signed=True), 8 + 8 * index)
+        lock = os.open(S.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.fcntl(lock, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+        return fd, lock
+""")
+
+
 @pytest.mark.parametrize("key", ["x/../evil/f", "8080.any/x/../../evil/f", "./../evil/f"])
 def test_stop_never_signals_a_pid_named_by_another_users_files(tmp_path, shared_dir, key):
     otheruser.require_root()
@@ -44,9 +63,7 @@ def test_stop_never_signals_a_pid_named_by_another_users_files(tmp_path, shared_
     locker = None
     try:
         ticks = S.process_start_ticks(victim.pid)
-        locker = otheruser.popen(otheruser.argv("-c", textwrap.dedent("""
-            import fcntl, os, struct, sys
-            from gbalance import state as S
+        locker = otheruser.popen(otheruser.argv("-c", PLANT_LIVE_MASTER + textwrap.dedent("""
             d, pid, ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
             os.makedirs(os.path.join(d, "balance.x"))
             os.makedirs(os.path.join(d, "balance.8080.any", "x"))
@@ -54,13 +71,7 @@ def test_stop_never_signals_a_pid_named_by_another_users_files(tmp_path, shared_
             evil = os.path.join(d, "evil")
             os.mkdir(evil, 0o755)
             path = os.path.join(evil, "f")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            os.ftruncate(fd, S.FILE_SIZE)
-            os.pwrite(fd, S.MAGIC, 0)
-            for index, value in ((S.H_VERSION, S.LAYOUT_VERSION), (S.H_PID, pid), (S.H_START_TICKS, ticks)):
-                os.pwrite(fd, value.to_bytes(8, sys.byteorder, signed=True), 8 + 8 * index)
-            lock = os.open(S.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.fcntl(lock, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+            held = plant_live_master(path, pid, ticks)
             with open(os.path.join(d, "init-instances"), "w") as f:
                 f.write(sys.argv[4] + "\\n")
             print("planted", flush=True)
@@ -92,17 +103,9 @@ def test_stop_never_signals_a_pid_from_a_state_file_root_does_not_own(tmp_path):
     with otheruser.temp_dir("gbal-userdir-", 0o755) as d:
         os.chown(d, otheruser.NOBODY, otheruser.NOBODY)
         try:
-            locker = otheruser.popen(otheruser.argv("-c", textwrap.dedent("""
-                import fcntl, os, struct, sys
-                from gbalance import state as S
+            locker = otheruser.popen(otheruser.argv("-c", PLANT_LIVE_MASTER + textwrap.dedent("""
                 path, pid, ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                os.ftruncate(fd, S.FILE_SIZE)
-                os.pwrite(fd, S.MAGIC, 0)
-                for index, value in ((S.H_VERSION, S.LAYOUT_VERSION), (S.H_PID, pid), (S.H_START_TICKS, ticks)):
-                    os.pwrite(fd, value.to_bytes(8, sys.byteorder, signed=True), 8 + 8 * index)
-                lock = os.open(S.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.fcntl(lock, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+                held = plant_live_master(path, pid, ticks)
                 print("planted", flush=True)
                 sys.stdin.read()
             """), str(d / "balance.9999.any"), str(victim.pid), str(S.process_start_ticks(victim.pid))))
