@@ -114,4 +114,4 @@ def stdeb_commands() -> dict[str, type]:
 if __name__ == "__main__":
     refuse_debian_dir_writers(sys.argv)
     cmdclass = stdeb_commands() if any("stdeb" in arg or arg in ("sdist_dsc", "bdist_deb") for arg in sys.argv) else {}
-    setup(version=version(), packages=["gbalance"], cmdclass=cmdclass, **license_field())
+    setup(version=version(), packages=setuptools.find_packages(include=["gbalance", "gbalance.*"]), cmdclass=cmdclass, **license_field())

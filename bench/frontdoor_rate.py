@@ -28,7 +28,7 @@ from lib import LOAD_CPU, BenchError, GBalance, cpus_available, print_rate_repor
 from measure import settle_timewait  # noqa: E402
 from proxyproto_rate import cpu_seconds  # noqa: E402
 
-from gbalance.proxyproto import parse_header, v1_header, v2_header  # noqa: E402
+from gbalance.proxy.proxyproto import parse_header, v1_header, v2_header  # noqa: E402
 
 V1 = v1_header("192.0.2.10", "127.0.0.1", 40000, 80)
 V2 = v2_header("192.0.2.10", "127.0.0.1", 40000, 80)
@@ -94,7 +94,7 @@ def micro(n: int = 200_000, conns: int = 2000) -> dict[str, float]:
 
     from gevent import get_hub
 
-    from gbalance.frontdoor import FrontDoor, parse_frontdoor
+    from gbalance.proxy.frontdoor import FrontDoor, parse_frontdoor
     from gbalance.log import Log
 
     out = {}

@@ -1,6 +1,6 @@
 """Hash groups (issue 20): how many clients move when the channels change, and what a pick costs.
 
-Runs the real router (gbalance.routing.Router) over a real state file in a
+Runs the real router (gbalance.proxy.routing.Router) over a real state file in a
 temporary directory; no sockets.  For a hash group of n = 4, 8, 16 channels
 and a fixed set of clients (IPv4 and IPv6) it reports
 
@@ -33,8 +33,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from gbalance.routing import Router, client_hash  # noqa: E402
-from gbalance.state import C_PORT, ENABLED, HARD_DISABLED, HASH, RR, SharedState  # noqa: E402
+from gbalance.proxy.routing import Router, client_hash  # noqa: E402
+from gbalance.table.state import C_PORT, ENABLED, HARD_DISABLED, HASH, RR, SharedState  # noqa: E402
 
 
 def clients(count: int) -> list[str]:

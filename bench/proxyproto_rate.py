@@ -77,7 +77,7 @@ def micro(n: int = 200_000) -> dict[str, float]:
     """Nanoseconds per call of the per-connection work -P adds, on real sockets."""
     import timeit
 
-    from gbalance.proxyproto import Version, header_maker, send_header
+    from gbalance.proxy.proxyproto import Version, header_maker, send_header
 
     out: dict[str, float] = {}
     for bind in ("0.0.0.0", "127.0.0.1"):

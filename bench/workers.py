@@ -65,7 +65,7 @@ class Workers(GBalance):
 
     def rows(self) -> list[int]:
         """Connections each counter row (worker) has counted so far."""
-        from gbalance.state import C_TOTALC, SharedState, row_offset, slot, state_path
+        from gbalance.table.state import C_TOTALC, SharedState, row_offset, slot, state_path
 
         st = SharedState.attach(state_path(self.port, None, str(self.work / f"state-{self.port}")))
         try:

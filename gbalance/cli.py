@@ -14,12 +14,12 @@ from docopt import DocoptExit, docopt
 from gbalance import __version__
 from gbalance.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_GRACE, ProxyConfig, ShellConfig
 from gbalance.errors import EX_SOFTWARE, EX_USAGE, BalanceError
-from gbalance.frontdoor import parse_frontdoor
+from gbalance.proxy.frontdoor import parse_frontdoor
 from gbalance.log import LOG_ERR, write_stderr
-from gbalance.monspec import parse_monitor
-from gbalance.proxyproto import parse_version
+from gbalance.monitor.monspec import parse_monitor
+from gbalance.proxy.proxyproto import parse_version
 from gbalance.spec import parse_groups, parse_keepalive, parse_limit, parse_port, parse_seconds, parse_workers
-from gbalance.state import MAXWORKERS
+from gbalance.table.state import MAXWORKERS
 
 USAGE = """\
 Usage:
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
         if isinstance(cfg, ShellConfig):
-            from gbalance.shell import run_shell
+            from gbalance.shell.shell import run_shell
             return run_shell(cfg)
-        from gbalance.master import run_master
+        from gbalance.process.master import run_master
         return run_master(cfg)
     except BalanceError as exc:
         write_stderr(LOG_ERR, exc.message)   # with its priority under systemd

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gbalance.frontdoor import FrontDoorSpec
-from gbalance.monspec import MonitorSpec
-from gbalance.proxyproto import Version as ProxyVersion
+from gbalance.proxy.frontdoor import FrontDoorSpec
+from gbalance.monitor.monspec import MonitorSpec
+from gbalance.proxy.proxyproto import Version as ProxyVersion
 from gbalance.spec import GroupSpec
 
 DEFAULT_CONNECT_TIMEOUT = 5.0

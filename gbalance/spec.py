@@ -14,9 +14,9 @@ import re
 import socket
 from dataclasses import dataclass, field
 
-from gbalance.channels import known_scope
+from gbalance.table.channels import known_scope
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
-from gbalance.state import HASH, MAXCHANNELS, MAXGROUPS, RR
+from gbalance.table.state import HASH, MAXCHANNELS, MAXGROUPS, RR
 
 
 @dataclass

@@ -486,7 +486,7 @@ def inprocess_server(argv: list[str], state_dir: Path):
     """
     from gbalance.cli import parse
     from gbalance.log import Log
-    from gbalance.master import Master
+    from gbalance.process.master import Master
 
     old = os.environ.get("BALANCE_STATE_DIR")
     os.environ["BALANCE_STATE_DIR"] = str(state_dir)

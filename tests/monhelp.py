@@ -16,8 +16,8 @@ import time
 from conftest import read_line
 from collections.abc import Callable
 
-from gbalance.mailbox import Op, ask
-from gbalance.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
+from gbalance.table.mailbox import Op, ask
+from gbalance.table.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
                             MON_DISABLED, MON_ENABLED, SOFT_DISABLED, SharedState, slot, state_path)
 
 __all__ = ["Table", "wait_for", "timed_tag", "Op", "ENABLED", "SOFT_DISABLED", "HARD_DISABLED",

@@ -115,7 +115,7 @@ def plant_table(path: str) -> None:
     address field would reach a shell as root."""
     run_code("""
         import os, sys
-        from gbalance import state as S
+        from gbalance.table import state as S
         fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(fd, S.FILE_SIZE)
         os.pwrite(fd, S.MAGIC, 0)

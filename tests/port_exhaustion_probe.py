@@ -15,7 +15,7 @@ import time
 
 from conftest import Backend, BalanceRunner, read_line
 
-from gbalance.state import C_C, C_STATUS, SharedState, state_path
+from gbalance.table.state import C_C, C_STATUS, SharedState, state_path
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""gbalance.carry: what a reload copies from the replaced master's table.
+"""gbalance.table.carry: what a reload copies from the replaced master's table.
 
 Real state files in a temporary directory; the end-to-end behaviour (real
 masters, ``balance -r``) is in tests/test_e2e_reload.py.
@@ -10,10 +10,10 @@ import os
 
 import pytest
 
-from gbalance import state as S
-from gbalance.carry import MAX_COUNT, Carry, open_previous, table_digest
+from gbalance.table import state as S
+from gbalance.table.carry import MAX_COUNT, Carry, open_previous, table_digest
 from gbalance.config import ProxyConfig
-from gbalance.master import fill_table
+from gbalance.process.master import fill_table
 from gbalance.spec import ChannelSpec, GroupSpec
 
 

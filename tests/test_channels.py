@@ -1,4 +1,4 @@
-"""gbalance.channels: every channel state transition, over a real state file."""
+"""gbalance.table.channels: every channel state transition, over a real state file."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from gbalance import state as S
-from gbalance.channels import Channels, Result, last_resort, usable, valid_address
-from gbalance.state import ENABLED, HARD_DISABLED, HASH, MON_DISABLED, MON_ENABLED, SOFT_DISABLED
+from gbalance.table import state as S
+from gbalance.table.channels import Channels, Result, last_resort, usable, valid_address
+from gbalance.table.state import ENABLED, HARD_DISABLED, HASH, MON_DISABLED, MON_ENABLED, SOFT_DISABLED
 
 
 @pytest.fixture
@@ -156,7 +156,7 @@ def test_usable_and_last_resort(ch, st):
 
 
 def test_address_cache_disables_what_it_cannot_trust(ch, st):
-    from gbalance.server import AddressCache
+    from gbalance.proxy.server import AddressCache
 
     class Log:
         lines: list[str] = []
@@ -178,9 +178,9 @@ def test_address_cache_disables_what_it_cannot_trust(ch, st):
 
 # -- the state machine as a table --------------------------------------------------
 
-from gbalance import channels as CH  # noqa: E402
-from gbalance.channels import TRANSITIONS, Event, Mark, Step  # noqa: E402
-from gbalance.state import C_SUSPECT, ChannelState  # noqa: E402
+from gbalance.table import channels as CH  # noqa: E402
+from gbalance.table.channels import TRANSITIONS, Event, Mark, Step  # noqa: E402
+from gbalance.table.state import C_SUSPECT, ChannelState  # noqa: E402
 
 # The rules in words (the module's docstring), written out independently of
 # how channels.py builds its table: (state, event) -> (state after, mark).
@@ -243,7 +243,7 @@ def test_a_status_the_file_should_not_hold_counts_as_hard_disabled(ch, st):
 def test_with_workers_a_change_waits_for_the_lock_another_process_holds(st):
     import threading
 
-    from gbalance.counters import lock, unlock
+    from gbalance.table.counters import lock, unlock
     setup = Channels(st)
     setup.add_channel(setup.add_group(), "127.0.0.1", 8001)
     held, mine = st.open_own_lock(), st.open_own_lock()    # two opens: two "processes"

@@ -1,4 +1,4 @@
-"""Children never take code or settings from the caller's directory (gbalance.child).
+"""Children never take code or settings from the caller's directory (gbalance.system.child).
 
 Root starting ``balance`` from a directory another user (uid 65534) can
 write must not import that user's ``gbalance/__init__.py`` or ``pickle.py``
@@ -20,7 +20,7 @@ import pytest
 
 import otheruser
 from conftest import eventually, free_port, read_tag, wait_listening
-from gbalance import child
+from gbalance.system import child
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The installed entry script: unlike "python -m", it puts no cwd on the path itself.
@@ -41,8 +41,9 @@ def planted(tmp_path):
         otheruser.run_code("""
             import os, sys
             d, payload = sys.argv[1], sys.argv[2]
-            os.mkdir(os.path.join(d, "gbalance"))
-            for name in ("gbalance/__init__.py", "gbalance/worker.py", "pickle.py", "base64.py"):
+            os.makedirs(os.path.join(d, "gbalance", "process"))
+            for name in ("gbalance/__init__.py", "gbalance/process/__init__.py", "gbalance/process/worker.py",
+                         "pickle.py", "base64.py"):
                 with open(os.path.join(d, name), "w") as f:
                     f.write(payload)
             with open(os.path.join(d, "gbcheck"), "w") as f:
@@ -151,7 +152,7 @@ def _children(pid: int) -> list[int]:
 
 
 def test_python_argv_is_isolated_and_finds_this_package(tmp_path):
-    argv = child.python_argv("gbalance.child")
+    argv = child.python_argv("gbalance.system.child")
     assert argv[0] == sys.executable and argv[1] == "-I"
     # A planted gbalance in the working directory and on $PYTHONPATH is not imported.
     (tmp_path / "gbalance").mkdir()
@@ -206,7 +207,7 @@ def test_inherited_path_keeps_the_masters_absolute_entries_but_not_its_directory
     first for -c or -m, and relative entries are not handed on."""
     extra = tmp_path / "deps"
     extra.mkdir()
-    code = "import json; from gbalance import child; print(json.dumps(child.inherited_path()))"
+    code = "import json; from gbalance.system import child; print(json.dumps(child.inherited_path()))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([child.package_parent(), str(extra), "rel"]))
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=30)

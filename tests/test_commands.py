@@ -1,7 +1,7 @@
 """The shell's commands in process (as test_routing.py does for routing).
 
 A real state file, the master's mailbox polled by a thread, and a
-:class:`~gbalance.commands.Shell` writing into a string: every command's
+:class:`~gbalance.shell.commands.Shell` writing into a string: every command's
 exact answer and its effect on the table.  ``test_shell.py`` runs the same
 commands through the CLI against real masters.
 """
@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from gbalance import state as S
-from gbalance.commands import COMMANDS, DENIED, Quit, Shell, lookup
+from gbalance.table import state as S
+from gbalance.shell.commands import COMMANDS, DENIED, Quit, Shell, lookup
 from gbalance.config import ShellConfig
 
 from test_mailbox import Poller, new_table

@@ -1,4 +1,4 @@
-"""Tab completion in ``balance -i`` (gbalance/completion.py).
+"""Tab completion in ``balance -i`` (gbalance/shell/completion.py).
 
 In process: the candidates for each kind of argument.  Through a real
 pseudo-terminal: Tab completes a command and a channel number in a real
@@ -16,8 +16,8 @@ import time
 
 from conftest import BALANCE, free_port
 
-from gbalance.completion import Completer, arg_kinds, specs_from
-from gbalance.shell import COMMANDS
+from gbalance.shell.completion import Completer, arg_kinds, specs_from
+from gbalance.shell.shell import COMMANDS
 
 
 def completer(groups: int = 2, channels: dict | None = None, current: int = 0) -> Completer:

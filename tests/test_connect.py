@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port, tcp_pair
 from monhelp import HARD_DISABLED, SOFT_DISABLED, Table, timed_tag, wait_for
 
-from gbalance.state import C_C, C_SUSPECT
+from gbalance.table.state import C_C, C_SUSPECT
 
 
 def start_table(balance, port: int, *args: str) -> tuple:
@@ -201,7 +201,7 @@ def test_race_gives_back_attempts_when_routing_raises(hanging):
     import gevent
     import pytest
 
-    from gbalance.connect import Connector
+    from gbalance.proxy.connect import Connector
 
     primary = hanging()
     hooks = RecordingHooks()
@@ -331,7 +331,7 @@ def test_adaptive_stagger_fails_over_fast_when_a_measured_channel_dies(balance, 
 def test_settled_sees_a_finished_connect_the_loop_has_not_reported(hanging):
     """The check made before a staggered connect: a connected socket is settled,
     a hanging one is not."""
-    from gbalance.connect import Attempt, _settled
+    from gbalance.proxy.connect import Attempt, _settled
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -362,7 +362,7 @@ def _hanging_connector(listeners, timeout: float, stagger: float = 0.0):
     """A Connector whose channel ``(0, c)`` is ``listeners[c]``, with recording hooks."""
     import gevent
 
-    from gbalance.connect import Connector
+    from gbalance.proxy.connect import Connector
 
     hooks = RecordingHooks()
     conn = Connector(gevent.get_hub().loop,
@@ -412,7 +412,7 @@ def test_a_cancelled_connect_does_not_shorten_the_next_connects_timeout(hanging)
     timeout, not the 0.1 s the cancelled one had left."""
     import gevent
 
-    from gbalance.connect import Race
+    from gbalance.proxy.connect import Race
 
     h = hanging()
     conn, hooks = _hanging_connector([h], timeout=0.3)
@@ -444,7 +444,7 @@ def test_race_calls_done_exactly_once(hanging, outcome):
     that race, and never again afterwards (not by a late timer or client event)."""
     import gevent
 
-    from gbalance.connect import Connected, Connector, Race
+    from gbalance.proxy.connect import Connected, Connector, Race
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -507,7 +507,7 @@ def test_abandon_closes_pending_attempts_reports_cancel_and_never_calls_done(han
     when the timeouts would have run out or the client then leaves."""
     import gevent
 
-    from gbalance.connect import Race
+    from gbalance.proxy.connect import Race
 
     a, b = hanging(), hanging()
     conn, hooks = _hanging_connector([a, b], timeout=0.3, stagger=0.05)
@@ -581,7 +581,7 @@ def test_a_client_that_spoke_first_is_connected_and_sent_within_start():
     returns, with no watcher and no loop turn, and the bytes count as sent."""
     import gevent
 
-    from gbalance.connect import Connected, Connector, Race
+    from gbalance.proxy.connect import Connected, Connector, Race
 
     listener = _live_listener()
     hooks = RecordingHooks()
@@ -612,7 +612,7 @@ def test_a_client_gone_before_its_race_began_is_cancelled_as_during_it(hanging, 
     during the connect."""
     import gevent
 
-    from gbalance.connect import Race
+    from gbalance.proxy.connect import Race
 
     h = hanging()
     conn, hooks = _hanging_connector([h], timeout=5)
@@ -645,7 +645,7 @@ def test_a_spoken_client_waits_for_a_backend_still_connecting_then_fails_over(ha
     bytes, once."""
     import gevent
 
-    from gbalance.connect import Connected, Race
+    from gbalance.proxy.connect import Connected, Race
 
     h = hanging()
     listener = _live_listener()
@@ -677,7 +677,7 @@ def test_a_spoken_client_skips_a_refusing_backend_at_once():
     """Refused (the first send reports it): the next channel, in the same call."""
     import gevent
 
-    from gbalance.connect import Connected, Connector, Race
+    from gbalance.proxy.connect import Connected, Connector, Race
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))                      # bound, not listening: refused
@@ -713,7 +713,7 @@ def test_early_bytes_of_all_races_stay_under_the_cap_and_none_is_dropped(hanging
     client's bytes are all there, in order; the count goes back to 0."""
     import gevent
 
-    from gbalance.connect import Race
+    from gbalance.proxy.connect import Race
 
     h = hanging()
     conn, hooks = _hanging_connector([h], timeout=10)
@@ -757,7 +757,7 @@ def test_early_bytes_of_all_races_stay_under_the_cap_and_none_is_dropped(hanging
 def test_with_abort_unused_a_client_gone_before_its_race_opens_no_connect(hanging):
     """-P: a client already gone when its race starts costs the backend nothing
     (no connection that would end in a reset)."""
-    from gbalance.connect import Race
+    from gbalance.proxy.connect import Race
 
     h = hanging()
     conn, hooks = _hanging_connector([h], timeout=5)
@@ -781,7 +781,7 @@ def fake_race(hanging, stagger: float, timeout: float = 1.0):
     """A race on a :class:`FakeLoop`: channel 0 hangs, channel 1 listens."""
     from fakeloop import FakeLoop
 
-    from gbalance.connect import Connector, Race
+    from gbalance.proxy.connect import Connector, Race
 
     primary = hanging()
     backup = socket.socket()
@@ -807,7 +807,7 @@ def finish_on_backup(loop, race, results):
 
 
 def test_race_timeout_is_exactly_t_then_the_next_candidate(hanging):
-    from gbalance.connect import FailReason
+    from gbalance.proxy.connect import FailReason
 
     loop, hooks, results, race, keep = fake_race(hanging, stagger=0.0, timeout=1.0)
     race.start()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from gbalance.mailbox import Op, ask
-from gbalance.state import H_PID, H_START_TICKS, SharedState, process_start_ticks, state_path
+from gbalance.table.mailbox import Op, ask
+from gbalance.table.state import H_PID, H_START_TICKS, SharedState, process_start_ticks, state_path
 
 import otheruser
 from conftest import free_port, pid_alive, read_tag
@@ -259,7 +259,7 @@ def test_other_addresses_trusts_only_live_masters_state_files(balance, backends,
     """Naming the other -b addresses of a port looks only at regular state files
     of live masters on that port: no FIFO is opened, no symlink followed, a
     stale file and junk are left out."""
-    from gbalance.control import other_addresses
+    from gbalance.shell.control import other_addresses
 
     a = backends("A")
     port = free_port()

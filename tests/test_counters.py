@@ -1,4 +1,4 @@
-"""Per-process counter rows and the maxc lock (gbalance.counters), in real processes."""
+"""Per-process counter rows and the maxc lock (gbalance.table.counters), in real processes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from gbalance import state as S
-from gbalance.channels import Channels
-from gbalance.counters import Counters
+from gbalance.table import state as S
+from gbalance.table.channels import Channels
+from gbalance.table.counters import Counters
 
 
 @pytest.fixture

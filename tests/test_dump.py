@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from gbalance.dump import dump, render
+from gbalance.proxy.dump import dump, render
 from conftest import free_port
 
 

@@ -25,7 +25,7 @@ import time
 import pytest
 from conftest import BALANCE, ROOT, free_port, read_line, run_in_netns, seeded_data, wait_listening
 
-from gbalance.state import C_C, C_STATUS, SharedState, state_path
+from gbalance.table.state import C_C, C_STATUS, SharedState, state_path
 
 TICKS = os.sysconf("SC_CLK_TCK")
 LINGER_RESET = struct.pack("ii", 1, 0)

@@ -22,7 +22,7 @@ import pytest
 from conftest import free_port, ipv6_available, read_line, wait_listening
 from monhelp import wait_for
 from test_e2e_proxyproto import ProxyBackend, transfer
-from gbalance.proxyproto import V2_LOCAL_HEADER, v1_header, v2_header
+from gbalance.proxy.proxyproto import V2_LOCAL_HEADER, v1_header, v2_header
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from collections import Counter
 
 from conftest import free_port
 
-from gbalance.state import C_TOTALC, SharedState, row_offset, slot, state_path
+from gbalance.table.state import C_TOTALC, SharedState, row_offset, slot, state_path
 
 SOURCES = [f"127.0.0.{i}" for i in range(10, 90)]
 

@@ -24,7 +24,7 @@ import pytest
 
 import otheruser
 from conftest import eventually, free_port, pid_alive, read_tag, wait_listening
-from gbalance import state as S
+from gbalance.table import state as S
 
 SLOT0 = len(S.MAGIC)
 

@@ -155,7 +155,7 @@ def keepalived_conf(lab: Lab, role: str, priority: int) -> Path:
     check = home / "health"
     check.write_text("#!/bin/sh\n"
                      f"BALANCE_CONF={home / 'balance.conf'} BALANCE_STATE_DIR={home / 'state'} "
-                     f"exec {sys.executable} -m gbalance.instances health\n")
+                     f"exec {sys.executable} -m gbalance.service.instances health\n")
     check.chmod(0o755)
     text = EXAMPLE.read_text()
     for old, new in ((r'script "/usr/lib/gbalance/balance-instances health"', f'script "{check}"'),

@@ -18,7 +18,7 @@ import pytest
 from conftest import (BALANCE, ROOT, TcpServer, closing_factory, eventually, free_port, read_line,
                       wait_listening)
 
-from gbalance.state import SharedState, state_path
+from gbalance.table.state import SharedState, state_path
 
 
 def client_from(source: str, port: int, timeout: float = 10.0) -> socket.socket:

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from conftest import TcpServer, eventually, free_port, listening, pid_alive, read_line
-from gbalance.state import (C_C, C_TOTALC, SharedState, row_offset, slot, state_path)
+from gbalance.table.state import (C_C, C_TOTALC, SharedState, row_offset, slot, state_path)
 
 TIMEOUT = 20.0
 
@@ -44,7 +44,7 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) != pid or fields[0] == "Z":
                 continue
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if b"gbalance.worker" in f.read():
+                if b"gbalance.process.worker" in f.read():
                     found.append(int(name))
         except (OSError, IndexError, ValueError):
             continue

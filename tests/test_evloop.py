@@ -22,7 +22,7 @@ def run(code: str) -> str:
 def test_installed_hub_has_no_fork_check_and_serves_timers_signals_and_sockets():
     out = run("""
         import os, signal, socket
-        from gbalance.evloop import install_hub
+        from gbalance.system.evloop import install_hub
         assert install_hub()
         import gevent, gevent.socket
         loop = gevent.get_hub().loop
@@ -54,7 +54,7 @@ def test_existing_hub_is_left_alone():
     out = run("""
         import gevent
         hub = gevent.get_hub()
-        from gbalance.evloop import install_hub
+        from gbalance.system.evloop import install_hub
         print(install_hub(), gevent.get_hub() is hub, gevent.get_hub().loop.default)
     """)
     assert out == "False True True"

@@ -22,8 +22,8 @@ import pytest
 from gevent import get_hub
 
 from conftest import seeded_data, tcp_pair
-from gbalance.watchers import Watchers
-from gbalance.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
+from gbalance.proxy.watchers import Watchers
+from gbalance.proxy.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
 LIMIT = 20  # seconds any single test may spend waiting
@@ -625,7 +625,7 @@ def test_back_pressure_puts_the_unread_source_in_the_urgent_set(rigs, relays, sp
 def test_the_end_is_taken_from_tcp_info_only_on_plain_tcp(monkeypatch):
     """MPTCP sockets (mptcpize, or a BPF program choosing the protocol) report
     one subflow in TCP_INFO, which says nothing of the whole stream."""
-    import gbalance.forward as forward
+    import gbalance.proxy.forward as forward
 
     assert forward._plain_tcp() and forward._PROBE_END    # this machine: plain TCP
 
@@ -713,7 +713,7 @@ def test_a_slow_draining_destination_keeps_the_link_active(rigs):
 def test_the_pipe_budget_keeps_a_link_on_the_copy_path(rigs):
     """No pipe left in the process's budget (the descriptors are for
     connections): the link copies, every byte arrives, no pipe is made."""
-    from gbalance import forward
+    from gbalance.proxy import forward
 
     saved = forward.PIPES.limit
     forward.PIPES.limit = forward.PIPES.open
@@ -729,7 +729,7 @@ def test_the_pipe_budget_keeps_a_link_on_the_copy_path(rigs):
 
 
 def test_the_pipe_budget_counts_pipes_open(rigs):
-    from gbalance import forward
+    from gbalance.proxy import forward
 
     before = forward.PIPES.open
     rig = rigs()

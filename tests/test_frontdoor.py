@@ -1,4 +1,4 @@
-"""gbalance.frontdoor: -A's argument, trusted sources, the rate-limited log, and
+"""gbalance.proxy.frontdoor: -A's argument, trusted sources, the rate-limited log, and
 the header reader itself on real sockets driven by the gevent loop."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from gevent import get_hub
 
 from gbalance.errors import BalanceError
-from gbalance.frontdoor import (DEFAULT_TIMEOUT, FrontDoor, FrontDoorSpec, RateLimitedLog, parse_frontdoor,
+from gbalance.proxy.frontdoor import (DEFAULT_TIMEOUT, FrontDoor, FrontDoorSpec, RateLimitedLog, parse_frontdoor,
                                 trusted_matcher)
-from gbalance.proxyproto import HEADER_MAX, V2_LOCAL_HEADER, v1_header, v2_header
+from gbalance.proxy.proxyproto import HEADER_MAX, V2_LOCAL_HEADER, v1_header, v2_header
 
 
 # -- -A's argument -------------------------------------------------------------------
@@ -48,7 +48,7 @@ def test_trusted_matcher():
 
 
 def test_trusted_matcher_remembers_a_bounded_number_of_addresses(monkeypatch):
-    from gbalance import frontdoor
+    from gbalance.proxy import frontdoor
     monkeypatch.setattr(frontdoor, "TRUSTED_CACHE_MAX", 4)
     trusted = trusted_matcher(parse_frontdoor("10.0.0.0/8").trusted)
     assert all(trusted(f"10.0.0.{i}") for i in range(50))

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from conftest import eventually, free_port, ipv6_available, listening, pid_alive, read_line
-from gbalance.handover import control_path
-from gbalance.master import LISTEN_BACKLOG
-from gbalance.state import SharedState, StateError, state_path
+from gbalance.process.handover import control_path
+from gbalance.process.master import LISTEN_BACKLOG
+from gbalance.table.state import SharedState, StateError, state_path
 
 NOBODY = 65534
 

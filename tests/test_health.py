@@ -1,4 +1,4 @@
-"""``balance-instances health`` (gbalance/health.py): keepalived's check of /etc/balance.conf.
+"""``balance-instances health`` (gbalance/service/health.py): keepalived's check of /etc/balance.conf.
 
 The real helper runs as a subprocess against a private config file and
 state directory; the masters are real ``balance -f`` processes on loopback.
@@ -14,15 +14,15 @@ from pathlib import Path
 
 from conftest import ROOT, eventually, free_port, listening
 
-from gbalance import health
-from gbalance.state import C_TOTALC, SharedState, state_path
+from gbalance.service import health
+from gbalance.table.state import C_TOTALC, SharedState, state_path
 
 
 def run_health(balance, tmp_path: Path, conf_text: str) -> subprocess.CompletedProcess:
     conf = tmp_path / "balance.conf"
     conf.write_text(conf_text)
     env = dict(os.environ, BALANCE_CONF=str(conf), BALANCE_STATE_DIR=str(balance.state_dir))
-    return subprocess.run([sys.executable, "-m", "gbalance.instances", "health"], env=env, timeout=30,
+    return subprocess.run([sys.executable, "-m", "gbalance.service.instances", "health"], env=env, timeout=30,
                           capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
@@ -95,7 +95,7 @@ def test_no_instances_or_no_file(balance, tmp_path):
     assert done.returncode == 1 and "no instances configured" in done.stderr
     env = dict(os.environ, BALANCE_CONF=str(tmp_path / "missing.conf"),
                BALANCE_STATE_DIR=str(balance.state_dir))
-    done = subprocess.run([sys.executable, "-m", "gbalance.instances", "health"], env=env, timeout=30,
+    done = subprocess.run([sys.executable, "-m", "gbalance.service.instances", "health"], env=env, timeout=30,
                           capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert done.returncode == 78 and "cannot read" in done.stderr and "Traceback" not in done.stderr
 

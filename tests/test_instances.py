@@ -1,7 +1,7 @@
-"""balance-instances (gbalance/instances.py): /etc/balance.conf for both init systems.
+"""balance-instances (gbalance/service/instances.py): /etc/balance.conf for both init systems.
 
 Every test runs the real helper as a subprocess (``python -m
-gbalance.instances``) against a private config file and state directory;
+gbalance.service.instances``) against a private config file and state directory;
 the masters it starts are real ``balance`` daemons on loopback ports.
 """
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from conftest import ROOT, free_port, pid_alive, read_tag, wait_listening
 
-from gbalance import cli, instances
+from gbalance import cli
+from gbalance.service import instances
 
 REAL_BALANCE = str(Path(sys.executable).parent / "balance")
 
@@ -33,7 +34,7 @@ def helper_env(tmp_path: Path, conf_text: str, **extra: str) -> dict:
 
 
 def helper(env: dict, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gbalance.instances", *args], env=env, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "gbalance.service.instances", *args], env=env, timeout=timeout,
                           capture_output=True, text=True, cwd=ROOT, stdin=subprocess.DEVNULL, **kw)
 
 
@@ -92,7 +93,7 @@ def test_reads_one_instance_per_line(tmp_path):
 
 def test_instance_names_are_state_file_names(tmp_path):
     """The instance key is the state file's name without "balance.", from state.state_path."""
-    from gbalance.state import state_path
+    from gbalance.table.state import state_path
 
     for args, port, bind in ((["8080", "a"], 8080, None), (["-b", "::1", "25", "a"], 25, "::1"),
                              (["-b", "odd/name", "99", "a"], 99, "odd/name")):
@@ -255,7 +256,7 @@ def test_exec_becomes_the_foreground_master_in_the_same_process(tmp_path, backen
     a = backends("A")
     p1 = free_port()
     env = helper_env(tmp_path, f"-b 127.0.0.1 {p1} {a.spec}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "gbalance.instances", "exec", f"{p1}.127.0.0.1"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "gbalance.service.instances", "exec", f"{p1}.127.0.0.1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
     try:
         wait_listening(p1)
@@ -328,7 +329,7 @@ def test_problems_carry_journal_priorities_under_systemd(tmp_path):
     with open(err_path, "w") as err:
         st = os.fstat(err.fileno())
         env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-        done = subprocess.run([sys.executable, "-m", "gbalance.instances", "check"], env=env, stderr=err,
+        done = subprocess.run([sys.executable, "-m", "gbalance.service.instances", "check"], env=env, stderr=err,
                               stdout=subprocess.PIPE, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0
     lines = err_path.read_text().splitlines()

@@ -1,4 +1,4 @@
-"""balance-instances signals only its own masters (gbalance/instances.py).
+"""balance-instances signals only its own masters (gbalance/service/instances.py).
 
 A state directory other users may write to (sticky, like /tmp) is where an
 admin might point ``BALANCE_STATE_DIR``.  The other user (uid 65534, for
@@ -21,12 +21,12 @@ import pytest
 
 import otheruser
 from conftest import eventually
-from gbalance import instances
-from gbalance import state as S
+from gbalance.service import instances
+from gbalance.table import state as S
 
 
 def helper(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gbalance.instances", *args], env=env, timeout=60,
+    return subprocess.run([sys.executable, "-m", "gbalance.service.instances", *args], env=env, timeout=60,
                           capture_output=True, text=True, cwd="/", stdin=subprocess.DEVNULL)
 
 
@@ -42,7 +42,7 @@ def shared_dir():
 #: it; the returned descriptors keep the lock while the process lives.
 PLANT_LIVE_MASTER = textwrap.dedent("""
     import fcntl, os, struct, sys
-    from gbalance import state as S
+    from gbalance.table import state as S
 
     def plant_live_master(path, pid, ticks):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -189,7 +189,7 @@ def test_every_instance_key_of_the_config_is_valid(line):
 
 FAKE_MASTER = """\
 import os, signal, sys
-from gbalance.state import SharedState
+from gbalance.table.state import SharedState
 st = SharedState.create(sys.argv[1])
 def became_something_else(*_):
     os.execv("/bin/sleep", ["sleep", "300"])
@@ -250,7 +250,7 @@ def test_metrics_and_show_read_a_state_dir_on_a_read_only_file_system(tmp_path, 
         wait_listening(port)
         script = (f"mount --bind {state_dir} {state_dir} && mount -o remount,ro,bind {state_dir} && "
                   f"{balance_bin} -c show {port} && "
-                  f"{sys.executable} -m gbalance.instances metrics {textfile}")
+                  f"{sys.executable} -m gbalance.service.instances metrics {textfile}")
         r = subprocess.run(["unshare", "-m", "sh", "-c", script], env=env, capture_output=True,
                            text=True, timeout=60, cwd="/")
         assert r.returncode == 0, r.stderr

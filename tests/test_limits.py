@@ -1,10 +1,10 @@
-"""gbalance.limits: the descriptor limit and the connection limit drawn from it."""
+"""gbalance.system.limits: the descriptor limit and the connection limit drawn from it."""
 
 from __future__ import annotations
 
 import pytest
 
-from gbalance.limits import RESERVED_FDS, UNLIMITED, connection_limit
+from gbalance.system.limits import RESERVED_FDS, UNLIMITED, connection_limit
 
 
 @pytest.mark.parametrize("nofile", [64, 256, 1024, 20000, 1 << 20])

@@ -1,4 +1,4 @@
-"""gbalance.mailbox: a shell's request, the master's answer, over a real state file.
+"""gbalance.table.mailbox: a shell's request, the master's answer, over a real state file.
 
 The master's side runs in a thread of the test process here (the protocol
 only needs the shared mapping); ``test_control.py`` runs it against real
@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from gbalance import state as S
-from gbalance.channels import Channels, Result
-from gbalance.mailbox import Mailbox, NoAnswer, Op, ask
+from gbalance.table import state as S
+from gbalance.table.channels import Channels, Result
+from gbalance.table.mailbox import Mailbox, NoAnswer, Op, ask
 
 
 def new_table(tmp_path, *ports: int) -> S.SharedState:

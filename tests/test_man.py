@@ -71,7 +71,7 @@ def test_every_option_is_documented(lang):
 
 @pytest.mark.parametrize("lang", ["en", "es"])
 def test_every_shell_command_and_monitor_key_is_documented(lang):
-    from gbalance.shell import COMMANDS
+    from gbalance.shell.shell import COMMANDS
 
     text = render(lang)
     for command in COMMANDS:

@@ -1,4 +1,4 @@
-"""gbalance.mapguard: a file cut short under a guarded mapping kills nobody.
+"""gbalance.system.mapguard: a file cut short under a guarded mapping kills nobody.
 
 Each case runs in a child process (a real SIGBUS, a real truncate): a
 guarded mapping (writable or read-only) reads on after the file was cut
@@ -17,7 +17,7 @@ import pytest
 
 CHILD = textwrap.dedent("""
     import mmap, os, sys
-    from gbalance import mapguard
+    from gbalance.system import mapguard
     path, mode = sys.argv[1], sys.argv[2]
     size = 1 << 20
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)

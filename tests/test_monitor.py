@@ -11,7 +11,7 @@ import pytest
 from conftest import Backend, free_port, pid_alive, read_tag
 from monhelp import ENABLED, HARD_DISABLED, MON_DISABLED, MON_ENABLED, SOFT_DISABLED, Op, Table, wait_for
 
-from gbalance.monitor import check_argv, command_argv, expand
+from gbalance.monitor.monitor import check_argv, command_argv, expand
 
 INTERVAL = 0.3
 SLACK = 0.45   # scheduling and polling slack on a busy 2-core machine
@@ -423,9 +423,9 @@ def scheduled_monitor(interval: float, round_takes: list[float], monitor_on=lamb
 
     from fakeloop import Enough, FakeClock
 
-    from gbalance.monitor import Monitor
-    from gbalance.monspec import parse_monitor
-    from gbalance.state import MON_DISABLED as OFF, MON_ENABLED as ON
+    from gbalance.monitor.monitor import Monitor
+    from gbalance.monitor.monspec import parse_monitor
+    from gbalance.table.state import MON_DISABLED as OFF, MON_ENABLED as ON
 
     clock = FakeClock(stop_after=len(round_takes) - 1)
     state = SimpleNamespace(q=None, monitor=ON)

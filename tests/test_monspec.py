@@ -6,7 +6,7 @@ import pytest
 from conftest import free_port
 
 from gbalance.errors import EX_UNAVAILABLE, BalanceError
-from gbalance.monspec import DEFAULT_INTERVAL, DEFAULT_STAGGER, parse_monitor, split_pairs
+from gbalance.monitor.monspec import DEFAULT_INTERVAL, DEFAULT_STAGGER, parse_monitor, split_pairs
 
 
 def test_connect_alone_gets_balance_fm_defaults():

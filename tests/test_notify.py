@@ -17,8 +17,8 @@ import uuid
 import pytest
 
 from conftest import closing_factory, free_port, listening, pid_alive, read_line
-from gbalance.notify import notify
-from gbalance.state import SharedState, state_path
+from gbalance.system.notify import notify
+from gbalance.table.state import SharedState, state_path
 
 
 class FakeSystemd:
@@ -143,7 +143,7 @@ def test_replacement_reports_ready_with_its_own_pid(balance, backends, systemd):
 
 
 def test_notify_never_raises_or_waits(monkeypatch, tmp_path):
-    import gbalance.notify as mod
+    import gbalance.system.notify as mod
 
     for value in ("", "relative/path", str(tmp_path / "missing.sock"), "@"):
         monkeypatch.setattr(mod, "_address", mod._UNSET)

@@ -212,7 +212,7 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
                  "./usr/lib/gbalance/balance-instances", "./usr/share/doc/gbalance/copyright",
                  "./usr/share/doc/gbalance/examples/gbalance.conf.example",
                  "./usr/lib/python3/dist-packages/gbalance/cli.py",
-                 "./usr/lib/python3/dist-packages/gbalance/instances.py"):
+                 "./usr/lib/python3/dist-packages/gbalance/service/instances.py"):
         assert path in listing, path
     info = run(["dpkg", "-I", str(deb)]).stdout
     for relation in (" Provides: balance\n", " Conflicts: balance\n", " Replaces: balance\n",

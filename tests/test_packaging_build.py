@@ -153,7 +153,7 @@ def test_setup_py_sdist_has_man_pages_and_no_debian_dir(tmp_path):
     with tarfile.open(out / f"gbalance-{VERSION}.tar.gz") as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for wanted in ("setup.py", "pyproject.toml", "COPYING", "README", "NEWS", "man/balance.1", "man/balance.es.1",
-                   "packaging/stdeb-layout.sh", "gbalance/cli.py", "gbalance/worker.py", "PKG-INFO"):
+                   "packaging/stdeb-layout.sh", "gbalance/cli.py", "gbalance/process/worker.py", "PKG-INFO"):
         assert wanted in names, wanted
     assert not [n for n in names if n.startswith(("debian", "tests/", ".git"))], sorted(names)
 

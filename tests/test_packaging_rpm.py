@@ -70,7 +70,7 @@ def test_rpm_requires_fedora_packages_and_no_interpreter_version(dist):
 def test_rpm_layout_private_modules_and_libexec_helper(dist):
     files = query(dist, "list")
     for path in ("/usr/bin/balance", HELPER, "/usr/share/gbalance/gbalance/cli.py",
-                 "/usr/share/gbalance/gbalance/worker.py", "/usr/share/man/man1/balance.1.gz",
+                 "/usr/share/gbalance/gbalance/process/worker.py", "/usr/share/man/man1/balance.1.gz",
                  "/usr/share/man/es/man1/balance.1.gz", "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
                  "/usr/lib/systemd/system/balance@.service", "/usr/lib/systemd/system-generators/balance-generator",
                  "/usr/lib/tmpfiles.d/balance.conf"):
@@ -150,14 +150,14 @@ def test_installed_rpm_proxies_with_workers_and_answers_the_control_commands(roo
         for pid in workers:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             # An isolated interpreter handed the master's module path, the
-            # rpm's private directory first (gbalance.child).
+            # rpm's private directory first (gbalance.system.child).
             assert cmdline[:3] == [b"/usr/bin/python3", b"-I", b"-c"], cmdline
             assert json.loads(cmdline[4])[0] == f"{root}/usr/share/gbalance", cmdline
             assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
         # The one gbalance on that path is the installed one: Python cached
         # its bytecode there (no PYTHONDONTWRITEBYTECODE in this environment).
-        cache = root / "usr/share/gbalance/gbalance/__pycache__"
-        assert {"cli", "worker", "forward"} <= {p.name.split(".")[0] for p in cache.iterdir()}
+        pkg = root / "usr/share/gbalance/gbalance"
+        assert {"cli", "worker", "forward"} <= {p.name.split(".")[0] for p in pkg.glob("**/__pycache__/*")}
     finally:
         if master.poll() is None:
             os.kill(master.pid, signal.SIGTERM)
@@ -198,8 +198,8 @@ def test_rpm_scriptlets_compile_and_clean_up_in_a_throwaway_root(dist):
     with create_root() as root:
         root.write(f"/tmp/{RPM}", (dist / RPM).read_bytes())
         root.run(["rpm", "-i", "--nodeps", f"/tmp/{RPM}"])
-        cache = root.file("/usr/share/gbalance/gbalance/__pycache__")
-        compiled = {p.name for p in cache.iterdir()}
+        pkg = root.file("/usr/share/gbalance/gbalance")
+        compiled = {p.name for p in pkg.glob("**/__pycache__/*")}
         assert {"cli.cpython-311.pyc", "worker.cpython-311.pyc", "instances.cpython-311.pyc"} <= compiled, compiled
         assert root.run(["rpm", "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.noarch"
         root.apt_install("python3-gevent", "python3-docopt")

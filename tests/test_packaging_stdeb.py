@@ -99,7 +99,7 @@ def test_stdeb_deb_layout_is_the_debian_dir_one(built):
     for path in ("./usr/sbin/balance", "./usr/bin/balance -> ../sbin/balance", "./usr/share/man/man1/balance.1.gz",
                  "./usr/share/man/es/man1/balance.1.gz", "./usr/share/doc/gbalance/copyright",
                  "./usr/lib/python3/dist-packages/gbalance/cli.py",
-                 "./usr/lib/python3/dist-packages/gbalance/worker.py"):
+                 "./usr/lib/python3/dist-packages/gbalance/process/worker.py"):
         assert path in listing, path
     assert "balance-instances" not in listing          # no init script or units to call it
     assert re.search(r"^-rwxr-xr-x root/root .* \./usr/sbin/balance$", listing, re.M)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gbalance.pool import MAX_BACKOFF, Slot
+from gbalance.process.pool import MAX_BACKOFF, Slot
 
 
 def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_the_cap():

@@ -1,7 +1,7 @@
 """PROXY protocol headers: exact bytes, a round trip through a decoder, real sockets.
 
 The decoder below is written from the HAProxy specification independently
-of ``gbalance.proxyproto`` and is strict: anything the specification does
+of ``gbalance.proxy.proxyproto`` and is strict: anything the specification does
 not allow a sender to emit is rejected.  ``decode`` is also used by the
 end-to-end tests.
 """
@@ -17,9 +17,9 @@ import gevent.socket as gsocket
 import pytest
 
 from conftest import free_port, ipv6_available
-from gbalance import proxyproto
+from gbalance.proxy import proxyproto
 from gbalance.errors import BalanceError
-from gbalance.proxyproto import (V1_UNKNOWN, V2_LOCAL_HEADER, V2_SIGNATURE, Version, check_header,
+from gbalance.proxy.proxyproto import (V1_UNKNOWN, V2_LOCAL_HEADER, V2_SIGNATURE, Version, check_header,
                                  header_maker, parse_version, send_header, v1_header, v2_header)
 
 SIG = b"\x0D\x0A\x0D\x0A\x00\x0D\x0A\x51\x55\x49\x54\x0A"
@@ -324,10 +324,10 @@ def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch, hang
     first channel whose connect hangs, the client's bytes arrive while the
     connect is pending (read early by the race, sent by the link on start):
     they too must follow the whole header."""
-    from gbalance import server as server_mod
+    from gbalance.proxy import server as server_mod
     from gbalance.cli import parse
     from gbalance.log import Log
-    from gbalance.master import Master
+    from gbalance.process.master import Master
 
     sent_parts: list[bytes] = []
     early_seen: list[bool] = []
@@ -399,7 +399,7 @@ def test_without_P_nothing_is_hooked(tmp_path, monkeypatch, args, on):
     """No -P: the server and the monitor get no header function (no per-connection cost)."""
     from gbalance.cli import parse
     from gbalance.log import Log
-    from gbalance.master import Master
+    from gbalance.process.master import Master
 
     monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path))
     cfg = parse([*args, "-m", "connect", str(free_port()), "127.0.0.1:81"])
@@ -415,7 +415,7 @@ def test_without_P_nothing_is_hooked(tmp_path, monkeypatch, args, on):
 
 # -- receiving: parse_header with hostile input ----------------------------------------
 
-from gbalance.proxyproto import HEADER_MAX, V1_MAX, V2_MAX_BODY, HeaderError, Received, parse_header  # noqa: E402
+from gbalance.proxy.proxyproto import HEADER_MAX, V1_MAX, V2_MAX_BODY, HeaderError, Received, parse_header  # noqa: E402
 
 
 def tlv(kind: int, value: bytes) -> bytes:

@@ -124,7 +124,7 @@ def substitute(lines: list[str], ports: dict[str, int], tmp_path: Path) -> list[
 
 def kill_master(state: Path) -> None:
     """A master the example failed to stop: by the pid in its state file."""
-    from gbalance.state import SharedState
+    from gbalance.table.state import SharedState
 
     if not state.is_dir():
         return

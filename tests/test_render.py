@@ -1,4 +1,4 @@
-"""gbalance.render: the shell's output formats, from a real state file."""
+"""gbalance.shell.render: the shell's output formats, from a real state file."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from gbalance import state as S
-from gbalance.channels import Channels
-from gbalance.render import help_text, metrics_text, show_text, write_atomic
+from gbalance.table import state as S
+from gbalance.table.channels import Channels
+from gbalance.shell.render import help_text, metrics_text, show_text, write_atomic
 
 from test_shell import parse_metrics, row, table
 
@@ -71,7 +71,7 @@ def test_write_atomic_replaces_or_leaves_the_old_file(tmp_path):
 
 def test_metrics_never_replace_what_balance_did_not_write(tmp_path):
     """Only a regular file of ours that begins as a metrics file is replaced."""
-    from gbalance.render import write_atomic
+    from gbalance.shell.render import write_atomic
     text = "# HELP balance_up x\n"
     precious = tmp_path / "passwd"
     precious.write_text("root:x:0:0\n")
@@ -96,7 +96,7 @@ def test_metrics_never_replace_what_balance_did_not_write(tmp_path):
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
 def test_metrics_refuse_a_directory_others_may_write(tmp_path, mode):
-    from gbalance.render import write_atomic
+    from gbalance.shell.render import write_atomic
     d = tmp_path / "shared"
     d.mkdir()
     d.chmod(mode)

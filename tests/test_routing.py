@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from gbalance.channels import Channels
-from gbalance.routing import (KEY_BITS, Rendezvous, Router, channel_seed, client_hash, client_key,
+from gbalance.table.channels import Channels
+from gbalance.proxy.routing import (KEY_BITS, Rendezvous, Router, channel_seed, client_hash, client_key,
                               rendezvous_order, score)
-from gbalance.state import (C_C, C_MAXC, C_PORT, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH, RR,
+from gbalance.table.state import (C_C, C_MAXC, C_PORT, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH, RR,
                             SOFT_DISABLED, SharedState, gslot)
 
 

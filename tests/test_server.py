@@ -1,4 +1,4 @@
-"""BalanceServer in-process: its own accept loop (gbalance.server._do_read)."""
+"""BalanceServer in-process: its own accept loop (gbalance.proxy.server._do_read)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_unexpected_accept_error_logs_one_line_and_accepting_resumes(tmp_path, m
 # -- the per-source limit's bookkeeping and reports (-l) -----------------------------------
 
 def test_source_keys_count_ipv4_by_address_and_ipv6_by_64():
-    from gbalance.server import source_key, source_name
+    from gbalance.proxy.server import source_key, source_name
 
     assert source_key("10.0.0.1") == "10.0.0.1" != source_key("10.0.0.2")
     assert source_key("::ffff:10.0.0.1") == "::ffff:10.0.0.1"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gbalance.state import SOFT_DISABLED, SharedState, StateError, state_path
+from gbalance.table.state import SOFT_DISABLED, SharedState, StateError, state_path
 
 import otheruser
 from conftest import BALANCE, ROOT, free_port, pid_alive, read_tag

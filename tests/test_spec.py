@@ -14,7 +14,7 @@ import pytest
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
 from gbalance.spec import (ChannelSpec, parse_channel, parse_groups, parse_keepalive, parse_maxc,
                            parse_port, parse_seconds, resolve_host, split_channel, split_groups)
-from gbalance.state import HASH, MAXCHANNELS, MAXGROUPS, RR
+from gbalance.table.state import HASH, MAXCHANNELS, MAXGROUPS, RR
 
 
 def fails(fn, *args) -> BalanceError:
@@ -220,5 +220,5 @@ def test_a_scope_id_naming_an_interface_is_kept():
     ("::1%\n0 RR", False), ("127.0.0.1", True), ("127.0.0.1%lo", False),
 ])
 def test_valid_address_checks_scope_ids(text, ok):
-    from gbalance.channels import valid_address
+    from gbalance.table.channels import valid_address
     assert valid_address(text) is ok

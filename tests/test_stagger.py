@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gbalance.stagger import DEFAULT_FLOOR, INITIAL, StaggerEstimator, StaggerRule
+from gbalance.proxy.stagger import DEFAULT_FLOOR, INITIAL, StaggerEstimator, StaggerRule
 
 
 def est(ceiling: float = 0.25, floor: float = DEFAULT_FLOOR) -> StaggerEstimator:

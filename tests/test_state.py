@@ -21,15 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from gbalance import state as S
-from gbalance.state import SharedState, StateError, MasterRunning, UnsafeState
+from gbalance.table import state as S
+from gbalance.table.state import SharedState, StateError, MasterRunning, UnsafeState
 
 import otheruser
 from conftest import ROOT, pid_alive
 
 HOLDER = textwrap.dedent("""
     import sys
-    from gbalance.state import SharedState
+    from gbalance.table.state import SharedState
     st = SharedState.create(sys.argv[1])
     g = st.add_group()
     st.add_channel(g, "127.0.0.1", 8080, 3)
@@ -281,7 +281,7 @@ def test_counters_are_plain_slots(path):
 
 READER = textwrap.dedent("""
     import errno, sys
-    from gbalance.state import SharedState
+    from gbalance.table.state import SharedState
     st = SharedState.attach(sys.argv[1])
     print("writable", st.writable)
     print("alive", st.master_alive())

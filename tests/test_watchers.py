@@ -1,4 +1,4 @@
-"""gbalance.watchers.Watchers: the per-loop pool of recycled libev watchers.
+"""gbalance.proxy.watchers.Watchers: the per-loop pool of recycled libev watchers.
 
 Every test runs on the real gevent hub loop with real sockets; timings are
 measured around loop turns (``gevent.sleep``), each wait bounded.
@@ -15,8 +15,8 @@ import gevent
 import pytest
 from gevent import get_hub
 
-from gbalance import watchers as watchers_mod
-from gbalance.watchers import KEEP, Watchers
+from gbalance.proxy import watchers as watchers_mod
+from gbalance.proxy.watchers import KEEP, Watchers
 
 LIMIT = 5.0   # seconds any single wait may take
 

@@ -1,4 +1,4 @@
-"""The worker entry point, its settings, and the -w number (gbalance.worker, gbalance.pool)."""
+"""The worker entry point, its settings, and the -w number (gbalance.process.worker, gbalance.process.pool)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT
 from gbalance.config import ProxyConfig
 from gbalance.errors import BalanceError
-from gbalance.pool import describe_exit
+from gbalance.process.pool import describe_exit
 from gbalance.spec import parse_workers
-from gbalance.worker import WORKER_ENV, WorkerSpec, decode_spec, encode_spec
+from gbalance.process.worker import WORKER_ENV, WorkerSpec, decode_spec, encode_spec
 
 
 def test_spec_round_trip():
@@ -30,7 +30,7 @@ def test_spec_round_trip():
 @pytest.mark.parametrize("env, message", [({}, "started by a balance master only"),
                                           ({WORKER_ENV: "!!"}, "bad worker settings")])
 def test_worker_started_by_hand_exits_64_in_one_line(env, message):
-    r = subprocess.run([sys.executable, "-m", "gbalance.worker", "0"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "gbalance.process.worker", "0"], capture_output=True, text=True,
                        env={**{k: v for k, v in os.environ.items() if k != WORKER_ENV}, **env},
                        cwd=ROOT, timeout=30)
     assert r.returncode == 64

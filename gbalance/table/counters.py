@@ -28,7 +28,7 @@ import fcntl
 import os
 import struct
 
-from gbalance.state import C_C, C_MAXC, C_TOTALC, SharedState, row_offset, row_sum
+from gbalance.table.state import C_C, C_MAXC, C_TOTALC, SharedState, row_offset, row_sum
 
 #: Byte of the lock file that serialises counting towards ``maxc``.
 MAXC_LOCK_BYTE = 2

@@ -30,13 +30,14 @@ import signal
 import socket
 import time
 
-from gbalance import handover, notify
+from gbalance.process import handover
+from gbalance.system import notify
 from gbalance.config import ProxyConfig
-from gbalance.daemon import detach
+from gbalance.system.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
-from gbalance.limits import raise_and_report
+from gbalance.system.limits import raise_and_report
 from gbalance.log import Log
-from gbalance.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
+from gbalance.table.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
                             SharedState, StateError, master_process_alive, state_path)
 
 LISTEN_BACKLOG = socket.SOMAXCONN
@@ -74,7 +75,7 @@ def set_listener_options(sock: socket.socket, cfg: ProxyConfig) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if cfg.client_keepalive:
-        from gbalance.connect import set_keepalive
+        from gbalance.proxy.connect import set_keepalive
         set_keepalive(sock, cfg.client_keepalive)
 
 
@@ -180,9 +181,9 @@ def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
 
 def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     """Write the groups and channels of the command line into the table."""
-    from gbalance.channels import Channels
+    from gbalance.table.channels import Channels
 
-    from gbalance.carry import table_digest
+    from gbalance.table.carry import table_digest
 
     state.q[H_NGROUPS] = 0        # (again after a hand-over: the table is rebuilt)
     channels = Channels(state)
@@ -199,11 +200,11 @@ def _preload(cfg: ProxyConfig) -> None:
     """Import what :meth:`Master.build` needs (no hub is created)."""
     import gevent.event  # noqa: F401
 
-    import gbalance.connect  # noqa: F401
-    import gbalance.routing  # noqa: F401
-    import gbalance.server  # noqa: F401
+    import gbalance.proxy.connect  # noqa: F401
+    import gbalance.proxy.routing  # noqa: F401
+    import gbalance.proxy.server  # noqa: F401
     if cfg.monitor is not None:
-        import gbalance.monitor  # noqa: F401
+        import gbalance.monitor.monitor  # noqa: F401
 
 
 class Master:
@@ -234,7 +235,7 @@ class Master:
                 inherited.abandon()
                 raise
             try:
-                from gbalance.carry import Carry, open_previous
+                from gbalance.table.carry import Carry, open_previous
                 old = open_previous(self.state.path, inherited.pid)
                 if old is not None:
                     self.old_ticks = old.q[H_START_TICKS]
@@ -328,18 +329,18 @@ class Master:
 
         import gevent
 
-        from gbalance.channels import Channels
-        from gbalance.counters import Counters
-        from gbalance.mailbox import Mailbox
-        from gbalance.stagger import initial_delay
-        from gbalance.state import H_STAGGER_US
-        from gbalance.worker import build_server
+        from gbalance.table.channels import Channels
+        from gbalance.table.counters import Counters
+        from gbalance.table.mailbox import Mailbox
+        from gbalance.proxy.stagger import initial_delay
+        from gbalance.table.state import H_STAGGER_US
+        from gbalance.process.worker import build_server
 
         cfg = self.cfg
         monitoring = cfg.monitor is not None
         if not monitoring and cfg.workers <= 1:
             # No child processes to watch: a loop without libev's per-turn getpid.
-            from gbalance.evloop import install_hub
+            from gbalance.system.evloop import install_hub
             install_hub()
         self.done = Event()
         channels = Channels(self.state, self._own_lock() if cfg.workers > 1 else -1)
@@ -347,13 +348,13 @@ class Master:
             # The delay shown for channels no process has measured yet.
             self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
         if cfg.workers > 1:
-            from gbalance.pool import Pool
+            from gbalance.process.pool import Pool
             self.server = Pool(cfg, self.state, self.listener, self.log, self.source)
         else:
             self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
                                        channels, Counters(self.state))
         if monitoring:
-            from gbalance.monitor import Monitor
+            from gbalance.monitor.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
                                    source=self.source, channels=channels)
         # A shell's ``kill`` request drains as SIGTERM does (balance's forked
@@ -361,7 +362,7 @@ class Master:
         self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.begin_drain, "kill from the shell"))
         if cfg.proxy_protocol is not None and self.monitor is not None:
             # -P: health checks send a header too (clients' headers: worker.build_server).
-            from gbalance.proxyproto import check_header
+            from gbalance.proxy.proxyproto import check_header
             self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
 
     def _own_lock(self) -> int:

@@ -46,8 +46,8 @@ import sys
 import termios
 from typing import Callable
 
-from gbalance.dump import dump as render_dump
-from gbalance.watchers import READ, READ_WRITE, WRITE
+from gbalance.proxy.dump import dump as render_dump
+from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 
 CHUNK = 65536
 SCRATCH = bytearray(CHUNK)

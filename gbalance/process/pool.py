@@ -30,13 +30,13 @@ import time
 import gevent
 from gevent import subprocess
 
-from gbalance.child import SAFE_CWD, python_argv
+from gbalance.system.child import SAFE_CWD, python_argv
 from gbalance.clock import REAL, Clock
 from gbalance.config import ProxyConfig
 from gbalance.log import Log
-from gbalance.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
+from gbalance.table.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
                             row_sum, slot, G_NCHANNELS)
-from gbalance.worker import WORKER_ENV, WorkerSpec, encode_spec
+from gbalance.process.worker import WORKER_ENV, WorkerSpec, encode_spec
 
 #: How long the master waits for a new worker to say it is ready.
 READY_TIMEOUT = 15.0
@@ -124,7 +124,7 @@ class Pool:
             # (never the caller's directory: see gbalance.child).  In a process
             # group of its own: a Ctrl-C on the terminal reaches the master
             # only, which passes it on (so no worker is seen dying first).
-            s.proc = subprocess.Popen(python_argv("gbalance.worker", str(s.index)), env=env,
+            s.proc = subprocess.Popen(python_argv("gbalance.process.worker", str(s.index)), env=env,
                                       cwd=SAFE_CWD, pass_fds=(spec.state_fd, spec.listen_fd, w),
                                       close_fds=True, process_group=0)
         except OSError as exc:

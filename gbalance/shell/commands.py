@@ -17,15 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-from gbalance.channels import MAX_MAXC, Result
+from gbalance.table.channels import MAX_MAXC, Result
 from gbalance.config import ShellConfig
-from gbalance.control import Control, MasterGone, no_master
+from gbalance.shell.control import Control, MasterGone, no_master
 from gbalance.errors import EX_CANTCREAT, EX_OK, EX_UNAVAILABLE, BalanceError
-from gbalance.mailbox import NoAnswer, Op
-from gbalance.render import (help_text, metrics_text, monitor_status_line, monitor_table,
+from gbalance.table.mailbox import NoAnswer, Op
+from gbalance.shell.render import (help_text, metrics_text, monitor_status_line, monitor_table,
                              mrtg_bytes, mrtg_conns, show_text, version_text, write_atomic)
 from gbalance.spec import resolve_host
-from gbalance.state import HASH, MAXGROUPS, MON_NONE, RR, Channel, SharedState, StateError
+from gbalance.table.state import HASH, MAXGROUPS, MON_NONE, RR, Channel, SharedState, StateError
 
 DENIED = "permission denied: only the master's user may change this balance"
 

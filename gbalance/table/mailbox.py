@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from gbalance.channels import Channels, Result
-from gbalance.state import (H_ACK_RESULT, H_ACK_SEQ, H_ACK_VALUE, H_REQ_A, H_REQ_B, H_REQ_C,
+from gbalance.table.channels import Channels, Result
+from gbalance.table.state import (H_ACK_RESULT, H_ACK_SEQ, H_ACK_VALUE, H_REQ_A, H_REQ_B, H_REQ_C,
                             H_REQ_G, H_REQ_OP, H_REQ_SEQ, SharedState, StateError)
 
 #: How often the master looks for a request.

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 
 from gbalance import __version__
-from gbalance.state import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGER_US, C_STAGGERED, ENABLED, H_STAGGER_US,
+from gbalance.table.state import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGER_US, C_STAGGERED, ENABLED, H_STAGGER_US,
                             HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
                             SOFT_DISABLED, STATUS_NAMES, TYPE_NAMES, Channel, SharedState)

@@ -119,7 +119,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from gbalance import mapguard
+from gbalance.system import mapguard
 
 MAGIC = b"GBALSTAT"
 LAYOUT_VERSION = 3

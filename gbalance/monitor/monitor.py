@@ -44,13 +44,13 @@ import gevent.pool
 import gevent.socket
 import gevent.subprocess
 
-from gbalance.channels import Channels
-from gbalance.child import SAFE_CWD, command_env, safe_path
-from gbalance.limits import restore_start_limit
+from gbalance.table.channels import Channels
+from gbalance.system.child import SAFE_CWD, command_env, safe_path
+from gbalance.system.limits import restore_start_limit
 from gbalance.log import Log
 from gbalance.clock import REAL, Clock
-from gbalance.monspec import Check, CheckKind, MonitorSpec
-from gbalance.state import (C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
+from gbalance.monitor.monspec import Check, CheckKind, MonitorSpec
+from gbalance.table.state import (C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
                             SharedState, slot)
 
 #: Characters that only mean something to a shell: a command containing one

@@ -35,9 +35,9 @@ from typing import Any
 from dataclasses import dataclass
 
 from gbalance.config import ProxyConfig
-from gbalance.counters import Counters
+from gbalance.table.counters import Counters
 from gbalance.log import Log
-from gbalance.state import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, SharedState, StateError, slot
+from gbalance.table.state import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, SharedState, StateError, slot
 
 #: Environment variable carrying a worker's pickled :class:`WorkerSpec`.
 WORKER_ENV = "GBALANCE_WORKER"
@@ -76,12 +76,12 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     over ``listener``, counting in ``counters``' row.  Needs a gevent hub."""
     from gevent import get_hub
 
-    from gbalance import forward
-    from gbalance.connect import Connector
-    from gbalance.limits import connection_limit
-    from gbalance.routing import Router
-    from gbalance.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
-    from gbalance.stagger import StaggerEstimator, StaggerRule
+    from gbalance.proxy import forward
+    from gbalance.proxy.connect import Connector
+    from gbalance.system.limits import connection_limit
+    from gbalance.proxy.routing import Router
+    from gbalance.proxy.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
+    from gbalance.proxy.stagger import StaggerEstimator, StaggerRule
 
     mon = cfg.monitor
     monitoring = mon is not None
@@ -113,10 +113,10 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
                            dump=write_stdout if cfg.packet_dump else None, counters=counters,
                            max_conns=limit.conns, per_source=cfg.per_source)
     if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
-        from gbalance.proxyproto import header_maker
+        from gbalance.proxy.proxyproto import header_maker
         server.proxy = header_maker(cfg.proxy_protocol, listener)
     if cfg.frontdoor is not None:   # -A: each client starts with a PROXY header
-        from gbalance.frontdoor import FrontDoor
+        from gbalance.proxy.frontdoor import FrontDoor
         server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)  # type: ignore[assignment]  # server.py declares frontdoor = None
     return server
 
@@ -164,7 +164,7 @@ class Worker:
         import gevent
         from gevent.event import Event
 
-        from gbalance.channels import Channels
+        from gbalance.table.channels import Channels
 
         spec = self.spec
         self.done = Event()
@@ -218,7 +218,7 @@ def main() -> int:
         sys.stderr.write("gbalance.worker: bad worker settings\n")
         return 64
     _die_with(spec.master_pid)
-    from gbalance.evloop import install_hub
+    from gbalance.system.evloop import install_hub
     install_hub()       # a worker starts no children: no fork check per loop turn
     try:
         return Worker(spec).run()
@@ -229,5 +229,5 @@ def main() -> int:
 if __name__ == "__main__":
     # Run the package's module, not this copy of it named __main__: the
     # pickled spec refers to gbalance.worker.WorkerSpec.
-    from gbalance.worker import main as _main
+    from gbalance.process.worker import main as _main
     sys.exit(_main())

@@ -46,9 +46,9 @@ from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
-from gbalance.forward import DONTWAIT, F_SETOWN
-from gbalance.stagger import StaggerEstimator
-from gbalance.watchers import READ, WRITE, Watchers
+from gbalance.proxy.forward import DONTWAIT, F_SETOWN
+from gbalance.proxy.stagger import StaggerEstimator
+from gbalance.proxy.watchers import READ, WRITE, Watchers
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.

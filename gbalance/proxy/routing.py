@@ -59,9 +59,9 @@ import ipaddress
 import zlib
 from typing import Iterator, Sequence
 
-from gbalance.channels import eligible, fallback_eligible, last_resort, usable
-from gbalance.counters import Counters
-from gbalance.state import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
+from gbalance.table.channels import eligible, fallback_eligible, last_resort, usable
+from gbalance.table.counters import Counters
+from gbalance.table.state import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
                             HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
 
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.

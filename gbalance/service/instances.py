@@ -60,12 +60,12 @@ from syslog import LOG_ERR, LOG_WARNING
 from docopt import DocoptExit, docopt
 
 from gbalance import cli
-from gbalance.child import SAFE_CWD
+from gbalance.system.child import SAFE_CWD
 from gbalance.config import DEFAULT_GRACE
 from gbalance.errors import BalanceError
 from gbalance.log import journal_stderr
 from gbalance.spec import parse_port, parse_seconds
-from gbalance.state import (H_START_TICKS, SharedState, StateError, check_directory,
+from gbalance.table.state import (H_START_TICKS, SharedState, StateError, check_directory,
                             master_process_alive, state_dir, state_path)
 
 DEFAULT_CONF = "/etc/balance.conf"
@@ -649,7 +649,7 @@ def do_metrics(directory: str, out: Out) -> int:
     a file), and only a file balance wrote is replaced.  Files of instances
     that are gone or not running are removed.
     """
-    from gbalance.render import metrics_text, open_metrics_dir, write_metrics_at
+    from gbalance.shell.render import metrics_text, open_metrics_dir, write_metrics_at
 
     cfg = load(out)
     try:
@@ -724,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(argv) == 2 and argv[0] == "metrics":
             return do_metrics(argv[1], out)
         if argv == ["health"]:   # keepalived's vrrp_script (gbalance.health)
-            from gbalance import health
+            from gbalance.service import health
             return health.run(out)
     except SystemExit as exc:
         return int(exc.code or 0)

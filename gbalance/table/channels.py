@@ -52,8 +52,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from gbalance.counters import lock, unlock
-from gbalance.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
+from gbalance.table.counters import lock, unlock
+from gbalance.table.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
                             C_SUSPECT, C_TOTALC, ENABLED, H_NGROUPS, HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
                             SOFT_DISABLED, ChannelState, SharedState, StateError, gslot, slot, G_NCHANNELS,

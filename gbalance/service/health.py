@@ -35,7 +35,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from gbalance.state import SharedState, StateError, process_start_ticks, state_dir
+from gbalance.table.state import SharedState, StateError, process_start_ticks, state_dir
 
 TCP_LISTEN = "0A"
 PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -210,7 +210,7 @@ def check(key: str, port: int, socks: list[Listener]) -> str:
 
 def run(out) -> int:
     """The ``health`` action of balance-instances: 0 healthy, 1 not, 78 unreadable config."""
-    from gbalance.instances import load
+    from gbalance.service.instances import load
 
     cfg = load(out)
     if not cfg.instances:
@@ -227,5 +227,5 @@ def run(out) -> int:
 
 
 if __name__ == "__main__":   # pragma: no cover - run through balance-instances
-    from gbalance.instances import Out
+    from gbalance.service.instances import Out
     sys.exit(run(Out()))

@@ -25,12 +25,12 @@ import os
 import sys
 from typing import TextIO
 
-from gbalance.commands import COMMANDS, Quit, Shell
-from gbalance.completion import install_completion
+from gbalance.shell.commands import COMMANDS, Quit, Shell
+from gbalance.shell.completion import install_completion
 from gbalance.config import ShellConfig
-from gbalance.control import open_master
+from gbalance.shell.control import open_master
 from gbalance.errors import EX_OK
-from gbalance.render import banner
+from gbalance.shell.render import banner
 
 __all__ = ["COMMANDS", "Shell", "interactive", "one_command", "run_shell"]
 

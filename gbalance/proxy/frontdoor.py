@@ -40,8 +40,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gbalance.errors import EX_USAGE, BalanceError
-from gbalance.proxyproto import HEADER_MAX, HeaderError, parse_header
-from gbalance.watchers import READ
+from gbalance.proxy.proxyproto import HEADER_MAX, HeaderError, parse_header
+from gbalance.proxy.watchers import READ
 
 #: Seconds a client has to send its whole header.
 DEFAULT_TIMEOUT = 3.0

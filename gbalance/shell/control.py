@@ -19,8 +19,8 @@ import time
 
 from gbalance.config import ShellConfig
 from gbalance.errors import EX_NOPERM, EX_UNAVAILABLE, BalanceError
-from gbalance.mailbox import REQUEST_TIMEOUT, NoAnswer, Op, Reply, ask
-from gbalance.state import (H_START_TICKS, SharedState, StateError, UnsafeState,
+from gbalance.table.mailbox import REQUEST_TIMEOUT, NoAnswer, Op, Reply, ask
+from gbalance.table.state import (H_START_TICKS, SharedState, StateError, UnsafeState,
                             master_process_alive, state_dir, state_path)
 
 #: How long ``kill`` waits for the master to exit.

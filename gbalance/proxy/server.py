@@ -33,14 +33,14 @@ from typing import Callable
 
 from gevent.server import StreamServer
 
-from gbalance.channels import Channels
-from gbalance.connect import Connected, Connector, FailReason, Hooks, Race
-from gbalance.counters import Counters
-from gbalance.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
+from gbalance.table.channels import Channels
+from gbalance.proxy.connect import Connected, Connector, FailReason, Hooks, Race
+from gbalance.table.counters import Counters
+from gbalance.proxy.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
 from gbalance.log import Log
-from gbalance.proxyproto import send_header
-from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED,
+from gbalance.proxy.proxyproto import send_header
+from gbalance.proxy.routing import Router
+from gbalance.table.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)

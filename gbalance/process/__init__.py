@@ -1,0 +1,11 @@
+"""process: the processes of a running proxy and how one hands over to the next.
+
+Owns: the master's life (start, signals, drain, stop: ``master``), the
+worker processes of ``-w N`` and their supervision (``worker``, ``pool``)
+and the hand-over of the listener and state file to a new master on ``-r``
+(``handover``).
+
+May import: the config layer (``gbalance.config``, ``gbalance.spec``),
+``proxy``, ``monitor``, ``table``, ``system`` and the base modules.  Not
+``shell`` or ``service``: those talk to a master through the table.
+"""
