@@ -5,7 +5,8 @@ worker processes of ``-w N`` and their supervision (``worker``, ``pool``)
 and the hand-over of the listener and state file to a new master on ``-r``
 (``handover``).
 
-May import: the config layer (``gbalance.config``, ``gbalance.spec``),
-``proxy``, ``monitor``, ``table``, ``system`` and the base modules.  Not
+May import: ``gbalance.wiring`` (the serving objects of one process), the
+config layer (``gbalance.config``, ``gbalance.spec``), ``proxy``,
+``monitor``, ``table``, ``system`` and the base modules.  Not
 ``shell`` or ``service``: those talk to a master through the table.
 """

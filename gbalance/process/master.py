@@ -30,6 +30,10 @@ import signal
 import socket
 import time
 
+import gevent
+from gevent import socket as gsocket
+from gevent.event import Event
+
 from gbalance.process import handover
 from gbalance.system import notify
 from gbalance.config import ProxyConfig
@@ -37,7 +41,18 @@ from gbalance.system.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
 from gbalance.system.limits import raise_and_report
 from gbalance.log import Log
-from gbalance.table.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
+from gbalance.monitor.monitor import Monitor
+from gbalance.process.pool import Pool
+from gbalance.proxy.connect import set_keepalive
+from gbalance.proxy.proxyproto import check_header
+from gbalance.proxy.stagger import initial_delay
+from gbalance.system.evloop import install_hub
+from gbalance.table.carry import Carry, open_previous, table_digest
+from gbalance.table.channels import Channels
+from gbalance.table.counters import Counters
+from gbalance.table.mailbox import Mailbox
+from gbalance.wiring import build_server
+from gbalance.table.state import (H_NGROUPS, H_STAGGER_US, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
                             SharedState, StateError, master_process_alive, state_path)
 
 LISTEN_BACKLOG = socket.SOMAXCONN
@@ -75,7 +90,6 @@ def set_listener_options(sock: socket.socket, cfg: ProxyConfig) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if cfg.client_keepalive:
-        from gbalance.proxy.connect import set_keepalive
         set_keepalive(sock, cfg.client_keepalive)
 
 
@@ -181,10 +195,6 @@ def open_state(cfg: ProxyConfig, retry: float = 0.0) -> SharedState:
 
 def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     """Write the groups and channels of the command line into the table."""
-    from gbalance.table.channels import Channels
-
-    from gbalance.table.carry import table_digest
-
     state.q[H_NGROUPS] = 0        # (again after a hand-over: the table is rebuilt)
     channels = Channels(state)
     for group in cfg.groups:
@@ -194,17 +204,6 @@ def fill_table(state: SharedState, cfg: ProxyConfig) -> None:
     channels.start_monitor(cfg.monitor is not None)
     state.set_workers(cfg.workers)
     state.q[H_TABLE_DIGEST] = table_digest(cfg.groups)
-
-
-def _preload(cfg: ProxyConfig) -> None:
-    """Import what :meth:`Master.build` needs (no hub is created)."""
-    import gevent.event  # noqa: F401
-
-    import gbalance.proxy.connect  # noqa: F401
-    import gbalance.proxy.routing  # noqa: F401
-    import gbalance.proxy.server  # noqa: F401
-    if cfg.monitor is not None:
-        import gbalance.monitor.monitor  # noqa: F401
 
 
 class Master:
@@ -222,7 +221,6 @@ class Master:
         # hand-over, while the running master still serves.
         self.source = resolve_source(cfg.source)
         if cfg.replace:
-            _preload(cfg)   # import before taking over: the port waits while we start
             self.inherited = request_handover(cfg, log)
         if self.inherited is not None:
             # Prepare all that can fail (state file, table) while the old
@@ -235,7 +233,6 @@ class Master:
                 inherited.abandon()
                 raise
             try:
-                from gbalance.table.carry import Carry, open_previous
                 old = open_previous(self.state.path, inherited.pid)
                 if old is not None:
                     self.old_ticks = old.q[H_START_TICKS]
@@ -290,9 +287,6 @@ class Master:
         self.listener.setblocking(False)
         self.server.start()
         self.started = True
-        import gevent
-        from gevent import socket as gsocket
-
         # Wait for the old master's answer in the loop, so that we accept meanwhile.
         inherited.conn = gsocket.socket(fileno=inherited.conn.detach())
         inherited.conn.settimeout(handover.STEP_TIMEOUT)
@@ -325,22 +319,10 @@ class Master:
 
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
-        from gevent.event import Event
-
-        import gevent
-
-        from gbalance.table.channels import Channels
-        from gbalance.table.counters import Counters
-        from gbalance.table.mailbox import Mailbox
-        from gbalance.proxy.stagger import initial_delay
-        from gbalance.table.state import H_STAGGER_US
-        from gbalance.process.worker import build_server
-
         cfg = self.cfg
         monitoring = cfg.monitor is not None
         if not monitoring and cfg.workers <= 1:
             # No child processes to watch: a loop without libev's per-turn getpid.
-            from gbalance.system.evloop import install_hub
             install_hub()
         self.done = Event()
         channels = Channels(self.state, self._own_lock() if cfg.workers > 1 else -1)
@@ -348,21 +330,18 @@ class Master:
             # The delay shown for channels no process has measured yet.
             self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
         if cfg.workers > 1:
-            from gbalance.process.pool import Pool
             self.server = Pool(cfg, self.state, self.listener, self.log, self.source)
         else:
             self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
                                        channels, Counters(self.state))
         if monitoring:
-            from gbalance.monitor.monitor import Monitor
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
                                    source=self.source, channels=channels)
         # A shell's ``kill`` request drains as SIGTERM does (balance's forked
         # children, too, finished their transfers when the master was killed).
         self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.begin_drain, "kill from the shell"))
         if cfg.proxy_protocol is not None and self.monitor is not None:
-            # -P: health checks send a header too (clients' headers: worker.build_server).
-            from gbalance.proxy.proxyproto import check_header
+            # -P: health checks send a header too (clients' headers: wiring.build_server).
             self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
 
     def _own_lock(self) -> int:
@@ -387,8 +366,6 @@ class Master:
         always finds its handler.  ``listen()`` on an inherited socket that
         already listens only sets the backlog; its queue is kept.
         """
-        import gevent
-
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.on_sigint)
         gevent.signal_handler(signal.SIGHUP, self.on_sighup)
@@ -432,7 +409,6 @@ class Master:
         if not handed_over:
             notify.stopping()
         if self.monitor is not None:
-            import gevent
             self.monitor_stopper = gevent.spawn(self.monitor.stop)
         grace = self.cfg.grace
         count = server.open_count
@@ -488,8 +464,6 @@ class Master:
 
     def _fold_late_counts(self) -> None:
         """Once the replaced master has exited, add what its draining links counted."""
-        import gevent
-
         deadline = time.monotonic() + self.cfg.grace + 60.0
         try:
             while master_process_alive(self.replaced_pid, self.old_ticks) and time.monotonic() < deadline:
@@ -522,7 +496,6 @@ class Master:
         if self.mailbox is not None:
             self.mailbox.start(self.server.loop)
         if self.carry is not None:
-            import gevent
             gevent.spawn(self._fold_late_counts)
         try:
             if not self.started:

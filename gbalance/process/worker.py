@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import functools
 import os
 import pickle
 import signal
@@ -34,10 +33,16 @@ import sys
 from typing import Any
 from dataclasses import dataclass
 
+import gevent
+from gevent.event import Event
+
 from gbalance.config import ProxyConfig
+from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
 from gbalance.log import Log
-from gbalance.table.state import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, SharedState, StateError, slot
+from gbalance.table.state import SharedState, StateError
+from gbalance.system.evloop import install_hub
+from gbalance.wiring import build_server
 
 #: Environment variable carrying a worker's pickled :class:`WorkerSpec`.
 WORKER_ENV = "GBALANCE_WORKER"
@@ -68,63 +73,6 @@ def decode_spec(text: str) -> WorkerSpec:
     if not isinstance(spec, WorkerSpec):
         raise ValueError("not a worker spec")
     return spec
-
-
-def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, log: Log,
-                 source: dict, channels, counters: Counters, worker: int = 0):
-    """The serving objects of one process: a :class:`~gbalance.server.BalanceServer`
-    over ``listener``, counting in ``counters``' row.  Needs a gevent hub."""
-    from gevent import get_hub
-
-    from gbalance.proxy import forward
-    from gbalance.proxy.connect import Connector
-    from gbalance.system.limits import connection_limit
-    from gbalance.proxy.routing import Router
-    from gbalance.proxy.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
-    from gbalance.proxy.stagger import StaggerEstimator, StaggerRule
-
-    mon = cfg.monitor
-    monitoring = mon is not None
-    loop = get_hub().loop
-    estimator = None    # -m: each process learns its own connect times
-    if mon is not None and mon.stagger > 0:
-        estimator = StaggerEstimator(StaggerRule(mon.stagger), MAXGROUPS, MAXCHANNELS)
-    readdress = functools.partial(forget_connect_times, estimator, state.q) if estimator else None
-    addresses = AddressCache(state, channels, log, on_readdress=readdress)
-    events = ChannelEvents(state, log, debug=cfg.debug, autodisable=cfg.autodisable,
-                           passive=mon is not None and mon.disable, channels=channels,
-                           counters=counters)
-    connector = Connector(loop, addresses, events, timeout=cfg.connect_timeout,
-                          stagger=mon.stagger if mon is not None else 0.0,
-                          source=source, keepalive=cfg.server_keepalive, estimator=estimator)
-    router = Router(state, hash_failover=cfg.hash_failover, last_resort=monitoring,
-                    counters=counters, worker=worker)
-    # -L: this process's share; health checks (-m) may hold a socket per channel.
-    checks = sum(len(g.channels) for g in cfg.groups) if monitoring and cfg.workers <= 1 else 0
-    limit = connection_limit(cfg.max_conns, cfg.workers, reserve=2 * checks)
-    forward.PIPES.limit = limit.pipes
-    per = " per worker" if cfg.workers > 1 else ""
-    if worker == 0 and limit.overcommitted:
-        log.warning(limit.describe(per))
-    elif worker == 0 and (cfg.debug or not cfg.foreground):
-        log.info(limit.describe(per))
-    server = BalanceServer(listener, state, router, connector, log, addresses,
-                           idle_timeout=cfg.idle_timeout,
-                           dump=write_stdout if cfg.packet_dump else None, counters=counters,
-                           max_conns=limit.conns, per_source=cfg.per_source)
-    if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
-        from gbalance.proxy.proxyproto import header_maker
-        server.proxy = header_maker(cfg.proxy_protocol, listener)
-    if cfg.frontdoor is not None:   # -A: each client starts with a PROXY header
-        from gbalance.proxy.frontdoor import FrontDoor
-        server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)  # type: ignore[assignment]  # server.py declares frontdoor = None
-    return server
-
-
-def forget_connect_times(estimator, q, g: int, c: int) -> None:
-    """A channel points elsewhere now: its connect times start over."""
-    estimator.forget(g, c)
-    q[slot(g, c, C_STAGGER_US)] = 0
 
 
 def _die_with(master_pid: int) -> None:
@@ -161,11 +109,6 @@ class Worker:
         self.timer: Any = None
 
     def run(self) -> int:
-        import gevent
-        from gevent.event import Event
-
-        from gbalance.table.channels import Channels
-
         spec = self.spec
         self.done = Event()
         self.server = build_server(self.cfg, self.state, self.listener, self.log, spec.source,
@@ -218,7 +161,6 @@ def main() -> int:
         sys.stderr.write("gbalance.worker: bad worker settings\n")
         return 64
     _die_with(spec.master_pid)
-    from gbalance.system.evloop import install_hub
     install_hub()       # a worker starts no children: no fork check per loop turn
     try:
         return Worker(spec).run()
