@@ -34,7 +34,8 @@ from collections import Counter
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gbalance.proxy.routing import Router, client_hash  # noqa: E402
-from gbalance.table.state import C_PORT, ENABLED, HARD_DISABLED, HASH, RR, SharedState  # noqa: E402
+from gbalance.table.layout import C_PORT, ENABLED, HARD_DISABLED, HASH, RR
+from gbalance.table.state import SharedState
 
 
 def clients(count: int) -> list[str]:

@@ -65,7 +65,9 @@ class Workers(GBalance):
 
     def rows(self) -> list[int]:
         """Connections each counter row (worker) has counted so far."""
-        from gbalance.table.state import C_TOTALC, SharedState, row_offset, slot, state_path
+        from gbalance.table.files import state_path
+        from gbalance.table.layout import C_TOTALC, row_offset, slot
+        from gbalance.table.state import SharedState
 
         st = SharedState.attach(state_path(self.port, None, str(self.work / f"state-{self.port}")))
         try:

@@ -19,7 +19,7 @@ from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monitor.monspec import parse_monitor
 from gbalance.proxy.proxyproto import parse_version
 from gbalance.spec import parse_groups, parse_keepalive, parse_limit, parse_port, parse_seconds, parse_workers
-from gbalance.table.state import MAXWORKERS
+from gbalance.table.layout import MAXWORKERS
 
 USAGE = """\
 Usage:

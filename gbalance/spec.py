@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from gbalance.table.channels import known_scope
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
-from gbalance.table.state import HASH, MAXCHANNELS, MAXGROUPS, RR
+from gbalance.table.layout import HASH, MAXCHANNELS, MAXGROUPS, RR
 
 
 @dataclass

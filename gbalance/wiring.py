@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from typing import Any
 
 from gevent import get_hub
 
@@ -28,12 +29,15 @@ from gbalance.proxy.routing import Router
 from gbalance.proxy.server import AddressCache, BalanceServer, ChannelEvents, write_stdout
 from gbalance.proxy.stagger import StaggerEstimator, StaggerRule
 from gbalance.system.limits import connection_limit
+from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
-from gbalance.table.state import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, SharedState, slot
+from gbalance.table.layout import C_STAGGER_US, MAXCHANNELS, MAXGROUPS, slot
+from gbalance.table.state import SharedState
 
 
 def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, log: Log,
-                 source: dict, channels, counters: Counters, worker: int = 0):
+                 source: dict[int, tuple[Any, ...]], channels: Channels, counters: Counters,
+                 worker: int = 0) -> BalanceServer:
     """The serving objects of one process: a :class:`~gbalance.proxy.server.BalanceServer`
     over ``listener``, counting in ``counters``' row.  Needs a gevent hub."""
     mon = cfg.monitor
@@ -72,7 +76,7 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
     return server
 
 
-def forget_connect_times(estimator, q, g: int, c: int) -> None:
+def forget_connect_times(estimator: StaggerEstimator, q: memoryview, g: int, c: int) -> None:
     """A channel points elsewhere now: its connect times start over."""
     estimator.forget(g, c)
     q[slot(g, c, C_STAGGER_US)] = 0

@@ -17,8 +17,10 @@ from conftest import read_line
 from collections.abc import Callable
 
 from gbalance.table.mailbox import Op, ask
-from gbalance.table.state import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
-                            MON_DISABLED, MON_ENABLED, SOFT_DISABLED, SharedState, slot, state_path)
+from gbalance.table.files import state_path
+from gbalance.table.layout import (C_C, C_FAILS, C_PASSES, C_STATUS, C_SUSPECT, ENABLED, HARD_DISABLED,
+                                   MON_DISABLED, MON_ENABLED, SOFT_DISABLED, slot)
+from gbalance.table.state import SharedState
 
 __all__ = ["Table", "wait_for", "timed_tag", "Op", "ENABLED", "SOFT_DISABLED", "HARD_DISABLED",
            "MON_ENABLED", "MON_DISABLED"]

@@ -115,12 +115,12 @@ def plant_table(path: str) -> None:
     address field would reach a shell as root."""
     run_code("""
         import os, sys
-        from gbalance.table import state as S
+        from gbalance.table import layout as L
         fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(fd, S.FILE_SIZE)
-        os.pwrite(fd, S.MAGIC, 0)
-        os.pwrite(fd, S.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
-        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", S.ADDR_OFFSET)
+        os.ftruncate(fd, L.FILE_SIZE)
+        os.pwrite(fd, L.MAGIC, 0)
+        os.pwrite(fd, L.LAYOUT_VERSION.to_bytes(8, sys.byteorder), 8)
+        os.pwrite(fd, b"1.2.3.4; touch /tmp/pwned", L.ADDR_OFFSET)
     """, path)
 
 

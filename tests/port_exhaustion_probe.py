@@ -15,7 +15,9 @@ import time
 
 from conftest import Backend, BalanceRunner, read_line
 
-from gbalance.table.state import C_C, C_STATUS, SharedState, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import C_C, C_STATUS
+from gbalance.table.state import SharedState
 
 
 def main() -> int:

@@ -6,9 +6,10 @@ import os
 
 import pytest
 
+from gbalance.table import layout as L
 from gbalance.table import state as S
 from gbalance.table.channels import Channels, Result, last_resort, usable, valid_address
-from gbalance.table.state import ENABLED, HARD_DISABLED, HASH, MON_DISABLED, MON_ENABLED, SOFT_DISABLED
+from gbalance.table.layout import ENABLED, HARD_DISABLED, HASH, MON_DISABLED, MON_ENABLED, SOFT_DISABLED
 
 
 @pytest.fixture
@@ -55,8 +56,8 @@ def test_create_starts_hard_disabled_and_fills_up(ch, st):
     assert ch.create(0, "not-an-ip", 80)[0] == Result.INVALID_ADDRESS
     assert ch.create(0, "10.0.0.1", 0)[0] == Result.OUT_OF_RANGE
     assert ch.create(0, "10.0.0.1", 65536)[0] == Result.OUT_OF_RANGE
-    assert ch.create(S.MAXGROUPS, "10.0.0.1", 80)[0] == Result.OUT_OF_RANGE
-    for _ in range(S.MAXCHANNELS - 3):
+    assert ch.create(L.MAXGROUPS, "10.0.0.1", 80)[0] == Result.OUT_OF_RANGE
+    for _ in range(L.MAXCHANNELS - 3):
         assert ch.create(0, "10.0.0.2", 80)[0] == Result.OK
     assert ch.create(0, "10.0.0.3", 80) == (Result.NO_SLOTS, -1)
 
@@ -67,19 +68,19 @@ def test_assign_only_on_hard_disabled(ch, st):
     st.set_status(0, 0, SOFT_DISABLED)
     assert ch.assign(0, 0, "10.0.0.9", 9) == Result.NOT_DISABLED           # dis
     ch.disable(0, 0)
-    st.put(0, 0, S.C_FAILS, 4)
+    st.put(0, 0, L.C_FAILS, 4)
     assert ch.assign(0, 0, "10.0.0.9", 9) == Result.OK
-    assert (st.address(0, 0), st.get(0, 0, S.C_PORT), st.get(0, 0, S.C_FAILS)) == ("10.0.0.9", 9, 0)
+    assert (st.address(0, 0), st.get(0, 0, L.C_PORT), st.get(0, 0, L.C_FAILS)) == ("10.0.0.9", 9, 0)
     assert st.generation == gen + 1
     assert ch.assign(0, 5, "10.0.0.9", 9) == Result.NO_CHANNEL
     assert ch.assign(0, 0, "bad", 9) == Result.INVALID_ADDRESS
 
 
 def test_maxc_and_reset(ch, st):
-    assert ch.set_maxc(0, 1, 3) == Result.OK and st.get(0, 1, S.C_MAXC) == 3
+    assert ch.set_maxc(0, 1, 3) == Result.OK and st.get(0, 1, L.C_MAXC) == 3
     assert ch.set_maxc(0, 1, -1) == Result.OUT_OF_RANGE and ch.set_maxc(0, 1, 2**31) == Result.OUT_OF_RANGE
     assert ch.set_maxc(0, 9, 1) == Result.NO_CHANNEL
-    for field, value in ((S.C_TOTALC, 7), (S.C_SENT, 100), (S.C_RCVD, 200), (S.C_C, 2)):
+    for field, value in ((L.C_TOTALC, 7), (L.C_SENT, 100), (L.C_RCVD, 200), (L.C_C, 2)):
         st.put(0, 0, field, value)
     assert ch.reset(0, 0) == Result.OK
     snap = st.channel(0, 0)
@@ -89,21 +90,21 @@ def test_maxc_and_reset(ch, st):
 
 def test_group_type_and_monitor_switch(ch, st):
     assert ch.set_group_type(2, HASH) == Result.OK and st.ngroups == 3 and st.group_type(2) == HASH
-    assert ch.set_group_type(S.MAXGROUPS, HASH) == Result.OUT_OF_RANGE
+    assert ch.set_group_type(L.MAXGROUPS, HASH) == Result.OUT_OF_RANGE
     assert ch.set_group_type(0, 7) == Result.BAD_REQUEST
     assert ch.set_monitor(True) == Result.NO_MONITOR                        # started without -m
     st.set_monitor(MON_ENABLED)
     assert ch.set_monitor(True) == Result.ALREADY
     ch.mark_suspect(0, 0)
     assert ch.set_monitor(False) == Result.OK and st.monitor == MON_DISABLED
-    assert st.get(0, 0, S.C_SUSPECT) == 0                                    # nothing would clear it
+    assert st.get(0, 0, L.C_SUSPECT) == 0                                    # nothing would clear it
     assert ch.set_monitor(True) == Result.OK and st.monitor == MON_ENABLED
 
 
 def test_soft_disable_only_from_enabled_and_restarts_rise_count(ch, st):
-    st.put(0, 0, S.C_PASSES, 5)
+    st.put(0, 0, L.C_PASSES, 5)
     assert ch.soft_disable(0, 0) and ch.status(0, 0) == SOFT_DISABLED
-    assert st.get(0, 0, S.C_PASSES) == 0
+    assert st.get(0, 0, L.C_PASSES) == 0
     assert not ch.soft_disable(0, 0)
     ch.disable(0, 1)
     assert not ch.soft_disable(0, 1) and ch.status(0, 1) == HARD_DISABLED
@@ -111,7 +112,7 @@ def test_soft_disable_only_from_enabled_and_restarts_rise_count(ch, st):
 
 def test_suspect_marks(ch, st):
     assert ch.mark_suspect(0, 0) and not ch.mark_suspect(0, 0)
-    assert not usable(st.q, S.slot(0, 0, 0)) and last_resort(st.q, S.slot(0, 0, 0))
+    assert not usable(st.q, L.slot(0, 0, 0)) and last_resort(st.q, L.slot(0, 0, 0))
     assert ch.clear_suspect(0, 0) and not ch.clear_suspect(0, 0)
     ch.disable(0, 1)
     assert not ch.mark_suspect(0, 1)                                         # DIS is left alone
@@ -123,7 +124,7 @@ def test_rise_and_fall(ch, st):
     assert ch.status(0, 0) == SOFT_DISABLED
     ok = [ch.check_passed(0, 0, 2, True) for _ in range(2)]
     assert [(o.count, o.changed) for o in ok] == [(1, False), (2, True)]
-    assert ch.status(0, 0) == ENABLED and st.get(0, 0, S.C_FAILS) == 0
+    assert ch.status(0, 0) == ENABLED and st.get(0, 0, L.C_FAILS) == 0
     # noenable / nodisable: counted, never changed
     assert not ch.check_failed(0, 0, 1, False).changed and ch.status(0, 0) == ENABLED
     st.set_status(0, 0, SOFT_DISABLED)
@@ -133,22 +134,22 @@ def test_rise_and_fall(ch, st):
 
 
 def test_invalid_address_read_back_is_hard_disabled(ch, st):
-    off = S.ADDR_OFFSET + 1 * S.ADDR_LEN                 # channel 1 of group 0
-    st.mm[off: off + S.ADDR_LEN] = b"1.2.3.4;reboot".ljust(S.ADDR_LEN, b"\0")
+    off = L.ADDR_OFFSET + 1 * L.ADDR_LEN                 # channel 1 of group 0
+    st.mm[off: off + L.ADDR_LEN] = b"1.2.3.4;reboot".ljust(L.ADDR_LEN, b"\0")
     assert ch.address_of(0, 1) is None and ch.address_of(0, 0) == ("127.0.0.1", 8001)
     assert ch.invalidate(0, 1) and ch.status(0, 1) == HARD_DISABLED and not ch.invalidate(0, 1)
     assert ch.enable(0, 1) == Result.INVALID_ADDRESS
-    st.put(0, 0, S.C_PORT, 70000)
+    st.put(0, 0, L.C_PORT, 70000)
     assert ch.address_of(0, 0) is None
 
 
 def test_usable_and_last_resort(ch, st):
-    q, b0 = st.q, S.slot(0, 0, 0)
+    q, b0 = st.q, L.slot(0, 0, 0)
     assert usable(q, b0)
     ch.set_maxc(0, 0, 1)
-    st.put(0, 0, S.C_C, 1)
+    st.put(0, 0, L.C_C, 1)
     assert not usable(q, b0) and not last_resort(q, b0)                      # full
-    st.put(0, 0, S.C_C, 0)
+    st.put(0, 0, L.C_C, 0)
     ch.soft_disable(0, 0)
     assert not usable(q, b0) and last_resort(q, b0)
     ch.disable(0, 0)
@@ -168,8 +169,8 @@ def test_address_cache_disables_what_it_cannot_trust(ch, st):
     cache = AddressCache(st, ch, log)
     cache.refresh()
     assert cache(0, 0)[1] == ("127.0.0.1", 8001) and cache(0, 1)[1][:2] == ("::1", 8002)
-    off = S.ADDR_OFFSET + 1 * S.ADDR_LEN
-    st.mm[off: off + S.ADDR_LEN] = b"$(touch x)".ljust(S.ADDR_LEN, b"\0")
+    off = L.ADDR_OFFSET + 1 * L.ADDR_LEN
+    st.mm[off: off + L.ADDR_LEN] = b"$(touch x)".ljust(L.ADDR_LEN, b"\0")
     st.bump_generation()
     cache.refresh()
     assert ch.status(0, 1) == HARD_DISABLED
@@ -180,7 +181,7 @@ def test_address_cache_disables_what_it_cannot_trust(ch, st):
 
 from gbalance.table import channels as CH  # noqa: E402
 from gbalance.table.channels import TRANSITIONS, Event, Mark, Step  # noqa: E402
-from gbalance.table.state import C_SUSPECT, ChannelState  # noqa: E402
+from gbalance.table.layout import C_SUSPECT, ChannelState  # noqa: E402
 
 # The rules in words (the module's docstring), written out independently of
 # how channels.py builds its table: (state, event) -> (state after, mark).
@@ -211,7 +212,7 @@ def test_the_table_covers_every_state_and_event_and_says_what_the_docstring_says
 
 def test_the_states_keep_the_file_layout():
     assert (int(_E), int(_S), int(_H)) == (0, 1, 2)
-    assert S.MON_NONE == 0 and S.MON_ENABLED == 1 and S.MON_DISABLED == 2
+    assert L.MON_NONE == 0 and L.MON_ENABLED == 1 and L.MON_DISABLED == 2
 
 
 @pytest.mark.parametrize("key", sorted(TRANSITIONS, key=lambda k: (k[0], k[1].name)),
@@ -221,21 +222,21 @@ def test_fire_executes_every_row_on_the_file(ch, st, key, suspect):
     state, event = key
     step: Step = TRANSITIONS[key]
     st.set_status(0, 0, state)
-    st.q[S.slot(0, 0, C_SUSPECT)] = suspect
+    st.q[L.slot(0, 0, C_SUSPECT)] = suspect
     other = st.channel(0, 1)
     fired = ch.fire(0, 0, event)
     assert ch.status(0, 0) == step.to and fired.before == state and fired.after == step.to
     assert fired.changed == (state != step.to)
     want = {Mark.KEEP: suspect, Mark.SET: 1, Mark.CLEAR: 0}[step.suspect]
-    assert st.q[S.slot(0, 0, C_SUSPECT)] == want
+    assert st.q[L.slot(0, 0, C_SUSPECT)] == want
     assert fired.suspect_set == (want and not suspect)
     assert fired.suspect_cleared == (suspect and not want)
     assert st.channel(0, 1) == other                 # nothing else in the table moved
 
 
 def test_a_status_the_file_should_not_hold_counts_as_hard_disabled(ch, st):
-    st.q[S.slot(0, 0, S.C_STATUS)] = 7
-    assert not ch.soft_disable(0, 0) and st.q[S.slot(0, 0, S.C_STATUS)] == 7
+    st.q[L.slot(0, 0, L.C_STATUS)] = 7
+    assert not ch.soft_disable(0, 0) and st.q[L.slot(0, 0, L.C_STATUS)] == 7
     assert not ch.mark_suspect(0, 0)
     assert ch.invalidate(0, 0) and ch.status(0, 0) == HARD_DISABLED
 

@@ -19,7 +19,7 @@ from gbalance import __version__
 from gbalance.cli import USAGE, parse
 from gbalance.config import ProxyConfig, ShellConfig
 from gbalance.errors import BalanceError
-from gbalance.table.state import HASH, RR
+from gbalance.table.layout import HASH, RR
 
 USAGE_LINE = "  balance [-b addr] [-B addr] [-t sec] [-T sec]"
 

@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+from gbalance.table import layout as L
 from gbalance.table import state as S
 from gbalance.shell.commands import COMMANDS, DENIED, Quit, Shell, lookup
 from gbalance.config import ShellConfig
@@ -70,40 +71,40 @@ def run(shell: Shell, line: str) -> str:
 ])
 def test_messages(sh, st, line, answer):
     assert run(sh, line) == answer
-    assert [c.status for c in st.channels()] == [S.ENABLED, S.ENABLED]
+    assert [c.status for c in st.channels()] == [L.ENABLED, L.ENABLED]
 
 
 def test_enable_disable(sh, st):
     assert run(sh, "disable 1") == "channel 1 disabled\n"
     assert run(sh, "disable 1") == "channel 1 already disabled\n"
-    assert st.channel(0, 1).status == S.HARD_DISABLED
+    assert st.channel(0, 1).status == L.HARD_DISABLED
     assert run(sh, "enable 1") == "channel 1 enabled\n"
     assert run(sh, "e 1") == "channel 1 already enabled\n"
 
 
 def test_assign_only_on_hard_disabled(sh, st):
-    st.set_status(0, 0, S.SOFT_DISABLED)
+    st.set_status(0, 0, L.SOFT_DISABLED)
     assert run(sh, "assign 0 ::1 9") == "channel must be disabled to assign new address\n"
     run(sh, "disable 0")
     assert run(sh, "assign 0 [::1] 9") == "channel reassigned\n"
-    assert (st.address(0, 0), st.get(0, 0, S.C_PORT)) == ("::1", 9)
+    assert (st.address(0, 0), st.get(0, 0, L.C_PORT)) == ("::1", 9)
 
 
 def test_create_group_hash_rr(sh, st):
     assert run(sh, "group 2") == "unknown group\n"       # no channels yet, still selected
     assert sh.group == 2
     assert run(sh, "create 10.0.0.1 80") == "channel created\n"
-    assert st.ngroups == 3 and st.channel(2, 0).status == S.HARD_DISABLED
-    assert run(sh, "hash") == "group 2 set to hash\n" and st.group_type(2) == S.HASH
-    assert run(sh, "rr") == "group 2 set to round robin\n" and st.group_type(2) == S.RR
-    for _ in range(S.MAXCHANNELS - 1):
+    assert st.ngroups == 3 and st.channel(2, 0).status == L.HARD_DISABLED
+    assert run(sh, "hash") == "group 2 set to hash\n" and st.group_type(2) == L.HASH
+    assert run(sh, "rr") == "group 2 set to round robin\n" and st.group_type(2) == L.RR
+    for _ in range(L.MAXCHANNELS - 1):
         run(sh, "create 10.0.0.1 80")
     assert run(sh, "create 10.0.0.1 80") == "no channel slots available\n"
 
 
 def test_maxc_reset_mrtg(sh, st):
     assert run(sh, "maxc 1 5") == "maxc of channel 1 changed to 5\n"
-    for field, value in ((S.C_TOTALC, 3), (S.C_SENT, 10), (S.C_RCVD, 20)):
+    for field, value in ((L.C_TOTALC, 3), (L.C_SENT, 10), (L.C_RCVD, 20)):
         st.put(0, 0, field, value)
     assert run(sh, "mrtg-bytes 0 0") == "20\n10\nUNKNOWN\ngroup 0 channel 0\n"
     assert run(sh, "mrtg-conns 0 0") == "3\nUNKNOWN\nUNKNOWN\ngroup 0 channel 0\n"
@@ -113,7 +114,7 @@ def test_maxc_reset_mrtg(sh, st):
 
 
 def test_monitor_commands(sh, st):
-    st.set_monitor(S.MON_ENABLED)
+    st.set_monitor(L.MON_ENABLED)
     pid = os.getpid()
     assert run(sh, "monitor show") == f"monitor process running as pid {pid} and is enabled\n"
     assert run(sh, "monitor disable") == "monitor is now disabled\n"
@@ -150,7 +151,7 @@ def test_read_only_session_is_denied_changes(st):
         for line in ("disable 0", "reset 0", "create 127.0.0.1 1", "hash", "maxc 0 1", "kill"):
             assert run(shell, line) == DENIED + "\n", line
         assert run(shell, "mrtg-conns 0 1") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"
-        st.set_monitor(S.MON_ENABLED)                    # reading commands work read-only
+        st.set_monitor(L.MON_ENABLED)                    # reading commands work read-only
         assert run(shell, "health").splitlines()[0].endswith("and is enabled")
         assert run(shell, "monitor show").endswith("and is enabled\n")
     finally:
@@ -172,7 +173,7 @@ def test_a_terminal_session_adds_hints_after_balances_text(sh, st):
     assert run(sh, "frobnicate") == "syntax error\n(unknown command frobnicate: type help for a list)\n"
     assert run(sh, "monitor") == "no monitor process running\n(start the master with -m to use monitoring)\n"
     assert run(sh, "group 3") == "unknown group\n(group 3 has no channels; create adds one to it)\n"
-    st.set_monitor(S.MON_ENABLED)
+    st.set_monitor(L.MON_ENABLED)
     text = run(sh, "monitor show").splitlines()
     assert text[0] == f"monitor process running as pid {os.getpid()} and is enabled"
     assert text[1].split()[:2] == ["GRP", "#"] and len(text) == 4

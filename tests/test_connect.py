@@ -12,7 +12,7 @@ import pytest
 from conftest import free_port, tcp_pair
 from monhelp import HARD_DISABLED, SOFT_DISABLED, Table, timed_tag, wait_for
 
-from gbalance.table.state import C_C, C_SUSPECT
+from gbalance.table.layout import C_C, C_SUSPECT
 
 
 def start_table(balance, port: int, *args: str) -> tuple:

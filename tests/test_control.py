@@ -19,7 +19,10 @@ from pathlib import Path
 import pytest
 
 from gbalance.table.mailbox import Op, ask
-from gbalance.table.state import H_PID, H_START_TICKS, SharedState, process_start_ticks, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import H_PID, H_START_TICKS
+from gbalance.table.liveness import process_start_ticks
+from gbalance.table.state import SharedState
 
 import otheruser
 from conftest import free_port, pid_alive, read_tag

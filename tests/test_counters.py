@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from gbalance.table import layout as L
 from gbalance.table import state as S
 from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
@@ -22,27 +23,27 @@ def st(tmp_path):
 
 def test_single_row_counts_as_before(st):
     c = Counters(st)
-    base = S.slot(0, 0, 0)
+    base = L.slot(0, 0, 0)
     assert not c.shared and c.room(base)
     c.count_attempt(base)
-    assert st.get(0, 0, S.C_C) == 1 and st.get(0, 0, S.C_TOTALC) == 1
-    st.put(0, 0, S.C_MAXC, 1)
+    assert st.get(0, 0, L.C_C) == 1 and st.get(0, 0, L.C_TOTALC) == 1
+    st.put(0, 0, L.C_MAXC, 1)
     assert not c.room(base)          # one open, limit one
     c.uncount(base)
-    assert c.room(base) and st.get(0, 0, S.C_C) == 0
+    assert c.room(base) and st.get(0, 0, L.C_C) == 0
 
 
 def test_rows_are_summed_and_held_once(st):
     st.set_workers(3)
-    base = S.slot(0, 0, 0)
+    base = L.slot(0, 0, 0)
     w0, w2 = Counters(st, 0, 3, st.open_own_lock()), Counters(st, 2, 3, st.open_own_lock())
     w2.count_attempt(base)
     w2.count_attempt(base)
     w0.count_attempt(base)
-    assert st.q[base + S.C_C + S.row_offset(2)] == 2 and st.get(0, 0, S.C_C) == 1
+    assert st.q[base + L.C_C + L.row_offset(2)] == 2 and st.get(0, 0, L.C_C) == 1
     snap = st.channel(0, 0)
     assert (snap.c, snap.totalc) == (3, 3)
-    st.put(0, 0, S.C_MAXC, 4)
+    st.put(0, 0, L.C_MAXC, 4)
     assert w0.room(base)             # counted at once, under the lock ...
     assert st.channel(0, 0).c == 4
     w0.count_attempt(base)           # ... and not again when the connect starts
@@ -54,15 +55,15 @@ def test_rows_are_summed_and_held_once(st):
 
 def test_reset_records_baselines_and_loses_no_count(st):
     st.set_workers(2)
-    base = S.slot(0, 0, 0)
+    base = L.slot(0, 0, 0)
     w1 = Counters(st, 1, 2)
     for _ in range(5):
         w1.count_attempt(base)
-    st.q[base + S.C_SENT + S.row_offset(1)] += 100
+    st.q[base + L.C_SENT + L.row_offset(1)] += 100
     assert Channels(st).reset(0, 0).name == "OK"
     snap = st.channel(0, 0)
     assert (snap.totalc, snap.sent, snap.c) == (0, 0, 5)
-    assert st.q[base + S.C_TOTALC + S.row_offset(1)] == 5     # the worker's row is untouched
+    assert st.q[base + L.C_TOTALC + L.row_offset(1)] == 5     # the worker's row is untouched
     w1.count_attempt(base)
     assert st.channel(0, 0).totalc == 1
 
@@ -70,8 +71,8 @@ def test_reset_records_baselines_and_loses_no_count(st):
 def test_maxc_lock_is_exact_across_processes(st):
     """Four processes race for one slot of maxc 1; none ever sees two taken."""
     st.set_workers(4)
-    st.put(0, 0, S.C_MAXC, 1)
-    base = S.slot(0, 0, 0)
+    st.put(0, 0, L.C_MAXC, 1)
+    base = L.slot(0, 0, 0)
     pids = []
     for w in range(4):
         pid = os.fork()

@@ -25,7 +25,9 @@ import time
 import pytest
 from conftest import BALANCE, ROOT, free_port, read_line, run_in_netns, seeded_data, wait_listening
 
-from gbalance.table.state import C_C, C_STATUS, SharedState, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import C_C, C_STATUS
+from gbalance.table.state import SharedState
 
 TICKS = os.sysconf("SC_CLK_TCK")
 LINGER_RESET = struct.pack("ii", 1, 0)

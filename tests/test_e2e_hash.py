@@ -13,7 +13,9 @@ from collections import Counter
 
 from conftest import free_port
 
-from gbalance.table.state import C_TOTALC, SharedState, row_offset, slot, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import C_TOTALC, row_offset, slot
+from gbalance.table.state import SharedState
 
 SOURCES = [f"127.0.0.{i}" for i in range(10, 90)]
 

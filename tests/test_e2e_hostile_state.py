@@ -24,9 +24,9 @@ import pytest
 
 import otheruser
 from conftest import eventually, free_port, pid_alive, read_tag, wait_listening
-from gbalance.table import state as S
+from gbalance.table import layout as L
 
-SLOT0 = len(S.MAGIC)
+SLOT0 = len(L.MAGIC)
 
 
 def put_slot(path: Path, index: int, value: int) -> None:
@@ -46,8 +46,8 @@ def get_slot(path: Path, index: int) -> int:
 def put_address(path: Path, g: int, c: int, raw: bytes) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.pwrite(fd, raw.ljust(S.ADDR_LEN, b"\0")[:S.ADDR_LEN],
-                  S.ADDR_OFFSET + (g * S.MAXCHANNELS + c) * S.ADDR_LEN)
+        os.pwrite(fd, raw.ljust(L.ADDR_LEN, b"\0")[:L.ADDR_LEN],
+                  L.ADDR_OFFSET + (g * L.MAXCHANNELS + c) * L.ADDR_LEN)
     finally:
         os.close(fd)
 
@@ -58,13 +58,13 @@ def test_a_forged_group_count_never_makes_the_master_write_over_its_header(balan
     port = free_port()
     proc = balance.start(str(port), b.spec, port=port)
     path = balance.state_dir / f"balance.{port}.any"
-    put_slot(path, S.H_NGROUPS, count)
+    put_slot(path, L.H_NGROUPS, count)
     r = balance.run("-c", "create 127.0.0.1 9", str(port), timeout=20)
     assert r.returncode in (0, 69), r
-    assert get_slot(path, S.H_VERSION) == S.LAYOUT_VERSION
-    assert get_slot(path, S.H_PID) == proc.pid
-    assert get_slot(path, S.H_MAXGROUPS) == S.MAXGROUPS
-    assert 0 <= get_slot(path, S.H_NGROUPS) <= S.MAXGROUPS or get_slot(path, S.H_NGROUPS) == count
+    assert get_slot(path, L.H_VERSION) == L.LAYOUT_VERSION
+    assert get_slot(path, L.H_PID) == proc.pid
+    assert get_slot(path, L.H_MAXGROUPS) == L.MAXGROUPS
+    assert 0 <= get_slot(path, L.H_NGROUPS) <= L.MAXGROUPS or get_slot(path, L.H_NGROUPS) == count
     r = balance.run("-c", "show", str(port), timeout=20)
     assert r.returncode == 0, r.stderr
     assert pid_alive(proc.pid)
@@ -164,7 +164,7 @@ def test_root_sees_only_printable_text_from_another_users_file(backends):
             otheruser.run_code(f"""
                 import os, sys
                 fd = os.open(sys.argv[1], os.O_WRONLY)
-                os.pwrite(fd, {forged!r}.ljust({S.ADDR_LEN}, b"\\0"), {S.ADDR_OFFSET})
+                os.pwrite(fd, {forged!r}.ljust({L.ADDR_LEN}, b"\\0"), {L.ADDR_OFFSET})
             """, str(d / f"balance.{port}.any"))
             env = dict(os.environ, BALANCE_STATE_DIR=str(d))
             for cmd in ("show", "health"):
@@ -214,8 +214,8 @@ def test_a_umask_of_077_keeps_the_state_file_0600_across_start_and_r(balance, ba
             r = subprocess.run(BALANCE + [*extra, str(port), b.spec], env=balance.env, cwd="/",
                                capture_output=True, text=True, timeout=30, preexec_fn=strict)
             assert r.returncode == 0, r.stderr
-            assert eventually(lambda: path.exists() and get_slot(path, S.H_PID) not in pids + [0])
-            pids.append(get_slot(path, S.H_PID))
+            assert eventually(lambda: path.exists() and get_slot(path, L.H_PID) not in pids + [0])
+            pids.append(get_slot(path, L.H_PID))
             balance.daemon_pids.append(pids[-1])
             assert path.stat().st_mode & 0o777 == 0o600, oct(path.stat().st_mode)
             assert read_tag(port) == "A"

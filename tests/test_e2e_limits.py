@@ -18,7 +18,8 @@ import pytest
 from conftest import (BALANCE, ROOT, TcpServer, closing_factory, eventually, free_port, read_line,
                       wait_listening)
 
-from gbalance.table.state import SharedState, state_path
+from gbalance.table.files import state_path
+from gbalance.table.state import SharedState
 
 
 def client_from(source: str, port: int, timeout: float = 10.0) -> socket.socket:

@@ -16,7 +16,9 @@ import pytest
 from conftest import (BALANCE, ROOT, free_port, ipv6_available, pid_alive, read_tag, run_in_netns,
                       wait_port)
 
-from gbalance.table.state import H_PID, SharedState, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import H_PID
+from gbalance.table.state import SharedState
 
 
 def attach(balance, port: int, bind: str | None = None) -> SharedState:

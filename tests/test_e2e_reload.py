@@ -22,7 +22,7 @@ import otheruser
 from conftest import eventually, free_port, listening, pid_alive, read_line
 from test_e2e_workers import accepting, children
 from gbalance.process.handover import control_path
-from gbalance.table.state import state_path
+from gbalance.table.files import state_path
 
 TIMEOUT = 20.0
 
@@ -238,7 +238,8 @@ def test_a_take_over_never_confirmed_drains_what_it_accepted_and_leaves(balance,
     its state file: the new master must not serve on beside it; what it accepted in the
     meantime finishes (no reset), then it exits 71."""
     import fcntl
-    from gbalance.table.state import _try_lock, lock_path
+    from gbalance.table.files import lock_path
+    from gbalance.table.locks import try_lock as _try_lock
     a = backends("A")
     port = free_port()
     listener = socket.create_server(("0.0.0.0", port))

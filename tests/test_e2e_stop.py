@@ -17,7 +17,7 @@ import pytest
 
 from conftest import (TcpServer, eventually, free_port, green_read_until, inprocess_server, listening, pid_alive, read_line,
                       wait_listening)
-from gbalance.table.state import state_path
+from gbalance.table.files import state_path
 
 SIZE = 20 * 1024 * 1024
 
@@ -304,7 +304,7 @@ def test_reset_all_resets_a_client_whose_connect_is_pending(tmp_path, hanging):
     count (C_C) goes back to 0; the race never reports an end afterwards."""
     import gevent
 
-    from gbalance.table.state import C_C, slot
+    from gbalance.table.layout import C_C, slot
 
     h = hanging()
     port = free_port()

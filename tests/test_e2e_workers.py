@@ -21,7 +21,9 @@ import time
 import pytest
 
 from conftest import TcpServer, eventually, free_port, listening, pid_alive, read_line
-from gbalance.table.state import (C_C, C_TOTALC, SharedState, row_offset, slot, state_path)
+from gbalance.table.files import state_path
+from gbalance.table.layout import C_C, C_TOTALC, row_offset, slot
+from gbalance.table.state import SharedState
 
 TIMEOUT = 20.0
 

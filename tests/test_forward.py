@@ -23,7 +23,8 @@ from gevent import get_hub
 
 from conftest import seeded_data, tcp_pair
 from gbalance.proxy.watchers import Watchers
-from gbalance.proxy.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link, UrgentRelay
+from gbalance.proxy.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, Link
+from gbalance.proxy.urgent import UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
 LIMIT = 20  # seconds any single test may spend waiting

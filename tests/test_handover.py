@@ -26,7 +26,8 @@ import pytest
 from conftest import eventually, free_port, ipv6_available, listening, pid_alive, read_line
 from gbalance.process.handover import control_path
 from gbalance.process.master import LISTEN_BACKLOG
-from gbalance.table.state import SharedState, StateError, state_path
+from gbalance.table.files import StateError, state_path
+from gbalance.table.state import SharedState
 
 NOBODY = 65534
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from conftest import ROOT, eventually, free_port, listening
 
 from gbalance.service import health
-from gbalance.table.state import C_TOTALC, SharedState, state_path
+from gbalance.table.files import state_path
+from gbalance.table.layout import C_TOTALC
+from gbalance.table.state import SharedState
 
 
 def run_health(balance, tmp_path: Path, conf_text: str) -> subprocess.CompletedProcess:

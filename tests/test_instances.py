@@ -19,7 +19,8 @@ from pathlib import Path
 from conftest import ROOT, free_port, pid_alive, read_tag, wait_listening
 
 from gbalance import cli
-from gbalance.service import instances
+from gbalance.config import DEFAULT_GRACE
+from gbalance.service import conffile, systemd
 
 REAL_BALANCE = str(Path(sys.executable).parent / "balance")
 
@@ -93,14 +94,14 @@ def test_reads_one_instance_per_line(tmp_path):
 
 def test_instance_names_are_state_file_names(tmp_path):
     """The instance key is the state file's name without "balance.", from state.state_path."""
-    from gbalance.table.state import state_path
+    from gbalance.table.files import state_path
 
     for args, port, bind in ((["8080", "a"], 8080, None), (["-b", "::1", "25", "a"], 25, "::1"),
                              (["-b", "odd/name", "99", "a"], 99, "odd/name")):
-        key, grace = instances.parse_line(args)
+        key, grace = conffile.parse_line(args)
         assert "balance." + key == os.path.basename(state_path(port, bind)), key
-        assert grace == instances.DEFAULT_GRACE
-    assert instances.parse_line(["-b", "odd/name", "99"])[0] == "99.odd_name"
+        assert grace == DEFAULT_GRACE
+    assert conffile.parse_line(["-b", "odd/name", "99"])[0] == "99.odd_name"
 
 
 def test_generator_wants_one_template_instance_per_line(tmp_path):
@@ -127,12 +128,12 @@ def test_generator_gives_a_long_grace_period_a_long_stop_timeout(tmp_path, monke
     conf.write_text("-g 120 8080 a\n8081 b\n-g 2.5 -b 127.0.0.1 8082 c\n-g nan 8083 d\n")
     monkeypatch.setenv("BALANCE_CONF", str(conf))
     monkeypatch.setenv("BALANCE_UNIT_DIR", "/usr/lib/systemd/system")
-    cfg = instances.read_config()
+    cfg = conffile.read_config()
     assert [(i.key, i.grace, i.stop_timeout) for i in cfg.instances] == [
         ("8080.any", 120.0, 135), ("8081.any", 30.0, 45), ("8082.127.0.0.1", 2.5, 18)]
     assert len(cfg.problems) == 1 and "line 4: invalid timeout [nan] for -g" in cfg.problems[0]
     out = tmp_path / "gen"
-    assert instances.do_generate(str(out), instances.Out()) == 0
+    assert systemd.do_generate(str(out), conffile.Out()) == 0
     dropin = (out / "balance@8080.any.service.d" / "50-grace.conf").read_text()
     assert "[Service]\nTimeoutStopSec=135\n" in dropin
     assert (out / "balance@8082.127.0.0.1.service.d" / "50-grace.conf").read_text().endswith("TimeoutStopSec=18\n")

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import otheruser
-from conftest import eventually
-from gbalance.service import instances
-from gbalance.table import state as S
+from conftest import ROOT, eventually
+from gbalance.service import conffile, masters, sysv
+from gbalance.table import liveness as live
 
 
 def helper(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -42,15 +42,17 @@ def shared_dir():
 #: it; the returned descriptors keep the lock while the process lives.
 PLANT_LIVE_MASTER = textwrap.dedent("""
     import fcntl, os, struct, sys
-    from gbalance.table import state as S
+    from gbalance.table import layout as L
+    from gbalance.table import files as F
+    from gbalance.table import liveness as live
 
     def plant_live_master(path, pid, ticks):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(fd, S.FILE_SIZE)
-        os.pwrite(fd, S.MAGIC, 0)
-        for index, value in ((S.H_VERSION, S.LAYOUT_VERSION), (S.H_PID, pid), (S.H_START_TICKS, ticks)):
+        os.ftruncate(fd, L.FILE_SIZE)
+        os.pwrite(fd, L.MAGIC, 0)
+        for index, value in ((L.H_VERSION, L.LAYOUT_VERSION), (L.H_PID, pid), (L.H_START_TICKS, ticks)):
             os.pwrite(fd, value.to_bytes(8, sys.byteorder, signed=True), 8 + 8 * index)
-        lock = os.open(S.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+        lock = os.open(F.lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.fcntl(lock, 37, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
         return fd, lock
 """)
@@ -62,7 +64,7 @@ def test_stop_never_signals_a_pid_named_by_another_users_files(tmp_path, shared_
     victim = subprocess.Popen(["sleep", "300"])
     locker = None
     try:
-        ticks = S.process_start_ticks(victim.pid)
+        ticks = live.process_start_ticks(victim.pid)
         locker = otheruser.popen(otheruser.argv("-c", PLANT_LIVE_MASTER + textwrap.dedent("""
             d, pid, ticks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
             os.makedirs(os.path.join(d, "balance.x"))
@@ -108,7 +110,7 @@ def test_stop_never_signals_a_pid_from_a_state_file_root_does_not_own(tmp_path):
                 held = plant_live_master(path, pid, ticks)
                 print("planted", flush=True)
                 sys.stdin.read()
-            """), str(d / "balance.9999.any"), str(victim.pid), str(S.process_start_ticks(victim.pid))))
+            """), str(d / "balance.9999.any"), str(victim.pid), str(live.process_start_ticks(victim.pid))))
             assert locker.stdout.readline() == "planted\n", locker.stderr.read()
             conf = tmp_path / "balance.conf"
             conf.write_text("9999 127.0.0.1:1\n")
@@ -161,7 +163,7 @@ def test_a_record_of_another_user_is_not_read(tmp_path, shared_dir):
     old = os.environ.get("BALANCE_STATE_DIR")
     os.environ["BALANCE_STATE_DIR"] = str(shared_dir)
     try:
-        assert instances.read_record() == []
+        assert masters.read_record() == []
     finally:
         if old is None:
             del os.environ["BALANCE_STATE_DIR"]
@@ -176,7 +178,7 @@ def test_a_record_of_another_user_is_not_read(tmp_path, shared_dir):
     ("80.any\n", False), ("80." + "a" * 200 + ".example", True),
 ])
 def test_only_port_addr_keys_are_valid(key, ok):
-    assert instances.valid_key(key) is ok
+    assert masters.valid_key(key) is ok
 
 
 @pytest.mark.parametrize("line", [
@@ -184,7 +186,7 @@ def test_only_port_addr_keys_are_valid(key, ok):
     "-b " + "h" * 60 + ".example.org 80 a", "-6 25 a",
 ])
 def test_every_instance_key_of_the_config_is_valid(line):
-    assert instances.valid_key(instances.parse_args(line.split()).key)
+    assert masters.valid_key(conffile.parse_args(line.split()).key)
 
 
 FAKE_MASTER = """\
@@ -208,14 +210,13 @@ def test_a_master_that_became_another_program_is_not_killed(tmp_path, monkeypatc
     key = "8088.any"
     proc = subprocess.Popen([sys.executable, str(script), str(state_dir / f"balance.{key}")],
                             stdout=subprocess.PIPE, text=True, cwd="/",
-                            env=dict(os.environ, PYTHONPATH=str(Path(instances.__file__).parent.parent)))
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
     try:
         assert proc.stdout.readline() == "ready\n"
         monkeypatch.setenv("BALANCE_STATE_DIR", str(state_dir))
-        monkeypatch.setattr(instances, "STOP_MARGIN", 0.5)
-        assert instances.master_pid(key)[0] == proc.pid
-        out = instances.Out()
-        stopped = instances.stop_keys([key], {key: 0.0}, out)
+        assert masters.master_pid(key)[0] == proc.pid
+        out = conffile.Out()
+        stopped = sysv.stop_keys([key], {key: 0.0}, out, margin=0.5)
         assert stopped == [key]
         assert eventually(lambda: _comm(proc.pid) == "sleep", timeout=5)
         time.sleep(1.0)

@@ -50,8 +50,6 @@ SUBPACKAGES = sorted(layer for layer in MAY_IMPORT if (PKG / layer / "__init__.p
 LAZY_OK = {
     # ``balance -c``/``-i`` must not import gevent and the proxy; a master must not import the shell.
     "gbalance.cli",
-    # balance-instances and its health action call each other (split by job next).
-    "gbalance.service.health", "gbalance.service.instances",
 }
 
 

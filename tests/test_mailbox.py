@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from gbalance.table import layout as L
 from gbalance.table import state as S
 from gbalance.table.channels import Channels, Result
 from gbalance.table.mailbox import Mailbox, NoAnswer, Op, ask
@@ -64,12 +65,12 @@ def test_request_is_applied_and_acknowledged(st, master):
     other = S.SharedState.attach(st.path)
     try:
         assert ask(other, Op.DISABLE, 0, 0).result == Result.OK
-        assert st.channel(0, 0).status == S.HARD_DISABLED
+        assert st.channel(0, 0).status == L.HARD_DISABLED
         assert ask(other, Op.DISABLE, 0, 0).result == Result.ALREADY
         reply = ask(other, Op.CREATE, 0, 0, 9000, address="::1")
         assert (reply.result, reply.value) == (Result.OK, 1)
-        assert (st.address(0, 1), st.get(0, 1, S.C_PORT)) == ("::1", 9000)
-        assert other.q[S.H_REQ_SEQ] == other.q[S.H_ACK_SEQ] == master.box.applied == 3
+        assert (st.address(0, 1), st.get(0, 1, L.C_PORT)) == ("::1", 9000)
+        assert other.q[L.H_REQ_SEQ] == other.q[L.H_ACK_SEQ] == master.box.applied == 3
     finally:
         other.close()
 
@@ -96,9 +97,9 @@ def test_no_master_means_no_answer_in_bounded_time(st):
     # The unanswered requests are superseded, never applied late.
     p = Poller(st)
     try:
-        st.put(0, 0, S.C_TOTALC, 5)
+        st.put(0, 0, L.C_TOTALC, 5)
         assert ask(st, Op.DISABLE, 0, 0).result == Result.OK
-        assert st.get(0, 0, S.C_TOTALC) == 5
+        assert st.get(0, 0, L.C_TOTALC) == 5
     finally:
         p.close()
 
@@ -106,20 +107,20 @@ def test_no_master_means_no_answer_in_bounded_time(st):
 def test_half_written_request_waits_for_the_next_tick(st):
     box = Mailbox(st, Channels(st))
     q = st.q
-    q[S.H_REQ_SEQ] = -1                      # a shell is writing the arguments
-    q[S.H_REQ_OP] = Op.DISABLE
+    q[L.H_REQ_SEQ] = -1                      # a shell is writing the arguments
+    q[L.H_REQ_OP] = Op.DISABLE
     assert not box.poll()
-    q[S.H_REQ_SEQ] = 1
-    assert box.poll() and q[S.H_ACK_SEQ] == 1 and st.channel(0, 0).status == S.HARD_DISABLED
+    q[L.H_REQ_SEQ] = 1
+    assert box.poll() and q[L.H_ACK_SEQ] == 1 and st.channel(0, 0).status == L.HARD_DISABLED
     assert not box.poll()                    # answered once
 
 
 def test_kill_is_acknowledged_before_the_master_stops(st):
     calls = []
-    p = Poller(st, on_kill=lambda: calls.append(st.q[S.H_ACK_SEQ]))
+    p = Poller(st, on_kill=lambda: calls.append(st.q[L.H_ACK_SEQ]))
     try:
         assert ask(st, Op.KILL).result == Result.OK
-        assert calls == [st.q[S.H_REQ_SEQ]]
+        assert calls == [st.q[L.H_REQ_SEQ]]
     finally:
         p.close()
 

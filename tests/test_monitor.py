@@ -425,7 +425,7 @@ def scheduled_monitor(interval: float, round_takes: list[float], monitor_on=lamb
 
     from gbalance.monitor.monitor import Monitor
     from gbalance.monitor.monspec import parse_monitor
-    from gbalance.table.state import MON_DISABLED as OFF, MON_ENABLED as ON
+    from gbalance.table.layout import MON_DISABLED as OFF, MON_ENABLED as ON
 
     clock = FakeClock(stop_after=len(round_takes) - 1)
     state = SimpleNamespace(q=None, monitor=ON)

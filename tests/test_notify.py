@@ -17,8 +17,9 @@ import uuid
 import pytest
 
 from conftest import closing_factory, free_port, listening, pid_alive, read_line
-from gbalance.system.notify import notify
-from gbalance.table.state import SharedState, state_path
+from gbalance.system.notify import NOTIFY_ENV, notify, send, socket_address
+from gbalance.table.files import state_path
+from gbalance.table.state import SharedState
 
 
 class FakeSystemd:
@@ -152,3 +153,16 @@ def test_notify_never_raises_or_waits(monkeypatch, tmp_path):
         assert notify("READY=1\n") is False
         assert time.monotonic() - start < 0.5
         assert "NOTIFY_SOCKET" not in os.environ     # children never see it
+
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_send_reaches_the_address_a_value_names_and_leaves_the_environment(systemd, monkeypatch, abstract):
+    """balance-instances' reload command shares the sender: it reads its own
+    $NOTIFY_SOCKET without unsetting it (the balance -r it runs needs it too)."""
+    sd = systemd(abstract)
+    monkeypatch.setenv(NOTIFY_ENV, sd.env_value)
+    assert send(socket_address(os.environ[NOTIFY_ENV]), "MAINPID=42\nREADY=1\n", timeout=1.0)
+    assert fields(sd.receive(2.0)) == {"MAINPID": "42", "READY": "1"}
+    assert os.environ[NOTIFY_ENV] == sd.env_value
+    assert [socket_address(v) for v in ("", "@", "relative/sock", "/run/x")] == [None, None, None, "/run/x"]
+    assert send(None, "READY=1\n") is False

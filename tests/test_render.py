@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from gbalance.table import layout as L
 from gbalance.table import state as S
 from gbalance.table.channels import Channels
 from gbalance.shell.render import help_text, metrics_text, show_text, write_atomic
@@ -19,16 +20,16 @@ def st(tmp_path):
     ch = Channels(state)
     ch.add_group()
     ch.add_channel(0, "127.0.0.1", 8001, 4)
-    ch.add_group(S.HASH)
+    ch.add_group(L.HASH)
     ch.add_channel(1, "2001:db8:1234:5678:9abc:def0:1234:5678", 443)
     yield state
     state.close()
 
 
 def test_show_uses_balance_c_format(st):
-    st.put(0, 0, S.C_TOTALC, 12)
-    st.put(0, 0, S.C_SENT, 2**40)
-    st.set_status(1, 0, S.SOFT_DISABLED)
+    st.put(0, 0, L.C_TOTALC, 12)
+    st.put(0, 0, L.C_SENT, 2**40)
+    st.set_status(1, 0, L.SOFT_DISABLED)
     w = len("2001:db8:1234:5678:9abc:def0:1234:5678")
     assert show_text(st) == table(row(0, "RR", 0, "ENA", "127.0.0.1", 8001, 0, 12, 4, 2**40, 0, width=w),
                                   row(1, "Hash", 0, "dis", "2001:db8:1234:5678:9abc:def0:1234:5678", 443,

@@ -10,8 +10,9 @@ import pytest
 from gbalance.table.channels import Channels
 from gbalance.proxy.routing import (KEY_BITS, Rendezvous, Router, channel_seed, client_hash, client_key,
                               rendezvous_order, score)
-from gbalance.table.state import (C_C, C_MAXC, C_PORT, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH, RR,
-                            SOFT_DISABLED, SharedState, gslot)
+from gbalance.table.layout import (C_C, C_MAXC, C_PORT, C_SUSPECT, ENABLED, G_RR_NEXT, HARD_DISABLED, HASH,
+                                   RR, SOFT_DISABLED, gslot)
+from gbalance.table.state import SharedState
 
 
 @pytest.fixture

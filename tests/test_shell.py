@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from gbalance.table.state import SOFT_DISABLED, SharedState, StateError, state_path
+from gbalance.table.files import StateError, state_path
+from gbalance.table.layout import SOFT_DISABLED
+from gbalance.table.state import SharedState
 
 import otheruser
 from conftest import BALANCE, ROOT, free_port, pid_alive, read_tag

@@ -14,7 +14,7 @@ import pytest
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
 from gbalance.spec import (ChannelSpec, parse_channel, parse_groups, parse_keepalive, parse_maxc,
                            parse_port, parse_seconds, resolve_host, split_channel, split_groups)
-from gbalance.table.state import HASH, MAXCHANNELS, MAXGROUPS, RR
+from gbalance.table.layout import HASH, MAXCHANNELS, MAXGROUPS, RR
 
 
 def fails(fn, *args) -> BalanceError:

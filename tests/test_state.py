@@ -21,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from gbalance.table import state as S
-from gbalance.table.state import SharedState, StateError, MasterRunning, UnsafeState
+from gbalance.table import layout as L
+from gbalance.table import files as F
+from gbalance.table import liveness as live
+from gbalance.table.files import MasterRunning, StateError, UnsafeState
+from gbalance.table.state import SharedState
 
 import otheruser
 from conftest import ROOT, pid_alive
@@ -76,41 +79,41 @@ def holder(path):
 
 
 def test_layout_constants():
-    assert S.MAXGROUPS == 32 and S.MAXCHANNELS == 64
-    assert S.FILE_SIZE == 8 + S.NSLOTS * 8 + (S.MAXGROUPS * S.MAXCHANNELS + 1) * S.ADDR_LEN   # + request address
-    assert S.slot(0, 0, 0) == S.CHANNEL_BASE
-    assert S.slot(1, 0, 0) - S.slot(0, 0, 0) == S.MAXCHANNELS * S.C_SLOTS
-    last = S.slot(S.MAXGROUPS - 1, S.MAXCHANNELS - 1, S.C_SLOTS - 1)
-    assert last == S.CHANNEL_BASE + S.TABLE_SLOTS - 1
-    assert last + S.row_offset(S.MAXWORKERS - 1) == S.NSLOTS - 1     # the last worker's row ends it
-    assert S.gslot(S.MAXGROUPS - 1, S.G_SLOTS - 1) < S.CHANNEL_BASE
+    assert L.MAXGROUPS == 32 and L.MAXCHANNELS == 64
+    assert L.FILE_SIZE == 8 + L.NSLOTS * 8 + (L.MAXGROUPS * L.MAXCHANNELS + 1) * L.ADDR_LEN   # + request address
+    assert L.slot(0, 0, 0) == L.CHANNEL_BASE
+    assert L.slot(1, 0, 0) - L.slot(0, 0, 0) == L.MAXCHANNELS * L.C_SLOTS
+    last = L.slot(L.MAXGROUPS - 1, L.MAXCHANNELS - 1, L.C_SLOTS - 1)
+    assert last == L.CHANNEL_BASE + L.TABLE_SLOTS - 1
+    assert last + L.row_offset(L.MAXWORKERS - 1) == L.NSLOTS - 1     # the last worker's row ends it
+    assert L.gslot(L.MAXGROUPS - 1, L.G_SLOTS - 1) < L.CHANNEL_BASE
 
 
 def test_state_path_keys_port_and_bind(tmp_path):
     d = str(tmp_path)
-    assert S.state_path(80, None, d) == f"{d}/balance.80.any"
-    assert S.state_path(80, "127.0.0.2", d) == f"{d}/balance.80.127.0.0.2"
-    assert S.state_path(80, "::1", d) == f"{d}/balance.80.::1"
-    assert S.state_path(80, "a/b c", d) == f"{d}/balance.80.a_b_c"   # no path tricks
-    assert len({S.state_path(80, b, d) for b in (None, "127.0.0.1", "127.0.0.2", "::1")}) == 4
+    assert F.state_path(80, None, d) == f"{d}/balance.80.any"
+    assert F.state_path(80, "127.0.0.2", d) == f"{d}/balance.80.127.0.0.2"
+    assert F.state_path(80, "::1", d) == f"{d}/balance.80.::1"
+    assert F.state_path(80, "a/b c", d) == f"{d}/balance.80.a_b_c"   # no path tricks
+    assert len({F.state_path(80, b, d) for b in (None, "127.0.0.1", "127.0.0.2", "::1")}) == 4
 
 
 def test_state_dir_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(S.STATE_DIR_ENV, str(tmp_path))
-    assert S.state_path(81, None) == f"{tmp_path}/balance.81.any"
-    monkeypatch.delenv(S.STATE_DIR_ENV)
-    assert S.state_dir() == "/var/run/balance"
+    monkeypatch.setenv(F.STATE_DIR_ENV, str(tmp_path))
+    assert F.state_path(81, None) == f"{tmp_path}/balance.81.any"
+    monkeypatch.delenv(F.STATE_DIR_ENV)
+    assert F.state_dir() == "/var/run/balance"
 
 
 def test_create_writes_header_and_mode(path):
     st = SharedState.create(str(path))
     try:
-        assert path.stat().st_size == S.FILE_SIZE
+        assert path.stat().st_size == L.FILE_SIZE
         assert path.stat().st_mode & 0o777 == 0o644
         assert path.read_bytes()[:8] == b"GBALSTAT"
         assert st.pid == os.getpid()
-        assert st.q[S.H_VERSION] == S.LAYOUT_VERSION
-        assert st.ngroups == 0 and st.monitor == S.MON_NONE
+        assert st.q[L.H_VERSION] == L.LAYOUT_VERSION
+        assert st.ngroups == 0 and st.monitor == L.MON_NONE
         assert st.master_alive()
     finally:
         st.close()
@@ -122,19 +125,19 @@ def test_attach_sees_changes_both_ways(path, holder):
         assert st.writable and st.master_alive() and st.pid == holder.p.pid
         assert st.ngroups == 1 and st.nchannels(0) == 1
         ch = st.channel(0, 0)
-        assert (ch.address, ch.port, ch.maxc, ch.status, ch.c, ch.totalc) == ("127.0.0.1", 8080, 3, S.ENABLED, 0, 0)
+        assert (ch.address, ch.port, ch.maxc, ch.status, ch.c, ch.totalc) == ("127.0.0.1", 8080, 3, L.ENABLED, 0, 0)
         gen = st.generation
         with st.change():
-            st.set_status(0, 0, S.HARD_DISABLED)
+            st.set_status(0, 0, L.HARD_DISABLED)
             st.set_address(0, 0, "::1", 9090)
             st.bump_generation()
-            n = st.add_channel(0, "10.0.0.1", 1, status=S.HARD_DISABLED)
+            n = st.add_channel(0, "10.0.0.1", 1, status=L.HARD_DISABLED)
         assert n == 1 and st.generation == gen + 2
         other = SharedState.attach(str(path))
         try:
             assert [(c.address, c.port, c.status) for c in other.channels()] == \
-                [("::1", 9090, S.HARD_DISABLED), ("10.0.0.1", 1, S.HARD_DISABLED)]
-            assert other.get(0, 0, S.C_CHANGED) > 0
+                [("::1", 9090, L.HARD_DISABLED), ("10.0.0.1", 1, L.HARD_DISABLED)]
+            assert other.get(0, 0, L.C_CHANGED) > 0
         finally:
             other.close()
     finally:
@@ -205,7 +208,7 @@ def test_lock_file_is_owner_only_and_beside_the_state_file(path):
     st = SharedState.create(str(path))
     try:
         lock = path.parent / f".{path.name}.lock"
-        assert S.lock_path(str(path)) == str(lock)
+        assert F.lock_path(str(path)) == str(lock)
         assert lock.stat().st_mode & 0o777 == 0o600
         assert path.stat().st_mode & 0o777 == 0o644
         assert sorted(p.name for p in path.parent.iterdir()) == [lock.name, path.name]
@@ -217,15 +220,15 @@ def test_liveness_needs_pid_start_time_and_a_balance_command_line(path):
     h = Holder(path)
     try:
         st = SharedState.attach(str(path))
-        ticks = st.q[S.H_START_TICKS]
-        assert ticks == S.process_start_ticks(h.p.pid) > 0
-        assert S.master_process_alive(h.p.pid, ticks)
-        assert not S.master_process_alive(h.p.pid, ticks + 1)      # a recycled pid
-        assert not S.master_process_alive(1, S.process_start_ticks(1) or 0)
-        assert not S.master_process_alive(0, 0)
+        ticks = st.q[L.H_START_TICKS]
+        assert ticks == live.process_start_ticks(h.p.pid) > 0
+        assert live.master_process_alive(h.p.pid, ticks)
+        assert not live.master_process_alive(h.p.pid, ticks + 1)      # a recycled pid
+        assert not live.master_process_alive(1, live.process_start_ticks(1) or 0)
+        assert not live.master_process_alive(0, 0)
         sleeper = subprocess.Popen(["sleep", "30"])
         try:                                                     # alive, but no balance master
-            assert not S.master_process_alive(sleeper.pid, S.process_start_ticks(sleeper.pid))
+            assert not live.master_process_alive(sleeper.pid, live.process_start_ticks(sleeper.pid))
         finally:
             sleeper.kill()
             sleeper.wait()
@@ -244,7 +247,7 @@ def test_attach_rejects_what_is_not_a_state_file(tmp_path):
     with pytest.raises(StateError, match="not a gbalance state file"):
         SharedState.attach(str(small))
     wrong = tmp_path / "wrong"
-    wrong.write_bytes(b"X" * S.FILE_SIZE)
+    wrong.write_bytes(b"X" * L.FILE_SIZE)
     with pytest.raises(StateError, match="not a gbalance state file"):
         SharedState.attach(str(wrong))
 
@@ -252,16 +255,16 @@ def test_attach_rejects_what_is_not_a_state_file(tmp_path):
 def test_table_limits(path):
     st = SharedState.create(str(path))
     try:
-        for _ in range(S.MAXGROUPS):
+        for _ in range(L.MAXGROUPS):
             st.add_group()
         with pytest.raises(StateError, match="too many groups"):
             st.add_group()
-        for i in range(S.MAXCHANNELS):
+        for i in range(L.MAXCHANNELS):
             assert st.add_channel(5, "127.0.0.1", 1000 + i) == i
         with pytest.raises(StateError, match="no channel slots"):
             st.add_channel(5, "127.0.0.1", 1)
         assert st.nchannels(4) == 0 and st.nchannels(6) == 0   # neighbours untouched
-        assert st.channel(5, S.MAXCHANNELS - 1).port == 1000 + S.MAXCHANNELS - 1
+        assert st.channel(5, L.MAXCHANNELS - 1).port == 1000 + L.MAXCHANNELS - 1
     finally:
         st.close()
 
@@ -271,8 +274,8 @@ def test_counters_are_plain_slots(path):
     try:
         g = st.add_group()
         st.add_channel(g, "127.0.0.1", 80)
-        st.q[S.slot(g, 0, S.C_SENT)] += 5
-        st.q[S.slot(g, 0, S.C_RCVD)] += 2**40
+        st.q[L.slot(g, 0, L.C_SENT)] += 5
+        st.q[L.slot(g, 0, L.C_RCVD)] += 2**40
         ch = st.channel(g, 0)
         assert (ch.sent, ch.rcvd) == (5, 2**40)
     finally:
@@ -319,7 +322,7 @@ def test_other_user_attaches_read_only():
 
 def test_attach_rejects_other_layout(tmp_path):
     st = SharedState.create(str(tmp_path / "old"))
-    st.q[S.H_VERSION] = S.LAYOUT_VERSION + 1
+    st.q[L.H_VERSION] = L.LAYOUT_VERSION + 1
     st.close()
     with pytest.raises(StateError, match="state layout"):
         SharedState.attach(str(tmp_path / "old"))
@@ -359,7 +362,7 @@ def test_symlink_planted_at_the_lock_file_is_refused(sticky_dir):
     target = sticky_dir / "precious"
     target.write_text("x")
     path = sticky_dir / "balance.8080.any"
-    otheruser.plant_symlink(str(target), S.lock_path(str(path)))
+    otheruser.plant_symlink(str(target), F.lock_path(str(path)))
     # O_NOFOLLOW refuses it (or the kernel's protected_symlinks does first)
     with pytest.raises(UnsafeState, match="refusing lock file .*(symbolic link|Permission denied)"):
         SharedState.create(str(path))
@@ -378,7 +381,7 @@ def test_file_precreated_by_another_user_is_replaced_never_used(sticky_dir):
     try:
         info = os.lstat(path)
         assert info.st_uid == os.getuid() and info.st_mode & 0o777 == 0o644
-        assert b"touch" not in path.read_bytes()[:S.FILE_SIZE]
+        assert b"touch" not in path.read_bytes()[:L.FILE_SIZE]
         assert st.pid == os.getpid()
     finally:
         st.close()
@@ -427,7 +430,7 @@ def test_read_locks_of_another_user_change_nothing_for_a_restart(tmp_path):
             except PermissionError:
                 print("locked", flush=True)
             sys.stdin.read()
-        """), str(path), S.lock_path(str(path))))
+        """), str(path), F.lock_path(str(path))))
         try:
             assert locker.stdout.readline() == "locked\n"
             old = SharedState.attach(str(path))
@@ -448,10 +451,29 @@ def test_read_locks_of_another_user_change_nothing_for_a_restart(tmp_path):
 def test_a_file_of_another_layout_says_which(tmp_path):
     """A master of the previous version left a smaller file with layout 2."""
     path = tmp_path / "balance.80.any"
-    path.write_bytes(S.MAGIC + (2).to_bytes(8, sys.byteorder) + bytes(4096))
+    path.write_bytes(L.MAGIC + (2).to_bytes(8, sys.byteorder) + bytes(4096))
     os.chmod(path, 0o644)
-    with pytest.raises(StateError, match=rf"has state layout 2, expected {S.LAYOUT_VERSION}"):
+    with pytest.raises(StateError, match=rf"has state layout 2, expected {L.LAYOUT_VERSION}"):
         SharedState.attach(str(path))
     path.write_bytes(b"NOTGBAL!" + bytes(100))
     with pytest.raises(StateError, match="is not a gbalance state file"):
         SharedState.attach(str(path))
+
+
+def test_release_gives_the_file_and_master_lock_up_but_keeps_the_mapping(tmp_path):
+    """A draining master: its name goes (or stays for the master that replaces it),
+    the master lock is free at once, and its links keep counting into the mapping."""
+    path = str(tmp_path / "balance.80.any")
+    old = SharedState.create(path)
+    g = old.add_group()
+    old.add_channel(g, "127.0.0.1", 8080)
+    old.release(unlink=False)           # -r: the new master renames its file over this one
+    assert os.path.exists(path) and old.fd == -1 and old.lock_fd == -1
+    new = SharedState.create(path)      # the master lock is free: no MasterRunning
+    old.q[L.slot(0, 0, L.C_TOTALC)] += 1    # still mapped: a draining link counts on
+    assert old.get(0, 0, L.C_TOTALC) == 1 and new.ngroups == 0
+    old.release()                       # twice: nothing more to give up
+    old.close()
+    new.release()                       # SIGTERM: the name goes with it
+    assert not os.path.exists(path)
+    new.close()

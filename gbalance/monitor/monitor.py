@@ -50,8 +50,8 @@ from gbalance.system.limits import restore_start_limit
 from gbalance.log import Log
 from gbalance.clock import REAL, Clock
 from gbalance.monitor.monspec import Check, CheckKind, MonitorSpec
-from gbalance.table.state import (C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED,
-                            SharedState, slot)
+from gbalance.table.layout import C_PORT, ENABLED, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot
+from gbalance.table.state import SharedState
 
 #: Characters that only mean something to a shell: a command containing one
 #: of them runs under ``/bin/sh -c``, any other is executed directly.

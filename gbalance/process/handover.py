@@ -83,36 +83,6 @@ def peer_uid(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
-def release_state(state, unlink: bool = True) -> None:
-    """Give up a master's state file but keep its mapping.
-
-    The file is unlinked (only if the path still names our file; with
-    ``unlink`` False it stays for the master that replaces us, which
-    renames its own over it, so the name is never free for another user to
-    take), its descriptor is closed, and the lock file's descriptor with
-    the master lock on it (the only lock the master holds, byte 0) is closed
-    so ``-i``/``-c`` sessions of the owner see this master as gone.  The
-    mapping stays valid: draining links keep counting into it.  A prepared
-    file never put in place goes.
-    """
-    fd = state.fd
-    if fd < 0:
-        return
-    pending = getattr(state, "pending", "")
-    with contextlib.suppress(OSError):
-        name = pending or state.path
-        if (unlink or pending) and os.stat(name).st_ino == os.fstat(fd).st_ino:
-            os.unlink(name)
-    with contextlib.suppress(OSError):
-        os.close(fd)        # (no lock is ever taken on the state file itself)
-    state.fd = -1
-    lock_fd = getattr(state, "lock_fd", -1)
-    if lock_fd >= 0:        # the master lock on the owner-only lock file
-        with contextlib.suppress(OSError):
-            os.close(lock_fd)
-        state.lock_fd = -1
-
-
 # -- the running master's side ---------------------------------------------------
 
 

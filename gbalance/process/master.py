@@ -52,8 +52,10 @@ from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
 from gbalance.table.mailbox import Mailbox
 from gbalance.wiring import build_server
-from gbalance.table.state import (H_NGROUPS, H_STAGGER_US, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
-                            SharedState, StateError, master_process_alive, state_path)
+from gbalance.table.files import MasterRunning, StateError, state_path
+from gbalance.table.layout import H_NGROUPS, H_STAGGER_US, H_START_TICKS, H_TABLE_DIGEST
+from gbalance.table.liveness import master_process_alive
+from gbalance.table.state import SharedState
 
 LISTEN_BACKLOG = socket.SOMAXCONN
 
@@ -263,7 +265,7 @@ class Master:
 
     def remove_state(self, unlink: bool = True) -> None:
         """Give up our state file (removed if it is still ours); the mapping stays."""
-        handover.release_state(self.state, unlink)
+        self.state.release(unlink)
 
     def take_over(self) -> None:
         """``-r``: take the listener from the old master, then put our table in place.

@@ -34,8 +34,9 @@ from gbalance.system.child import SAFE_CWD, python_argv
 from gbalance.clock import REAL, Clock
 from gbalance.config import ProxyConfig
 from gbalance.log import Log
-from gbalance.table.state import (C_C, H_NGROUPS, MAXCHANNELS, MAXGROUPS, SharedState, gslot, row_offset,
-                            row_sum, slot, G_NCHANNELS)
+from gbalance.table.layout import (C_C, G_NCHANNELS, H_NGROUPS, MAXCHANNELS, MAXGROUPS, gslot, row_offset,
+                                   row_sum, slot)
+from gbalance.table.state import SharedState
 from gbalance.process.worker import WORKER_ENV, WorkerSpec, encode_spec
 
 #: How long the master waits for a new worker to say it is ready.

@@ -40,7 +40,8 @@ from gbalance.config import ProxyConfig
 from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
 from gbalance.log import Log
-from gbalance.table.state import SharedState, StateError
+from gbalance.table.files import StateError
+from gbalance.table.state import SharedState
 from gbalance.system.evloop import install_hub
 from gbalance.wiring import build_server
 

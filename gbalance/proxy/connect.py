@@ -46,8 +46,9 @@ from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
-from gbalance.proxy.forward import DONTWAIT, F_SETOWN
+from gbalance.proxy.forward import DONTWAIT
 from gbalance.proxy.stagger import StaggerEstimator
+from gbalance.proxy.urgent import F_SETOWN
 from gbalance.proxy.watchers import READ, WRITE, Watchers
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)

@@ -61,8 +61,9 @@ from typing import Iterator, Sequence
 
 from gbalance.table.channels import eligible, fallback_eligible, last_resort, usable
 from gbalance.table.counters import Counters
-from gbalance.table.state import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
-                            HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
+from gbalance.table.layout import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
+                                   MAXCHANNELS, MAXGROUPS, gslot, slot)
+from gbalance.table.state import SharedState
 
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
 KEY_BITS = 16

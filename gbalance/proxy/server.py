@@ -36,12 +36,14 @@ from gevent.server import StreamServer
 from gbalance.table.channels import Channels
 from gbalance.proxy.connect import Connected, Connector, FailReason, Hooks, Race
 from gbalance.table.counters import Counters
-from gbalance.proxy.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
+from gbalance.proxy.forward import DONTWAIT, Link
 from gbalance.log import Log
 from gbalance.proxy.proxyproto import send_header
 from gbalance.proxy.routing import Router
-from gbalance.table.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED,
-                            H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
+from gbalance.proxy.urgent import F_SETOWN, UrgentRelay
+from gbalance.table.layout import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
+                                   H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
+from gbalance.table.state import SharedState
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: accept() errors about one client only (it reset, or a filter refused it).

@@ -35,7 +35,10 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from gbalance.table.state import SharedState, StateError, process_start_ticks, state_dir
+from gbalance.service.conffile import Out, load
+from gbalance.table.files import StateError, state_dir
+from gbalance.table.liveness import process_start_ticks
+from gbalance.table.state import SharedState
 
 TCP_LISTEN = "0A"
 PROC_NET = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -210,8 +213,6 @@ def check(key: str, port: int, socks: list[Listener]) -> str:
 
 def run(out) -> int:
     """The ``health`` action of balance-instances: 0 healthy, 1 not, 78 unreadable config."""
-    from gbalance.service.instances import load
-
     cfg = load(out)
     if not cfg.instances:
         out.problem(f"balance: no instances configured in {cfg.path}")
@@ -227,5 +228,4 @@ def run(out) -> int:
 
 
 if __name__ == "__main__":   # pragma: no cover - run through balance-instances
-    from gbalance.service.instances import Out
     sys.exit(run(Out()))

@@ -25,7 +25,9 @@ from gbalance.table.mailbox import NoAnswer, Op
 from gbalance.shell.render import (help_text, metrics_text, monitor_status_line, monitor_table,
                              mrtg_bytes, mrtg_conns, show_text, version_text, write_atomic)
 from gbalance.spec import resolve_host
-from gbalance.table.state import HASH, MAXGROUPS, MON_NONE, RR, Channel, SharedState, StateError
+from gbalance.table.files import StateError
+from gbalance.table.layout import Channel, HASH, MAXGROUPS, MON_NONE, RR
+from gbalance.table.state import SharedState
 
 DENIED = "permission denied: only the master's user may change this balance"
 

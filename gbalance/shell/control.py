@@ -20,8 +20,10 @@ import time
 from gbalance.config import ShellConfig
 from gbalance.errors import EX_NOPERM, EX_UNAVAILABLE, BalanceError
 from gbalance.table.mailbox import REQUEST_TIMEOUT, NoAnswer, Op, Reply, ask
-from gbalance.table.state import (H_START_TICKS, SharedState, StateError, UnsafeState,
-                            master_process_alive, state_dir, state_path)
+from gbalance.table.files import StateError, UnsafeState, state_dir, state_path
+from gbalance.table.layout import H_START_TICKS
+from gbalance.table.liveness import master_process_alive
+from gbalance.table.state import SharedState
 
 #: How long ``kill`` waits for the master to exit.
 KILL_WAIT = 10.0

@@ -22,10 +22,11 @@ import time
 from collections.abc import Iterable
 
 from gbalance import __version__
-from gbalance.table.state import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGER_US, C_STAGGERED, ENABLED, H_STAGGER_US,
-                            HARD_DISABLED, HASH,
-                            MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
-                            SOFT_DISABLED, STATUS_NAMES, TYPE_NAMES, Channel, SharedState)
+from gbalance.table.layout import (C_CHANGED, C_FAILS, C_PASSES, C_STAGGERED, C_STAGGER_US, Channel,
+                                   ENABLED, HARD_DISABLED, HASH, H_STAGGER_US, MAXCHANNELS, MAXGROUPS,
+                                   MON_DISABLED, MON_ENABLED, MON_NONE, RR, SOFT_DISABLED, STATUS_NAMES,
+                                   TYPE_NAMES)
+from gbalance.table.state import SharedState
 
 SHOW_HEADER = "GRP Type  #   S {addr}  port    c      totalc maxc        sent        rcvd"
 SHOW_ROW = ("{g:3d} {t:>4s} {c:2d} {s:>3s} {addr} {port:5d} {cur:4d} {totalc:11d} {maxc:4d}"

@@ -22,27 +22,31 @@ _UNSET = object()
 _address: object = _UNSET
 
 
-def notify_address() -> str | bytes | None:
+def socket_address(raw: str) -> str | None:
+    """The socket address a ``$NOTIFY_SOCKET`` value names (a path, or an
+    abstract name written with ``@``), or None for anything else."""
+    if raw.startswith("@") and len(raw) > 1:
+        return "\0" + raw[1:]         # abstract namespace
+    if raw.startswith("/"):
+        return raw
+    return None
+
+
+def notify_address() -> str | None:
     """The socket address from ``$NOTIFY_SOCKET`` (read once, then unset), or None."""
     global _address
     if _address is _UNSET:
-        raw = os.environ.pop(NOTIFY_ENV, "")
-        if raw.startswith("@") and len(raw) > 1:
-            _address = "\0" + raw[1:]         # abstract namespace
-        elif raw.startswith("/"):
-            _address = raw
-        else:
-            _address = None
+        _address = socket_address(os.environ.pop(NOTIFY_ENV, ""))
     return _address  # type: ignore[return-value]
 
 
-def notify(message: str, timeout: float = 0.0) -> bool:
-    """Send one notification; True if it was handed to the socket.
+def send(address: str | None, message: str, timeout: float = 0.0) -> bool:
+    """Send one notification to ``address``; True if it was handed to the socket.
 
     ``timeout`` bounds how long a full receive queue may hold us up (0 = not
-    at all).  Never raises.
+    at all).  Never raises.  (``balance-instances replace`` sends with the
+    address of its own environment, which it leaves set.)
     """
-    address = notify_address()
     if address is None:
         return False
     try:
@@ -60,6 +64,11 @@ def notify(message: str, timeout: float = 0.0) -> bool:
         return False
     finally:
         sock.close()
+
+
+def notify(message: str, timeout: float = 0.0) -> bool:
+    """Send one notification to the master's ``$NOTIFY_SOCKET`` (see :func:`send`)."""
+    return send(notify_address(), message, timeout)
 
 
 def ready(pid: int | None = None) -> bool:

@@ -45,10 +45,12 @@ import stat
 from dataclasses import dataclass
 
 from gbalance.table.channels import MAX_MAXC, valid_address, valid_port
-from gbalance.table.state import (C_CHANGED, C_MAXC, C_PORT, C_RCVD, C_RCVD_BASE, C_SENT, C_SENT_BASE, C_STATUS,
-                            C_TOTALC, C_TOTALC_BASE, ENABLED, H_TABLE_DIGEST, HARD_DISABLED, HASH,
-                            MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, RR, SOFT_DISABLED,
-                            STATUS_NAMES, TYPE_NAMES, SharedState, StateError, slot)
+from gbalance.table.files import StateError
+from gbalance.table.layout import (C_CHANGED, C_MAXC, C_PORT, C_RCVD, C_RCVD_BASE, C_SENT, C_SENT_BASE,
+                                   C_STATUS, C_TOTALC, C_TOTALC_BASE, ENABLED, HARD_DISABLED, HASH,
+                                   H_TABLE_DIGEST, MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, RR,
+                                   SOFT_DISABLED, STATUS_NAMES, TYPE_NAMES, slot)
+from gbalance.table.state import SharedState
 
 #: Largest counter value carried (a damaged file must not overflow a slot).
 MAX_COUNT = 2**62

@@ -53,11 +53,13 @@ import socket
 from dataclasses import dataclass
 
 from gbalance.table.counters import lock, unlock
-from gbalance.table.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SENT, C_STATUS,
-                            C_SUSPECT, C_TOTALC, ENABLED, H_NGROUPS, HARD_DISABLED, HASH,
-                            MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
-                            SOFT_DISABLED, ChannelState, SharedState, StateError, gslot, slot, G_NCHANNELS,
-                            C_RCVD_BASE, C_SENT_BASE, C_TOTALC_BASE, row_sum)
+from gbalance.table.files import StateError
+from gbalance.table.layout import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_RCVD_BASE, C_SENT,
+                                   C_SENT_BASE, C_STATUS, C_SUSPECT, C_TOTALC, C_TOTALC_BASE, ChannelState,
+                                   ENABLED, G_NCHANNELS, HARD_DISABLED, HASH, H_NGROUPS, MAXCHANNELS,
+                                   MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR, SOFT_DISABLED, gslot,
+                                   row_sum, slot)
+from gbalance.table.state import SharedState
 
 #: Largest ``maxc`` (the C balance keeps it in an int).
 MAX_MAXC = 2**31 - 1

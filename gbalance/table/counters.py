@@ -28,7 +28,8 @@ import fcntl
 import os
 import struct
 
-from gbalance.table.state import C_C, C_MAXC, C_TOTALC, SharedState, row_offset, row_sum
+from gbalance.table.layout import C_C, C_MAXC, C_TOTALC, row_offset, row_sum
+from gbalance.table.state import SharedState
 
 #: Byte of the lock file that serialises counting towards ``maxc``.
 MAXC_LOCK_BYTE = 2

@@ -31,8 +31,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gbalance.table.channels import Channels, Result
-from gbalance.table.state import (H_ACK_RESULT, H_ACK_SEQ, H_ACK_VALUE, H_REQ_A, H_REQ_B, H_REQ_C,
-                            H_REQ_G, H_REQ_OP, H_REQ_SEQ, SharedState, StateError)
+from gbalance.table.files import StateError
+from gbalance.table.layout import (H_ACK_RESULT, H_ACK_SEQ, H_ACK_VALUE, H_REQ_A, H_REQ_B, H_REQ_C, H_REQ_G,
+                                   H_REQ_OP, H_REQ_SEQ)
+from gbalance.table.state import SharedState
 
 #: How often the master looks for a request.
 POLL_INTERVAL = 0.05

@@ -1,430 +1,47 @@
-"""The shared channel table: an mmap'd file, and who may write which slot of it.
+"""The shared channel table: one mapped state file per master, its life cycle and accessors.
 
-One file per master, named by listening port and bind address, holds the
-whole routing table (groups, channels, states, counters), the master's pid
-and start time, and a one-slot request mailbox.  The master routes every
-connection from it; ``balance -i``/``-c`` sessions map the same file.  The
-layout is fixed and versioned:
+One file per master, named by listening port and bind address
+(:mod:`gbalance.table.files`), holds the whole routing table (groups,
+channels, states, counters), the master's pid and start time, and a
+one-slot request mailbox; its layout, and who may write which slot of it,
+are :mod:`gbalance.table.layout`'s.  The master routes every connection
+from it; ``balance -i``/``-c`` sessions map the same file.
 
-* bytes 0..7: the magic ``GBALSTAT``;
-* then one array of signed 64-bit slots: a header (with the mailbox),
-  ``MAXGROUPS`` group records and ``MAXGROUPS * MAXCHANNELS`` channel records,
-  followed by the counter rows of workers 1 to ``MAXWORKERS - 1`` (``-w``):
-  each a copy of the channel records' shape (:data:`TABLE_SLOTS` slots) of
-  which only the counter fields are used; worker 0 (and the single process
-  of ``-w 1``) counts in the channel records themselves;
-* then one fixed-size, NUL-padded text field per channel: its numeric
-  address; then one more such field: the address argument of a request.
-
-Every number is a 64-bit slot so that a serving process can update its
-counters with a plain indexed add on a ``memoryview`` (no struct packing, no
-allocation, and no lock but in the one case :mod:`gbalance.counters` names).
-
-Who writes which slot
----------------------
-
-==========================  ==========================================  =====================
-slots                       writer                                      when
-==========================  ==========================================  =====================
-header identity (version,   the master, in :meth:`SharedState.create`   once, before the file
-pid, start time, limits)                                                is renamed into place
-``H_REQ_*`` and the         a shell of the master's own user            under the change lock
-request address                                                         (owner-only lock file)
-``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
-groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
-addresses, status, maxc,                                                connect results (-w 1),
-suspect/fails/passes,       (:mod:`gbalance.carry` copies them into     monitoring; at a
-monitor switch, generation  the new file at a reload)                   reload, before serving
-``C_TOTALC``, ``C_C``       the process that serves (server's channel   per connection
-in counter row *w*          events, :mod:`gbalance.forward` on close):
-                            the master with ``-w 1``, worker *w* with
-                            ``-w N``; with N > 1 ``C_C`` of a channel
-                            with ``maxc`` is raised under the maxc lock
-                            (:mod:`gbalance.counters`)
-``C_C`` of a dead worker's  the master (:mod:`gbalance.pool`)           after the worker died,
-row                                                                     before its replacement
-``C_SENT``, ``C_RCVD``,     the serving process, in its own row         per chunk / connect
-``C_STAGGERED`` in row *w*  (:mod:`gbalance.forward`, connect)
-``C_*_BASE`` (reset,        the master (:mod:`gbalance.channels`,       on a ``reset`` request;
-carried counters)           :mod:`gbalance.carry`)                      at a reload (``-r``)
-``G_RR_NEXT``               the master with ``-w 1``                    per connection
-                            (:mod:`gbalance.routing`); with N > 1 each
-                            worker keeps its own cursor in memory
-``C_STAGGER_US``            any serving process (last writer wins)      per connect (with -m)
-status and suspect mark,    the serving process: a worker with          connect results, an
-``C_CHANGED``, ``C_PASSES`` ``-w N`` (``-a``, passive detection,        address read back
-= 0, on a connect result    through :mod:`gbalance.channels`, under     invalid
-                            the maxc lock; ``C_PASSES`` = 0 just
-                            after it, outside: at worst a rise count
-                            is one off)
-``H_WORKERS``               the master, at start-up                     once
-``H_TABLE_DIGEST``          the master, at start-up                     once
-==========================  ==========================================  =====================
-
-Readers sum the counter rows (``C_C``, ``C_TOTALC``, ``C_SENT``, ``C_RCVD``,
-``C_STAGGERED`` over rows ``0 .. H_WORKERS - 1``) and subtract the reset
-baselines: a ``reset`` never writes a counter another process adds to, it
-records the sums at that moment in ``C_TOTALC_BASE``, ``C_SENT_BASE`` and
-``C_RCVD_BASE``.
-
-With ``-w N`` the serving processes are the workers; they also make the
-connect-result transitions (autodisable, passive detection, suspect marks)
-through :mod:`gbalance.channels`, as balance's forked children did.  Each
-change of a status or suspect mark is then read, decided and written under
-the maxc lock (byte 2 of the lock file), by workers and master alike, so a
-worker's connect result cannot undo an admin's ``disable`` or a check's
-result made meanwhile.  Everything else stays the master's.
-
-A shell never writes the table itself: it posts a request in the mailbox
-and waits for the master's acknowledgement (see :mod:`gbalance.mailbox`), so
-a ``reset`` can never race with the master's counting.  The master takes no
-lock per connection: it holds the *master lock* (byte 0 of the lock file)
-for its life, and shells of the same user take the *change lock* (byte 1)
-to use the mailbox one at a time.  With ``-w N`` (N > 1) the workers take the
-*maxc lock* (byte 2) for the few instructions that count a connection to a
-channel with a ``maxc`` limit (:mod:`gbalance.counters`); channels without a
-limit never take it.  Workers and the master also take it for a channel
-state change (:meth:`gbalance.channels.Channels.fire`), never per
-connection.
-
-Permissions: the state file is 0644 (everybody may ``show``), the lock file
-beside it (``.balance.<port>.<bind>.lock``) is 0600, so no other user can
-hold a lock the master or its shells wait for.  Files are opened without
-following symbolic links; a directory writable by others (unless sticky) or
-a file owned by another user is refused.  Liveness is decided by the lock
-file for the owner, and by pid plus process start time plus command line
-for everybody else, so no other user can make a dead master look alive.
-
-Every count read from the file is clamped to its range before it is used
-(:attr:`SharedState.ngroups`, :meth:`SharedState.nchannels`), and a file
-cut short while mapped costs no process its life (:mod:`gbalance.mapguard`).
-
-This module imports nothing from the rest of the package but the leaf
-:mod:`gbalance.mapguard`.
+:class:`SharedState` creates a master's file (or prepares it under a
+temporary name for ``-r`` and puts it in place later), attaches a shell or
+worker to an existing one, gives a master's file up while keeping the
+mapping (:meth:`SharedState.release`), and reads and writes the table
+through named accessors; the hot path indexes :attr:`SharedState.q`
+directly.  A file cut short while mapped costs no process its life
+(:mod:`gbalance.system.mapguard`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import fcntl
 import mmap
 import os
-import re
 import stat
-import struct
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from collections.abc import Iterator
 
 from gbalance.system import mapguard
+from gbalance.table.files import (MasterRunning, StateError, UnsafeState, check_own_file, current_umask,
+                                  lock_path, make_directory, open_nofollow, read_pid_at, rename_over,
+                                  shared_directory)
+from gbalance.table.layout import (ADDR_LEN, ADDR_OFFSET, C_C, C_CHANGED, C_MAXC, C_PORT, C_RCVD, C_SENT,
+                                   C_SLOTS, C_STATUS, C_SUSPECT, C_TOTALC, COUNTER_BASES, ENABLED, FILE_SIZE,
+                                   G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_MAXCHANNELS,
+                                   H_MAXGROUPS, H_MONITOR, H_NGROUPS, H_PID, H_START_TICKS, H_STARTED,
+                                   H_VERSION, H_WORKERS, LAYOUT_VERSION, MAGIC, MAXCHANNELS, MAXGROUPS,
+                                   MAXWORKERS, REQ_ADDR_OFFSET, RR, Channel, gslot, row_sum, slot)
+from gbalance.table.liveness import master_process_alive, process_start_ticks
+from gbalance.table.locks import is_locked, try_lock
 
-MAGIC = b"GBALSTAT"
-LAYOUT_VERSION = 3
-MAXGROUPS = 32
-MAXCHANNELS = 64
-#: Most worker processes (``-w``); each has a counter row.
-MAXWORKERS = 64
-ADDR_LEN = 64
-
-#: Environment variable that moves the state directory (for non-root users).
-STATE_DIR_ENV = "BALANCE_STATE_DIR"
-DEFAULT_STATE_DIR = "/var/run/balance"
-#: How long a shell waits for another shell of the same user to finish a change.
 CHANGE_LOCK_WAIT = 5.0
-
-# Header slots.
-H_VERSION = 0
-H_PID = 1
-H_MAXGROUPS = 2
-H_MAXCHANNELS = 3
-H_GENERATION = 4   # bumped whenever a channel's address or the channel set changes
-H_MONITOR = 5      # MON_NONE / MON_ENABLED / MON_DISABLED
-# slot 6 is unused (layout version 3 kept it)
-H_STARTED = 7      # unix time the master started
-H_NGROUPS = 8
-H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
-H_WORKERS = 10     # counter rows in use: the -w number (1 = the master alone)
-H_STAGGER_US = 11  # stagger delay of a channel not measured yet, microseconds (0 = off)
-H_TABLE_DIGEST = 12  # digest of the command line's table (gbalance.carry; 0 = unknown)
-# The request mailbox (see gbalance.mailbox).
-H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
-H_REQ_OP = 17
-H_REQ_G = 18
-H_REQ_C = 19
-H_REQ_A = 20
-H_REQ_B = 21
-H_ACK_SEQ = 24     # written last by the master: the request it answered
-H_ACK_RESULT = 25
-H_ACK_VALUE = 26
-H_SLOTS = 32
-
-# Group record slots.
-G_NCHANNELS = 0
-G_TYPE = 1
-G_RR_NEXT = 2
-G_SLOTS = 4
-
-# Channel record slots.
-C_STATUS = 0
-C_PORT = 1
-C_MAXC = 2
-C_C = 3
-C_TOTALC = 4
-C_SENT = 5      # bytes client -> server
-C_RCVD = 6      # bytes server -> client
-C_SUSPECT = 7   # a connect has been pending too long (monitoring)
-C_FAILS = 8     # consecutive failed checks (monitoring)
-C_PASSES = 9    # consecutive passed checks (monitoring)
-C_CHANGED = 10  # unix time of the last state change
-C_STAGGER_US = 11  # adaptive stagger delay now, in microseconds (monitoring; gauge)
-C_STAGGERED = 12   # parallel connects started because this channel's connect hung (counter)
-C_TOTALC_BASE = 13  # sum of C_TOTALC at the last reset (readers subtract it)
-C_SENT_BASE = 14
-C_RCVD_BASE = 15
-C_SLOTS = 16
-
-GROUP_BASE = H_SLOTS
-CHANNEL_BASE = GROUP_BASE + MAXGROUPS * G_SLOTS
-#: Slots of one channel table; worker w's counters are at slot(...) + w * TABLE_SLOTS.
-TABLE_SLOTS = MAXGROUPS * MAXCHANNELS * C_SLOTS
-NSLOTS = CHANNEL_BASE + MAXWORKERS * TABLE_SLOTS
-ADDR_OFFSET = len(MAGIC) + NSLOTS * 8
-REQ_ADDR_OFFSET = ADDR_OFFSET + MAXGROUPS * MAXCHANNELS * ADDR_LEN
-FILE_SIZE = REQ_ADDR_OFFSET + ADDR_LEN
-
-
-
-class ChannelState(enum.IntEnum):
-    """A channel's state, as stored in its ``C_STATUS`` slot (the values are the file's)."""
-
-    ENABLED = 0         # ENA: takes connections
-    SOFT_DISABLED = 1   # dis: by -a or monitoring; monitoring may re-enable it
-    HARD_DISABLED = 2   # DIS: by an admin; only an admin re-enables it
-
-
-ENABLED = ChannelState.ENABLED
-SOFT_DISABLED = ChannelState.SOFT_DISABLED
-HARD_DISABLED = ChannelState.HARD_DISABLED
-STATUS_NAMES: dict[int, str] = {ENABLED: "ENA", SOFT_DISABLED: "dis", HARD_DISABLED: "DIS"}
-
-# Group types.
-RR = 0
-HASH = 1
-TYPE_NAMES = {RR: "RR", HASH: "Hash"}
-
-
-
-class MonitorSwitch(enum.IntEnum):
-    """The monitoring switch in the header's ``H_MONITOR`` slot (the values are the file's)."""
-
-    NONE = 0        # the master runs without -m
-    ENABLED = 1     # -m, checks run (``monitor enable``)
-    DISABLED = 2    # -m, switched off by ``monitor disable``
-
-
-MON_NONE = MonitorSwitch.NONE
-MON_ENABLED = MonitorSwitch.ENABLED
-MON_DISABLED = MonitorSwitch.DISABLED
-
-
-class StateError(Exception):
-    """The state file cannot be used; ``errno`` tells why when the OS said so."""
-
-    def __init__(self, message: str, errno_: int | None = None):
-        super().__init__(message)
-        self.errno = errno_
-
-
-class UnsafeState(StateError):
-    """A state directory or file that another user could control: refused."""
-
-    def __init__(self, message: str):
-        super().__init__(message, errno.EPERM)
-
-
-class MasterRunning(StateError):
-    """Another live master already owns this port and bind address."""
-
-    def __init__(self, path: str, pid: int):
-        super().__init__(f"a balance master (pid {pid}) already serves this port and address ({path})")
-        self.pid = pid
-
-
-@dataclass
-class Channel:
-    """A snapshot of one channel record (for the shell and tests)."""
-
-    group: int
-    index: int
-    status: int
-    address: str
-    port: int
-    maxc: int
-    c: int
-    totalc: int
-    sent: int
-    rcvd: int
-    suspect: int
-
-
-def state_dir() -> str:
-    """Return the state directory, honouring ``$BALANCE_STATE_DIR``."""
-    return os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
-
-
-def state_path(port: int, bind: str | None, directory: str | None = None) -> str:
-    """Name the state file of the master on ``port`` and ``bind`` address.
-
-    Without ``-b`` the key is ``any`` whether or not ``-6`` was given, so
-    ``balance -i 80`` finds a master started as ``balance -6 80 ...``.
-    """
-    key = bind if bind else "any"
-    key = re.sub(r"[^A-Za-z0-9.:_-]", "_", key)
-    return os.path.join(directory or state_dir(), f"balance.{port}.{key}")
-
-
-def lock_path(path: str) -> str:
-    """The owner-only lock file that goes with the state file ``path``."""
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.lock")
-
-
-def slot(group: int, channel: int, field: int) -> int:
-    """Index into :attr:`SharedState.q` of one field of one channel."""
-    return CHANNEL_BASE + (group * MAXCHANNELS + channel) * C_SLOTS + field
-
-
-def row_offset(worker: int) -> int:
-    """What to add to a :func:`slot` index to reach worker ``worker``'s counter row."""
-    return worker * TABLE_SLOTS
-
-
-def row_sum(q: memoryview, index: int, rows: int) -> int:
-    """The sum of slot ``index`` (a :func:`slot` of a counter field) over ``rows`` rows."""
-    total = q[index]
-    for w in range(1, max(1, min(rows, MAXWORKERS))):
-        total += q[index + w * TABLE_SLOTS]
-    return total
-
-
-def gslot(group: int, field: int) -> int:
-    """Index into :attr:`SharedState.q` of one field of one group."""
-    return GROUP_BASE + group * G_SLOTS + field
-
-
-# -- safety checks -------------------------------------------------------------
-
-def check_directory(directory: str) -> None:
-    """Refuse a state directory another user could use to swap our files.
-
-    It must be a real directory owned by us or by root, and not writable by
-    group or others unless it is sticky (like /tmp), where nobody else may
-    rename or remove our files.
-    """
-    try:
-        st = os.lstat(directory)
-    except OSError as exc:
-        raise StateError(f"cannot use state directory {directory}: {exc.strerror}", exc.errno)
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeState(f"refusing state directory {directory}: not a directory")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise UnsafeState(f"refusing state directory {directory}: owned by uid {st.st_uid}")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise UnsafeState(f"refusing state directory {directory}: writable by other users")
-
-
-def check_own_file(path: str, st: os.stat_result, what: str = "state file") -> None:
-    """Refuse anything but a plain file of ours with a single name."""
-    if not stat.S_ISREG(st.st_mode):
-        raise UnsafeState(f"refusing {what} {path}: not a regular file")
-    if st.st_uid != os.geteuid():
-        raise UnsafeState(f"refusing {what} {path}: owned by uid {st.st_uid}")
-    if st.st_nlink != 1:
-        raise UnsafeState(f"refusing {what} {path}: it has other names (hard links)")
-
-
-def _open_nofollow(path: str, flags: int, mode: int = 0o600) -> int:
-    """``os.open`` that never follows a symbolic link at ``path``, nor waits
-    for a writer when another user has put a FIFO there (O_NONBLOCK: no
-    effect on a regular file; the caller then refuses what is not one)."""
-    try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafeState(f"refusing {path}: it is a symbolic link")
-        raise
-
-
-# -- locks ---------------------------------------------------------------------------
-# Open-file-description locks: they belong to the open file, not the process,
-# so closing another descriptor of the lock file never drops them, and two
-# opens in one process exclude each other like two processes would.
-
-_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
-_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
-_FLOCK = "hhqqi4x"   # struct flock: type, whence, start, len, pid
-
-
-def _try_lock(fd: int, kind: int, start: int) -> bool:
-    """Take (``F_WRLCK``/``F_RDLCK``) or drop (``F_UNLCK``) one byte without waiting."""
-    try:
-        fcntl.fcntl(fd, _F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, start, 1, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
-    return True
-
-
-def _locked(fd: int, start: int) -> bool:
-    """True if someone holds a lock on byte ``start`` that a read lock would conflict with."""
-    res = fcntl.fcntl(fd, _F_OFD_GETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET, start, 1, 0))
-    return struct.unpack(_FLOCK, res)[0] != fcntl.F_UNLCK
-
-
-# -- liveness --------------------------------------------------------------------
-
-def process_start_ticks(pid: int) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (start time after boot, clock ticks); None if gone.
-
-    A zombie counts as gone: it has exited.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    try:
-        if fields[0] in (b"Z", b"X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def is_balance_process(pid: int) -> bool:
-    """True if ``pid``'s command line names a balance program."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return any(b"balance" in os.path.basename(arg) for arg in argv[:3])
-
-
-def master_process_alive(pid: int, start_ticks: int) -> bool:
-    """True if ``pid`` is the very balance master that recorded ``start_ticks``.
-
-    Decided from /proc alone, so no other process can fake it; never true
-    for pid 0 or 1 (never a master we may signal or trust).
-    """
-    if pid <= 1:
-        return False
-    ticks = process_start_ticks(pid)
-    return ticks is not None and ticks == start_ticks and is_balance_process(pid)
 
 
 class SharedState:
@@ -462,12 +79,12 @@ class SharedState:
         directory or file another user controls, and :class:`StateError`
         when the directory or file cannot be used.
         """
-        _make_directory(path)
+        make_directory(path)
         lock_fd = cls._take_master_lock(path)
         try:
             fd, tmp = cls._fresh_file(path)
             try:
-                _rename_over(tmp, path)
+                rename_over(tmp, path)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -489,7 +106,7 @@ class SharedState:
         :meth:`place` takes the lock and renames it into place, so nothing
         that can fail on the file itself is left for after the hand-over.
         """
-        _make_directory(path)
+        make_directory(path)
         fd, tmp = cls._fresh_file(path)
         st = cls(path, fd, True)
         st.pending = tmp
@@ -515,7 +132,7 @@ class SharedState:
                     raise
                 time.sleep(0.01)
         try:
-            _rename_over(self.pending, self.path)
+            rename_over(self.pending, self.path)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -538,7 +155,7 @@ class SharedState:
         """Open (creating, 0600) the lock file and take the master lock, or raise."""
         lpath = lock_path(path)
         try:
-            fd = _open_nofollow(lpath, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = open_nofollow(lpath, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 raise UnsafeState(f"refusing lock file {lpath}: {exc.strerror}")
@@ -549,11 +166,11 @@ class SharedState:
             if info.st_mode & 0o077:
                 os.fchmod(fd, 0o600)
             try:
-                taken = _try_lock(fd, fcntl.F_WRLCK, 0)
+                taken = try_lock(fd, fcntl.F_WRLCK, 0)
             except OSError as exc:
                 raise StateError(f"cannot lock {lpath}: {exc.strerror}", exc.errno)
             if not taken:
-                raise MasterRunning(path, _read_pid_at(path))
+                raise MasterRunning(path, read_pid_at(path))
         except BaseException:
             os.close(fd)
             raise
@@ -567,7 +184,7 @@ class SharedState:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)   # our own left-over from a crashed start with our pid
-            fd = _open_nofollow(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = open_nofollow(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except StateError:
             raise
         except OSError as exc:
@@ -575,7 +192,7 @@ class SharedState:
         try:
             # Group and others may read (show), only the owner may change;
             # a stricter umask (077: 0600) takes read access away from them.
-            os.fchmod(fd, 0o644 & ~_current_umask())
+            os.fchmod(fd, 0o644 & ~current_umask())
             os.ftruncate(fd, FILE_SIZE)
         except OSError as exc:
             os.close(fd)
@@ -593,7 +210,7 @@ class SharedState:
         """
         writable = True
         try:
-            fd = _open_nofollow(path, os.O_RDWR)
+            fd = open_nofollow(path, os.O_RDWR)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise StateError(f"cannot open state file {path}: {exc.strerror}", exc.errno)
@@ -601,7 +218,7 @@ class SharedState:
             # reader such as the metrics unit): reading is enough.
             writable = False
             try:
-                fd = _open_nofollow(path, os.O_RDONLY)
+                fd = open_nofollow(path, os.O_RDONLY)
             except StateError:
                 raise
             except OSError as exc:
@@ -616,7 +233,7 @@ class SharedState:
                 raise UnsafeState(f"refusing state file {path}: not a regular file")
             if info.st_mode & 0o022:
                 raise UnsafeState(f"refusing state file {path}: writable by other users")
-            if info.st_uid not in (os.geteuid(), 0) and _shared_directory(path):
+            if info.st_uid not in (os.geteuid(), 0) and shared_directory(path):
                 # In a directory anybody may write to (/tmp), anybody may have put it there.
                 raise UnsafeState(f"refusing state file {path}: owned by uid {info.st_uid}"
                                   " in a directory other users may write to")
@@ -655,13 +272,39 @@ class SharedState:
                     os.close(fd)
         self.lock_fd = -1
 
+    def release(self, unlink: bool = True) -> None:
+        """Give up a master's state file but keep its mapping.
+
+        The file is unlinked (only if the path still names our file; with
+        ``unlink`` False it stays for the master that replaces us, which
+        renames its own over it, so the name is never free for another user to
+        take), its descriptor is closed, and the lock file's descriptor with
+        the master lock on it (the only lock the master holds, byte 0) is closed
+        so ``-i``/``-c`` sessions of the owner see this master as gone.  The
+        mapping stays valid: draining links keep counting into it.  A prepared
+        file never put in place goes.
+        """
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            name = self.pending or self.path
+            if (unlink or self.pending) and os.stat(name).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(name)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)        # (no lock is ever taken on the state file itself)
+        self.fd = -1
+        if self.lock_fd >= 0:        # the master lock on the owner-only lock file
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = -1
+
     # -- locks and liveness ------------------------------------------------
 
     def _lock_file(self) -> int | None:
         """The lock file, opened on first use; None if this user may not open it."""
         if self.lock_fd < 0:
             try:
-                fd = _open_nofollow(lock_path(self.path), os.O_RDWR if self.writable else os.O_RDONLY)
+                fd = open_nofollow(lock_path(self.path), os.O_RDWR if self.writable else os.O_RDONLY)
             except (OSError, StateError):
                 return None
             try:
@@ -684,7 +327,7 @@ class SharedState:
         """
         path = lock_path(self.path)
         try:
-            fd = _open_nofollow(path, os.O_RDWR)
+            fd = open_nofollow(path, os.O_RDWR)
         except OSError as exc:
             raise StateError(f"cannot open lock file {path}: {exc.strerror}", exc.errno)
         try:
@@ -711,7 +354,7 @@ class SharedState:
         if fd is None:
             return master_process_alive(pid, ticks)
         try:
-            return _locked(fd, 0)
+            return is_locked(fd, 0)
         except OSError:
             return master_process_alive(pid, ticks)
 
@@ -742,7 +385,7 @@ class SharedState:
         deadline = time.monotonic() + wait
         while True:
             try:
-                if _try_lock(fd, fcntl.F_WRLCK, 1):
+                if try_lock(fd, fcntl.F_WRLCK, 1):
                     break
             except OSError as exc:
                 raise StateError(f"cannot lock {lock_path(self.path)}: {exc.strerror}", exc.errno)
@@ -753,7 +396,7 @@ class SharedState:
         try:
             yield self
         finally:
-            _try_lock(fd, fcntl.F_UNLCK, 1)
+            try_lock(fd, fcntl.F_UNLCK, 1)
 
     # -- header ------------------------------------------------------------
 
@@ -792,7 +435,7 @@ class SharedState:
         q = self.q
         i = slot(group, channel, field)
         value = row_sum(q, i, self.workers)
-        base = _BASES.get(field)
+        base = COUNTER_BASES.get(field)
         if base is not None:
             value -= q[i - field + base]
         return value
@@ -899,73 +542,3 @@ class SharedState:
         for g in range(max(0, min(self.ngroups, MAXGROUPS))):
             for c in range(max(0, min(self.nchannels(g), MAXCHANNELS))):
                 yield self.channel(g, c)
-
-
-_BASES = {C_TOTALC: C_TOTALC_BASE, C_SENT: C_SENT_BASE, C_RCVD: C_RCVD_BASE}
-
-
-def _current_umask() -> int:
-    """The process's umask (read by setting it, and setting it back at once)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-def _make_directory(path: str) -> None:
-    """Create the state directory of ``path`` if needed and refuse an unsafe one."""
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as exc:
-        raise StateError(f"cannot create state directory {directory}: {exc.strerror}", exc.errno)
-    check_directory(directory)
-
-
-def _rename_over(tmp: str, path: str) -> None:
-    """Put the file ``tmp`` at ``path``, replacing whatever name is there.
-
-    A rename replaces a symbolic link or another name of ours without ever
-    following it.  Only a sticky directory refuses: another user's entry
-    there may not be replaced, and that is said as such.
-    """
-    try:
-        os.rename(tmp, path)
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            try:
-                st = os.lstat(path)
-            except OSError:
-                raise UnsafeState(f"refusing state file {path}: {exc.strerror}")
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "a file"
-            raise UnsafeState(f"refusing state file {path}: {kind} owned by uid {st.st_uid} in a"
-                              " sticky directory (it may not be replaced)")
-        raise StateError(f"cannot put state file {path} in place: {exc.strerror}", exc.errno)
-
-
-def _shared_directory(path: str) -> bool:
-    """True if users other than its owner may create files in ``path``'s directory."""
-    try:
-        st = os.stat(os.path.dirname(path) or ".")
-    except OSError:
-        return True
-    return bool(st.st_mode & 0o022)
-
-
-def _read_pid_at(path: str) -> int:
-    """The pid recorded in the state file at ``path``, or 0 if it cannot be read."""
-    try:
-        fd = _open_nofollow(path, os.O_RDONLY)
-    except (OSError, StateError):
-        return 0
-    try:
-        return _read_pid(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_pid(fd: int) -> int:
-    """The pid recorded in a state file, or 0 if it cannot be read."""
-    try:
-        raw = os.pread(fd, 8 * (H_PID + 1), len(MAGIC))
-        return int.from_bytes(raw[H_PID * 8: H_PID * 8 + 8], sys.byteorder, signed=True)
-    except (OSError, ValueError):
-        return 0
