@@ -18,7 +18,7 @@ from gbalance.proxy.frontdoor import parse_frontdoor
 from gbalance.log import LOG_ERR, write_stderr
 from gbalance.monitor.monspec import parse_monitor
 from gbalance.proxy.proxyproto import parse_version
-from gbalance.spec import parse_groups, parse_keepalive, parse_limit, parse_port, parse_seconds, parse_workers
+from gbalance.arguments import parse_groups, parse_keepalive, parse_limit, parse_port, parse_seconds, parse_workers
 from gbalance.table.layout import MAXWORKERS
 
 USAGE = """\

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from gbalance.proxy.frontdoor import FrontDoorSpec
 from gbalance.monitor.monspec import MonitorSpec
 from gbalance.proxy.proxyproto import Version as ProxyVersion
-from gbalance.spec import GroupSpec
+from gbalance.arguments import GroupSpec
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_GRACE = 30.0   # -g: seconds open links may run on after SIGTERM

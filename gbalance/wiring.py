@@ -65,15 +65,16 @@ def build_server(cfg: ProxyConfig, state: SharedState, listener: socket.socket, 
         log.warning(limit.describe(per))
     elif worker == 0 and (cfg.debug or not cfg.foreground):
         log.info(limit.describe(per))
-    server = BalanceServer(listener, state, router, connector, log, addresses,
-                           idle_timeout=cfg.idle_timeout,
-                           dump=write_stdout if cfg.packet_dump else None, counters=counters,
-                           max_conns=limit.conns, per_source=cfg.per_source)
-    if cfg.proxy_protocol is not None:   # -P: a PROXY header on every backend connection
-        server.proxy = header_maker(cfg.proxy_protocol, listener)
-    if cfg.frontdoor is not None:   # -A: each client starts with a PROXY header
-        server.frontdoor = FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)  # type: ignore[assignment]  # server.py declares frontdoor = None
-    return server
+    # -P: a PROXY header on every backend connection.
+    proxy = header_maker(cfg.proxy_protocol, listener) if cfg.proxy_protocol is not None else None
+    # -A: each client starts with a PROXY header.
+    frontdoor = (FrontDoor(loop, listener.family, cfg.frontdoor, log, debug=cfg.debug)
+                 if cfg.frontdoor is not None else None)
+    return BalanceServer(listener, state, router, connector, log, addresses,
+                         idle_timeout=cfg.idle_timeout,
+                         dump=write_stdout if cfg.packet_dump else None, counters=counters,
+                         max_conns=limit.conns, per_source=cfg.per_source, proxy=proxy,
+                         frontdoor=frontdoor)
 
 
 def forget_connect_times(estimator: StaggerEstimator, q: memoryview, g: int, c: int) -> None:

@@ -501,7 +501,7 @@ def inprocess_server(argv: list[str], state_dir: Path):
             yield master, server
         finally:
             server.reset_all()
-            server.stop_timers()
+            server.finish()
             server.close()
             master.remove_state()
     finally:

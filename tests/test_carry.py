@@ -15,7 +15,7 @@ from gbalance.table import state as S
 from gbalance.table.carry import MAX_COUNT, Carry, open_previous, table_digest
 from gbalance.config import ProxyConfig
 from gbalance.process.master import fill_table
-from gbalance.spec import ChannelSpec, GroupSpec
+from gbalance.arguments import ChannelSpec, GroupSpec
 
 
 def config(*groups: list[tuple[str, int, int]], kinds: tuple[int, ...] = ()) -> ProxyConfig:

@@ -1,7 +1,7 @@
 """The shell's commands in process (as test_routing.py does for routing).
 
 A real state file, the master's mailbox polled by a thread, and a
-:class:`~gbalance.shell.commands.Shell` writing into a string: every command's
+:class:`~gbalance.shell.commands.Session` writing into a string: every command's
 exact answer and its effect on the table.  ``test_shell.py`` runs the same
 commands through the CLI against real masters.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from gbalance.table import layout as L
 from gbalance.table import state as S
-from gbalance.shell.commands import COMMANDS, DENIED, Quit, Shell, lookup
+from gbalance.shell.commands import COMMANDS, DENIED, Quit, Session, lookup
 from gbalance.config import ShellConfig
 
 from test_mailbox import Poller, new_table
@@ -31,12 +31,12 @@ def st(tmp_path):
 @pytest.fixture
 def sh(st):
     p = Poller(st)
-    shell = Shell(st, ShellConfig(port=8080), io.StringIO())
+    shell = Session(st, ShellConfig(port=8080), io.StringIO())
     yield shell
     p.close()
 
 
-def run(shell: Shell, line: str) -> str:
+def run(shell: Session, line: str) -> str:
     shell.out.seek(0)
     shell.out.truncate()
     shell.execute(line)
@@ -147,7 +147,7 @@ def test_read_only_session_is_denied_changes(st):
     fd = os.open(st.path, os.O_RDONLY)
     ro = S.SharedState(st.path, fd, False)
     try:
-        shell = Shell(ro, ShellConfig(port=8080), io.StringIO())
+        shell = Session(ro, ShellConfig(port=8080), io.StringIO())
         for line in ("disable 0", "reset 0", "create 127.0.0.1 1", "hash", "maxc 0 1", "kill"):
             assert run(shell, line) == DENIED + "\n", line
         assert run(shell, "mrtg-conns 0 1") == "0\nUNKNOWN\nUNKNOWN\ngroup 0 channel 1\n"

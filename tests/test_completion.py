@@ -16,13 +16,13 @@ import time
 
 from conftest import BALANCE, free_port
 
-from gbalance.shell.completion import Completer, arg_kinds, specs_from
+from gbalance.shell.completion import Completer, arg_kinds, syntaxes_from
 from gbalance.shell.shell import COMMANDS
 
 
 def completer(groups: int = 2, channels: dict | None = None, current: int = 0) -> Completer:
     channels = channels if channels is not None else {0: 3, 1: 12}
-    return Completer(specs_from(COMMANDS), lambda: groups, lambda g: channels.get(g, 0), lambda: current)
+    return Completer(syntaxes_from(COMMANDS), lambda: groups, lambda g: channels.get(g, 0), lambda: current)
 
 
 def test_synopsis_kinds():
@@ -72,7 +72,7 @@ def test_words_and_unknown_commands():
 def test_state_trouble_means_no_candidates():
     def broken(group: int) -> int:
         raise ValueError("mmap closed")
-    c = Completer(specs_from(COMMANDS), lambda: 1, broken, lambda: 0)
+    c = Completer(syntaxes_from(COMMANDS), lambda: 1, broken, lambda: 0)
     assert c.candidates("disable ", "") == []
 
 

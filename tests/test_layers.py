@@ -23,7 +23,7 @@ PKG = ROOT / "gbalance"
 #: layer named after its subpackage.
 TOP_LEVEL = {
     "__init__": "base", "errors": "base", "log": "base", "clock": "base",
-    "config": "config", "spec": "config",
+    "config": "config", "arguments": "config",
     "wiring": "wiring",
     "cli": "entry", "__main__": "entry",
 }
@@ -151,7 +151,7 @@ def test_the_checker_sees_a_forbidden_import(tmp_path):
 
 #: How a docstring names a layer in its "May import:" sentence.
 DOC_NAMES = {"``gbalance.errors``": "base", "``gbalance.log``": "base", "``gbalance.clock``": "base",
-             "``gbalance.config``": "config", "``gbalance.spec``": "config",
+             "``gbalance.config``": "config", "``gbalance.arguments``": "config",
              "``gbalance.wiring``": "wiring", "``gbalance.cli``": "entry"}
 
 

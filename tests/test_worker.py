@@ -15,7 +15,7 @@ from conftest import ROOT
 from gbalance.config import ProxyConfig
 from gbalance.errors import BalanceError
 from gbalance.process.pool import describe_exit
-from gbalance.spec import parse_workers
+from gbalance.arguments import parse_workers
 from gbalance.process.worker import WORKER_ENV, WorkerSpec, decode_spec, encode_spec
 
 

@@ -37,6 +37,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gevent
@@ -120,13 +121,12 @@ def command_argv(line: str) -> list[str]:
 class Monitor:
     """Periodic checks of every channel; see the module docstring."""
 
-    #: -P: ``socket -> PROXY header`` sent right after a check's connect (set by the master).
-    proxy_header = None
-
     def __init__(self, state: SharedState, spec: MonitorSpec, connect_timeout: float, log: Log,
                  source: dict[int, tuple] | None = None, channels: Channels | None = None,
-                 clock: Clock = REAL):
+                 clock: Clock = REAL, proxy_header: Callable[[socket.socket], bytes] | None = None):
         self.state = state
+        #: -P: ``socket -> PROXY header`` sent right after a check's connect.
+        self.proxy_header = proxy_header
         #: Intervals are measured and waited for on this clock (a test's fake one).
         self.clock = clock
         self.q = state.q

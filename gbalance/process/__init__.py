@@ -6,7 +6,7 @@ and the hand-over of the listener and state file to a new master on ``-r``
 (``handover``).
 
 May import: ``gbalance.wiring`` (the serving objects of one process), the
-config layer (``gbalance.config``, ``gbalance.spec``), ``proxy``,
+config layer (``gbalance.config``, ``gbalance.arguments``), ``proxy``,
 ``monitor``, ``table``, ``system`` and the base modules.  Not
 ``shell`` or ``service``: those talk to a master through the table.
 """

@@ -42,7 +42,8 @@ from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, Balanc
 from gbalance.system.limits import raise_and_report
 from gbalance.log import Log
 from gbalance.monitor.monitor import Monitor
-from gbalance.process.pool import Pool
+from gbalance.process.pool import WorkerPool
+from gbalance.process.serving import Serving
 from gbalance.proxy.connect import set_keepalive
 from gbalance.proxy.proxyproto import check_header
 from gbalance.proxy.stagger import initial_delay
@@ -254,7 +255,7 @@ class Master:
             except BaseException:
                 self.remove_state()
                 raise
-        self.server = None
+        self.server: Serving | None = None
         self.monitor = None
         self.mailbox = None
         self.control: handover.HandoverServer | None = None
@@ -332,19 +333,18 @@ class Master:
             # The delay shown for channels no process has measured yet.
             self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
         if cfg.workers > 1:
-            self.server = Pool(cfg, self.state, self.listener, self.log, self.source)
+            self.server = WorkerPool(cfg, self.state, self.listener, self.log, self.source)
         else:
             self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
                                        channels, Counters(self.state))
         if monitoring:
+            # -P: health checks send a header too (clients' headers: wiring.build_server).
+            header = None if cfg.proxy_protocol is None else functools.partial(check_header, cfg.proxy_protocol)
             self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
-                                   source=self.source, channels=channels)
+                                   source=self.source, channels=channels, proxy_header=header)
         # A shell's ``kill`` request drains as SIGTERM does (balance's forked
         # children, too, finished their transfers when the master was killed).
         self.mailbox = Mailbox(self.state, channels, on_kill=lambda: gevent.spawn(self.begin_drain, "kill from the shell"))
-        if cfg.proxy_protocol is not None and self.monitor is not None:
-            # -P: health checks send a header too (clients' headers: wiring.build_server).
-            self.monitor.proxy_header = functools.partial(check_header, cfg.proxy_protocol)
 
     def _own_lock(self) -> int:
         """The master's own open of the lock file, for state changes with -w N (see
@@ -512,7 +512,7 @@ class Master:
         finally:
             if self.mailbox is not None:
                 self.mailbox.stop()
-            self.server.stop_timers()
+            self.server.finish()
             if self.control is not None:
                 self.control.close()
             if self.monitor is not None:

@@ -1,9 +1,9 @@
 """The master's workers (``-w N``, N > 1): start, watch, restart, drain.
 
-:class:`Pool` stands where the single process's
-:class:`~gbalance.server.BalanceServer` stands in the master, with the same
-few methods the master's stop logic uses (``start``, ``stop_accepting``,
-``drain``, ``reset_all``, ``open_count``, ``stop_timers``), so draining,
+:class:`WorkerPool` stands where the single process's
+:class:`~gbalance.proxy.server.BalanceServer` stands in the master: both are
+:class:`~gbalance.process.serving.Serving`, the few methods the master's stop logic uses (``start``, ``stop_accepting``,
+``drain``, ``reset_all``, ``open_count``, ``finish``), so draining,
 the ``-g`` grace period, the shell's ``kill`` and the ``-r`` hand-over work
 unchanged: the master only passes them on as signals.
 
@@ -57,8 +57,9 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
-class Slot:
-    """One worker position: its current process and restart bookkeeping."""
+class Seat:
+    """One worker's seat in the pool (its counter row): the process in it now and
+    its restart bookkeeping.  (Not a slot of the state file.)"""
 
     __slots__ = ("index", "proc", "started", "backoff", "ready", "watcher")
 
@@ -82,7 +83,7 @@ class Slot:
         return delay
 
 
-class Pool:
+class WorkerPool:
     """N worker processes serving one listener for one master."""
 
     def __init__(self, cfg: ProxyConfig, state: SharedState, listener, log: Log, source: dict,
@@ -96,7 +97,7 @@ class Pool:
         self.source = source
         self.n = cfg.workers
         self.loop = gevent.get_hub().loop
-        self.slots = [Slot(i) for i in range(self.n)]
+        self.seats = [Seat(i) for i in range(self.n)]
         self.stopping = False
         self._on_drained = None
 
@@ -104,14 +105,14 @@ class Pool:
 
     def start(self) -> None:
         """Start every worker and wait (bounded) until each says it is ready."""
-        for s in self.slots:
+        for s in self.seats:
             self._spawn(s)
         deadline = time.monotonic() + READY_TIMEOUT
-        for s in self.slots:
+        for s in self.seats:
             if s.ready is not None:
                 s.ready.wait(max(0.0, deadline - time.monotonic()))
 
-    def _spawn(self, s: Slot) -> None:
+    def _spawn(self, s: Seat) -> None:
         from gevent.event import Event
 
         r, w = os.pipe()
@@ -141,11 +142,11 @@ class Pool:
         s.ready = Event()
         s.watcher = gevent.spawn(self._watch, s, s.proc, r, s.ready)
 
-    def _retry(self, s: Slot) -> None:
+    def _retry(self, s: Seat) -> None:
         if not self.stopping:
             self._spawn(s)
 
-    def _watch(self, s: Slot, proc, ready_fd: int, ready) -> None:
+    def _watch(self, s: Seat, proc, ready_fd: int, ready) -> None:
         """Wait for the worker to be ready, then for it to end; replace it if it died."""
         from gevent.socket import wait_read
 
@@ -185,7 +186,7 @@ class Pool:
 
     @property
     def pids(self) -> list[int]:
-        return [s.proc.pid for s in self.slots if s.proc is not None]
+        return [s.proc.pid for s in self.seats if s.proc is not None]
 
     @property
     def open_count(self) -> int:
@@ -198,7 +199,7 @@ class Pool:
         return total
 
     def _signal(self, sig: int) -> None:
-        for s in self.slots:
+        for s in self.seats:
             proc = s.proc
             if proc is not None and proc.returncode is None:
                 try:
@@ -210,7 +211,7 @@ class Pool:
         """Every worker stops accepting and drains (SIGTERM); none is restarted."""
         if not self.stopping:
             self.stopping = True
-            for s in self.slots:
+            for s in self.seats:
                 if s.proc is None and s.watcher is not None:
                     s.watcher.kill(block=False)     # a pending restart
             self._signal(signal.SIGTERM)
@@ -238,11 +239,11 @@ class Pool:
         self._signal(signal.SIGINT)
         return count
 
-    def stop_timers(self) -> None:
+    def finish(self) -> None:
         """At the master's exit: wait (bounded) for the workers, then kill what is left."""
         self.stopping = True
         deadline = time.monotonic() + EXIT_WAIT
-        for s in self.slots:
+        for s in self.seats:
             proc = s.proc
             if proc is None:
                 continue

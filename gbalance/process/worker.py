@@ -124,7 +124,7 @@ class Worker:
             pass
         os.close(spec.ready_fd)
         self.done.wait()
-        self.server.stop_timers()
+        self.server.finish()
         return 0
 
     def on_sigterm(self) -> None:

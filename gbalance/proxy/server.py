@@ -37,6 +37,7 @@ from gbalance.table.channels import Channels
 from gbalance.proxy.connect import Connected, Connector, FailReason, Hooks, Race
 from gbalance.table.counters import Counters
 from gbalance.proxy.forward import DONTWAIT, Link
+from gbalance.proxy.frontdoor import FrontDoor
 from gbalance.log import Log
 from gbalance.proxy.proxyproto import send_header
 from gbalance.proxy.routing import Router
@@ -205,16 +206,17 @@ class AddressCache:
 class BalanceServer(StreamServer):
     """Accepts clients and proxies each to a channel chosen from the table."""
 
-    #: -P: ``(client_socket, client_address) -> PROXY header``, set by the master.
-    proxy: Callable[[socket.socket, tuple], bytes] | None = None
-    #: -A: reads each client's PROXY header first (a :class:`~gbalance.frontdoor.FrontDoor`).
-    frontdoor = None
-
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
                  idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
-                 counters: Counters | None = None, max_conns: int = 0, per_source: int = 0):
+                 counters: Counters | None = None, max_conns: int = 0, per_source: int = 0,
+                 proxy: Callable[[socket.socket, tuple], bytes] | None = None,
+                 frontdoor: FrontDoor | None = None):
         super().__init__(listener, handle=self.handle_client)
+        #: -P: ``(client_socket, client_address) -> PROXY header``.
+        self.proxy = proxy
+        #: -A: reads each client's PROXY header first.
+        self.frontdoor = frontdoor
         self.state = state
         self.q = state.q
         # This process's counter row (-w N): connections given back through it.
@@ -483,7 +485,7 @@ class BalanceServer(StreamServer):
             link.close()
         return count
 
-    def stop_timers(self) -> None:
+    def finish(self) -> None:
         """Stop the idle sweeper and the accept-resume timer (at exit)."""
         if self._sweeper is not None:
             self._sweeper.stop()

@@ -27,7 +27,7 @@ from gbalance.cli import USAGE as BALANCE_USAGE
 from gbalance.config import DEFAULT_GRACE
 from gbalance.errors import BalanceError
 from gbalance.log import journal_stderr
-from gbalance.spec import parse_port, parse_seconds
+from gbalance.arguments import parse_port, parse_seconds
 from gbalance.table.files import state_path
 
 DEFAULT_CONF = "/etc/balance.conf"

@@ -24,7 +24,7 @@ from gbalance.errors import EX_CANTCREAT, EX_OK, EX_UNAVAILABLE, BalanceError
 from gbalance.table.mailbox import NoAnswer, Op
 from gbalance.shell.render import (help_text, metrics_text, monitor_status_line, monitor_table,
                              mrtg_bytes, mrtg_conns, show_text, version_text, write_atomic)
-from gbalance.spec import resolve_host
+from gbalance.arguments import resolve_host
 from gbalance.table.files import StateError
 from gbalance.table.layout import Channel, HASH, MAXGROUPS, MON_NONE, RR
 from gbalance.table.state import SharedState
@@ -51,10 +51,10 @@ class Command:
     name: str
     synopsis: str
     summary: str
-    handler: Callable[["Shell", list[str]], None]
+    handler: Callable[["Session", list[str]], None]
 
 
-class Shell:
+class Session:
     """One session against one master.
 
     ``group`` is the current group that channel commands act on, as in
@@ -368,36 +368,36 @@ def host_arg(word: str) -> str:
 
 
 COMMANDS: list[Command] = [
-    Command("help", "", "show this list of commands (also ?)", Shell.cmd_help),
-    Command("?", "", "", Shell.cmd_help),
+    Command("help", "", "show this list of commands (also ?)", Session.cmd_help),
+    Command("?", "", "", Session.cmd_help),
     Command("assign", "<channel> <host> <port>", "point a disabled channel at another server",
-            Shell.cmd_assign),
+            Session.cmd_assign),
     Command("create", "<host> <port>", "add a channel to the current group (starts disabled)",
-            Shell.cmd_create),
+            Session.cmd_create),
     Command("disable", "<channel>", "stop new connections to a channel of the current group",
-            Shell.cmd_disable),
+            Session.cmd_disable),
     Command("enable", "<channel>", "let a channel of the current group take connections",
-            Shell.cmd_enable),
-    Command("group", "<group>", "select the group that later commands act on", Shell.cmd_group),
-    Command("hash", "", "route the current group by client address", Shell.cmd_hash),
+            Session.cmd_enable),
+    Command("group", "<group>", "select the group that later commands act on", Session.cmd_group),
+    Command("hash", "", "route the current group by client address", Session.cmd_hash),
     Command("health", "", "each channel's checks: suspect, fails, passes, stagger (-m)",
-            Shell.cmd_health),
-    Command("kill", "", "shut the master process down and leave the shell", Shell.cmd_kill),
+            Session.cmd_health),
+    Command("kill", "", "shut the master process down and leave the shell", Session.cmd_kill),
     Command("maxc", "<channel> <maxc>", "limit open connections of a channel (0 = no limit)",
-            Shell.cmd_maxc),
+            Session.cmd_maxc),
     Command("metrics", "[file]", "all counters in Prometheus text format (to a file: atomically)",
-            Shell.cmd_metrics),
-    Command("monitor", "[enable|disable|show]", "control the monitor process", Shell.cmd_monitor),
+            Session.cmd_metrics),
+    Command("monitor", "[enable|disable|show]", "control the monitor process", Session.cmd_monitor),
     Command("mrtg-bytes", "<group> <channel>", "bytes received and sent, in MRTG format",
-            Shell.cmd_mrtg_bytes),
+            Session.cmd_mrtg_bytes),
     Command("mrtg-conns", "<group> <channel>", "total connections, in MRTG format",
-            Shell.cmd_mrtg_conns),
-    Command("quit", "", "leave the shell", Shell.cmd_quit),
+            Session.cmd_mrtg_conns),
+    Command("quit", "", "leave the shell", Session.cmd_quit),
     Command("reset", "<channel>", "zero the connection and byte counters of a channel",
-            Shell.cmd_reset),
-    Command("rr", "", "route the current group round robin", Shell.cmd_rr),
-    Command("show", "", "list every channel of every group with its counters", Shell.cmd_show),
-    Command("version", "", "print the version and the table limits", Shell.cmd_version),
+            Session.cmd_reset),
+    Command("rr", "", "route the current group round robin", Session.cmd_rr),
+    Command("show", "", "list every channel of every group with its counters", Session.cmd_show),
+    Command("version", "", "print the version and the table limits", Session.cmd_version),
 ]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 
 @dataclass(frozen=True)
-class Spec:
+class Syntax:
     """A command as completion sees it: its name and argument kinds."""
 
     name: str
@@ -41,38 +41,38 @@ def arg_kinds(synopsis: str) -> tuple[str, ...]:
 class Completer:
     """Candidates for the word under the cursor; ``complete`` is readline's protocol."""
 
-    def __init__(self, specs: Iterable[Spec], groups: Callable[[], int], channels: Callable[[int], int],
+    def __init__(self, syntaxes: Iterable[Syntax], groups: Callable[[], int], channels: Callable[[int], int],
                  current_group: Callable[[], int]):
-        self.specs = [s for s in specs if re.fullmatch(r"[a-z][a-z-]*", s.name)]
+        self.syntaxes = [s for s in syntaxes if re.fullmatch(r"[a-z][a-z-]*", s.name)]
         self.groups = groups
         self.channels = channels
         self.current_group = current_group
         self._matches: list[str] = []
 
-    def _spec(self, word: str) -> Spec | None:
+    def _syntax(self, word: str) -> Syntax | None:
         """The command ``word`` names: exactly, else the first it abbreviates (as the shell does)."""
         word = word.lower()
-        for spec in self.specs:
-            if spec.name == word:
-                return spec
-        return next((s for s in self.specs if s.name.startswith(word)), None)
+        for syntax in self.syntaxes:
+            if syntax.name == word:
+                return syntax
+        return next((s for s in self.syntaxes if s.name.startswith(word)), None)
 
     def candidates(self, before: str, text: str) -> list[str]:
         """Completions of ``text``, the word being typed after ``before`` (the line up to it)."""
         words = before.split()
         if not words:
-            return [s.name + " " for s in self.specs if s.name.startswith(text.lower())]
-        spec = self._spec(words[0])
+            return [s.name + " " for s in self.syntaxes if s.name.startswith(text.lower())]
+        syntax = self._syntax(words[0])
         position = len(words) - 1
-        if spec is None or position >= len(spec.args):
+        if syntax is None or position >= len(syntax.args):
             return []
-        kind = spec.args[position]
+        kind = syntax.args[position]
         try:
             if kind == "group":
                 options = [str(g) for g in range(max(0, self.groups()))]
             elif kind == "channel":
                 group = self.current_group()
-                if position > 0 and spec.args[position - 1] == "group":
+                if position > 0 and syntax.args[position - 1] == "group":
                     try:
                         group = int(words[position])
                     except ValueError:
@@ -84,7 +84,7 @@ class Completer:
                 return []
         except (OSError, ValueError, IndexError):
             return []   # the state file went away or changed under us: no candidates
-        last = position == len(spec.args) - 1
+        last = position == len(syntax.args) - 1
         return [o + ("" if last else " ") for o in options if o.startswith(text)]
 
     def complete(self, text: str, state: int) -> str | None:
@@ -96,9 +96,9 @@ class Completer:
         return self._matches[state] if state < len(self._matches) else None
 
 
-def specs_from(commands: Sequence) -> list[Spec]:
+def syntaxes_from(commands: Sequence) -> list[Syntax]:
     """Specs from the shell's command table (objects with ``name`` and ``synopsis``)."""
-    return [Spec(c.name, arg_kinds(c.synopsis)) for c in commands]
+    return [Syntax(c.name, arg_kinds(c.synopsis)) for c in commands]
 
 
 def install_completion(shell, commands) -> None:
@@ -118,7 +118,7 @@ def install_completion(shell, commands) -> None:
     def channels(group: int) -> int:
         return state.nchannels(group) if 0 <= group < state.ngroups else 0
 
-    completer = Completer(specs_from(commands), groups, channels, lambda: shell.group)
+    completer = Completer(syntaxes_from(commands), groups, channels, lambda: shell.group)
     readline.set_completer(completer.complete)
     readline.set_completer_delims(" \t")
     if "libedit" in (readline.__doc__ or ""):

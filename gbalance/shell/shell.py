@@ -25,14 +25,14 @@ import os
 import sys
 from typing import TextIO
 
-from gbalance.shell.commands import COMMANDS, Quit, Shell
+from gbalance.shell.commands import COMMANDS, Quit, Session
 from gbalance.shell.completion import install_completion
 from gbalance.config import ShellConfig
 from gbalance.shell.control import open_master
 from gbalance.errors import EX_OK
 from gbalance.shell.render import banner
 
-__all__ = ["COMMANDS", "Shell", "interactive", "one_command", "run_shell"]
+__all__ = ["COMMANDS", "Session", "interactive", "one_command", "run_shell"]
 
 #: Longer than any valid command (a 253-character host name included).
 MAX_LINE = 512
@@ -104,7 +104,7 @@ class LineReader:
 TOO_LONG = "\0too long"
 
 
-def interactive(shell: Shell) -> int:
+def interactive(shell: Session) -> int:
     """The ``-i`` loop: prompt, read, execute, until EOF, quit or kill."""
     out = shell.out
     out.write(banner(shell.state))
@@ -133,7 +133,7 @@ def interactive(shell: Shell) -> int:
         reader.save()
 
 
-def one_command(shell: Shell, command: str) -> int:
+def one_command(shell: Session, command: str) -> int:
     """``-c``: run one command; exit 0 even when it printed an error message."""
     if len(command) > MAX_LINE:
         shell.say(f"line too long (more than {MAX_LINE} characters), ignored")
@@ -151,7 +151,7 @@ def run_shell(cfg: ShellConfig) -> int:
     # Hints and the richer tables are for a person at a terminal; -c, and
     # -i in a pipe or over ssh without a tty, print exactly balance's texts.
     friendly = cfg.command is None and sys.stdin.isatty() and sys.stdout.isatty()
-    shell = Shell(state, cfg, sys.stdout, friendly=friendly)
+    shell = Session(state, cfg, sys.stdout, friendly=friendly)
     try:
         if cfg.command is None:
             return interactive(shell)

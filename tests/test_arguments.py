@@ -1,4 +1,4 @@
-"""Unit tests of gbalance.spec: ports, channel words, groups, keepalive, seconds.
+"""Unit tests of gbalance.arguments: ports, channel words, groups, keepalive, seconds.
 
 These run in-process against the real resolver (``localhost`` and
 ``/etc/services``); only the IPv4-preference test replaces getaddrinfo,
@@ -12,7 +12,7 @@ import socket
 import pytest
 
 from gbalance.errors import EX_DATAERR, EX_UNAVAILABLE, EX_USAGE, BalanceError
-from gbalance.spec import (ChannelSpec, parse_channel, parse_groups, parse_keepalive, parse_maxc,
+from gbalance.arguments import (ChannelSpec, parse_channel, parse_groups, parse_keepalive, parse_maxc,
                            parse_port, parse_seconds, resolve_host, split_channel, split_groups)
 from gbalance.table.layout import HASH, MAXCHANNELS, MAXGROUPS, RR
 
