@@ -4,7 +4,7 @@ Timing decisions (monitor intervals and skipped ticks, worker restart
 back-off) read the time and wait through a :class:`Clock` instead of
 calling ``time.monotonic`` and ``gevent.sleep`` themselves; a test passes
 a clock whose time it sets, and checks the decisions with no sleeps.  The
-per-connection code (:class:`gbalance.connect.Race`) takes its event loop
+per-connection code (:class:`gbalance.proxy.connect.Race`) takes its event loop
 the same way: ``loop.now()`` and ``loop.timer()``.
 """
 

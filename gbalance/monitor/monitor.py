@@ -15,11 +15,11 @@ at the first failure.  Each result is applied as soon as it is known:
 * a channel whose address in the file is not a numeric address is not
   checked (the server hard-disables it).
 
-The state changes themselves are :class:`~gbalance.channels.Channels`'.
+The state changes themselves are :class:`~gbalance.table.channels.Channels`'.
 A ``command=`` check runs directly when it is plain words; when it needs
 ``/bin/sh``, ``%H`` and ``%P`` are substituted shell-quoted.  Commands run
 in ``/`` with a ``$PATH`` that never means the current directory and the
-soft descriptor limit the master started with (:mod:`gbalance.child`).
+soft descriptor limit the master started with (:mod:`gbalance.system.child`).
 
 Checks never outlive their round: whatever is still running at the end of
 the interval (a connect that hangs, a command that hangs) fails and is

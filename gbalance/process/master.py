@@ -5,9 +5,9 @@ state file (a live master on the same port and address is an error), then
 bind the listener, fill the table, start the server and report success to
 the waiting parent (and to systemd: ``READY=1``).  With ``-r`` the listener
 and the right to the state file come from the running master instead
-(:mod:`gbalance.handover`): the socket is received first, then our state
+(:mod:`gbalance.process.handover`): the socket is received first, then our state
 file is prepared under a temporary name and filled (the command line, plus
-what :mod:`gbalance.carry` copies from the running master's table), the
+what :mod:`gbalance.table.carry` copies from the running master's table), the
 server (or the workers) starts accepting, and only then is the socket
 taken; the old master lets go of its state file and ours is renamed over
 it.  From then on no failure gives the port up.
@@ -217,7 +217,7 @@ class Master:
         self.log = log
         self.replaced_pid = 0
         self.inherited: handover.Inherited | None = None
-        self.carry = None           # the replaced master's table (gbalance.carry)
+        self.carry = None           # the replaced master's table (gbalance.table.carry)
         self.old_ticks = 0
         self.started = False        # the server accepts already (take_over)
         # Everything that can fail on our own arguments fails before a
@@ -348,7 +348,7 @@ class Master:
 
     def _own_lock(self) -> int:
         """The master's own open of the lock file, for state changes with -w N (see
-        :class:`~gbalance.channels.Channels`); -1, with a warning, if it cannot be had."""
+        :class:`~gbalance.table.channels.Channels`); -1, with a warning, if it cannot be had."""
         try:
             return self.state.open_own_lock()
         except StateError as exc:

@@ -6,17 +6,17 @@ header (version 1 or 2, told apart by its first byte); the client address
 it carries replaces the connection's own before anything else sees the
 client: hash groups, the ``-P`` header sent on, logs and traces, and
 per-source limits all read the ``address`` that
-:meth:`gbalance.server.BalanceServer.handle_client` is called with.
+:meth:`gbalance.proxy.server.BalanceServer.handle_client` is called with.
 
 The header is hostile input:
 
-* only a bounded prefix is ever read (:data:`~gbalance.proxyproto.V1_MAX`,
-  :data:`~gbalance.proxyproto.HEADER_MAX`), with ``MSG_PEEK`` so that not
+* only a bounded prefix is ever read (:data:`~gbalance.proxy.proxyproto.V1_MAX`,
+  :data:`~gbalance.proxy.proxyproto.HEADER_MAX`), with ``MSG_PEEK`` so that not
   one byte past the header is taken from the client's stream;
 * it must be complete within ``timeout`` seconds (default
   :data:`DEFAULT_TIMEOUT`): a client that sends nothing or half a header is
   reset then, and holds no backend connection or ``maxc`` slot meanwhile;
-* parsing is strict (:func:`~gbalance.proxyproto.parse_header`); bytes that
+* parsing is strict (:func:`~gbalance.proxy.proxyproto.parse_header`); bytes that
   cannot begin a header are refused at once;
 * v2 ``LOCAL`` (the front tier's own health check), v1 ``UNKNOWN`` and
   address families without an IP address keep the connection's real peer;

@@ -31,7 +31,7 @@ connection only the client's part is formatted, plus one ``getsockname``
 when the listener is a wildcard (the destination then depends on the
 address the client chose).
 
-Receiving (``-A``, see :mod:`gbalance.frontdoor`): :func:`parse_header`
+Receiving (``-A``, see :mod:`gbalance.proxy.frontdoor`): :func:`parse_header`
 is a strict, bounded parser of both versions for headers a front tier
 sends; it works on whatever prefix has arrived and says "need more",
 "a header of N bytes" or why the bytes are not a header.

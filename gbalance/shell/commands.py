@@ -1,7 +1,7 @@
 """The control shell's commands: the table, argument parsing and the answers.
 
 Each command checks its arguments, reads what it shows straight from the
-mapped table and asks the master (through :class:`~gbalance.control.Control`)
+mapped table and asks the master (through :class:`~gbalance.shell.control.Control`)
 for every change, then prints balance's answer.  The texts are balance's
 and balance.fm's (``shared/spec/balance-behaviour.md``), and for every
 command those programs have, nothing else: scripts compare whole outputs.

@@ -2,8 +2,8 @@
 
 A shell finds the master by port and bind address (its state file), checks
 that the master is alive without trusting anything another user could
-fake (see :meth:`gbalance.state.SharedState.master_alive`), and asks for
-every change through the mailbox (:mod:`gbalance.mailbox`): a shell never
+fake (see :meth:`gbalance.table.state.SharedState.master_alive`), and asks for
+every change through the mailbox (:mod:`gbalance.table.mailbox`): a shell never
 writes the table, the master makes the change.  ``kill`` is a request as
 well, so a shell never signals a process at all.
 """

@@ -2,14 +2,14 @@
 
 The shell never talks to the master over a socket.  It maps the master's
 state file read-only for what it shows and asks the master, through a
-mailbox in the same file, for every change (see :mod:`gbalance.mailbox`);
+mailbox in the same file, for every change (see :mod:`gbalance.table.mailbox`);
 the master applies it before its next connection.  Whoever may write the
 state file (the master's user) may steer the master; everybody who may read
 it may ``show`` it.
 
-The work is split by job: :mod:`gbalance.commands` (the command table,
-parsing and answers), :mod:`gbalance.render` (tables, MRTG, metrics),
-:mod:`gbalance.control` (finding and asking the master) and this module
+The work is split by job: :mod:`gbalance.shell.commands` (the command table,
+parsing and answers), :mod:`gbalance.shell.render` (tables, MRTG, metrics),
+:mod:`gbalance.shell.control` (finding and asking the master) and this module
 (reading lines and running a session).
 
 Output goes to stdout and is flushed after every command, so the shell

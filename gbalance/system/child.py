@@ -15,7 +15,7 @@ therefore runs in ``/`` (:data:`SAFE_CWD`), and:
 * a command (a monitoring check) gets a ``$PATH`` (and ``$PYTHONPATH``,
   ``$LD_LIBRARY_PATH``...) without empty or relative entries (each means
   "the current directory") and the soft descriptor limit the master
-  started with (:mod:`gbalance.limits` raises the master's own), so a
+  started with (:mod:`gbalance.system.limits` raises the master's own), so a
   program using ``select()`` works as it would from a shell.
 """
 

@@ -18,7 +18,7 @@ and copies from it into its own table:
   dropped.
 
 Counters (``totalc``, ``sent``, ``rcvd``) are carried as reset baselines
-(the master's own slots, see :mod:`gbalance.state`): the new table's
+(the master's own slots, see :mod:`gbalance.table.state`): the new table's
 baseline is minus the old value, so readers show old + new and no serving
 process ever writes a carried number.  Bytes that the old master's draining
 links move after the hand-over are added the same way once it has exited
@@ -33,8 +33,8 @@ user, but a damaged one must not break the new master): states outside
 ENA/dis/DIS, a maxc out of range and addresses that are not numeric make
 the channel hard-disabled or take the command line's value.
 
-This module imports nothing but :mod:`gbalance.state` and
-:mod:`gbalance.channels`.
+This module imports nothing but :mod:`gbalance.table.state` and
+:mod:`gbalance.table.channels`.
 """
 
 from __future__ import annotations

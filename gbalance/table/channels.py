@@ -3,7 +3,7 @@
 A channel is *enabled* (``ENA``: takes connections), *soft-disabled*
 (``dis``: by ``-a`` or monitoring, which may enable it again) or
 *hard-disabled* (``DIS``: by an admin; only an admin enables it again; new
-channels from ``create`` start so): :class:`~gbalance.state.ChannelState`.
+channels from ``create`` start so): :class:`~gbalance.table.state.ChannelState`.
 Besides its state a channel carries a *suspect* mark (a connect to it has
 been pending too long; routing skips it until it answers or a check passes),
 the monitor's counts of consecutive failed and passed checks (*fall*/*rise*),
@@ -35,10 +35,10 @@ any (DIS: assign)  ``READDRESS``                          same, suspect mark cle
 Every other pair leaves the channel as it is (the table says so too, so a
 test can walk all of it).
 
-Who calls it (the writers table in :mod:`gbalance.state` says which bytes
+Who calls it (the writers table in :mod:`gbalance.table.state` says which bytes
 each process writes): the master at start-up (the command line), on a
-shell's request (:mod:`gbalance.mailbox`) and on check results
-(:mod:`gbalance.monitor`); the serving process on connect results
+shell's request (:mod:`gbalance.table.mailbox`) and on check results
+(:mod:`gbalance.monitor.monitor`); the serving process on connect results
 (``-a`` autodisable, passive detection, suspect marks, an address read back
 invalid: the server's channel events), which with ``-w N`` is a worker.
 Routing asks :func:`usable` and :func:`last_resort` which channels may take

@@ -2,7 +2,7 @@
 
 Every process that serves connections (the master with ``-w 1``, each
 worker with ``-w N``) counts in its own row of the table
-(:func:`gbalance.state.row_offset`), so no two processes ever add to the
+(:func:`gbalance.table.layout.row_offset`), so no two processes ever add to the
 same slot and every count stays exact; readers sum the rows.
 
 A channel's ``maxc`` limits the *sum* of its open connections over all
@@ -106,7 +106,7 @@ class Counters:
 
 def lock(fd: int) -> None:
     """Take the maxc lock through ``fd`` (also what a state change by
-    :meth:`gbalance.channels.Channels.fire` holds with ``-w N``)."""
+    :meth:`gbalance.table.channels.Channels.fire` holds with ``-w N``)."""
     _lock(fd, _LOCK)
 
 

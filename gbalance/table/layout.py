@@ -16,7 +16,7 @@ mailbox.  The layout is fixed and versioned:
 
 Every number is a 64-bit slot so that a serving process can update its
 counters with a plain indexed add on a ``memoryview`` (no struct packing, no
-allocation, and no lock but in the one case :mod:`gbalance.counters` names).
+allocation, and no lock but in the one case :mod:`gbalance.table.counters` names).
 
 Who writes which slot
 ---------------------
@@ -28,30 +28,30 @@ header identity (version,   the master, in :meth:`SharedState.create`   once, be
 pid, start time, limits)                                                is renamed into place
 ``H_REQ_*`` and the         a shell of the master's own user            under the change lock
 request address                                                         (owner-only lock file)
-``H_ACK_*``                 the master (:mod:`gbalance.mailbox`)        after applying a request
-groups, channel set,        the master (:mod:`gbalance.channels`)       start-up, requests,
+``H_ACK_*``                 the master (:mod:`gbalance.table.mailbox`)        after applying a request
+groups, channel set,        the master (:mod:`gbalance.table.channels`)       start-up, requests,
 addresses, status, maxc,                                                connect results (-w 1),
-suspect/fails/passes,       (:mod:`gbalance.carry` copies them into     monitoring; at a
+suspect/fails/passes,       (:mod:`gbalance.table.carry` copies them into     monitoring; at a
 monitor switch, generation  the new file at a reload)                   reload, before serving
 ``C_TOTALC``, ``C_C``       the process that serves (server's channel   per connection
-in counter row *w*          events, :mod:`gbalance.forward` on close):
+in counter row *w*          events, :mod:`gbalance.proxy.forward` on close):
                             the master with ``-w 1``, worker *w* with
                             ``-w N``; with N > 1 ``C_C`` of a channel
                             with ``maxc`` is raised under the maxc lock
-                            (:mod:`gbalance.counters`)
-``C_C`` of a dead worker's  the master (:mod:`gbalance.pool`)           after the worker died,
+                            (:mod:`gbalance.table.counters`)
+``C_C`` of a dead worker's  the master (:mod:`gbalance.process.pool`)           after the worker died,
 row                                                                     before its replacement
 ``C_SENT``, ``C_RCVD``,     the serving process, in its own row         per chunk / connect
-``C_STAGGERED`` in row *w*  (:mod:`gbalance.forward`, connect)
-``C_*_BASE`` (reset,        the master (:mod:`gbalance.channels`,       on a ``reset`` request;
-carried counters)           :mod:`gbalance.carry`)                      at a reload (``-r``)
+``C_STAGGERED`` in row *w*  (:mod:`gbalance.proxy.forward`, connect)
+``C_*_BASE`` (reset,        the master (:mod:`gbalance.table.channels`,       on a ``reset`` request;
+carried counters)           :mod:`gbalance.table.carry`)                      at a reload (``-r``)
 ``G_RR_NEXT``               the master with ``-w 1``                    per connection
-                            (:mod:`gbalance.routing`); with N > 1 each
+                            (:mod:`gbalance.proxy.routing`); with N > 1 each
                             worker keeps its own cursor in memory
 ``C_STAGGER_US``            any serving process (last writer wins)      per connect (with -m)
 status and suspect mark,    the serving process: a worker with          connect results, an
 ``C_CHANGED``, ``C_PASSES`` ``-w N`` (``-a``, passive detection,        address read back
-= 0, on a connect result    through :mod:`gbalance.channels`, under     invalid
+= 0, on a connect result    through :mod:`gbalance.table.channels`, under     invalid
                             the maxc lock; ``C_PASSES`` = 0 just
                             after it, outside: at worst a rise count
                             is one off)
@@ -67,7 +67,7 @@ records the sums at that moment in ``C_TOTALC_BASE``, ``C_SENT_BASE`` and
 
 With ``-w N`` the serving processes are the workers; they also make the
 connect-result transitions (autodisable, passive detection, suspect marks)
-through :mod:`gbalance.channels`, as balance's forked children did.  Each
+through :mod:`gbalance.table.channels`, as balance's forked children did.  Each
 change of a status or suspect mark is then read, decided and written under
 the maxc lock (byte 2 of the lock file), by workers and master alike, so a
 worker's connect result cannot undo an admin's ``disable`` or a check's
@@ -111,8 +111,8 @@ H_NGROUPS = 8
 H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<pid>/stat field 22)
 H_WORKERS = 10     # counter rows in use: the -w number (1 = the master alone)
 H_STAGGER_US = 11  # stagger delay of a channel not measured yet, microseconds (0 = off)
-H_TABLE_DIGEST = 12  # digest of the command line's table (gbalance.carry; 0 = unknown)
-# The request mailbox (see gbalance.mailbox).
+H_TABLE_DIGEST = 12  # digest of the command line's table (gbalance.table.carry; 0 = unknown)
+# The request mailbox (see gbalance.table.mailbox).
 H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
 H_REQ_OP = 17
 H_REQ_G = 18

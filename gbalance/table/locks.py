@@ -1,15 +1,15 @@
 """The locks of a state file: bytes of its owner-only lock file.
 
 A shell never writes the table itself: it posts a request in the mailbox
-and waits for the master's acknowledgement (see :mod:`gbalance.mailbox`), so
+and waits for the master's acknowledgement (see :mod:`gbalance.table.mailbox`), so
 a ``reset`` can never race with the master's counting.  The master takes no
 lock per connection: it holds the *master lock* (byte 0 of the lock file)
 for its life, and shells of the same user take the *change lock* (byte 1)
 to use the mailbox one at a time.  With ``-w N`` (N > 1) the workers take the
 *maxc lock* (byte 2) for the few instructions that count a connection to a
-channel with a ``maxc`` limit (:mod:`gbalance.counters`); channels without a
+channel with a ``maxc`` limit (:mod:`gbalance.table.counters`); channels without a
 limit never take it.  Workers and the master also take it for a channel
-state change (:meth:`gbalance.channels.Channels.fire`), never per
+state change (:meth:`gbalance.table.channels.Channels.fire`), never per
 connection.
 
 Byte 0 is the master lock, byte 1 the change lock, byte 2 the maxc lock

@@ -1,7 +1,7 @@
 """Requests from a control shell to its master, through the state file.
 
 A shell never writes the table: the master makes every change it asks for
-(the writers table in :mod:`gbalance.state` lists the few slots serving
+(the writers table in :mod:`gbalance.table.state` lists the few slots serving
 workers write on connect results).  A shell (``-i``/``-c``) of the
 master's own user asks for a change by writing one request into the header
 of the state file and waiting for the master's answer:
@@ -13,13 +13,13 @@ of the state file and waiting for the master's answer:
    request address field), then write the new sequence number to
    ``H_REQ_SEQ`` last;
 3. wait (bounded) until the master has copied that number to ``H_ACK_SEQ``;
-   ``H_ACK_RESULT`` (a :class:`~gbalance.channels.Result`) and
+   ``H_ACK_RESULT`` (a :class:`~gbalance.table.channels.Result`) and
    ``H_ACK_VALUE`` are the answer.
 
 The master polls the mailbox on a cheap loop timer (every
 :data:`POLL_INTERVAL` seconds), re-reads the sequence number after the
 arguments (a request being rewritten is left for the next tick), checks every
-argument, applies the change through :class:`~gbalance.channels.Channels`
+argument, applies the change through :class:`~gbalance.table.channels.Channels`
 and acknowledges.  A request is applied at most once.
 """
 
