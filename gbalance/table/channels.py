@@ -3,7 +3,7 @@
 A channel is *enabled* (``ENA``: takes connections), *soft-disabled*
 (``dis``: by ``-a`` or monitoring, which may enable it again) or
 *hard-disabled* (``DIS``: by an admin; only an admin enables it again; new
-channels from ``create`` start so): :class:`~gbalance.table.state.ChannelState`.
+channels from ``create`` start so): :class:`~gbalance.table.layout.ChannelState`.
 Besides its state a channel carries a *suspect* mark (a connect to it has
 been pending too long; routing skips it until it answers or a check passes),
 the monitor's counts of consecutive failed and passed checks (*fall*/*rise*),
