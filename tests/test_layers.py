@@ -167,3 +167,13 @@ def test_subpackage_docstring_states_its_rule(layer):
     for token in re.findall(r"``[\w.]+``", sentence):
         named.add(DOC_NAMES.get(token, token.strip("`")))
     assert named - {layer} == MAY_IMPORT[layer], sentence
+
+
+def test_readme_lists_every_module_once():
+    """README, "Architecture": one line per module, and no module that is gone."""
+    text = (ROOT / "README").read_text()
+    section = text[text.index("\nArchitecture\n"):]
+    listed = re.findall(r"^    (gbalance/[\w/]+\.py) ", section, re.M)
+    modules = sorted(str(p.relative_to(ROOT)) for p in all_modules()
+                     if p.name not in ("__init__.py", "__main__.py"))
+    assert sorted(listed) == modules
