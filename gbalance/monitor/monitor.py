@@ -300,9 +300,9 @@ class Monitor:
             elif proc.stdout is not None:
                 proc.stdout.close()
         self._log_output(target, out)
-        if killed:
-            return f"command {line!r} still running at the end of the interval (killed)"
         code = proc.returncode
+        if killed or code is None:    # (None: not reaped, so killed as well)
+            return f"command {line!r} still running at the end of the interval (killed)"
         if code in check.passes:
             return None
         if code < 0:

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 import gevent
 from gevent import socket as gsocket
@@ -217,7 +218,7 @@ class Master:
         self.log = log
         self.replaced_pid = 0
         self.inherited: handover.Inherited | None = None
-        self.carry = None           # the replaced master's table (gbalance.table.carry)
+        self.carry: Carry | None = None     # the replaced master's table (gbalance.table.carry)
         self.old_ticks = 0
         self.started = False        # the server accepts already (take_over)
         # Everything that can fail on our own arguments fails before a
@@ -255,14 +256,16 @@ class Master:
             except BaseException:
                 self.remove_state()
                 raise
-        self.server: Serving | None = None
-        self.monitor = None
-        self.mailbox = None
+        # Made by build(), after any fork: the serving side (a BalanceServer
+        # or the WorkerPool) and the event that ends serve().
+        self.server: Serving
+        self.done: Any
+        self.monitor: Monitor | None = None
+        self.mailbox: Mailbox | None = None
         self.control: handover.HandoverServer | None = None
         self.phase = Phase.SERVING
-        self.done = None
-        self.grace_timer = None
-        self.monitor_stopper = None
+        self.grace_timer: Any = None        # gevent objects (no type information)
+        self.monitor_stopper: Any = None
 
     def remove_state(self, unlink: bool = True) -> None:
         """Give up our state file (removed if it is still ours); the mapping stays."""
@@ -296,6 +299,7 @@ class Master:
         gevent.sleep(0)
         why = inherited.take()
         state = self.state
+        placed: StateError | None
         try:
             state.place(retry=STATE_RETRY if why is None else 0.0)
             placed = None
@@ -323,24 +327,24 @@ class Master:
     def build(self) -> None:
         """Create the gevent objects (after any fork)."""
         cfg = self.cfg
-        monitoring = cfg.monitor is not None
-        if not monitoring and cfg.workers <= 1:
+        mon = cfg.monitor
+        if mon is None and cfg.workers <= 1:
             # No child processes to watch: a loop without libev's per-turn getpid.
             install_hub()
         self.done = Event()
         channels = Channels(self.state, self._own_lock() if cfg.workers > 1 else -1)
-        if monitoring and cfg.monitor.stagger > 0:
+        if mon is not None and mon.stagger > 0:
             # The delay shown for channels no process has measured yet.
-            self.state.q[H_STAGGER_US] = int(initial_delay(cfg.monitor.stagger) * 1e6)
+            self.state.q[H_STAGGER_US] = int(initial_delay(mon.stagger) * 1e6)
         if cfg.workers > 1:
             self.server = WorkerPool(cfg, self.state, self.listener, self.log, self.source)
         else:
             self.server = build_server(cfg, self.state, self.listener, self.log, self.source,
                                        channels, Counters(self.state))
-        if monitoring:
+        if mon is not None:
             # -P: health checks send a header too (clients' headers: wiring.build_server).
             header = None if cfg.proxy_protocol is None else functools.partial(check_header, cfg.proxy_protocol)
-            self.monitor = Monitor(self.state, cfg.monitor, cfg.connect_timeout, self.log,
+            self.monitor = Monitor(self.state, mon, cfg.connect_timeout, self.log,
                                    source=self.source, channels=channels, proxy_header=header)
         # A shell's ``kill`` request drains as SIGTERM does (balance's forked
         # children, too, finished their transfers when the master was killed).
@@ -466,14 +470,17 @@ class Master:
 
     def _fold_late_counts(self) -> None:
         """Once the replaced master has exited, add what its draining links counted."""
+        carry = self.carry
+        if carry is None:
+            return
         deadline = time.monotonic() + self.cfg.grace + 60.0
         try:
             while master_process_alive(self.replaced_pid, self.old_ticks) and time.monotonic() < deadline:
                 gevent.sleep(0.5)
             if self.phase is Phase.SERVING:
-                self.carry.fold(self.state)
+                carry.fold(self.state)
         finally:
-            self.carry.close()
+            carry.close()
             self.carry = None
 
     def _handed_over(self, pid: int) -> None:

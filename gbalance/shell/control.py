@@ -74,8 +74,9 @@ def other_addresses(port: int, bind: str | None, directory: str | None = None) -
         except (OSError, StateError):
             continue
         try:
-            if state.master_alive():
-                found.append(name_re.fullmatch(name).group(1))
+            matched = name_re.fullmatch(name)
+            if matched is not None and state.master_alive():
+                found.append(matched.group(1))
         finally:
             state.close()
     return found

@@ -28,7 +28,8 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from gbalance.table.channels import Channels, Result
 from gbalance.table.files import StateError
@@ -114,9 +115,9 @@ class Mailbox:
         self.channels = channels
         self.on_kill = on_kill
         self.applied = 0
-        self._timer = None
+        self._timer: Any = None     # a gevent loop timer (gevent has no stubs)
 
-    def start(self, loop, interval: float = POLL_INTERVAL) -> None:
+    def start(self, loop: Any, interval: float = POLL_INTERVAL) -> None:
         """Poll every ``interval`` seconds on ``loop`` (a gevent loop timer, no greenlet)."""
         if self._timer is None:
             self._timer = loop.timer(interval, interval)
@@ -149,7 +150,7 @@ class Mailbox:
         q[H_ACK_VALUE] = reply.value
         q[H_ACK_SEQ] = seq
         self.applied += 1
-        if kill:
+        if kill and self.on_kill is not None:
             self.on_kill()
         return True
 
