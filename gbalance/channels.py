@@ -57,7 +57,7 @@ from gbalance.state import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_SE
                             C_SUSPECT, C_TOTALC, ENABLED, H_NGROUPS, HARD_DISABLED, HASH,
                             MAXCHANNELS, MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR,
                             SOFT_DISABLED, ChannelState, SharedState, StateError, gslot, slot, G_NCHANNELS,
-                            C_RCVD_BASE, C_SENT_BASE, C_TOTALC_BASE, row_sum)
+                            C_RCVD_BASE, C_SENT_BASE, C_TOTALC_BASE, row_sum, C_SLOTS, CHANNEL_BASE)
 
 #: Largest ``maxc`` (the C balance keeps it in an int).
 MAX_MAXC = 2**31 - 1
@@ -428,7 +428,7 @@ class Channels:
 
         (The common case, no mark, costs one read: this runs per connection.)
         """
-        if not self.q[slot(g, c, C_SUSPECT)]:
+        if not self.q[CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS + C_SUSPECT]:    # slot(g, c, C_SUSPECT)
             return False
         return self.fire(g, c, Event.CONNECT_SUCCEEDED).suspect_cleared
 

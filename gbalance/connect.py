@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import _socket
 import errno
-import fcntl
 import select
 import socket
 from enum import StrEnum
@@ -46,7 +45,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
-from gbalance.forward import DONTWAIT, F_SETOWN
+from gbalance.forward import DONTWAIT, set_owner
 from gbalance.stagger import StaggerEstimator
 from gbalance.watchers import READ, WRITE, Watchers
 
@@ -66,6 +65,8 @@ EARLY_MAX = 65536
 #: Client bytes held by all the pending connects of one process together
 #: (many clients that talk while their connects hang must not grow it).
 EARLY_TOTAL = 4 << 20
+#: Builds a :class:`Connected` from a full tuple of its fields.
+_new_tuple = tuple.__new__
 #: What a race step returns while the race goes on.
 _GOING = object()
 
@@ -184,7 +185,7 @@ class Connector:
             if src is not None:
                 sock.bind(src)
             if self.urgent is not None:    # urgent data from the backend raises SIGURG
-                fcntl.fcntl(sock.fileno(), F_SETOWN, self.urgent.pid)
+                set_owner(sock.fileno(), self.urgent.pid)
         except OSError:
             sock.close()
             raise
@@ -464,8 +465,10 @@ class Race:
             took = conn.loop.now() - winner.t0 if winner.t0 >= 0 else 0.0
             conn.hooks.measured(winner.g, winner.c, conn.estimator.sample(winner.g, winner.c, took))
         conn.hooks.success(winner.g, winner.c)
-        return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
-                         bytes(self.early) if self.early else b"", winner.reset, winner.sent)
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python
+        # function, one more frame per connection for the same tuple.
+        return _new_tuple(Connected, (winner.sock, winner.g, winner.c, self.client_io, winner.io,
+                                      bytes(self.early) if self.early else b"", winner.reset, winner.sent))
 
     def _client_gone(self) -> bool:
         """Read from the client: True if it hung up.

@@ -61,8 +61,8 @@ from typing import Iterator, Sequence
 
 from gbalance.channels import eligible, fallback_eligible, last_resort, usable
 from gbalance.counters import Counters
-from gbalance.state import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, H_GENERATION, H_NGROUPS,
-                            HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
+from gbalance.state import (C_PORT, C_SLOTS, CHANNEL_BASE, G_NCHANNELS, G_RR_NEXT, G_SLOTS, G_TYPE, GROUP_BASE,
+                            H_GENERATION, H_NGROUPS, HASH, MAXCHANNELS, MAXGROUPS, SharedState, gslot, slot)
 
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
 KEY_BITS = 16
@@ -205,11 +205,19 @@ class Router:
         """
         q = self.q
         yielded = False
-        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
-            n = min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)
+        # This runs per connection: the slot arithmetic of state.gslot() and
+        # state.slot() is written out, and without shared counters a channel
+        # is checked with channels.usable() directly (what _usable() does).
+        shared = self.counters is not None
+        ngroups = q[H_NGROUPS]
+        for g in range(ngroups if ngroups < MAXGROUPS else MAXGROUPS):
+            group = GROUP_BASE + g * G_SLOTS
+            n = q[group + G_NCHANNELS]
+            if n > MAXCHANNELS:
+                n = MAXCHANNELS
             if n <= 0:
                 continue
-            if q[gslot(g, G_TYPE)] == HASH:
+            if q[group + G_TYPE] == HASH:
                 ring = self.rings[g]
                 if ring is None or ring.generation != q[H_GENERATION] or ring.n != n:
                     ring = self._ring(g, n)
@@ -225,11 +233,12 @@ class Router:
                             yield g, c
             else:
                 # The cursor: a worker's own (in memory), else the group's slot in the table.
-                cursors, at = (self.cursors, g) if self.cursors is not None else (q, gslot(g, G_RR_NEXT))
+                cursors, at = (self.cursors, g) if self.cursors is not None else (q, group + G_RR_NEXT)
                 start = cursors[at] % n
+                first = CHANNEL_BASE + g * MAXCHANNELS * C_SLOTS
                 for i in range(n):
                     c = (start + i) % n
-                    if self._usable(g, c):
+                    if self._usable(g, c) if shared else usable(q, first + c * C_SLOTS):
                         cursors[at] = (c + 1) % n
                         yielded = True
                         yield g, c

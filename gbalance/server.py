@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import _socket
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -36,11 +35,11 @@ from gevent.server import StreamServer
 from gbalance.channels import Channels
 from gbalance.connect import Connected, Connector, FailReason, Hooks, Race
 from gbalance.counters import Counters
-from gbalance.forward import DONTWAIT, F_SETOWN, Link, UrgentRelay
+from gbalance.forward import DONTWAIT, Link, UrgentRelay, set_owner
 from gbalance.log import Log
 from gbalance.proxyproto import send_header
 from gbalance.routing import Router
-from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGER_US, C_STAGGERED,
+from gbalance.state import (C_C, C_PORT, C_RCVD, C_SENT, C_SLOTS, C_STAGGER_US, C_STAGGERED, CHANNEL_BASE,
                             H_GENERATION, H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, SharedState, slot)
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -94,7 +93,7 @@ class ChannelEvents(Hooks):
         return self.passive and self.q[H_MONITOR] == MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
-        self.counters.count_attempt(slot(g, c, 0))
+        self.counters.count_attempt(CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS)   # slot(g, c, 0)
         if self.debug:
             self.log.trace(f"trying group {g} channel {c} ... ")
 
@@ -517,7 +516,7 @@ class BalanceServer(StreamServer):
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
-            fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
+            set_owner(fd, self.pid)   # urgent data from now on raises SIGURG
             # ... but an urgent byte that came before (queued with the
             # connection) raised none: look once, and keep it for the link.
             # The same look tells whether the client has spoken already
@@ -578,12 +577,13 @@ class BalanceServer(StreamServer):
             rest = b""
             if self.proxy is not None:   # -P: the PROXY header goes first
                 rest = send_header(result.sock, self.proxy(client, race.peer))
-            base = slot(result.group, result.channel, 0) + self.row
+            base = CHANNEL_BASE + (result.group * MAXCHANNELS + result.channel) * C_SLOTS + self.row
+            # All positional: keyword arguments would cost a dict per connection.
+            # (loop, client, server, q, sent_idx, rcvd_idx, c_idx, on_close, dump, urgent,
+            #  client_watcher, server_watcher, early, server_reset, early_sent, watchers)
             link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
-                        on_close=self._closed, dump=self.dump, urgent=self.urgent,
-                        client_watcher=result.client_watcher, server_watcher=result.server_watcher,
-                        early=result.early, server_reset=result.reset, early_sent=result.sent,
-                        watchers=self.connector.watchers)
+                        self._closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
+                        result.early, result.reset, result.sent, self.connector.watchers)
         except Exception as exc:  # never let one client take the server down
             client.close()
             result.sock.close()
