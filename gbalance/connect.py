@@ -428,8 +428,9 @@ class Race:
     def _recycle(self, att: Attempt, with_io: bool) -> None:
         """Give a stopped attempt's timer and I/O watcher back to the pool."""
         watchers = self.conn.watchers
-        watchers.recycle_timer(att.timer)
-        att.timer = None
+        if att.timer is not None:        # (none when the connect was decided at once)
+            watchers.recycle_timer(att.timer)
+            att.timer = None
         if with_io:
             watchers.recycle_io(att.io)
             att.io = None

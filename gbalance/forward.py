@@ -152,8 +152,13 @@ class Flow:
         self.q = link.q
         self.idx = idx
         fd = src.fileno()
-        if rw is not None and not rw.active and rw.fd == fd and rw.events & READ_WRITE == READ:
-            self.rw = rw                 # the common case of read_watcher(), without the call
+        # read_watcher()'s two common cases without its calls: the race's
+        # watcher as it is, or (a connect decided at once) one from the pool.
+        if rw is None:
+            watchers = link.watchers
+            self.rw = watchers.io(fd, READ) if watchers is not None else link.loop.io(fd, READ)
+        elif not rw.active and rw.fd == fd and rw.events & READ_WRITE == READ:
+            self.rw = rw
         else:
             self.rw = read_watcher(link, fd, rw)
         self.ww = None
