@@ -570,7 +570,9 @@ def _owner_setter() -> Callable[[int, int], None]:
     def portable(fd: int, pid: int) -> None:
         fcntl.fcntl(fd, F_SETOWN, pid)
 
-    if not sys.platform.startswith("linux"):
+    # Linux on x86-64 and arm64 only: there a variadic call with int
+    # arguments passes them as a plain call does (libffi makes plain calls).
+    if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"):
         return portable
     try:
         import ctypes
