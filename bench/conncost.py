@@ -84,11 +84,16 @@ def run(work, nginx: int, runs: int, seconds: float, log) -> dict:
         for mode, names in (("close", SHORT), ("keepalive", KEEPALIVE)):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                res = one(name, work, nginx, seconds, mode == "close")
+                try:
+                    res = one(name, work, nginx, seconds, mode == "close")
+                except (BenchError, OSError) as exc:     # one failed run: the others still count
+                    raw[mode][name].append({"error": str(exc)})
+                    log(f"conncost round {r + 1}/{runs} {mode:9} {name:12} ERROR {exc}")
+                    continue
                 raw[mode][name].append(res)
                 cpu = f" {res['cpu_us']:.1f} µs CPU/req" if "cpu_us" in res else ""
                 log(f"conncost round {r + 1}/{runs} {mode:9} {name:12} {res['rate']:,.0f} req/s{cpu}")
-    med = {mode: {n: {"rate": median([x["rate"] for x in raw[mode][n]]),
+    med = {mode: {n: {"rate": median([x.get("rate") for x in raw[mode][n]]),
                       "cpu_us": median([x.get("cpu_us") for x in raw[mode][n]])} for n in raw[mode]}
            for mode in raw}
     c, k = med["close"], med["keepalive"]
@@ -130,6 +135,9 @@ def report(res: dict) -> None:
     print()
     print(f"Cost per connection (issue 21), wrk -t1 -c{res['connections']}, 100-byte replies, medians of "
           f"{len(res['raw']['close']['gbalance'])} interleaved runs; proxy on CPU 0, wrk and nginx on CPU 1")
+    failed = sum("error" in x for runs in res["raw"].values() for xs in runs.values() for x in xs)
+    if failed:
+        print(f"({failed} runs failed: see the log and the json's raw entries)")
     head = f"{'contender':22}{'conn/s close':>13}{'CPU µs/conn':>13}{'keep-alive CPU µs/req':>23}"
     print(head)
     print("-" * len(head))
