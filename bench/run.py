@@ -21,7 +21,12 @@ Then issue 11's worker figures (see workers.py): CPU per connection and
 rate for gbalance -w 1 / -w 2 against HAProxy with 1 / 2 threads, the
 spread over 2 workers, and memory per idle connection and per worker.
 
-Usage: bench/run.py [--only conn,bulk,mem,workers,failover,profile] [--runs N]
+Then issue 21's independent-harness rows (see conncost.py): wrk with one
+thread and 32 connections, CPU per short connection and conn/s for gbalance
+(no -w and -w 1) against HAProxy and a direct connection, and CPU per
+keep-alive request.
+
+Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile] [--runs N]
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import conncost  # noqa: E402
 import failover  # noqa: E402
 import measure  # noqa: E402
 import profiling  # noqa: E402
@@ -46,7 +52,7 @@ import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "workers", "failover", "profile")
+PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -286,7 +292,7 @@ def main(argv: list[str]) -> int:
     procs = []
     try:
         backends = {}
-        if {"conn", "profile", "failover", "workers"} & set(args.parts):
+        if {"conn", "profile", "failover", "workers", "conncost"} & set(args.parts):
             proc, backends["conn"] = start_nginx(work.path)
             procs.append(proc)
         if "bulk" in args.parts:
@@ -307,6 +313,13 @@ def main(argv: list[str]) -> int:
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"workers: {exc}")
                 log(f"workers: ERROR {exc}")
+        if "conncost" in args.parts:
+            try:
+                result["conncost"] = conncost.run(work, backends["conn"], args.runs, args.seconds, log)
+                conncost.report(result["conncost"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"conncost: {exc}")
+                log(f"conncost: ERROR {exc}")
         if "failover" in args.parts:
             try:
                 result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
@@ -346,7 +359,7 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not {"medians", "failover", "workers"} & set(result) else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost"} & set(result) else 0
 
 
 if __name__ == "__main__":

@@ -741,3 +741,24 @@ def test_the_pipe_budget_counts_pipes_open(rigs):
     assert rig.link.up.pipe_r >= 0 and forward.PIPES.open == before + 1
     rig.link.close()
     assert forward.PIPES.open == before
+
+
+@pytest.mark.parametrize("platform", ["this", "portable"])
+def test_set_owner_sets_the_owner_and_reports_a_refusal(monkeypatch, platform):
+    """set_owner (F_SETOWN per proxied socket, so urgent data raises SIGURG):
+    the fast C-library call here, and the portable fcntl.fcntl fallback."""
+    import gbalance.proxy.urgent as urgent
+
+    if platform == "portable":
+        monkeypatch.setattr(urgent.sys, "platform", "other")
+    set_owner = urgent._owner_setter()
+    assert set_owner.__name__ == ("direct" if platform == "this" else "portable")
+    with socket.socket() as s:
+        assert fcntl.fcntl(s.fileno(), fcntl.F_GETOWN) == 0
+        set_owner(s.fileno(), os.getpid())
+        assert fcntl.fcntl(s.fileno(), fcntl.F_GETOWN) == os.getpid()
+        r, w = os.pipe()
+        os.close(r)
+        os.close(w)
+        with pytest.raises(OSError):
+            set_owner(r, os.getpid())      # a closed descriptor: EBADF

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import _socket
 import errno
-import fcntl
 import select
 import socket
 from enum import StrEnum
@@ -48,7 +47,7 @@ from gevent.hub import Waiter
 
 from gbalance.proxy.forward import DONTWAIT
 from gbalance.proxy.stagger import StaggerEstimator
-from gbalance.proxy.urgent import F_SETOWN
+from gbalance.proxy.urgent import set_owner
 from gbalance.proxy.watchers import READ, WRITE, Watchers
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
@@ -67,6 +66,8 @@ EARLY_MAX = 65536
 #: Client bytes held by all the pending connects of one process together
 #: (many clients that talk while their connects hang must not grow it).
 EARLY_TOTAL = 4 << 20
+#: Builds a :class:`Connected` from a full tuple of its fields.
+_new_tuple = tuple.__new__
 #: What a race step returns while the race goes on.
 _GOING = object()
 
@@ -153,7 +154,7 @@ class Connector:
         self.stagger = self.estimator.ceiling if self.estimator is not None else stagger
         self.source = source or {}
         self.keepalive = keepalive
-        #: The server's :class:`~gbalance.forward.UrgentRelay`: it owns each
+        #: The server's :class:`~gbalance.proxy.urgent.UrgentRelay`: it owns each
         #: backend socket from its creation (urgent data raises SIGURG).
         self.urgent = None
         #: Send what the client said during the connect as soon as it
@@ -185,7 +186,7 @@ class Connector:
             if src is not None:
                 sock.bind(src)
             if self.urgent is not None:    # urgent data from the backend raises SIGURG
-                fcntl.fcntl(sock.fileno(), F_SETOWN, self.urgent.pid)
+                set_owner(sock.fileno(), self.urgent.pid)
         except OSError:
             sock.close()
             raise
@@ -428,8 +429,9 @@ class Race:
     def _recycle(self, att: Attempt, with_io: bool) -> None:
         """Give a stopped attempt's timer and I/O watcher back to the pool."""
         watchers = self.conn.watchers
-        watchers.recycle_timer(att.timer)
-        att.timer = None
+        if att.timer is not None:        # (none when the connect was decided at once)
+            watchers.recycle_timer(att.timer)
+            att.timer = None
         if with_io:
             watchers.recycle_io(att.io)
             att.io = None
@@ -465,8 +467,10 @@ class Race:
             took = conn.loop.now() - winner.t0 if winner.t0 >= 0 else 0.0
             conn.hooks.measured(winner.g, winner.c, conn.estimator.sample(winner.g, winner.c, took))
         conn.hooks.success(winner.g, winner.c)
-        return Connected(winner.sock, winner.g, winner.c, self.client_io, winner.io,
-                         bytes(self.early) if self.early else b"", winner.reset, winner.sent)
+        # tuple.__new__ directly: a NamedTuple's own __new__ is a Python
+        # function, one more frame per connection for the same tuple.
+        return _new_tuple(Connected, (winner.sock, winner.g, winner.c, self.client_io, winner.io,
+                                      bytes(self.early) if self.early else b"", winner.reset, winner.sent))
 
     def _client_gone(self) -> bool:
         """Read from the client: True if it hung up.

@@ -151,7 +151,16 @@ class Flow:
         self.dst = dst
         self.q = link.q
         self.idx = idx
-        self.rw = read_watcher(link, src.fileno(), rw)
+        fd = src.fileno()
+        # read_watcher()'s two common cases without its calls: the race's
+        # watcher as it is, or (a connect decided at once) one from the pool.
+        if rw is None:
+            watchers = link.watchers
+            self.rw = watchers.io(fd, READ) if watchers is not None else link.loop.io(fd, READ)
+        elif not rw.active and rw.fd == fd and rw.events & READ_WRITE == READ:
+            self.rw = rw
+        else:
+            self.rw = read_watcher(link, fd, rw)
         self.ww = None
         self.pending = None
         self.pipe_r = -1
@@ -526,8 +535,10 @@ class Link:
             # a closed link's flows again (every path checks ``closed`` first).
             watchers.recycle_io(up.rw)
             watchers.recycle_io(down.rw)
-            watchers.recycle_io(up.ww)
-            watchers.recycle_io(down.ww)
+            if up.ww is not None:        # (a short connection never waited to write)
+                watchers.recycle_io(up.ww)
+            if down.ww is not None:
+                watchers.recycle_io(down.ww)
             up.rw = down.rw = up.ww = down.ww = None
         # No flow method looks at its link once it is closed: let go of it,
         # so a closed link is freed at once, not by the cycle collector.

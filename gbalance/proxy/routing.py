@@ -9,7 +9,7 @@ the soft-disabled and suspect channels are tried in order as a last resort,
 so a monitor that misjudges cannot take the whole service down.
 
 No sockets here: the server asks for candidates and acts on them.  Which
-channel may take a connection is decided by :mod:`gbalance.channels`.  The
+channel may take a connection is decided by :mod:`gbalance.table.channels`.  The
 router does write to the table: each group's round-robin cursor (with
 ``-w 1``), and with ``-w N`` the connection :meth:`Counters.room
 <gbalance.counters.Counters.room>` counts at once for a channel with a
@@ -61,7 +61,7 @@ from typing import Iterator, Sequence
 
 from gbalance.table.channels import eligible, fallback_eligible, last_resort, usable
 from gbalance.table.counters import Counters
-from gbalance.table.layout import (C_PORT, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
+from gbalance.table.layout import (C_PORT, C_SLOTS, CHANNEL_BASE, G_SLOTS, GROUP_BASE, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
                                    MAXCHANNELS, MAXGROUPS, gslot, slot)
 from gbalance.table.state import SharedState
 
@@ -206,11 +206,19 @@ class Router:
         """
         q = self.q
         yielded = False
-        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
-            n = min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)
+        # This runs per connection: the slot arithmetic of state.gslot() and
+        # state.slot() is written out, and without shared counters a channel
+        # is checked with channels.usable() directly (what _usable() does).
+        shared = self.counters is not None
+        ngroups = q[H_NGROUPS]
+        for g in range(ngroups if ngroups < MAXGROUPS else MAXGROUPS):
+            group = GROUP_BASE + g * G_SLOTS
+            n = q[group + G_NCHANNELS]
+            if n > MAXCHANNELS:
+                n = MAXCHANNELS
             if n <= 0:
                 continue
-            if q[gslot(g, G_TYPE)] == HASH:
+            if q[group + G_TYPE] == HASH:
                 ring = self.rings[g]
                 if ring is None or ring.generation != q[H_GENERATION] or ring.n != n:
                     ring = self._ring(g, n)
@@ -226,11 +234,12 @@ class Router:
                             yield g, c
             else:
                 # The cursor: a worker's own (in memory), else the group's slot in the table.
-                cursors, at = (self.cursors, g) if self.cursors is not None else (q, gslot(g, G_RR_NEXT))
+                cursors, at = (self.cursors, g) if self.cursors is not None else (q, group + G_RR_NEXT)
                 start = cursors[at] % n
+                first = CHANNEL_BASE + g * MAXCHANNELS * C_SLOTS
                 for i in range(n):
                     c = (start + i) % n
-                    if self._usable(g, c):
+                    if self._usable(g, c) if shared else usable(q, first + c * C_SLOTS):
                         cursors[at] = (c + 1) % n
                         yielded = True
                         yield g, c

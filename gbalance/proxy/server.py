@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import _socket
 import errno
-import fcntl
 import os
 import select
 import socket
@@ -41,8 +40,8 @@ from gbalance.proxy.frontdoor import FrontDoor
 from gbalance.log import Log
 from gbalance.proxy.proxyproto import send_header
 from gbalance.proxy.routing import Router
-from gbalance.proxy.urgent import F_SETOWN, UrgentRelay
-from gbalance.table.layout import (C_C, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
+from gbalance.proxy.urgent import UrgentRelay, set_owner
+from gbalance.table.layout import (C_C, C_SLOTS, CHANNEL_BASE, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
 
@@ -75,7 +74,7 @@ class ChannelEvents(Hooks):
     monitor re-enables it when its checks pass) and a connect pending past
     the stagger delay marks the channel suspect.  Without monitoring, ``-a``
     keeps balance's meaning: soft-disable, re-enable by hand.  The state
-    changes themselves are :class:`~gbalance.channels.Channels`'; only the
+    changes themselves are :class:`~gbalance.table.channels.Channels`'; only the
     connection counters are added here, in this process's row
     (:class:`~gbalance.counters.Counters`).
     """
@@ -97,7 +96,7 @@ class ChannelEvents(Hooks):
         return self.passive and self.q[H_MONITOR] == MON_ENABLED
 
     def attempt(self, g: int, c: int) -> None:
-        self.counters.count_attempt(slot(g, c, 0))
+        self.counters.count_attempt(CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS)   # slot(g, c, 0)
         if self.debug:
             self.log.trace(f"trying group {g} channel {c} ... ")
 
@@ -521,7 +520,7 @@ class BalanceServer(StreamServer):
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
-            fcntl.fcntl(fd, F_SETOWN, self.pid)   # urgent data from now on raises SIGURG
+            set_owner(fd, self.pid)   # urgent data from now on raises SIGURG
             # ... but an urgent byte that came before (queued with the
             # connection) raised none: look once, and keep it for the link.
             # The same look tells whether the client has spoken already
@@ -582,12 +581,13 @@ class BalanceServer(StreamServer):
             rest = b""
             if self.proxy is not None:   # -P: the PROXY header goes first
                 rest = send_header(result.sock, self.proxy(client, race.peer))
-            base = slot(result.group, result.channel, 0) + self.row
+            base = CHANNEL_BASE + (result.group * MAXCHANNELS + result.channel) * C_SLOTS + self.row
+            # All positional: keyword arguments would cost a dict per connection.
+            # (loop, client, server, q, sent_idx, rcvd_idx, c_idx, on_close, dump, urgent,
+            #  client_watcher, server_watcher, early, server_reset, early_sent, watchers)
             link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
-                        on_close=self._closed, dump=self.dump, urgent=self.urgent,
-                        client_watcher=result.client_watcher, server_watcher=result.server_watcher,
-                        early=result.early, server_reset=result.reset, early_sent=result.sent,
-                        watchers=self.connector.watchers)
+                        self._closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
+                        result.early, result.reset, result.sent, self.connector.watchers)
         except Exception as exc:  # never let one client take the server down
             client.close()
             result.sock.close()

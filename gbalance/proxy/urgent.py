@@ -14,7 +14,9 @@ import os
 import select
 import signal
 import socket
+import sys
 from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from gbalance.proxy.forward import DONTWAIT
 from gbalance.proxy.watchers import READ
@@ -27,6 +29,39 @@ if TYPE_CHECKING:
 #: in the urgent epoll set (see :class:`UrgentRelay`).
 URGENT_CALM = 60.0
 F_SETOWN = getattr(fcntl, "F_SETOWN", 8)
+
+
+def _owner_setter() -> Callable[[int, int], None]:
+    """``set_owner(fd, pid)``: ``fcntl(fd, F_SETOWN, pid)``, made twice per connection.
+
+    ``fcntl.fcntl`` first tries its third argument as a buffer, and an int
+    fails that with a formatted TypeError it then clears: about 40 % of
+    the call.  Where the C library's ``fcntl`` can be called directly
+    (ctypes, holding the GIL: the call never blocks) it is; elsewhere
+    ``fcntl.fcntl`` is.  Either raises OSError if the kernel refuses.
+    """
+    def portable(fd: int, pid: int) -> None:
+        fcntl.fcntl(fd, F_SETOWN, pid)
+
+    # Linux on x86-64 and arm64 only: there a variadic call with int
+    # arguments passes them as a plain call does (libffi makes plain calls).
+    if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"):
+        return portable
+    try:
+        import ctypes
+        libc_fcntl = ctypes.PyDLL(None).fcntl
+    except (ImportError, OSError, AttributeError):
+        return portable
+    libc_fcntl.restype = ctypes.c_int
+
+    def direct(fd: int, pid: int) -> None:
+        if libc_fcntl(fd, F_SETOWN, pid) < 0:
+            raise OSError(f"fcntl(F_SETOWN) failed on descriptor {fd}")
+
+    return direct
+
+
+set_owner = _owner_setter()
 
 
 class UrgentRelay:
@@ -82,7 +117,7 @@ class UrgentRelay:
         """Have the kernel signal urgent data on ``sock`` to this process."""
         if self.ep is not None:
             try:
-                fcntl.fcntl(sock.fileno(), F_SETOWN, self.pid)
+                set_owner(sock.fileno(), self.pid)
             except OSError:
                 pass
 

@@ -7,7 +7,7 @@ descriptor (or, for a timer, armed again) instead, so the
 watchers of a closed link or a finished connect serve the next ones.
 
 One :class:`Watchers` pool per loop, owned by the server's
-:class:`~gbalance.connect.Connector` and handed to its links; nothing here
+:class:`~gbalance.proxy.connect.Connector` and handed to its links; nothing here
 needs a lock (one thread per loop).  A recycled watcher drops its callback
 and arguments, so it keeps no closed link or race alive.
 """

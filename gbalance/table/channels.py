@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 from gbalance.table.counters import lock, unlock
 from gbalance.table.files import StateError
-from gbalance.table.layout import (C_C, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_RCVD_BASE, C_SENT,
+from gbalance.table.layout import (C_C, C_SLOTS, CHANNEL_BASE, C_FAILS, C_MAXC, C_PASSES, C_PORT, C_RCVD, C_RCVD_BASE, C_SENT,
                                    C_SENT_BASE, C_STATUS, C_SUSPECT, C_TOTALC, C_TOTALC_BASE, ChannelState,
                                    ENABLED, G_NCHANNELS, HARD_DISABLED, HASH, H_NGROUPS, MAXCHANNELS,
                                    MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR, SOFT_DISABLED, gslot,
@@ -430,7 +430,7 @@ class Channels:
 
         (The common case, no mark, costs one read: this runs per connection.)
         """
-        if not self.q[slot(g, c, C_SUSPECT)]:
+        if not self.q[CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS + C_SUSPECT]:    # slot(g, c, C_SUSPECT)
             return False
         return self.fire(g, c, Event.CONNECT_SUCCEEDED).suspect_cleared
 
