@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bulk  # noqa: E402
 import conncost  # noqa: E402
 import failover  # noqa: E402
 import measure  # noqa: E402
@@ -305,6 +306,14 @@ def main(argv: list[str]) -> int:
         if any(p in args.parts for p in ("conn", "bulk", "mem")):
             throughput(args, work, backends, result)
             print_table(result)
+        if "bulk" in args.parts:
+            try:
+                result["bulk"] = bulk.run(work, backends["bulk"], args.runs, args.seconds, log)
+                result["errors"].extend(result["bulk"]["errors"])
+                bulk.report(result["bulk"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"bulk: {exc}")
+                log(f"bulk: ERROR {exc}")
         if "workers" in args.parts:
             try:
                 result["workers"] = workers.run(work, backends["conn"], backends.get("mem"), args.runs,
@@ -359,7 +368,7 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost"} & set(result) else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk"} & set(result) else 0
 
 
 if __name__ == "__main__":

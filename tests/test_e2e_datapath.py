@@ -706,6 +706,14 @@ class StallingBackend:
                 c.close()
 
 
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def test_loop_never_blocks_on_a_stalled_splicing_client(balance):
     """Accepted clients stay in blocking mode (every call passes MSG_DONTWAIT,
     a splicing flow makes its sockets non-blocking).  Client A uploads and
@@ -717,6 +725,7 @@ def test_loop_never_blocks_on_a_stalled_splicing_client(balance):
     port = free_port()
     proc = balance.start(str(port), backend.spec, port=port)
     pipes_before = _pipes_of(proc.pid)
+    rss_before = _rss_kb(proc.pid)
     a = socket.socket()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)    # A's download stalls quickly
     a.settimeout(60)
@@ -738,6 +747,10 @@ def test_loop_never_blocks_on_a_stalled_splicing_client(balance):
         wait_for(lambda: _pipes_of(proc.pid) >= pipes_before + 4, 20, "both flows of A to splice")
         time.sleep(0.3)
         assert uploader.is_alive(), "A's upload was not stalled"
+        # Stalled both ways with 32 MB unsent: the proxy holds a pipe (64 KB)
+        # per direction, not the stream.
+        grown = _rss_kb(proc.pid) - rss_before
+        assert grown < 6 << 10, f"RSS grew by {grown} KB while both readers stalled"
 
         with socket.create_connection(("127.0.0.1", port), timeout=5) as kept:
             kept.sendall(b"ECHO\n")

@@ -1,0 +1,140 @@
+"""Bulk rows: one iperf3 stream through each contender, both directions.
+
+Contenders: a direct connection, gbalance, HAProxy copying (``nosplice``)
+and HAProxy with ``option splice-auto``.  Each figure is the median of
+``runs`` interleaved rounds (the order rotates each round); the proxy runs
+on CPU 0, iperf3 (client and server) on CPU 1.  Beside Gbit/s, the proxy's
+CPU seconds (utime+stime of its process tree) per GB moved are recorded:
+that figure holds up when other work shares the machine and rates do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+
+from lib import LOAD_CPU, PROCS, Direct, GBalance, HAProxy, BenchError, Daemon, median, pin, pin_tree, \
+    process_tree, start, wait_listening, free_port, PROXY_CPU
+
+DIRECTIONS = ("up", "down")   # up: iperf3 client -> server; down: iperf3 -R
+
+
+class HAProxySplice(HAProxy):
+    """HAProxy as :class:`HAProxy` but splicing (``option splice-auto``);
+    maxconn 6000: with splice it needs descriptors for pipes too."""
+
+    name = "haproxy-splice"
+
+    def start(self) -> None:
+        self.port = free_port()
+        conf = self.work / f"haproxy-splice-{self.port}.cfg"
+        conf.write_text(f"""global
+    nbthread 1
+    maxconn 6000
+defaults
+    mode tcp
+    option splice-auto
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+frontend fe
+    bind 127.0.0.1:{self.port}
+    default_backend be
+backend be
+    server s1 127.0.0.1:{self.backend}
+""")
+        pidfile = self.work / f"haproxy-splice-{self.port}.pid"
+        launcher = start(["haproxy", "-D", "-p", str(pidfile), "-f", str(conf)], PROXY_CPU)
+        launcher.wait(15)
+        PROCS.pop(launcher.pid, None)
+        if launcher.returncode != 0 or not pidfile.exists():
+            raise BenchError(f"haproxy did not start (exit {launcher.returncode})")
+        daemon = Daemon(int(pidfile.read_text().split()[0]))
+        PROCS[daemon.pid] = daemon
+        self.proc = daemon
+        wait_listening(self.port, self.proc)
+        pin_tree(daemon.pid, self.cpus)
+
+
+CONTENDERS = {"direct": Direct, "gbalance": GBalance, "haproxy": HAProxy, "haproxy-splice": HAProxySplice}
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def one_stream(port: int, seconds: float, reverse: bool) -> tuple[float, int]:
+    """One iperf3 stream through ``port``: (Gbit/s received, bytes received)."""
+    cmd = pin(LOAD_CPU) + ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(seconds))),
+                           "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError("iperf3 did not finish") from None
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        raise BenchError(f"iperf3 output unreadable: {res.stdout.strip()[-200:]!r}") from None
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    got = data["end"]["sum_received"]
+    return got["bits_per_second"] / 1e9, int(got["bytes"])
+
+
+def run(work, backend: int, runs: int, seconds: float, log: Callable[[str], None]) -> dict:
+    """Interleaved rounds over every contender and direction; medians and ratios."""
+    names = list(CONTENDERS)
+    raw: dict = {n: {d: {"gbits": [], "cpu_s_per_gb": []} for d in DIRECTIONS} for n in names}
+    errors = []
+    for r in range(runs):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            try:
+                with CONTENDERS[name](work.path, backend) as proxy:
+                    for d in DIRECTIONS:
+                        c0 = _cpu_seconds(proxy.pid)
+                        gbits, nbytes = one_stream(proxy.port, seconds, d == "down")
+                        cpu = _cpu_seconds(proxy.pid) - c0
+                        raw[name][d]["gbits"].append(gbits)
+                        if proxy.pid is not None and nbytes:
+                            raw[name][d]["cpu_s_per_gb"].append(cpu / (nbytes / 1e9))
+                        log(f"round {r + 1}/{runs} bulk {d:4} {name:14} {gbits:6.2f} Gbit/s")
+            except (BenchError, OSError) as exc:
+                errors.append(f"bulk round {r + 1} {name}: {exc}")
+                log(f"  bulk {name}: ERROR {exc}")
+    med = {n: {d: {k: median(v) for k, v in raw[n][d].items()} for d in DIRECTIONS} for n in names}
+    ratios = {}
+    for d in DIRECTIONS:
+        g = med["gbalance"][d]["gbits"]
+        best = max((x for x in (med["haproxy"][d]["gbits"], med["haproxy-splice"][d]["gbits"]) if x), default=None)
+        direct = med["direct"][d]["gbits"]
+        ratios[d] = {"gbalance/haproxy_best": round(g / best, 3) if g and best else None,
+                     "gbalance/direct": round(g / direct, 3) if g and direct else None}
+    return {"raw": raw, "medians": med, "ratios": ratios, "errors": errors,
+            "conditions": f"one iperf3 stream, {seconds:g} s, medians of {runs} interleaved rounds,"
+                          f" proxy on CPU {PROXY_CPU}, iperf3 on CPU {LOAD_CPU}"}
+
+
+def report(res: dict) -> None:
+    """The bulk rows on stdout."""
+    print(f"\nbulk, {res['conditions']}")
+    print(f"{'contender':16}{'up Gbit/s':>11}{'down Gbit/s':>13}{'up CPU s/GB':>13}{'down CPU s/GB':>15}")
+    for name, row in res["medians"].items():
+        def f(v, digits=2):
+            return "-" if v is None else f"{v:.{digits}f}"
+        print(f"{name:16}{f(row['up']['gbits']):>11}{f(row['down']['gbits']):>13}"
+              f"{f(row['up']['cpu_s_per_gb'], 3):>13}{f(row['down']['cpu_s_per_gb'], 3):>15}")
+    for d, r in res["ratios"].items():
+        print(f"gbalance {d}: {r['gbalance/haproxy_best']} x HAProxy's best mode, {r['gbalance/direct']} x direct")
