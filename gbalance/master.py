@@ -39,7 +39,11 @@ from gbalance.log import Log
 from gbalance.state import (H_NGROUPS, H_START_TICKS, H_TABLE_DIGEST, MasterRunning,
                             SharedState, StateError, master_process_alive, state_path)
 
-LISTEN_BACKLOG = socket.SOMAXCONN
+#: The listen backlog a master asks for.  The kernel cuts it to
+#: net.core.somaxconn, so an administrator who raises that sysctl for
+#: connect storms gets the larger accept queue without a new release
+#: (``socket.SOMAXCONN``, 4096, would cap it whatever the sysctl says).
+LISTEN_BACKLOG = 65535
 
 
 #: How long a new master (-r) retries taking the state file the old one gave up.
