@@ -66,6 +66,7 @@ def hold(port: int, count: int, net: int) -> int:
     held = []
     for i in range(count):
         s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((f"127.{net}.{1 + (i // 250) % 250}.{1 + i % 250}", 0))
         s.settimeout(15)
         s.connect(("127.0.0.1", port))
@@ -87,6 +88,7 @@ def storm(port: int, count: int, net: int) -> int:
     for i in range(count):
         s = socket.socket()
         s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((f"127.{net}.{1 + (i // 250) % 250}.{1 + i % 250}", 0))
         start[s] = time.monotonic()
         s.connect_ex(("127.0.0.1", port))
@@ -169,8 +171,33 @@ def _show_open(port: int, state: Path) -> int | None:
     return total
 
 
+def low_port() -> int:
+    """A free port below the ephemeral range (wildcard-bindable).
+
+    After a storm tens of thousands of ephemeral ports sit in TIME_WAIT on
+    127.x addresses; a proxy given one of them as its port (balance binds
+    the wildcard address) fails with "Address already in use".
+    """
+    import random
+    low = 20000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = min(low, int(f.read().split()[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+                return port
+            except OSError:
+                continue
+    raise OSError("no free port below the ephemeral range")
+
+
 def _start_proxy(name: str, work: Path, greeters: list[int]):
-    from lib import GBalance, HAProxy
+    from lib import BenchError, GBalance, HAProxy
     from workers import Workers
     if name == "haproxy":
         proxy = HAProxy(work, greeters[0])
@@ -180,7 +207,13 @@ def _start_proxy(name: str, work: Path, greeters: list[int]):
         proxy.channels = [f"127.0.0.1:{p}" for p in greeters]
         if n == 1:
             proxy.args = ["-w", "1"]
-    proxy.start()
+    for attempt in range(3):    # a free port may be taken by a client's ephemeral port meanwhile
+        try:
+            proxy.start()
+            return proxy
+        except BenchError:
+            if attempt == 2:
+                raise
     return proxy
 
 
@@ -252,27 +285,30 @@ def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dic
 
 def run(work, log, rows=ROWS) -> dict:
     """Every row, on fresh proxies; somaxconn raised for the run and put back."""
-    from lib import LOAD_CPU, PYTHON, start, stop, wait_listening, free_port
+    from lib import LOAD_CPU, PYTHON, BenchError, start, stop, wait_listening
     old = _sysctl("net.core.somaxconn")
     old_syn = _sysctl("net.ipv4.tcp_max_syn_backlog")
     res: dict = {"somaxconn": _sysctl("net.core.somaxconn", SOMAXCONN), "rows": []}
     _sysctl("net.ipv4.tcp_max_syn_backlog", SOMAXCONN)
     greeters = []
+    import lib
+    saved_free_port, lib.free_port = lib.free_port, low_port   # for the proxies' own start()
     try:
         for _ in range(GREETERS):
-            port = free_port()
+            port = low_port()
             greeters.append((start([PYTHON, str(BENCH / "servers.py"), "greeter", str(port)], LOAD_CPU), port))
         for proc, port in greeters:
             wait_listening(port, proc)
         for label, name, n in rows:
             try:
                 row = one_row(name, n, work.path, [p for _, p in greeters], log)
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            except (OSError, ValueError, subprocess.SubprocessError, BenchError) as exc:
                 row = {"proxy": name, "held": n, "error": str(exc)}
                 log(f"scale: {name} held {n}: ERROR {exc}")
             row["label"] = label
             res["rows"].append(row)
     finally:
+        lib.free_port = saved_free_port
         for proc, _ in greeters:
             stop(proc)
         if old is not None:
