@@ -218,12 +218,13 @@ def _start_proxy(name: str, work: Path, greeters: list[int]):
 
 
 def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dict:
-    from lib import PYTHON, LOAD_CPU, pin, stop
+    from lib import LOAD_CPU, PROCS, PYTHON, pin, stop
     from workers import tree_cpu_seconds
     from lib import pss_kb
     row: dict = {"proxy": name, "held": held_n}
     proxy = _start_proxy(name, work, greeters)
-    holders = []
+    holders: list = []
+    storms: list = []
     try:
         for _ in range(20):
             _greeted(proxy.port)
@@ -235,6 +236,7 @@ def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dic
             k = min(PER_HOLDER, left)
             holders.append(subprocess.Popen([*pin(LOAD_CPU), PYTHON, __file__, "hold", str(proxy.port), str(k),
                                              str(net)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            PROCS[holders[-1].pid] = holders[-1]      # killed by stop_all() if the bench dies
             left -= k
             net += 1
         for h in holders:
@@ -253,6 +255,8 @@ def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dic
         sampler.start()
         storms = [subprocess.Popen([*pin(LOAD_CPU), PYTHON, __file__, "storm", str(proxy.port), str(STORM // 2),
                                     str(net + i)], stdout=subprocess.PIPE, text=True) for i in range(2)]
+        for sp in storms:
+            PROCS[sp.pid] = sp
         lat, refused, lost = [], 0, 0
         for s in storms:
             out = json.loads(s.stdout.read() or "{}")
@@ -279,6 +283,9 @@ def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dic
             except subprocess.TimeoutExpired:
                 h.kill()
                 h.wait()
+            PROCS.pop(h.pid, None)
+        for sp in storms:
+            stop(sp)
         stop(proxy.proc)
     return row
 
