@@ -290,6 +290,36 @@ def one_row(name: str, held_n: int, work: Path, greeters: list[int], log) -> dic
     return row
 
 
+def _storm(port: int, net: int) -> dict:
+    """The 20,000-connect storm in two processes on the load core: refused, lost, p99 ms."""
+    from lib import LOAD_CPU, PROCS, PYTHON, pin, stop
+    storms = [subprocess.Popen([*pin(LOAD_CPU), PYTHON, __file__, "storm", str(port), str(STORM // 2),
+                                str(net + i)], stdout=subprocess.PIPE, text=True) for i in range(2)]
+    for sp in storms:
+        PROCS[sp.pid] = sp
+    lat, refused, lost = [], 0, 0
+    try:
+        for sp in storms:
+            out = json.loads(sp.stdout.read() or "{}")
+            sp.wait(30)
+            lat += out.get("lat", [])
+            refused += out.get("refused", 0)
+            lost += out.get("lost", STORM // 2)
+    finally:
+        for sp in storms:
+            stop(sp)
+    p99 = _p99(lat)
+    return {"storm_refused": refused, "storm_lost": lost, "storm_p99_ms": round(p99 * 1000, 1) if p99 else None}
+
+
+def direct_storm(port: int) -> dict:
+    """The storm straight to one greeter: what the harness itself costs (no proxy)."""
+    try:
+        return _storm(port, 200)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+
+
 def run(work, log, rows=ROWS) -> dict:
     """Every row, on fresh proxies; somaxconn raised for the run and put back."""
     from lib import LOAD_CPU, PYTHON, BenchError, start, stop, wait_listening
@@ -306,6 +336,8 @@ def run(work, log, rows=ROWS) -> dict:
             greeters.append((start([PYTHON, str(BENCH / "servers.py"), "greeter", str(port)], LOAD_CPU), port))
         for proc, port in greeters:
             wait_listening(port, proc)
+        res["direct_storm"] = direct_storm(greeters[0][1])
+        log(f"scale: direct storm to a greeter: {res['direct_storm']}")
         for label, name, n in rows:
             try:
                 row = one_row(name, n, work.path, [p for _, p in greeters], log)
@@ -327,6 +359,10 @@ def run(work, log, rows=ROWS) -> dict:
 
 def report(res: dict) -> None:
     print(f"\nscale (idle proxied connections held; somaxconn {res.get('somaxconn')} for the run)")
+    d = res.get("direct_storm", {})
+    if d:
+        print(f"direct storm to one greeter (no proxy, the harness's own cost): refused/lost "
+              f"{d.get('storm_refused')}/{d.get('storm_lost')}, p99 {d.get('storm_p99_ms')} ms")
     print(f"{'held':>7} {'proxy':<14} {'KB/conn':>8} {'CPU µs/open':>11} {'new p99 ms':>10} "
           f"{'storm refused/lost':>18} {'storm p99 ms':>12} {'queue peak':>10} {'-c show':>9}")
     for r in res["rows"]:
