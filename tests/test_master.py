@@ -20,7 +20,7 @@ with open("/proc/sys/net/core/somaxconn", "w") as f:   # this namespace's own co
 proc = subprocess.Popen([sys.executable, "-m", "gbalance", "-f", port, "127.0.0.1:9"],
                         stderr=subprocess.PIPE)
 try:
-    for _ in range(200):
+    for _ in range(400):             # up to 20 s: a loaded machine starts Python slowly
         out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
                              text=True, timeout=10).stdout.split()
         if out:
