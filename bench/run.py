@@ -26,7 +26,11 @@ thread and 32 connections, CPU per short connection and conn/s for gbalance
 (no -w and -w 1) against HAProxy and a direct connection, and CPU per
 keep-alive request.
 
-Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile] [--runs N]
+Then issue 21's scale rows (see scale.py): KB, CPU per opened connection,
+new-connection p99 and a 20,000-connect storm with 1k to 100k idle
+connections held, gbalance -w 1 / -w 16 beside HAProxy where it can follow.
+
+Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile,scale] [--runs N]
 """
 
 from __future__ import annotations
@@ -49,11 +53,12 @@ import conncost  # noqa: E402
 import failover  # noqa: E402
 import measure  # noqa: E402
 import profiling  # noqa: E402
+import scale  # noqa: E402
 import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile")
+PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile", "scale")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -347,6 +352,14 @@ def main(argv: list[str]) -> int:
             except (BenchError, OSError, subprocess.SubprocessError) as exc:
                 result["errors"].append(f"profile: {exc}")
                 log(f"profile: ERROR {exc}")
+        if "scale" in args.parts:
+            log("scale: idle connections held at 1k to 100k, storms on top ...")
+            try:
+                result["scale"] = scale.run(work, log)
+                scale.report(result["scale"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"scale: {exc}")
+                log(f"scale: ERROR {exc}")
     except BenchError as exc:
         result["errors"].append(str(exc))
         print(f"bench: {exc}", file=sys.stderr)
@@ -368,7 +381,7 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk"} & set(result) else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk", "scale"} & set(result) else 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import eventually, free_port, ipv6_available, listening, pid_alive, read_line
 from gbalance.process.handover import control_path
-from gbalance.process.master import LISTEN_BACKLOG
+from gbalance.service.health import accept_limit
 from gbalance.table.files import StateError, state_path
 from gbalance.table.state import SharedState
 
@@ -170,7 +170,7 @@ def test_restart_loses_no_connection(balance, backends):
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             assert read_line(s) == "B"
-    assert backlog(port) == LISTEN_BACKLOG         # the listener's backlog carried over
+    assert backlog(port) == accept_limit()         # the listener's backlog carried over
     assert not os.path.exists(control_path(state_path(port, None, str(balance.state_dir)))) or \
         stat.S_IMODE(os.stat(control_path(state_path(port, None, str(balance.state_dir)))).st_mode) == 0o600
     os.kill(new_pid, signal.SIGTERM)

@@ -163,9 +163,14 @@ def test_check_needs_the_masters_own_listener_with_room(balance, backends, monke
 
 def test_accept_limit(tmp_path):
     import socket
+    from gbalance.system.limits import LISTEN_BACKLOG
     f = tmp_path / "somaxconn"
     f.write_text("128\n")
-    assert health.accept_limit(str(f)) == min(128, socket.SOMAXCONN)
+    assert health.accept_limit(str(f)) == 128
+    f.write_text("20000\n")          # raised by the administrator: the master gets it all
+    assert health.accept_limit(str(f)) == 20000
+    f.write_text("1000000\n")        # above what a master asks for
+    assert health.accept_limit(str(f)) == LISTEN_BACKLOG
     f.write_text("junk")
-    assert health.accept_limit(str(f)) == socket.SOMAXCONN
-    assert health.accept_limit(str(tmp_path / "absent")) == socket.SOMAXCONN
+    assert health.accept_limit(str(f)) == min(socket.SOMAXCONN, LISTEN_BACKLOG)
+    assert health.accept_limit(str(tmp_path / "absent")) == min(socket.SOMAXCONN, LISTEN_BACKLOG)

@@ -34,7 +34,7 @@ def test_worker_started_by_hand_exits_64_in_one_line(env, message):
                        env={**{k: v for k, v in os.environ.items() if k != WORKER_ENV}, **env},
                        cwd=ROOT, timeout=30)
     assert r.returncode == 64
-    assert r.stderr.strip().splitlines() == [f"gbalance.worker: {message}"]
+    assert r.stderr.strip().splitlines() == [f"gbalance.process.worker: {message}"]
 
 
 def test_parse_workers():

@@ -40,7 +40,7 @@ from gbalance.system import notify
 from gbalance.config import ProxyConfig
 from gbalance.system.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
-from gbalance.system.limits import raise_and_report
+from gbalance.system.limits import LISTEN_BACKLOG, raise_and_report
 from gbalance.log import Log
 from gbalance.monitor.monitor import Monitor
 from gbalance.process.pool import WorkerPool
@@ -58,8 +58,6 @@ from gbalance.table.files import MasterRunning, StateError, state_path
 from gbalance.table.layout import H_NGROUPS, H_STAGGER_US, H_START_TICKS, H_TABLE_DIGEST
 from gbalance.table.liveness import master_process_alive
 from gbalance.table.state import SharedState
-
-LISTEN_BACKLOG = socket.SOMAXCONN
 
 
 #: How long a new master (-r) retries taking the state file the old one gave up.

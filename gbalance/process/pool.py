@@ -123,7 +123,7 @@ class WorkerPool:
         env[WORKER_ENV] = encode_spec(spec)
         try:
             # An isolated interpreter in "/" importing the master's own gbalance
-            # (never the caller's directory: see gbalance.child).  In a process
+            # (never the caller's directory: see gbalance.system.child).  In a process
             # group of its own: a Ctrl-C on the terminal reaches the master
             # only, which passes it on (so no worker is seen dying first).
             s.proc = subprocess.Popen(python_argv("gbalance.process.worker", str(s.index)), env=env,

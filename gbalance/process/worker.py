@@ -1,7 +1,7 @@
 """A worker process (``-w N``): one gevent loop serving the shared listener.
 
 The master starts each worker as a new interpreter (``python -m
-gbalance.worker``), never by forking itself: a fork would copy the master's
+gbalance.process.worker``), never by forking itself: a fork would copy the master's
 hub, its monitor, mailbox and hand-over watchers, which must run once per
 instance.  A worker inherits three descriptors: the listening socket (the
 same socket the master holds and hands over with ``-r``), the state file
@@ -151,15 +151,15 @@ class Worker:
 
 
 def main() -> int:
-    """Entry point of ``python -m gbalance.worker`` (started by the master only)."""
+    """Entry point of ``python -m gbalance.process.worker`` (started by the master only)."""
     text = os.environ.pop(WORKER_ENV, "")
     if not text:
-        sys.stderr.write("gbalance.worker: started by a balance master only\n")
+        sys.stderr.write("gbalance.process.worker: started by a balance master only\n")
         return 64
     try:
         spec = decode_spec(text)
     except Exception:
-        sys.stderr.write("gbalance.worker: bad worker settings\n")
+        sys.stderr.write("gbalance.process.worker: bad worker settings\n")
         return 64
     _die_with(spec.master_pid)
     install_hub()       # a worker starts no children: no fork check per loop turn
@@ -171,6 +171,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     # Run the package's module, not this copy of it named __main__: the
-    # pickled spec refers to gbalance.worker.WorkerSpec.
+    # pickled spec refers to gbalance.process.worker.WorkerSpec.
     from gbalance.process.worker import main as _main
     sys.exit(_main())

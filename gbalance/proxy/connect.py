@@ -22,7 +22,7 @@ autodisable, mark suspects and log.  Additions over balance:
   the delay starts a parallel attempt on the next candidate, the first to
   connect wins and the others are closed (RFC 8305 "happy eyeballs",
   applied to failover).  The delay adapts to each channel's measured
-  connect times (:mod:`gbalance.stagger`), between a floor and the
+  connect times (:mod:`gbalance.proxy.stagger`), between a floor and the
   configured ``stagger=``; before a parallel attempt starts, the pending
   one is asked once more whether it has connected meanwhile (a busy loop
   may not have seen it yet).  Without monitoring the delay is 0 and

@@ -408,7 +408,7 @@ class Link:
         first (``early_sent`` of them already went with the connect);
         ``server_reset``: the backend reset the connection before the link
         began (its queued bytes are still passed on, then the reset);
-        ``watchers``: a :class:`~gbalance.watchers.Watchers` pool to take
+        ``watchers``: a :class:`~gbalance.proxy.watchers.Watchers` pool to take
         watchers from and give them back to at close."""
         self.loop = loop
         self.watchers = watchers

@@ -12,13 +12,13 @@ No sockets here: the server asks for candidates and acts on them.  Which
 channel may take a connection is decided by :mod:`gbalance.table.channels`.  The
 router does write to the table: each group's round-robin cursor (with
 ``-w 1``), and with ``-w N`` the connection :meth:`Counters.room
-<gbalance.counters.Counters.room>` counts at once for a channel with a
+<gbalance.table.counters.Counters.room>` counts at once for a channel with a
 ``maxc``; it changes no channel's state.
 
 With workers (``-w N``, N > 1) a router is given the worker's
-:class:`~gbalance.counters.Counters`: ``maxc`` is then checked against the
+:class:`~gbalance.table.counters.Counters`: ``maxc`` is then checked against the
 open connections of every worker (and the connection counted at once, see
-:mod:`gbalance.counters`), and each worker keeps its own round-robin cursor
+:mod:`gbalance.table.counters`), and each worker keeps its own round-robin cursor
 in memory, starting at its own index: every worker hands out its
 connections in strict rotation, so each channel gets an even share of the
 total, but two connections in a row from different workers may go to the

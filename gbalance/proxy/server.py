@@ -76,7 +76,7 @@ class ChannelEvents(Hooks):
     keeps balance's meaning: soft-disable, re-enable by hand.  The state
     changes themselves are :class:`~gbalance.table.channels.Channels`'; only the
     connection counters are added here, in this process's row
-    (:class:`~gbalance.counters.Counters`).
+    (:class:`~gbalance.table.counters.Counters`).
     """
 
     def __init__(self, state: SharedState, log: Log, debug: bool = False,

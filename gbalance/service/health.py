@@ -35,6 +35,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from gbalance.system.limits import LISTEN_BACKLOG
 from gbalance.service.conffile import Out, load
 from gbalance.table.files import StateError, state_dir
 from gbalance.table.liveness import process_start_ticks
@@ -132,13 +133,13 @@ def proc_listeners(paths: tuple[str, ...] = PROC_NET, backlog: int | None = None
 
 
 def accept_limit(path: str = "/proc/sys/net/core/somaxconn") -> int:
-    """A master's listen backlog (what it asks for, ``SOMAXCONN``, cut to net.core.somaxconn)."""
+    """A master's listen backlog (what it asks for, ``LISTEN_BACKLOG``, cut to net.core.somaxconn)."""
     try:
         with open(path, encoding="ascii") as f:
             system = int(f.read().strip() or 0)
     except (OSError, ValueError):
         system = 0
-    return min(socket.SOMAXCONN, system) if system > 0 else socket.SOMAXCONN
+    return min(LISTEN_BACKLOG, system) if system > 0 else min(LISTEN_BACKLOG, socket.SOMAXCONN)
 
 
 def socket_inodes(pid: int) -> set[int] | None:

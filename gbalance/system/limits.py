@@ -14,6 +14,12 @@ import resource
 from dataclasses import dataclass
 
 
+#: The listen backlog a master asks for.  The kernel cuts it to
+#: net.core.somaxconn, so an administrator who raises that sysctl for
+#: connect storms gets the larger accept queue without a new release
+#: (``socket.SOMAXCONN``, 4096, would cap it whatever the sysctl says).
+LISTEN_BACKLOG = 65535
+
 #: The soft limit this process started with (set by the first :func:`raise_fd_limit`).
 _start_soft: int | None = None
 
