@@ -44,9 +44,12 @@ def kind() -> str:
 
 
 def main() -> int:
-    sys.stdout.write(kind() + "\n")
-    for name in COMPILED_MODULES:
-        sys.stdout.write(f"  {name}: {importlib.import_module(name).__file__}\n")
+    lines = [kind()] + [f"  {name}: {importlib.import_module(name).__file__}" for name in COMPILED_MODULES]
+    try:
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:      # e.g. piped into head: the reader has what it wanted
+        sys.stderr.close()
     return 0
 
 
