@@ -134,3 +134,18 @@ def test_with_cython_every_listed_module_is_compiled_and_the_py_files_still_ship
                           "from gbalance.build import kind; print(kind())"], capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "compiled", out.stderr
+
+
+@pytest.mark.packaging
+def test_the_sdist_carries_the_pxd_files_so_it_can_build_compiled(tmp_path):
+    import tarfile
+
+    r = _setup(tmp_path, "sdist", "-d", str(tmp_path / "sdist"), pure=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (archive,) = (tmp_path / "sdist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    pxds = {str(p.relative_to(ROOT)) for p in (ROOT / "gbalance").rglob("*.pxd")}
+    assert pxds and pxds <= names
+    assert "packaging/gen-pxd.py" in names and "gbalance/build.py" in names
+    assert not [n for n in names if n.endswith((".so", ".c"))]
