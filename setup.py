@@ -166,5 +166,6 @@ def stdeb_commands() -> dict[str, type]:
 if __name__ == "__main__":
     refuse_debian_dir_writers(sys.argv)
     cmdclass = stdeb_commands() if any("stdeb" in arg or arg in ("sdist_dsc", "bdist_deb") for arg in sys.argv) else {}
+    # The .pxd files are build input (the sdist has them, MANIFEST.in), not installed.
     setup(version=version(), packages=["gbalance"], cmdclass=cmdclass, ext_modules=extensions(),
-          **license_field())
+          exclude_package_data={"": ["*.pxd"]}, **license_field())

@@ -117,6 +117,7 @@ def test_gbalance_pure_1_builds_only_the_pure_modules(tmp_path):
     r = _setup(tmp_path, "build", "--build-lib", str(lib), pure=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(lib.rglob("*.so")) == []
+    assert list(lib.rglob("*.pxd")) == []      # build input, never installed
     assert (lib / "gbalance" / "forward.py").is_file()
 
 
