@@ -4,7 +4,8 @@ VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lint test unit packaging autopkgtest bench soak deb deb-stdeb rpm apt-repo clean
+.PHONY: all deps venv lint test unit packaging autopkgtest bench soak deb deb-stdeb rpm apt-repo clean \
+	cython compiled pure
 
 all: venv
 
@@ -35,12 +36,41 @@ lint: $(LINT_STAMP)
 	$(VENV)/bin/ruff check gbalance tests bench
 	$(VENV)/bin/mypy
 
+# The optional compiled hot path (gbalance/build.py, setup.py): Cython 3 in
+# the venv (Debian bookworm's cython3 0.29 cannot read these modules), the
+# listed modules compiled in place beside their .py files; "make pure" removes
+# them again.  "python3 -m gbalance.build" says which build runs.
+CYTHON_SPEC := cython>=3.0,<4
+
+cython: $(VPY)
+	$(VPY) -m pip install -q '$(CYTHON_SPEC)'
+
+compiled: cython
+	$(VPY) setup.py -q build_ext --inplace
+	$(VPY) -m gbalance.build | head -1 | grep -qx compiled || { $(VPY) -m gbalance.build; exit 1; }
+
+pure:
+	find gbalance -name '*.so' -delete
+
+# Both ways where a C compiler is present: the whole suite against the
+# compiled modules, then the per-connection files against the pure ones;
+# without a compiler, the whole suite pure.  GBALANCE_EXPECT makes
+# tests/test_build.py check that the build asked for is the one loaded.
+PURE_TESTS ?= tests/test_build.py tests/test_connect.py tests/test_forward.py tests/test_server.py \
+	tests/test_e2e_proxy.py tests/test_e2e_workers.py
+
 test: deps venv lint
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	@if command -v cc >/dev/null 2>&1; then \
+	    $(MAKE) compiled && GBALANCE_EXPECT=compiled $(VPY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	    $(MAKE) pure; [ $$status -eq 0 ] || exit $$status; \
+	    GBALANCE_EXPECT=pure $(VPY) -m pytest $(PYTEST_ARGS) $(PURE_TESTS); \
+	else \
+	    GBALANCE_EXPECT=pure $(VPY) -m pytest $(PYTEST_ARGS); \
+	fi
 
 # Only the packaging tests: build the .deb and .rpm, install and drive the
 # .deb in a throwaway root (nothing of the host changes), autopkgtests.
-packaging: deps venv
+packaging: deps venv cython
 	$(VPY) -m pytest -m packaging $(PYTEST_ARGS)
 
 # debian/tests (autopkgtest, null runner) in a throwaway root; make test runs it too.
@@ -74,4 +104,5 @@ apt-repo: deb
 	sh packaging/build-apt-repo.sh
 
 clean:
+	find gbalance -name '*.so' -delete
 	rm -rf $(VENV) build dist deb_dist *.egg-info .pytest_cache .mypy_cache .ruff_cache repo rpmbuild bench/results

@@ -11,6 +11,14 @@ current setuptools from PyPI, without a deprecation warning from either
 * the license: an SPDX expression, as ``license_expression`` (PEP 639,
   setuptools 77 and later) or as the older ``license`` text field;
 
+* the optional compiled hot path: the modules listed in
+  gbalance/build.py (COMPILED_MODULES) are compiled with Cython (3.0 or
+  later, pure-Python mode, the .py files unchanged) when Cython and a C
+  compiler are there and GBALANCE_PURE=1 is not set; a module that fails
+  to compile is left out with a warning.  The .py modules always ship, so
+  every install runs, compiled or pure (``python3 -m gbalance.build``
+  says which);
+
 plus the stdeb route (``make deb-stdeb``; README, "Packages"):
 
 * ``python3 setup.py --command-packages=stdeb.command bdist_deb`` (or
@@ -23,6 +31,8 @@ plus the stdeb route (``make deb-stdeb``; README, "Packages"):
 """
 from __future__ import annotations
 
+import ast
+import os
 import re
 import sys
 from pathlib import Path
@@ -58,6 +68,48 @@ def version() -> str:
     if not found:
         raise SystemExit("setup.py: no __version__ = \"...\" line in gbalance/__init__.py")
     return found.group(1)
+
+
+#: Cython directives: annotations are documentation, never C types (a ``str``
+#: annotation would refuse a StrEnum, an ``int`` one a bool...); the .pxd
+#: files are where types come from.
+CYTHON_DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True}
+MIN_CYTHON = 3
+
+
+def compiled_modules() -> list[str]:
+    """gbalance.build.COMPILED_MODULES, read without importing the package."""
+    tree = ast.parse((HERE / "gbalance" / "build.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "COMPILED_MODULES":
+            return list(ast.literal_eval(node.value))
+    raise SystemExit("setup.py: no COMPILED_MODULES in gbalance/build.py")
+
+
+def extensions() -> list:
+    """The Cython extensions to build, or none (pure build)."""
+    if os.environ.get("GBALANCE_PURE") == "1":
+        return []
+    try:
+        import Cython
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except ImportError:
+        return []
+    if int(re.match(r"\d+", Cython.__version__).group()) < MIN_CYTHON:
+        sys.stderr.write(f"setup.py: Cython {Cython.__version__} is older than {MIN_CYTHON}.0: "
+                         "building the pure-Python modules only\n")
+        return []
+    built = []
+    for name in compiled_modules():
+        ext = Extension(name, [str(Path(*name.split(".")).with_suffix(".py"))], optional=True)
+        try:
+            built += cythonize([ext], compiler_directives=CYTHON_DIRECTIVES, build_dir="build/cython",
+                               quiet=True)
+        except Exception as exc:   # Cython could not translate it: that module stays pure
+            sys.stderr.write(f"setup.py: {name} is not compiled ({type(exc).__name__}: {exc}); "
+                             "its pure-Python module is used\n")
+    return built
 
 
 def license_field() -> dict[str, str]:
@@ -114,4 +166,6 @@ def stdeb_commands() -> dict[str, type]:
 if __name__ == "__main__":
     refuse_debian_dir_writers(sys.argv)
     cmdclass = stdeb_commands() if any("stdeb" in arg or arg in ("sdist_dsc", "bdist_deb") for arg in sys.argv) else {}
-    setup(version=version(), packages=setuptools.find_packages(include=["gbalance", "gbalance.*"]), cmdclass=cmdclass, **license_field())
+    # The .pxd files are build input (the sdist has them, MANIFEST.in), not installed.
+    setup(version=version(), packages=setuptools.find_packages(include=["gbalance", "gbalance.*"]), cmdclass=cmdclass,
+          ext_modules=extensions(), exclude_package_data={"": ["*.pxd"]}, **license_field())

@@ -33,7 +33,8 @@ tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo --exc
     --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results -cf - . | tar -C "$WORK/src" -xf -
 # Debian's interpreter, setuptools and tools only (not a pyenv or venv python).
-(cd "$WORK/src" && PATH=/usr/sbin:/usr/bin:/sbin:/bin /usr/bin/python3 setup.py \
+# GBALANCE_PURE=1: an _all.deb, so never the optional Cython build.
+(cd "$WORK/src" && GBALANCE_PURE=1 PATH=/usr/sbin:/usr/bin:/sbin:/bin /usr/bin/python3 setup.py \
     --command-packages=stdeb.command sdist_dsc --dist-dir "$WORK/deb_dist" bdist_deb) > "$WORK/build.log" 2>&1 || {
     tail -40 "$WORK/build.log" >&2
     echo "build-stdeb: stdeb's bdist_deb failed (log above)" >&2

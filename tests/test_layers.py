@@ -22,7 +22,7 @@ PKG = ROOT / "gbalance"
 #: The layer of each top-level module; a module in a subpackage is in the
 #: layer named after its subpackage.
 TOP_LEVEL = {
-    "__init__": "base", "errors": "base", "log": "base", "clock": "base",
+    "__init__": "base", "errors": "base", "log": "base", "clock": "base", "build": "base",
     "config": "config", "arguments": "config",
     "wiring": "wiring",
     "cli": "entry", "__main__": "entry",

@@ -337,14 +337,16 @@ def test_partial_header_send_goes_before_client_data(tmp_path, monkeypatch, hang
         sent_parts.append(header[:n])
         return header[n:]
 
-    real_start = server_mod.Link.start
+    class SpyLink(server_mod.Link):
+        # A subclass, not a patched method: compiled, Link is an extension type.
+        __slots__ = ()
 
-    def start(link, preamble=b"", oob=b""):
-        early_seen.append(bool(link.early))
-        real_start(link, preamble, oob)
+        def start(self, preamble=b"", oob=b""):
+            early_seen.append(bool(self.early))
+            super().start(preamble, oob)
 
     monkeypatch.setattr(server_mod, "send_header", partial)
-    monkeypatch.setattr(server_mod.Link, "start", start)
+    monkeypatch.setattr(server_mod, "Link", SpyLink)
     monkeypatch.setenv("BALANCE_STATE_DIR", str(tmp_path))
     backend = gsocket.socket()
     backend.bind(("127.0.0.1", 0))
