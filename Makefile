@@ -57,7 +57,7 @@ pure:
 # without a compiler, the whole suite pure.  GBALANCE_EXPECT makes
 # tests/test_build.py check that the build asked for is the one loaded.
 PURE_TESTS ?= tests/test_build.py tests/test_connect.py tests/test_forward.py tests/test_server.py \
-	tests/test_e2e_proxy.py tests/test_e2e_workers.py
+	tests/test_e2e_datapath.py
 
 test: deps venv lint
 	@if command -v cc >/dev/null 2>&1; then \
