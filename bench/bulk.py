@@ -15,8 +15,7 @@ import os
 import subprocess
 from collections.abc import Callable
 
-from lib import LOAD_CPU, PROCS, Direct, GBalance, HAProxy, BenchError, Daemon, median, pin, pin_tree, \
-    process_tree, start, wait_listening, free_port, PROXY_CPU
+from lib import LOAD_CPU, Direct, GBalance, HAProxy, BenchError, median, pin, process_tree, PROXY_CPU
 
 DIRECTIONS = ("up", "down")   # up: iperf3 client -> server; down: iperf3 -R
 
@@ -26,36 +25,8 @@ class HAProxySplice(HAProxy):
     maxconn 6000: with splice it needs descriptors for pipes too."""
 
     name = "haproxy-splice"
-
-    def start(self) -> None:
-        self.port = free_port()
-        conf = self.work / f"haproxy-splice-{self.port}.cfg"
-        conf.write_text(f"""global
-    nbthread 1
-    maxconn 6000
-defaults
-    mode tcp
-    option splice-auto
-    timeout connect 5s
-    timeout client 5m
-    timeout server 5m
-frontend fe
-    bind 127.0.0.1:{self.port}
-    default_backend be
-backend be
-    server s1 127.0.0.1:{self.backend}
-""")
-        pidfile = self.work / f"haproxy-splice-{self.port}.pid"
-        launcher = start(["haproxy", "-D", "-p", str(pidfile), "-f", str(conf)], PROXY_CPU)
-        launcher.wait(15)
-        PROCS.pop(launcher.pid, None)
-        if launcher.returncode != 0 or not pidfile.exists():
-            raise BenchError(f"haproxy did not start (exit {launcher.returncode})")
-        daemon = Daemon(int(pidfile.read_text().split()[0]))
-        PROCS[daemon.pid] = daemon
-        self.proc = daemon
-        wait_listening(self.port, self.proc)
-        pin_tree(daemon.pid, self.cpus)
+    splice_lines = "    maxconn 6000\n"
+    defaults_extra = "    option splice-auto\n"
 
 
 CONTENDERS = {"direct": Direct, "gbalance": GBalance, "haproxy": HAProxy, "haproxy-splice": HAProxySplice}

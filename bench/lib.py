@@ -355,17 +355,18 @@ class HAProxy(Proxy):
     name = "haproxy"
     threads = 1                 # nbthread (bench/workers.py also runs 2)
     cpus: int | set[int] = PROXY_CPU
+    #: The global lines on splicing and the connection cap (bench/bulk.py splices).
+    splice_lines = "    maxconn 8000\n    nosplice\n"
+    defaults_extra = ""
 
     def start(self) -> None:
         self.port = free_port()
-        conf = self.work / f"haproxy-{self.port}.cfg"
+        conf = self.work / f"{self.name}-{self.port}.cfg"
         conf.write_text(f"""global
     nbthread {self.threads}
-    maxconn 8000
-    nosplice
-defaults
+{self.splice_lines}defaults
     mode tcp
-    timeout connect 5s
+{self.defaults_extra}    timeout connect 5s
     timeout client 5m
     timeout server 5m
 frontend fe
@@ -374,7 +375,7 @@ frontend fe
 backend be
     server s1 127.0.0.1:{self.backend}
 """)
-        pidfile = self.work / f"haproxy-{self.port}.pid"
+        pidfile = self.work / f"{self.name}-{self.port}.pid"
         launcher = start(["haproxy", "-D", "-p", str(pidfile), "-f", str(conf)], PROXY_CPU)
         launcher.wait(15)
         PROCS.pop(launcher.pid, None)
