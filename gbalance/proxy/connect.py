@@ -34,7 +34,6 @@ client and no switches.  :meth:`Connector.race` wraps it for callers that
 want to block a greenlet on it.
 """
 
-from __future__ import annotations
 
 import _socket
 import errno

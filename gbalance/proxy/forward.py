@@ -33,7 +33,6 @@ socket takes the urgent byte if it is still there and reads once with
 ``recv``, which moves past the mark; splicing then goes on.
 """
 
-from __future__ import annotations
 
 import fcntl
 import os

@@ -37,7 +37,6 @@ sends; it works on whatever prefix has arrived and says "need more",
 "a header of N bytes" or why the bytes are not a header.
 """
 
-from __future__ import annotations
 
 import enum
 import socket

@@ -52,7 +52,6 @@ costs a CRC-32 and one index.  Only a client whose best channel is not
 usable, with ``-H``, has its whole order computed.
 """
 
-from __future__ import annotations
 
 import hashlib
 import ipaddress

@@ -19,7 +19,6 @@ counted and logged at most once per :data:`SOURCE_REPORT_EVERY` per
 address.  Both checks are a counter compared per accept.
 """
 
-from __future__ import annotations
 
 import _socket
 import errno

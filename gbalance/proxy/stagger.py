@@ -19,7 +19,6 @@ for ``monitor show`` and ``metrics``.  Nothing here touches sockets or clocks:
 callers pass measured seconds, so tests drive it with any numbers.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 

@@ -12,7 +12,6 @@ needs a lock (one thread per loop).  A recycled watcher drops its callback
 and arguments, so it keeps no closed link or race alive.
 """
 
-from __future__ import annotations
 
 #: libev event masks for I/O watchers: readable, writable.
 READ = 1

@@ -8,7 +8,6 @@ that) and logs what it got.  The commands it runs get the limit it started
 with back (:func:`restore_start_limit`).
 """
 
-from __future__ import annotations
 
 import resource
 from dataclasses import dataclass

@@ -45,7 +45,6 @@ Routing asks :func:`usable` and :func:`last_resort` which channels may take
 a connection.
 """
 
-from __future__ import annotations
 
 import enum
 import ipaddress

@@ -21,7 +21,6 @@ connection it counted there is *held*, so the connect hook
 (:meth:`Counters.count_attempt`) does not count it twice.
 """
 
-from __future__ import annotations
 
 import errno
 import fcntl
