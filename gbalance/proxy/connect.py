@@ -138,10 +138,10 @@ class Attempt:
 class Connector:
     """Settings shared by every race of one master."""
 
-    def __init__(self, loop, address_of: Callable[[int, int], tuple[int, tuple]],
+    def __init__(self, loop, address_of: "Callable[[int, int], tuple[int, tuple]]",
                  hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
-                 source: dict[int, tuple] | None = None,
-                 keepalive: tuple[int, int, int] | None = None,
+                 source: "dict[int, tuple] | None" = None,
+                 keepalive: "tuple[int, int, int] | None" = None,
                  estimator: StaggerEstimator | None = None):
         self.loop = loop
         self.address_of = address_of
@@ -191,7 +191,7 @@ class Connector:
             raise
         return sock
 
-    def race(self, client: socket.socket, candidates: Iterator[tuple[int, int]]) -> Connected | None:
+    def race(self, client: socket.socket, candidates: "Iterator[tuple[int, int]]") -> Connected | None:
         """Connect to the first candidate that answers; None when all fail.
 
         Blocks the calling greenlet (the server itself runs races from
@@ -205,7 +205,7 @@ class Connector:
         return result
 
 
-def set_keepalive(sock: socket.socket, params: tuple[int, int, int]) -> None:
+def set_keepalive(sock: socket.socket, params: "tuple[int, int, int]") -> None:
     """Enable TCP keepalive with idle time, probe interval and probe count."""
     idle, interval, probes = params
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -233,7 +233,7 @@ class Race:
     __slots__ = ("conn", "client", "candidates", "done", "peer", "pending", "client_io",
                  "stagger_timer", "exhausted", "early", "over", "shortage", "oob", "held", "source")
 
-    def __init__(self, conn: Connector, client: socket.socket, candidates: Iterator[tuple[int, int]],
+    def __init__(self, conn: Connector, client: socket.socket, candidates: "Iterator[tuple[int, int]]",
                  done: Callable[["Race", "Connected | None", "BaseException | None"], None],
                  peer=None):
         self.conn = conn
@@ -241,7 +241,7 @@ class Race:
         self.candidates = candidates
         self.done = done
         self.peer = peer               # the client's address, for whoever called
-        self.pending: list[Attempt] = []
+        self.pending: "list[Attempt]" = []
         self.client_io = None
         self.stagger_timer = None
         self.exhausted = False
@@ -621,7 +621,7 @@ def _reason(err: int) -> str:
     return FailReason.REFUSED if err == errno.ECONNREFUSED else errno.errorcode.get(err, str(err))
 
 
-def _settled(pending: list[Attempt]) -> Attempt | None:
+def _settled(pending: "list[Attempt]") -> Attempt | None:
     """The first pending attempt whose connect has finished, one way or the other.
 
     A zero-timeout poll per attempt, made only when a stagger delay runs out.

@@ -90,7 +90,7 @@ def parse_version(text: str) -> Version:
         raise BalanceError(f"invalid PROXY protocol version [{text}] for -P (use v1 or v2)", EX_USAGE)
 
 
-def plain(host: str) -> tuple[bool, str]:
+def plain(host: str) -> "tuple[bool, str]":
     """``(is_ipv6, address)`` for a socket address string, as it goes on the wire.
 
     v4-mapped IPv6 addresses become the IPv4 address they carry; an IPv6
@@ -252,8 +252,8 @@ class Received(NamedTuple):
 
     length: int
     version: int
-    source: tuple[str, int] | None = None
-    dest: tuple[str, int] | None = None
+    source: "tuple[str, int] | None" = None
+    dest: "tuple[str, int] | None" = None
 
 
 def parse_header(data: bytes) -> Received | None:

@@ -89,7 +89,7 @@ def client_key(address: str) -> int:
     return client_hash(address) >> KEY_SHIFT
 
 
-def channel_seed(address: str, port: int, twin: int = 0) -> tuple[int, int]:
+def channel_seed(address: str, port: int, twin: int = 0) -> "tuple[int, int]":
     """The two 64-bit numbers that make a channel's scores, from its address and port.
 
     ``twin`` counts earlier channels of the same group with the same address
@@ -106,7 +106,7 @@ def channel_seed(address: str, port: int, twin: int = 0) -> tuple[int, int]:
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
-def score(key: int, seed: tuple[int, int]) -> int:
+def score(key: int, seed: "tuple[int, int]") -> int:
     """A channel's score for a client key: ``(a * key + b) mod 2**64``.
 
     Multiply-add-shift hashing (Dietzfelbinger): over random ``a, b`` the top
@@ -116,7 +116,7 @@ def score(key: int, seed: tuple[int, int]) -> int:
     return (a * key + b) & _MASK64
 
 
-def rendezvous_order(key: int, seeds: Sequence[tuple[int, int]]) -> list[int]:
+def rendezvous_order(key: int, seeds: "Sequence[tuple[int, int]]") -> "list[int]":
     """Channel indices best first for ``key`` (ties, which need equal seeds, by index)."""
     scores = [score(key, s) for s in seeds]
     return sorted(range(len(seeds)), key=lambda c: (-scores[c], c))
@@ -131,7 +131,7 @@ class Rendezvous:
 
     __slots__ = ("seeds", "n", "generation", "winners", "_a", "_b", "_nbytes")
 
-    def __init__(self, seeds: Sequence[tuple[int, int]], generation: int = 0):
+    def __init__(self, seeds: "Sequence[tuple[int, int]]", generation: int = 0):
         self.seeds = tuple(seeds)
         self.n = len(self.seeds)
         self.generation = generation
@@ -157,15 +157,15 @@ class Rendezvous:
         scores = lanes[::2].tolist()
         return scores.index(max(scores))
 
-    def order(self, key: int) -> list[int]:
+    def order(self, key: int) -> "list[int]":
         """Every channel, best first, for ``key`` (the -H failover order)."""
         return rendezvous_order(key, self.seeds)
 
 
-def group_seeds(state: SharedState, g: int, n: int) -> list[tuple[int, int]]:
+def group_seeds(state: SharedState, g: int, n: int) -> "list[tuple[int, int]]":
     """The seeds of the first ``n`` channels of group ``g``, read from the table."""
     q = state.q
-    seen: dict[tuple[str, int], int] = {}
+    seen: "dict[tuple[str, int], int]" = {}
     seeds = []
     for c in range(n):
         ident = (state.address(g, c), q[slot(g, c, C_PORT)])
@@ -183,7 +183,7 @@ class Router:
         self.state = state
         self.q = state.q
         #: Each hash group's :class:`Rendezvous`, rebuilt when the channels change.
-        self.rings: list[Rendezvous | None] = [None] * MAXGROUPS
+        self.rings: "list[Rendezvous | None]" = [None] * MAXGROUPS
         self.hash_failover = hash_failover
         self.last_resort = last_resort
         #: Set only when other processes serve too (-w N, N > 1).
@@ -197,7 +197,7 @@ class Router:
         base = slot(g, c, 0)
         return eligible(self.q, base) and counters.room(base)
 
-    def candidates(self, client: str) -> Iterator[tuple[int, int]]:
+    def candidates(self, client: str) -> "Iterator[tuple[int, int]]":
         """Yield ``(group, channel)`` pairs to try, best first.
 
         The round-robin cursor of a group moves past each channel as it is
@@ -254,7 +254,7 @@ class Router:
         self.rings[g] = ring
         return ring
 
-    def _last_resort(self) -> Iterator[tuple[int, int]]:
+    def _last_resort(self) -> "Iterator[tuple[int, int]]":
         """Soft-disabled and suspect channels, in order, when nothing else is left."""
         q = self.q
         counters = self.counters

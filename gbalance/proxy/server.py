@@ -197,7 +197,7 @@ class AddressCache:
         self.entries = entries
         self.generation = gen
 
-    def __call__(self, g: int, c: int) -> tuple[int, tuple]:
+    def __call__(self, g: int, c: int) -> "tuple[int, tuple]":
         return self.entries[g * MAXCHANNELS + c]
 
 
@@ -230,8 +230,8 @@ class BalanceServer(StreamServer):
         # Every open link (value: idle seconds, for -T) and the race of
         # every accepted client without a link yet (its backend connect
         # pending): what a drain waits for.
-        self.links: dict[Link, float] = {}
-        self.pending: set[Race] = set()
+        self.links: "dict[Link, float]" = {}
+        self.pending: "set[Race]" = set()
         self.draining = False
         self.aborted = False
         self._on_drained: Callable[[], None] | None = None

@@ -56,10 +56,10 @@ class StaggerEstimator:
         self.floor = min(rule.floor, rule.ceiling)
         self.width = channels
         nslots = groups * channels
-        self.srtt: list[float] = [-1.0] * nslots     # -1: not measured yet
-        self.rttvar: list[float] = [0.0] * nslots
+        self.srtt: "list[float]" = [-1.0] * nslots     # -1: not measured yet
+        self.rttvar: "list[float]" = [0.0] * nslots
         self.initial = initial_delay(rule.ceiling)
-        self.delays: list[float] = [self.initial] * nslots
+        self.delays: "list[float]" = [self.initial] * nslots
 
     def delay(self, g: int, c: int) -> float:
         """The stagger delay for group ``g`` channel ``c`` now (0 when off)."""

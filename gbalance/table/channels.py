@@ -115,7 +115,7 @@ class Step:
 _ENA, _DIS_SOFT, _DIS_HARD = ChannelState.ENABLED, ChannelState.SOFT_DISABLED, ChannelState.HARD_DISABLED
 
 
-def _build() -> dict[tuple[ChannelState, Event], Step]:
+def _build() -> "dict[tuple[ChannelState, Event], Step]":
     table = {(s, e): Step(s) for s in ChannelState for e in Event}   # by default: nothing changes
     for s in ChannelState:
         table[s, Event.ADMIN_ENABLE] = Step(_ENA)
@@ -135,7 +135,7 @@ def _build() -> dict[tuple[ChannelState, Event], Step]:
 
 
 #: The channel state machine: (state, event) -> step, for every pair.
-TRANSITIONS: dict[tuple[ChannelState, Event], Step] = _build()
+TRANSITIONS: "dict[tuple[ChannelState, Event], Step]" = _build()
 #: Events that lead to one state whatever the state before.
 _ABSOLUTE = frozenset(e for e in Event if len({TRANSITIONS[s, e].to for s in ChannelState}) == 1)
 
@@ -325,7 +325,7 @@ class Channels:
         self.fire(g, c, event)
         return Result.OK
 
-    def create(self, g: int, address: str, port: int) -> tuple[Result, int]:
+    def create(self, g: int, address: str, port: int) -> "tuple[Result, int]":
         """Add a hard-disabled channel to group ``g``; (result, its index)."""
         if not 0 <= g < MAXGROUPS:
             return Result.OUT_OF_RANGE, -1
@@ -468,7 +468,7 @@ class Channels:
             return CheckOutcome(fails, counting=towards)
         return CheckOutcome(fails, changed=self.fire(g, c, Event.FALL).changed)
 
-    def address_of(self, g: int, c: int) -> tuple[str, int] | None:
+    def address_of(self, g: int, c: int) -> "tuple[str, int] | None":
         """(address, port) of a channel, or None when what the file holds is not valid."""
         address = self.state.address(g, c)
         port = self.q[slot(g, c, C_PORT)]
