@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent import subprocess
@@ -38,6 +41,10 @@ from gbalance.table.layout import (C_C, G_NCHANNELS, H_NGROUPS, MAXCHANNELS, MAX
                                    row_sum, slot)
 from gbalance.table.state import SharedState
 from gbalance.process.worker import WORKER_ENV, WorkerSpec, encode_spec
+
+if TYPE_CHECKING:
+    from gevent import Greenlet
+    from gevent.event import Event
 
 #: How long the master waits for a new worker to say it is ready.
 READY_TIMEOUT = 15.0
@@ -65,11 +72,11 @@ class Seat:
 
     def __init__(self, index: int):
         self.index = index
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.backoff = 0.1
-        self.ready = None
-        self.watcher = None
+        self.ready: Event | None = None
+        self.watcher: Greenlet | None = None
 
     def restart_delay(self, lived: float) -> float:
         """The pause before replacing a worker that died after ``lived``
@@ -86,7 +93,8 @@ class Seat:
 class WorkerPool:
     """N worker processes serving one listener for one master."""
 
-    def __init__(self, cfg: ProxyConfig, state: SharedState, listener, log: Log, source: dict,
+    def __init__(self, cfg: ProxyConfig, state: SharedState, listener: socket.socket, log: Log,
+                 source: dict[int, tuple[Any, ...]],
                  clock: Clock = REAL):
         #: Worker lifetimes and restart pauses are measured on this clock.
         self.clock = clock
@@ -99,7 +107,7 @@ class WorkerPool:
         self.loop = gevent.get_hub().loop
         self.seats = [Seat(i) for i in range(self.n)]
         self.stopping = False
-        self._on_drained = None
+        self._on_drained: Callable[[], None] | None = None
 
     # -- starting -------------------------------------------------------------
 
@@ -146,7 +154,7 @@ class WorkerPool:
         if not self.stopping:
             self._spawn(s)
 
-    def _watch(self, s: Seat, proc, ready_fd: int, ready) -> None:
+    def _watch(self, s: Seat, proc: subprocess.Popen, ready_fd: int, ready: Event) -> None:
         """Wait for the worker to be ready, then for it to end; replace it if it died."""
         from gevent.socket import wait_read
 
@@ -216,7 +224,7 @@ class WorkerPool:
                     s.watcher.kill(block=False)     # a pending restart
             self._signal(signal.SIGTERM)
 
-    def drain(self, on_drained) -> None:
+    def drain(self, on_drained: Callable[[], None]) -> None:
         """Close the master's copy of the listener; ``on_drained`` once every worker exited."""
         self.stop_accepting()
         try:

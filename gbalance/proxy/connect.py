@@ -39,8 +39,8 @@ import _socket
 import errno
 import select
 import socket
-from enum import StrEnum
-from typing import Callable, Iterator, NamedTuple
+from enum import Enum, StrEnum
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from gevent.hub import Waiter
 
@@ -48,6 +48,10 @@ from gbalance.proxy.forward import DONTWAIT
 from gbalance.proxy.stagger import StaggerEstimator
 from gbalance.proxy.urgent import set_owner
 from gbalance.proxy.watchers import READ, WRITE, Watchers
+
+if TYPE_CHECKING:
+    from gbalance.proxy.urgent import UrgentRelay
+    from gbalance.proxy.watchers import EventLoop, IoWatcher, TimerWatcher
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0) | getattr(socket, "SOCK_CLOEXEC", 0)
 #: Errors that say this process is out of resources, not that a channel is bad.
@@ -67,8 +71,16 @@ EARLY_MAX = 65536
 EARLY_TOTAL = 4 << 20
 #: Builds a :class:`Connected` from a full tuple of its fields.
 _new_tuple = tuple.__new__
-#: What a race step returns while the race goes on.
-_GOING = object()
+
+
+class _Step(Enum):
+    """What a race step returns while the race goes on (an enum, so the
+    type checker can tell it from a result)."""
+
+    GOING = 0
+
+
+_GOING = _Step.GOING
 
 
 class FailReason(StrEnum):
@@ -88,11 +100,11 @@ class Connected(NamedTuple):
     read watcher on the backend socket.  Either may be None.
     """
 
-    sock: socket.socket
+    sock: _socket.socket
     group: int
     channel: int
-    client_watcher: object
-    server_watcher: object
+    client_watcher: "IoWatcher | None"
+    server_watcher: "IoWatcher | None"
     #: What the client sent while the connect was pending (send it first).
     early: bytes = b""
     #: The backend reset the connection before the link began.
@@ -118,12 +130,12 @@ class Attempt:
 
     __slots__ = ("g", "c", "sock", "io", "timer", "t0", "sent", "reset")
 
-    def __init__(self, g: int, c: int, sock: socket.socket):
+    def __init__(self, g: int, c: int, sock: _socket.socket):
         self.g = g
         self.c = c
         self.sock = sock
-        self.io = None
-        self.timer = None
+        self.io: "IoWatcher | None" = None
+        self.timer: "TimerWatcher | None" = None
         self.t0 = -1.0     # loop time the connect started (adaptive stagger only)
         self.sent = 0      # bytes of the client's early data its first send took
         self.reset = False # it connected, and was reset before the link began
@@ -138,9 +150,9 @@ class Attempt:
 class Connector:
     """Settings shared by every race of one master."""
 
-    def __init__(self, loop, address_of: "Callable[[int, int], tuple[int, tuple]]",
+    def __init__(self, loop: "EventLoop", address_of: "Callable[[int, int], tuple[int, tuple[Any, ...]]]",
                  hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
-                 source: "dict[int, tuple] | None" = None,
+                 source: "dict[int, tuple[Any, ...]] | None" = None,
                  keepalive: "tuple[int, int, int] | None" = None,
                  estimator: StaggerEstimator | None = None):
         self.loop = loop
@@ -155,7 +167,7 @@ class Connector:
         self.keepalive = keepalive
         #: The server's :class:`~gbalance.proxy.urgent.UrgentRelay`: it owns each
         #: backend socket from its creation (urgent data raises SIGURG).
-        self.urgent = None
+        self.urgent: "UrgentRelay | None" = None
         #: Send what the client said during the connect as soon as it
         #: completes (off when something must go first: a PROXY header).
         self.send_early = True
@@ -173,7 +185,7 @@ class Connector:
         """How many more early bytes a race holding ``have`` may read now."""
         return min(EARLY_MAX - have, self.early_cap - self.early_held)
 
-    def open_socket(self, family: int) -> socket.socket:
+    def open_socket(self, family: int) -> _socket.socket:
         """A non-blocking backend socket with balance's options set."""
         sock = _socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         try:
@@ -191,7 +203,7 @@ class Connector:
             raise
         return sock
 
-    def race(self, client: socket.socket, candidates: "Iterator[tuple[int, int]]") -> Connected | None:
+    def race(self, client: _socket.socket, candidates: "Iterator[tuple[int, int]]") -> Connected | None:
         """Connect to the first candidate that answers; None when all fail.
 
         Blocks the calling greenlet (the server itself runs races from
@@ -205,7 +217,7 @@ class Connector:
         return result
 
 
-def set_keepalive(sock: socket.socket, params: "tuple[int, int, int]") -> None:
+def set_keepalive(sock: _socket.socket, params: "tuple[int, int, int]") -> None:
     """Enable TCP keepalive with idle time, probe interval and probe count."""
     idle, interval, probes = params
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -233,17 +245,17 @@ class Race:
     __slots__ = ("conn", "client", "candidates", "done", "peer", "pending", "client_io",
                  "stagger_timer", "exhausted", "early", "over", "shortage", "oob", "held", "source")
 
-    def __init__(self, conn: Connector, client: socket.socket, candidates: "Iterator[tuple[int, int]]",
+    def __init__(self, conn: Connector, client: _socket.socket, candidates: "Iterator[tuple[int, int]]",
                  done: Callable[["Race", "Connected | None", "BaseException | None"], None],
-                 peer=None):
+                 peer: Any = None):
         self.conn = conn
         self.client = client
         self.candidates = candidates
         self.done = done
         self.peer = peer               # the client's address, for whoever called
         self.pending: "list[Attempt]" = []
-        self.client_io = None
-        self.stagger_timer = None
+        self.client_io: "IoWatcher | None" = None
+        self.stagger_timer: "TimerWatcher | None" = None
         self.exhausted = False
         self.early: bytes | bytearray | None = None    # only if the client talks first
         self.over = False
@@ -254,7 +266,7 @@ class Race:
         #: Early bytes of this race counted in the connector's ``early_held``.
         self.held = 0
         #: For the caller: its key for the client's address (per-source limit).
-        self.source = None
+        self.source: Any = None
 
     # -- start and events --------------------------------------------------
 
@@ -289,7 +301,7 @@ class Race:
             return
         self._end(result)
 
-    def _event(self, step: Callable[["Race", "Attempt | None"], object], att: "Attempt | None") -> None:
+    def _event(self, step: Callable[["Race", "Attempt | None"], "Connected | None | _Step"], att: "Attempt | None") -> None:
         """A watcher fired: ``step`` is the handler of its kind (``_on_io``,
         ``_on_timeout``, ``_on_stagger``, ``_on_client``, passed as plain
         functions so arming a watcher allocates nothing more).  Move the
@@ -435,7 +447,7 @@ class Race:
             watchers.recycle_io(att.io)
             att.io = None
 
-    def _finish(self, winner: Attempt | None):
+    def _finish(self, winner: Attempt | None) -> "Connected | None":
         """Stop every watcher, close the losers, return the winner's result."""
         if self.held:
             self.conn.early_held -= self.held     # the link holds them now, or nobody
@@ -483,7 +495,7 @@ class Race:
         early = self.early
         room = self.conn.early_room(self.held)
         if room <= 0:
-            self.client_io.stop()
+            self.client_io.stop()  # type: ignore[union-attr]  # called only from client_io's callback
             return False
         try:
             data = self.client.recv(room, DONTWAIT)
@@ -494,7 +506,7 @@ class Race:
         if not data:
             if not early:
                 return True
-            self.client_io.stop()
+            self.client_io.stop()  # type: ignore[union-attr]  # (as above)
             return False
         if early is None:
             early = self.early = data
@@ -505,7 +517,7 @@ class Race:
         self.held += len(data)
         self.conn.early_held += len(data)
         if len(data) >= room:
-            self.client_io.stop()
+            self.client_io.stop()  # type: ignore[union-attr]  # (as above)
         return False
 
     def _take_waiting(self) -> bool:
@@ -534,7 +546,7 @@ class Race:
         """Send the client's early bytes on ``att``: 0 if the send took
         them, -1 if the connect is still pending, else the errno."""
         try:
-            att.sent = att.sock.send(self.early, DONTWAIT)
+            att.sent = att.sock.send(self.early, DONTWAIT)  # type: ignore[arg-type]  # called only with early bytes held
             return 0
         except (BlockingIOError, InterruptedError):
             return -1
@@ -543,7 +555,7 @@ class Race:
 
     # -- the race: one handler per watcher kind ------------------------------
 
-    def _on_io(self, att: Attempt):
+    def _on_io(self, att: Attempt) -> "Connected | None | _Step":
         """A pending connect became writable: it connected, or it failed."""
         if att not in self.pending:
             return _GOING
@@ -562,14 +574,14 @@ class Race:
         self._fail(att, _reason(err))
         return self._next()
 
-    def _on_timeout(self, att: Attempt):
+    def _on_timeout(self, att: Attempt) -> "Connected | None | _Step":
         """A pending connect had no answer within -t."""
         if att not in self.pending:
             return _GOING
         self._fail(att, FailReason.TIMEOUT)
         return self._next()
 
-    def _on_stagger(self, att: Attempt):
+    def _on_stagger(self, att: Attempt) -> "Connected | None | _Step":
         """The stagger delay ran out with ``att`` (and maybe others) pending:
         suspect them and start a parallel attempt on the next candidate."""
         if not self.pending or self.exhausted:
@@ -587,13 +599,13 @@ class Race:
                 hooks.measured(att.g, att.c, self.conn.estimator.backoff(att.g, att.c))
         return self._next()
 
-    def _on_client(self, _att: None):
+    def _on_client(self, _att: None) -> "Connected | None | _Step":
         """The client sent something, or left, while connects are pending."""
         if self._client_gone():
             return self._finish(None)
         return _GOING
 
-    def _next(self):
+    def _next(self) -> "Connected | None | _Step":
         """Launch the next candidate: the race's result, or ``_GOING``."""
         won = self._launch()
         if won is not None:
@@ -607,7 +619,7 @@ class Race:
 _LINGER_ABORT = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 
 
-def _abort_on_close(sock: socket.socket) -> None:
+def _abort_on_close(sock: _socket.socket) -> None:
     """Make closing ``sock`` reset its connection if it has one (a connect
     still pending is simply dropped)."""
     try:

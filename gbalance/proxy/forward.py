@@ -34,19 +34,21 @@ socket takes the urgent byte if it is still there and reads once with
 """
 
 
+import _socket
 import fcntl
 import os
 import socket
 import struct
 import sys
 import termios
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from gbalance.proxy.dump import dump as render_dump
 from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 
 if TYPE_CHECKING:
     from gbalance.proxy.urgent import UrgentRelay
+    from gbalance.proxy.watchers import EventLoop, IoWatcher, Watchers
 
 CHUNK = 65536
 SCRATCH = bytearray(CHUNK)
@@ -116,7 +118,7 @@ class PipeBudget:
 PIPES = PipeBudget()
 
 
-def read_watcher(link: "Link", fd: int, reuse=None):
+def read_watcher(link: "Link", fd: int, reuse: "IoWatcher | None" = None) -> "IoWatcher":
     """A read watcher on ``fd``: ``reuse`` (a stopped watcher on that fd) if it can be.
 
     Reusing the connect's watchers saves creating two per connection; a
@@ -133,7 +135,7 @@ def read_watcher(link: "Link", fd: int, reuse=None):
     return new_watcher(link, fd, READ)
 
 
-def new_watcher(link: "Link", fd: int, events: int):
+def new_watcher(link: "Link", fd: int, events: int) -> "IoWatcher":
     """A stopped I/O watcher from the link's pool (or its loop, without one)."""
     if link.watchers is not None:
         return link.watchers.io(fd, events)
@@ -146,8 +148,8 @@ class Flow:
     __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
                  "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset", "probe")
 
-    def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str,
-                 rw=None):
+    def __init__(self, link: "Link", src: _socket.socket, dst: _socket.socket, idx: int, arrow: str,
+                 rw: "IoWatcher | None" = None):
         self.link = link
         self.src = src
         self.dst = dst
@@ -163,8 +165,8 @@ class Flow:
             self.rw = rw
         else:
             self.rw = read_watcher(link, fd, rw)
-        self.ww = None
-        self.pending = None
+        self.ww: "IoWatcher | None" = None
+        self.pending: "bytes | None" = None
         self.pipe_r = -1
         self.pipe_w = -1
         self.fill = 0
@@ -216,19 +218,21 @@ class Flow:
             self._start_splice()
 
     def on_write(self) -> None:
+        # (the write watcher's callback: it runs only while a rest is held)
+        pending: bytes = self.pending  # type: ignore[assignment]
         try:
-            m = self.dst.send(self.pending, DONTWAIT)
+            m = self.dst.send(pending, DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
             self.link.abort()
             return
         self.link.active = True          # bytes moved: not idle (-T)
-        if m < len(self.pending):
-            self.pending = self.pending[m:]
+        if m < len(pending):
+            self.pending = pending[m:]
             return
         self.pending = None
-        self.ww.stop()
+        self.ww.stop()  # type: ignore[union-attr]  # (the watcher that called it)
         self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self.on_read)
 
     def _wait_writable(self, callback: Callable[[], None]) -> None:
@@ -395,14 +399,14 @@ class Link:
                  "active", "dump", "splice", "on_close", "urgent", "early", "early_sent", "watchers",
                  "source")
 
-    def __init__(self, loop, client: socket.socket, server: socket.socket, q: memoryview,
+    def __init__(self, loop: "EventLoop", client: _socket.socket, server: _socket.socket, q: memoryview,
                  sent_idx: int, rcvd_idx: int, c_idx: int,
                  on_close: Callable[["Link"], None] | None = None,
                  dump: Callable[[str], None] | None = None,
                  urgent: "UrgentRelay | None" = None,
-                 client_watcher=None, server_watcher=None,
+                 client_watcher: "IoWatcher | None" = None, server_watcher: "IoWatcher | None" = None,
                  early: bytes = b"", server_reset: bool = False, early_sent: int = 0,
-                 watchers=None):
+                 watchers: "Watchers | None" = None):
         """``early``: client bytes read while the connect was pending, sent
         first (``early_sent`` of them already went with the connect);
         ``server_reset``: the backend reset the connection before the link
@@ -431,7 +435,7 @@ class Link:
         # is read: then both go to the client in one segment, not two.
         self.down.probe = _PROBE_END
         #: The owner's key for the client's address (the per-source limit).
-        self.source = None
+        self.source: Any = None
 
     def start(self, preamble: bytes = b"", oob: bytes = b"") -> None:
         """Start both flows.  ``preamble`` (what is left of a PROXY header) goes
@@ -521,7 +525,7 @@ class Link:
                 pass
         self.close()
 
-    def socket_failed(self, sock: socket.socket) -> None:
+    def socket_failed(self, sock: _socket.socket) -> None:
         """The relay saw an error or hang-up on ``sock``.
 
         The flow reading ``sock`` finds it itself if it is reading; one
@@ -551,10 +555,10 @@ class Link:
                 watchers.recycle_io(up.ww)
             if down.ww is not None:
                 watchers.recycle_io(down.ww)
-            up.rw = down.rw = up.ww = down.ww = None
+            up.rw = down.rw = up.ww = down.ww = None  # type: ignore[assignment]  # closed: never read again
         # No flow method looks at its link once it is closed: let go of it,
         # so a closed link is freed at once, not by the cycle collector.
-        up.link = down.link = None
+        up.link = down.link = None  # type: ignore[assignment]  # (as above)
         if self.urgent is not None:
             self.urgent.remove_link(self)
         self.client.close()

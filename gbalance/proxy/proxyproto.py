@@ -38,6 +38,7 @@ sends; it works on whatever prefix has arrived and says "need more",
 """
 
 
+import _socket
 import enum
 import socket
 import struct
@@ -151,7 +152,7 @@ def check_header(version: Version, sock: socket.socket) -> bytes:
         return V1_UNKNOWN
 
 
-def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.socket, tuple], bytes]:
+def header_maker(version: Version, listener: socket.socket) -> Callable[[_socket.socket, tuple], bytes]:
     """A function ``(client_socket, client_address) -> header`` for ``listener``.
 
     When the listener is bound to one address, every client reaches that
@@ -164,7 +165,7 @@ def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.
     if not fixed:
         build = v1_header if version is Version.V1 else v2_header
 
-        def wildcard(client: socket.socket, peer: tuple) -> bytes:
+        def wildcard(client: _socket.socket, peer: tuple) -> bytes:
             try:
                 here = client.getsockname()
             except OSError:   # the client is gone already: the link will see it
@@ -181,7 +182,7 @@ def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.
         middle = f" {dst} "
         tail = f" {dport}\r\n"
 
-        def fixed_v1(client: socket.socket, peer: tuple) -> bytes:
+        def fixed_v1(client: _socket.socket, peer: tuple) -> bytes:
             src6, src = plain(peer[0])
             if src6 != dst6:
                 return slow(peer[0], local[0], peer[1], dport)
@@ -194,7 +195,7 @@ def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.
         pack, head2, aton = _V2_PACK4, _V2_HEAD4, _inet_aton
     dst_packed = aton(dst)
 
-    def fixed_v2(client: socket.socket, peer: tuple) -> bytes:
+    def fixed_v2(client: _socket.socket, peer: tuple) -> bytes:
         src6, src = plain(peer[0])
         if src6 != dst6:
             return slow(peer[0], local[0], peer[1], dport)
@@ -202,7 +203,7 @@ def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.
     return fixed_v2
 
 
-def send_header(sock: socket.socket, header: bytes) -> bytes:
+def send_header(sock: _socket.socket, header: bytes) -> bytes:
     """Send ``header`` on a fresh non-blocking ``sock``; return what is left to send.
 
     A fresh socket's send buffer is empty, so this is all of it in practice;

@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gevent.server import StreamServer
 
@@ -44,6 +44,9 @@ from gbalance.table.layout import (C_C, C_SLOTS, CHANNEL_BASE, C_PORT, C_RCVD, C
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
 
+if TYPE_CHECKING:
+    from gbalance.proxy.watchers import EventLoop, TimerWatcher
+
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: accept() errors about one client only (it reset, or a filter refused it).
 _ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
@@ -57,7 +60,7 @@ LINGER_RESET = struct.pack("ii", 1, 0)
 SOURCE_REPORT_EVERY = 60.0
 
 
-def set_reset_on_close(sock: socket.socket) -> None:
+def set_reset_on_close(sock: _socket.socket) -> None:
     """Make the next close of ``sock`` abort the connection (RST)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
@@ -204,11 +207,13 @@ class AddressCache:
 class BalanceServer(StreamServer):
     """Accepts clients and proxies each to a channel chosen from the table."""
 
+    loop: "EventLoop"     # (StreamServer's; gevent ships no types)
+
     def __init__(self, listener: socket.socket, state: SharedState, router: Router,
                  connector: Connector, log: Log, addresses: AddressCache,
                  idle_timeout: float = 0.0, dump: Callable[[str], None] | None = None,
                  counters: Counters | None = None, max_conns: int = 0, per_source: int = 0,
-                 proxy: Callable[[socket.socket, tuple], bytes] | None = None,
+                 proxy: Callable[[_socket.socket, tuple], bytes] | None = None,
                  frontdoor: FrontDoor | None = None):
         super().__init__(listener, handle=self.handle_client)
         #: -P: ``(client_socket, client_address) -> PROXY header``.
@@ -238,9 +243,9 @@ class BalanceServer(StreamServer):
         self.paused = False
         self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
-        self._resume_timer = None
-        self._sweeper = None
-        self.urgent = None
+        self._resume_timer: "TimerWatcher | None" = None
+        self._sweeper: "TimerWatcher | None" = None
+        self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
         # -L: not accepting while ``full``; ``limited`` from the first time the
         # limit is reached until the open count is down to ``low_water``.
@@ -256,7 +261,7 @@ class BalanceServer(StreamServer):
         self.refused: dict = {}
         self.refused_total = 0
         self.report_every = SOURCE_REPORT_EVERY
-        self._reporter = None
+        self._reporter: "TimerWatcher | None" = None
 
     # -- lifecycle ------------------------------------------------------
 
@@ -270,7 +275,7 @@ class BalanceServer(StreamServer):
         self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
         if self.frontdoor is not None and self.frontdoor.handle is None:
             # -A: the client's PROXY header is read before all else.
-            self.handle_client = self.frontdoor.wrap(self.handle_client)
+            self.handle_client = self.frontdoor.wrap(self.handle_client)  # type: ignore[method-assign,assignment]  # -A: per server
             self.frontdoor.settled = self._check_drained
         if self.idle_timeout > 0:
             step = max(0.05, min(1.0, self.idle_timeout / 10))
@@ -497,7 +502,7 @@ class BalanceServer(StreamServer):
 
     # -- per connection -------------------------------------------------
 
-    def handle_client(self, fd: int, address) -> None:
+    def handle_client(self, fd: int, address: tuple) -> None:
         """A client was accepted: start racing to a backend for it.
 
         Runs in the listener's callback; the race goes on in watcher

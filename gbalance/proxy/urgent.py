@@ -8,6 +8,7 @@ cost to one ``fcntl``.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
@@ -23,6 +24,7 @@ from gbalance.proxy.watchers import READ
 
 if TYPE_CHECKING:
     from gbalance.proxy.forward import Link
+    from gbalance.proxy.watchers import EventLoop
 
 
 #: Seconds without an urgent byte after which new links are no longer put
@@ -98,10 +100,11 @@ class UrgentRelay:
     and a socket leaves the set when it is closed (no ``epoll_ctl(DEL)``).
     """
 
-    def __init__(self, loop, calm: float = URGENT_CALM):
+    def __init__(self, loop: EventLoop, calm: float = URGENT_CALM):
         self.ep = select.epoll() if hasattr(select, "epoll") and hasattr(signal, "SIGURG") else None
-        self.peers: dict[int, tuple] = {}    # fd in the set -> (src, dst, link)
-        self.outside: set = set()            # started links whose sockets are not in the set
+        # fd in the set -> (src, dst, link)
+        self.peers: dict[int, tuple[_socket.socket, _socket.socket, Link | None]] = {}
+        self.outside: set[Link] = set()      # started links whose sockets are not in the set
         self.alert = False
         self.pid = os.getpid()
         self.calm = calm
@@ -113,7 +116,7 @@ class UrgentRelay:
             self.sigurg.start(self._on_sigurg)
             self.calm_timer = loop.timer(calm)
 
-    def own(self, sock: socket.socket) -> None:
+    def own(self, sock: _socket.socket) -> None:
         """Have the kernel signal urgent data on ``sock`` to this process."""
         if self.ep is not None:
             try:
@@ -139,7 +142,7 @@ class UrgentRelay:
             peers.pop(link.client.fileno(), None)
             peers.pop(link.server.fileno(), None)
 
-    def add(self, src: socket.socket, dst: socket.socket, link: "Link | None" = None) -> None:
+    def add(self, src: _socket.socket, dst: _socket.socket, link: Link | None = None) -> None:
         """Put ``src`` in the set (urgent bytes go to ``dst``, errors to ``link``)."""
         if self.ep is None:
             return
@@ -169,6 +172,7 @@ class UrgentRelay:
         self.alert = False
 
     def _forget(self, fd: int) -> None:
+        assert self.ep is not None        # (only the set's events call it)
         try:
             self.ep.unregister(fd)
         except OSError:
@@ -176,6 +180,7 @@ class UrgentRelay:
         self.peers.pop(fd, None)
 
     def _on_event(self) -> None:
+        assert self.ep is not None        # (its watchers exist only with the set)
         for fd, ev in self.ep.poll(0):
             entry = self.peers.get(fd)
             if entry is None:

@@ -12,6 +12,38 @@ needs a lock (one thread per loop).  A recycled watcher drops its callback
 and arguments, so it keeps no closed link or race alive.
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    # What this package uses of gevent's loop and watchers (gevent ships no
+    # type information); for the type checker only.
+
+    class Watcher(Protocol):
+        callback: "Callable[..., Any] | None"
+        args: "tuple[Any, ...] | None"
+
+        @property
+        def active(self) -> bool: ...
+        def start(self, callback: "Callable[..., Any]", *args: Any) -> None: ...
+        def stop(self) -> None: ...
+
+    class IoWatcher(Watcher, Protocol):
+        fd: int
+        events: int
+
+    class TimerWatcher(Watcher, Protocol):
+        def again(self, callback: "Callable[..., Any]", *args: Any) -> None: ...
+
+    class EventLoop(Protocol):
+        def io(self, fd: int, events: int, ref: bool = ..., priority: "int | None" = ...) -> IoWatcher: ...
+        def timer(self, after: float, repeat: float = ..., ref: bool = ...,
+                  priority: "int | None" = ...) -> TimerWatcher: ...
+        def signal(self, signum: int, ref: bool = ..., priority: "int | None" = ...) -> Watcher: ...
+        def now(self) -> float: ...
+
 
 #: libev event masks for I/O watchers: readable, writable.
 READ = 1
@@ -28,14 +60,14 @@ class Watchers:
 
     __slots__ = ("loop", "io_free", "timer_free", "timeout")
 
-    def __init__(self, loop, timeout: float = 0.0):
+    def __init__(self, loop: "EventLoop", timeout: float = 0.0):
         self.loop = loop
-        self.io_free: list = []
-        self.timer_free: list = []
+        self.io_free: "list[IoWatcher]" = []
+        self.timer_free: "list[TimerWatcher]" = []
         #: The one delay every pooled timer has (the connect timeout).
         self.timeout = timeout
 
-    def io(self, fd: int, events: int):
+    def io(self, fd: int, events: int) -> "IoWatcher":
         """A stopped I/O watcher for ``fd`` and ``events``: a recycled one if any."""
         free = self.io_free
         if free:
@@ -49,7 +81,7 @@ class Watchers:
                 pass
         return self.loop.io(fd, events)
 
-    def timer(self):
+    def timer(self) -> "TimerWatcher":
         """A stopped timer of ``timeout`` seconds: a recycled one if any.
 
         Start it with ``again()``, not ``start()``: libev keeps only the
@@ -63,14 +95,14 @@ class Watchers:
             return free.pop()
         return self.loop.timer(self.timeout, self.timeout)
 
-    def recycle_io(self, w) -> None:
+    def recycle_io(self, w: "IoWatcher | None") -> None:
         """Keep ``w`` (stopped; its descriptor is about to close) for later."""
         if w is not None and not w.active and len(self.io_free) < KEEP:
             w.callback = None
             w.args = None
             self.io_free.append(w)
 
-    def recycle_timer(self, t) -> None:
+    def recycle_timer(self, t: "TimerWatcher | None") -> None:
         """Keep timer ``t`` (stopped) for later."""
         if t is not None and not t.active and len(self.timer_free) < KEEP:
             t.callback = None
