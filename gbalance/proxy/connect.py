@@ -211,6 +211,8 @@ class Connector:
         """
         waiter = Waiter()
         Race(self, client, candidates, lambda race, result, error: waiter.switch((result, error))).start()
+        result: "Connected | None"
+        error: "BaseException | None"
         result, error = waiter.get()
         if error is not None:
             raise error
