@@ -300,35 +300,42 @@ class BalanceServer(StreamServer):
         accept = self.socket._accept
         handle = self.handle_client
         limit = self.max_conns
-        count = self.max_accept
+        budget = self.max_accept
         queued = self._queued
-        if queued is not None:
+        # The wake-up says a client waits: accept it, then ask the queue how
+        # many more wait (clients keep arriving while these are handled)
+        # and take those, until it says none or the budget is spent.
+        waiting = 1 if queued is not None else budget
+        while True:
+            if waiting > budget:
+                waiting = budget
+            budget -= waiting
+            for _ in range(waiting):
+                if limit and len(self.links) + len(self.pending) >= limit:
+                    self._hold()
+                    return
+                try:
+                    fd, address = accept()
+                except BlockingIOError:
+                    return
+                except OSError as exc:
+                    if exc.errno in _FD_EXHAUSTED:
+                        self._pause(exc)
+                        return
+                    if exc.errno in _ACCEPT_TRANSIENT:
+                        continue            # that client is gone; the next may be fine
+                    self._pause(exc, f"accept failed ({exc.strerror})")
+                    return
+                handle(fd, address)
+            if queued is None or budget <= 0:
+                return
             try:
                 waiting = _QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, _TCP_INFO, 32), _QUEUE_AT)[0]
             except (OSError, struct.error):
-                waiting = count
-            # At least one: a wake-up for a queue that looks empty still
-            # tries once (another process may have taken the client; then
-            # that one accept says EAGAIN, as without the look).
-            if waiting < count:
-                count = waiting if waiting > 0 else 1
-        for _ in range(count):
-            if limit and len(self.links) + len(self.pending) >= limit:
-                self._hold()
+                waiting = budget            # accept until EAGAIN, as elsewhere
+                queued = None
+            if waiting <= 0:
                 return
-            try:
-                fd, address = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _FD_EXHAUSTED:
-                    self._pause(exc)
-                    return
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue            # that client is gone; the next may be fine
-                self._pause(exc, f"accept failed ({exc.strerror})")
-                return
-            handle(fd, address)
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
