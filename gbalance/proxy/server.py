@@ -302,9 +302,11 @@ class BalanceServer(StreamServer):
         limit = self.max_conns
         budget = self.max_accept
         queued = self._queued
-        # The wake-up says a client waits: accept it, then ask the queue how
-        # many more wait (clients keep arriving while these are handled)
-        # and take those, until it says none or the budget is spent.
+        # The wake-up says a client waits: accept it, then ask the queue
+        # whether more wait.  None (light load, a wake-up per client): done,
+        # with no failed accept.  Some (load): accept until EAGAIN, whose one
+        # exception is then shared by the batch (asking again after every
+        # few clients would cost a getsockopt each while they trickle in).
         waiting = 1 if queued is not None else budget
         while True:
             if waiting > budget:
@@ -330,12 +332,12 @@ class BalanceServer(StreamServer):
             if queued is None or budget <= 0:
                 return
             try:
-                waiting = _QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, _TCP_INFO, 32), _QUEUE_AT)[0]
+                if _QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, _TCP_INFO, 32), _QUEUE_AT)[0] <= 0:
+                    return
             except (OSError, struct.error):
-                waiting = budget            # accept until EAGAIN, as elsewhere
-                queued = None
-            if waiting <= 0:
-                return
+                pass
+            waiting = budget                # the rest: until EAGAIN
+            queued = None
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
