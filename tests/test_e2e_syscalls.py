@@ -3,9 +3,9 @@
 The per-connection cost of gbalance is mostly user space, but every system
 call saved is one the kernel never has to do; these tests hold the cuts:
 
-* a wake-up of the listener accepts what its accept queue holds (Linux:
-  the listener's TCP_INFO says how many) and no accept() fails with EAGAIN
-  per wake-up (its exception cost ~5k instructions per wake-up);
+* a wake-up of the listener that finds one client does not end with an
+  accept() failing with EAGAIN (its exception cost ~5k instructions per
+  wake-up): Linux's TCP_INFO of the listener says the queue is empty;
 * a short connection (client speaks first, backend answers and closes)
   costs no more system calls than the budget below, counted from the
   first accept to the last close.  Waits (epoll_wait) are left out: how
