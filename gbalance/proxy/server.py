@@ -251,6 +251,7 @@ class BalanceServer(StreamServer):
         self.urgent = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
         self._queued = None       # the listener's getsockopt, when it tells the accept queue
+        self._busy = False        # the last wake-ups found batches: accept until EAGAIN at once
         # -L: not accepting while ``full``; ``limited`` from the first time the
         # limit is reached until the open count is down to ``low_water``.
         self.max_conns = max_conns
@@ -305,20 +306,28 @@ class BalanceServer(StreamServer):
         # The wake-up says a client waits: accept it, then ask the queue
         # whether more wait.  None (light load, a wake-up per client): done,
         # with no failed accept.  Some (load): accept until EAGAIN, whose one
-        # exception is then shared by the batch (asking again after every
-        # few clients would cost a getsockopt each while they trickle in).
+        # exception is then shared by the batch; and while wake-ups keep
+        # finding batches, skip the look (``_busy``) until one finds a
+        # single client again.
+        if queued is not None and self._busy:
+            queued = None
+            floor = 2
+        else:
+            floor = 1
         waiting = 1 if queued is not None else budget
         while True:
             if waiting > budget:
                 waiting = budget
             budget -= waiting
-            for _ in range(waiting):
+            for i in range(waiting):
                 if limit and len(self.links) + len(self.pending) >= limit:
                     self._hold()
                     return
                 try:
                     fd, address = accept()
                 except BlockingIOError:
+                    if i < floor:
+                        self._busy = False
                     return
                 except OSError as exc:
                     if exc.errno in _FD_EXHAUSTED:
@@ -338,6 +347,7 @@ class BalanceServer(StreamServer):
                 pass
             waiting = budget                # the rest: until EAGAIN
             queued = None
+            self._busy = True
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
