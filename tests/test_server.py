@@ -120,3 +120,72 @@ def test_per_source_refusals_are_counted_and_reported_once_per_period(tmp_path, 
             s.close()
         gevent.sleep(0.2)
         assert server.sources == {}
+
+
+# -- one wake-up of the listener: how many accepts, how many fail -----------------------------
+
+class CountingAccepts:
+    """Wraps the listening socket: counts ``_accept`` calls and the EAGAINs among them."""
+
+    def __init__(self, real):
+        self._real = real
+        self.accepted = 0
+        self.eagain = 0
+
+    def _accept(self):
+        try:
+            got = self._real._accept()
+        except BlockingIOError:
+            self.eagain += 1
+            raise
+        self.accepted += 1
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _queue_clients(port: int, n: int) -> list:
+    """``n`` clients whose connections wait in the listen backlog (not accepted yet)."""
+    import time
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+    time.sleep(0.05)     # the handshakes' last ACKs are in: all n are in the accept queue
+    return clients
+
+
+def test_a_wakeup_accepts_the_whole_queue_and_a_single_client_costs_no_failed_accept(tmp_path, backends):
+    """Called once, the accept loop takes every client waiting (a batch ends
+    with one EAGAIN, as accept-until-EAGAIN does); a wake-up that finds a
+    single client right after a batch still tries one more accept (it cannot
+    know yet that the load has eased), and the next single client costs no
+    failed accept at all on Linux (the listener's TCP_INFO said the queue was
+    empty).  Every client is proxied."""
+    import sys
+    be = backends("OK")
+    port = free_port()
+    with inprocess_server(["-f", str(port), be.spec], tmp_path / "state") as (master, server):
+        if sys.platform.startswith("linux"):
+            assert server._queued is not None
+        counting = CountingAccepts(server.socket)
+        server.stop_accepting()                 # the test calls the loop itself
+        server.socket = counting
+        try:
+            batch = _queue_clients(port, 5)
+            server._do_read()
+            assert (counting.accepted, counting.eagain) == (5, 1)
+            for c in batch:
+                assert green_read_until(c, b"\n") == b"OK\n"
+                c.close()
+            one = _queue_clients(port, 1)
+            server._do_read()
+            assert (counting.accepted, counting.eagain) == (6, 2)
+            assert green_read_until(one[0], b"\n") == b"OK\n"
+            one[0].close()
+            again = _queue_clients(port, 1)
+            server._do_read()
+            expected = 2 if sys.platform.startswith("linux") else 3
+            assert (counting.accepted, counting.eagain) == (7, expected)
+            assert green_read_until(again[0], b"\n") == b"OK\n"
+            again[0].close()
+        finally:
+            server.socket = counting._real

@@ -58,6 +58,14 @@ EXHAUSTION_LOG_EVERY = 30.0
 LINGER_RESET = struct.pack("ii", 1, 0)
 #: Seconds between two log lines about one source over the per-source limit.
 SOURCE_REPORT_EVERY = 60.0
+#: Linux: a listener's ``struct tcp_info`` carries the length of its accept
+#: queue in ``tcpi_unacked`` (a 32-bit field at byte 24), so a wake-up can
+#: accept exactly what waits instead of going on until accept() fails with
+#: EAGAIN, whose exception (a formatted OSError, caught) costs more than
+#: the look.  Elsewhere the loop accepts until EAGAIN.
+_TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
+_QUEUE_AT = 24
+_QUEUE_LEN = struct.Struct("=I")
 
 
 def set_reset_on_close(sock: _socket.socket) -> None:
@@ -247,6 +255,8 @@ class BalanceServer(StreamServer):
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
+        self._queued = None       # the listener's getsockopt, when it tells the accept queue
+        self._busy = False        # the last wake-ups found batches: accept until EAGAIN at once
         # -L: not accepting while ``full``; ``limited`` from the first time the
         # limit is reached until the open count is down to ``low_water``.
         self.max_conns = max_conns
@@ -269,6 +279,7 @@ class BalanceServer(StreamServer):
         super().start()
         self.pid = os.getpid()
         self._oob_poll = select.poll()
+        self._queued = _queue_probe(self.socket)
         self.urgent = UrgentRelay(self.loop)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
@@ -295,23 +306,53 @@ class BalanceServer(StreamServer):
         accept = self.socket._accept
         handle = self.handle_client
         limit = self.max_conns
-        for _ in range(self.max_accept):
-            if limit and len(self.links) + len(self.pending) >= limit:
-                self._hold()
+        budget = self.max_accept
+        queued = self._queued
+        # The wake-up says a client waits: accept it, then ask the queue
+        # whether more wait.  None (light load, a wake-up per client): done,
+        # with no failed accept.  Some (load): accept until EAGAIN, whose one
+        # exception is then shared by the batch; and while wake-ups keep
+        # finding batches, skip the look (``_busy``) until one finds a
+        # single client again.
+        if queued is not None and self._busy:
+            queued = None
+            floor = 2
+        else:
+            floor = 1
+        waiting = 1 if queued is not None else budget
+        while True:
+            if waiting > budget:
+                waiting = budget
+            budget -= waiting
+            for i in range(waiting):
+                if limit and len(self.links) + len(self.pending) >= limit:
+                    self._hold()
+                    return
+                try:
+                    fd, address = accept()
+                except BlockingIOError:
+                    if i < floor:
+                        self._busy = False
+                    return
+                except OSError as exc:
+                    if exc.errno in _FD_EXHAUSTED:
+                        self._pause(exc)
+                        return
+                    if exc.errno in _ACCEPT_TRANSIENT:
+                        continue            # that client is gone; the next may be fine
+                    self._pause(exc, f"accept failed ({exc.strerror})")
+                    return
+                handle(fd, address)
+            if queued is None or budget <= 0:
                 return
             try:
-                fd, address = accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _FD_EXHAUSTED:
-                    self._pause(exc)
+                if _QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, _TCP_INFO, 32), _QUEUE_AT)[0] <= 0:
                     return
-                if exc.errno in _ACCEPT_TRANSIENT:
-                    continue            # that client is gone; the next may be fine
-                self._pause(exc, f"accept failed ({exc.strerror})")
-                return
-            handle(fd, address)
+            except (OSError, struct.error):
+                pass
+            waiting = budget                # the rest: until EAGAIN
+            queued = None
+            self._busy = True
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
@@ -675,6 +716,26 @@ def source_name(key, host: str) -> str:
     if isinstance(key, bytes):
         return socket.inet_ntop(socket.AF_INET6, key + bytes(8)) + "/64"
     return host
+
+
+def _queue_probe(listener) -> "Callable[[int, int, int], bytes] | None":
+    """The listener's ``getsockopt`` when its TCP_INFO tells the accept
+    queue's length (Linux, plain TCP: an MPTCP listener's need not), else None."""
+    if not _TCP_INFO:
+        return None
+    try:
+        if listener.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_TCP:
+            return None
+        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _QUEUE_AT + 4 or info[0] != _TCP_LISTEN:
+        return None
+    return getattr(listener, "_sock", listener).getsockopt   # (gevent's socket: the one under it)
+
+
+#: ``tcpi_state`` of a listening socket.
+_TCP_LISTEN = 10
 
 
 def _take_urgent(client) -> bytes:
