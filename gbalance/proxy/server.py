@@ -255,7 +255,7 @@ class BalanceServer(StreamServer):
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
-        self._queued = None       # the listener's getsockopt, when it tells the accept queue
+        self._queued: Callable[[int, int, int], bytes] | None = None      # the listener's getsockopt, when it tells the accept queue
         self._busy = False        # the last wake-ups found batches: accept until EAGAIN at once
         # -L: not accepting while ``full``; ``limited`` from the first time the
         # limit is reached until the open count is down to ``low_water``.
