@@ -176,7 +176,9 @@ class Flow:
 
     # -- copy path ---------------------------------------------------------
 
-    def on_read(self) -> None:
+    def __call__(self) -> None:
+        # The read watcher's callback is the flow itself (``rw.start(flow)``):
+        # a bound method per flow would be 64 bytes more per held connection.
         info = None
         if self.probe:
             self.probe = False
@@ -215,6 +217,9 @@ class Flow:
         elif n == CHUNK and self.link.splice and self.pipe_r < 0:
             self._start_splice()
 
+    #: Read what ``src`` has and send it on (the copy path).
+    on_read = __call__
+
     def on_write(self) -> None:
         try:
             m = self.dst.send(self.pending, DONTWAIT)
@@ -229,7 +234,7 @@ class Flow:
             return
         self.pending = None
         self.ww.stop()
-        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self.on_read)
+        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self)
 
     def _wait_writable(self, callback: Callable[[], None]) -> None:
         self.rw.stop()
@@ -460,15 +465,15 @@ class Link:
                 up.pending = first[m:] if m else first
                 up._wait_writable(up.on_write)
             else:
-                up.rw.start(up.on_read)
+                up.rw.start(up)
         else:
-            up.rw.start(up.on_read)
+            up.rw.start(up)
         if oob:
             try:
                 self.server.send(oob, socket.MSG_OOB | DONTWAIT)
             except OSError:
                 pass             # the flows meet the error, if any, next
-        self.down.rw.start(self.down.on_read)
+        self.down.rw.start(self.down)
         if self.urgent is not None:
             self.urgent.add_link(self)
 
