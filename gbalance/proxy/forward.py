@@ -143,15 +143,16 @@ def new_watcher(link: "Link", fd: int, events: int):
 class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
-    __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset", "probe")
+    # (13 slots: with two more a flow took the next 16-byte size class,
+    # 32 bytes more per held connection; the counters are ``link.q``.)
+    __slots__ = ("link", "src", "dst", "idx", "rw", "ww", "pending",
+                 "pipe_r", "pipe_w", "fill", "done", "src_reset", "probe")
 
-    def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int, arrow: str,
+    def __init__(self, link: "Link", src: socket.socket, dst: socket.socket, idx: int,
                  rw=None):
         self.link = link
         self.src = src
         self.dst = dst
-        self.q = link.q
         self.idx = idx
         fd = src.fileno()
         # read_watcher()'s two common cases without its calls: the race's
@@ -168,11 +169,15 @@ class Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.fill = 0
-        self.arrow = arrow
         self.done = False
         self.src_reset = False
         #: Look at the next read whether the source has already ended.
         self.probe = False
+
+    @property
+    def arrow(self) -> str:
+        """How the packet dump (``-p``) marks this direction."""
+        return "->" if self.link is None or self.link.up is self else "-<"
 
     # -- copy path ---------------------------------------------------------
 
@@ -196,7 +201,7 @@ class Flow:
         if not n:
             self.eof()
             return
-        self.q[self.idx] += n
+        self.link.q[self.idx] += n
         self.link.active = True
         if self.link.dump is not None:
             self.link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
@@ -302,7 +307,7 @@ class Flow:
                     self.take_urgent()
                 self.on_read()
                 return
-            self.q[self.idx] += n
+            self.link.q[self.idx] += n
             self.link.active = True
             self.fill = n
             self.drain()
@@ -428,8 +433,8 @@ class Link:
         self.on_close = on_close
         self.urgent = urgent
         self.early = early
-        self.up = Flow(self, client, server, sent_idx, "->", client_watcher)
-        self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
+        self.up = Flow(self, client, server, sent_idx, client_watcher)
+        self.down = Flow(self, server, client, rcvd_idx, server_watcher)
         self.down.src_reset = server_reset
         # A backend that answers and closes (HTTP/1.0, "Connection: close")
         # has usually queued its end behind its reply by the time the reply

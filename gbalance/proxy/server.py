@@ -231,6 +231,9 @@ class BalanceServer(StreamServer):
         # every accepted client without a link yet (its backend connect
         # pending): what a drain waits for.
         self.links: "dict[Link, float]" = {}
+        #: Every link's ``on_close``: one bound method for all of them (a
+        #: fresh ``self._closed`` per link is 64 bytes per held connection).
+        self.link_closed = self._closed
         #: Counter slot base -> (sent, received, open) indexes of its links.
         self.link_slots: "dict[int, tuple]" = {}
         self.pending: "set[Race]" = set()
@@ -592,7 +595,7 @@ class BalanceServer(StreamServer):
             # (loop, client, server, q, sent_idx, rcvd_idx, c_idx, on_close, dump, urgent,
             #  client_watcher, server_watcher, early, server_reset, early_sent, watchers)
             link = Link(self.loop, client, result.sock, self.q, idx[0], idx[1], idx[2],
-                        self._closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
+                        self.link_closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
                         result.early, result.reset, result.sent, self.connector.watchers)
         except Exception as exc:  # never let one client take the server down
             client.close()
