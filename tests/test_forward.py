@@ -819,3 +819,5 @@ def test_idle_link_reads_with_the_flow_itself_as_callback(rigs):
     assert recv_exactly(rig.client, 4) == b"pong"
     assert up.rw.callback is up and down.rw.callback is down
     assert up.on_read == up.__call__
+    # An idle (or small-talk) link pins no splice pipe and no write watcher.
+    assert up.pipe_r == down.pipe_r == -1 and up.ww is None and down.ww is None
