@@ -51,10 +51,18 @@ class Rig:
         self.client = gsocket.socket(fileno=client_app.detach())
         self.server = gsocket.socket(fileno=server_app.detach())
         self.closed: list[Link] = []
+
+        def on_close(link: Link) -> None:
+            self.closed.append(link)
+            if urgent is not None:
+                urgent.links.pop(link, None)
+
         self.link = Link(get_hub().loop, self.client_end, self.server_end, self.q, SENT, RCVD, C,
-                         on_close=self.closed.append, dump=dump, urgent=urgent, watchers=watchers)
+                         on_close=on_close, dump=dump, urgent=urgent, watchers=watchers)
         if splice is not None:
             self.link.splice = splice
+        if urgent is not None:
+            urgent.links[self.link] = 0.0      # as the server records its open links
         self.link.start()
 
     def wait_closed(self, timeout: float = 5.0) -> None:
@@ -572,19 +580,19 @@ def fds(rig: Rig) -> set[int]:
 
 def test_link_without_urgent_data_stays_out_of_the_urgent_set(rigs, relays):
     """A link started with no urgent data seen costs no epoll_ctl: its sockets
-    are not in the relay's set, the link is only remembered in ``outside``
-    (and forgotten when it closes)."""
+    are not in the relay's set and the relay keeps no entry for it (the
+    server's record of open links is what an alert looks through)."""
     relay = relays(calm=30)
     rig = rigs(urgent=relay)
     assert relay.peers == {}
-    assert relay.outside == {rig.link}
+    assert not relay.alert and not hasattr(relay, "outside")
     rig.client.sendall(b"ping")
     assert recv_exactly(rig.server, 4) == b"ping"
     rig.server.sendall(b"pong")
     assert recv_exactly(rig.client, 4) == b"pong"
     assert relay.peers == {} and relay.signals == 0 and not relay.alert
     rig.link.close()
-    assert relay.outside == set()
+    assert relay.links == {} and relay.peers == {}
 
 
 def test_sigurg_puts_open_links_and_new_ones_in_the_urgent_set(rigs, relays):
@@ -601,13 +609,11 @@ def test_sigurg_puts_open_links_and_new_ones_in_the_urgent_set(rigs, relays):
     assert relay.alert
     assert fds(first) <= set(relay.peers)
     assert relay.peers[first.client_end.fileno()][:2] == (first.client_end, first.server_end)
-    assert first.link not in relay.outside
     first.client.sendall(b"after")
     assert recv_exactly(first.server, 5) == b"after"      # the stream goes on whole
 
     second = rigs(urgent=relay)                           # started during the alert
     assert fds(second) <= set(relay.peers)
-    assert second.link not in relay.outside
     second.server.send(b"?", socket.MSG_OOB)              # and its urgent bytes pass too
     assert recv_urgent(second.client) == b"?"
     second.link.close()
@@ -629,7 +635,7 @@ def test_alert_ends_after_calm_and_later_links_stay_out(rigs, relays):
     assert get_hub().loop.now() - t0 >= 0.2              # it lasted (about) calm
     later = rigs(urgent=relay)
     assert not fds(later) & set(relay.peers)
-    assert later.link in relay.outside
+    assert later.link in relay.links                      # an alert would find it there
     assert fds(first) <= set(relay.peers)                 # already in: stays until closed
 
 
@@ -796,3 +802,22 @@ def test_set_owner_sets_the_owner_and_reports_a_refusal(monkeypatch, platform):
         os.close(w)
         with pytest.raises(OSError):
             set_owner(r, os.getpid())      # a closed descriptor: EBADF
+
+
+# -- memory per held link ------------------------------------------------------------------
+
+def test_idle_link_reads_with_the_flow_itself_as_callback(rigs):
+    """An idle link's read watchers call the flows themselves: no bound method
+    object per flow (64 bytes each per held connection); the link still
+    forwards both ways and after a write wait goes back to the same callback."""
+    rig = rigs()
+    up, down = rig.link.up, rig.link.down
+    assert up.rw.callback is up and down.rw.callback is down
+    rig.client.sendall(b"ping")
+    assert recv_exactly(rig.server, 4) == b"ping"
+    rig.server.sendall(b"pong")
+    assert recv_exactly(rig.client, 4) == b"pong"
+    assert up.rw.callback is up and down.rw.callback is down
+    assert up.on_read == up.__call__
+    # An idle (or small-talk) link pins no splice pipe and no write watcher.
+    assert up.pipe_r == down.pipe_r == -1 and up.ww is None and down.ww is None

@@ -189,3 +189,32 @@ def test_a_wakeup_accepts_the_whole_queue_and_a_single_client_costs_no_failed_ac
             again[0].close()
         finally:
             server.socket = counting._real
+
+
+# -- what each held link costs -----------------------------------------------------------------
+
+def test_links_share_their_channels_counter_indexes_and_one_close_callback(tmp_path, backends):
+    """Per held link the server makes no int, bound method or relay entry of
+    its own: links of one channel share its counter indexes (also past the
+    small ints Python caches), all links share one on_close, and the urgent
+    relay looks through the server's own dict of links."""
+    bes = [backends(f"B{i}") for i in range(8)]
+    port = free_port()
+    with inprocess_server(["-f", str(port), *[b.spec for b in bes]], tmp_path / "state") as (master, server):
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+        try:
+            tags = {green_read_until(c, b"\n") for c in clients}
+            assert tags == {f"B{i}\n".encode() for i in range(8)}
+            links = list(server.links)
+            assert len(links) == 16
+            by_channel: dict = {}
+            for link in links:
+                by_channel.setdefault(link.c_idx, []).append(link)
+            assert len(by_channel) == 8 and max(by_channel) > 256
+            for a, b in by_channel.values():
+                assert a.up.idx is b.up.idx and a.down.idx is b.down.idx and a.c_idx is b.c_idx
+            assert all(link.on_close is links[0].on_close for link in links)
+            assert server.urgent.links is server.links and not hasattr(server.urgent, "outside")
+        finally:
+            for c in clients:
+                c.close()

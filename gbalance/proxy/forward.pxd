@@ -12,7 +12,6 @@ cdef class Flow:
     cdef public Link link
     cdef public object src
     cdef public object dst
-    cdef public object q
     cdef public object idx
     cdef public object rw
     cdef public object ww
@@ -20,7 +19,6 @@ cdef class Flow:
     cdef public object pipe_r
     cdef public object pipe_w
     cdef public object fill
-    cdef public object arrow
     cdef public object done
     cdef public object src_reset
     cdef public object probe

@@ -145,15 +145,16 @@ def new_watcher(link: "Link", fd: int, events: int) -> "IoWatcher":
 class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
-    __slots__ = ("link", "src", "dst", "q", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "arrow", "done", "src_reset", "probe")
+    # (13 slots: with two more a flow took the next 16-byte size class,
+    # 32 bytes more per held connection; the counters are ``link.q``.)
+    __slots__ = ("link", "src", "dst", "idx", "rw", "ww", "pending",
+                 "pipe_r", "pipe_w", "fill", "done", "src_reset", "probe")
 
-    def __init__(self, link: "Link", src: _socket.socket, dst: _socket.socket, idx: int, arrow: str,
+    def __init__(self, link: "Link", src: _socket.socket, dst: _socket.socket, idx: int,
                  rw: "IoWatcher | None" = None):
         self.link = link
         self.src = src
         self.dst = dst
-        self.q = link.q
         self.idx = idx
         fd = src.fileno()
         # read_watcher()'s two common cases without its calls: the race's
@@ -170,15 +171,21 @@ class Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.fill = 0
-        self.arrow = arrow
         self.done = False
         self.src_reset = False
         #: Look at the next read whether the source has already ended.
         self.probe = False
 
+    @property
+    def arrow(self) -> str:
+        """How the packet dump (``-p``) marks this direction."""
+        return "->" if self.link is None or self.link.up is self else "-<"
+
     # -- copy path ---------------------------------------------------------
 
-    def on_read(self) -> None:
+    def __call__(self) -> None:
+        # The read watcher's callback is the flow itself (``rw.start(flow)``):
+        # a bound method per flow would be 64 bytes more per held connection.
         info = None
         if self.probe:
             self.probe = False
@@ -196,7 +203,7 @@ class Flow:
         if not n:
             self.eof()
             return
-        self.q[self.idx] += n
+        self.link.q[self.idx] += n
         self.link.active = True
         if self.link.dump is not None:
             self.link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
@@ -217,6 +224,9 @@ class Flow:
         elif n == CHUNK and self.link.splice and self.pipe_r < 0:
             self._start_splice()
 
+    #: Read what ``src`` has and send it on (the copy path).
+    on_read = __call__
+
     def on_write(self) -> None:
         # (the write watcher's callback: it runs only while a rest is held)
         pending: bytes = self.pending  # type: ignore[assignment]
@@ -233,7 +243,7 @@ class Flow:
             return
         self.pending = None
         self.ww.stop()  # type: ignore[union-attr]  # (the watcher that called it)
-        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self.on_read)
+        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self)
 
     def _wait_writable(self, callback: Callable[[], None]) -> None:
         self.rw.stop()
@@ -301,7 +311,7 @@ class Flow:
                     self.take_urgent()
                 self.on_read()
                 return
-            self.q[self.idx] += n
+            self.link.q[self.idx] += n
             self.link.active = True
             self.fill = n
             self.drain()
@@ -427,8 +437,8 @@ class Link:
         self.on_close = on_close
         self.urgent = urgent
         self.early = early
-        self.up = Flow(self, client, server, sent_idx, "->", client_watcher)
-        self.down = Flow(self, server, client, rcvd_idx, "-<", server_watcher)
+        self.up = Flow(self, client, server, sent_idx, client_watcher)
+        self.down = Flow(self, server, client, rcvd_idx, server_watcher)
         self.down.src_reset = server_reset
         # A backend that answers and closes (HTTP/1.0, "Connection: close")
         # has usually queued its end behind its reply by the time the reply
@@ -464,15 +474,15 @@ class Link:
                 up.pending = first[m:] if m else first
                 up._wait_writable(up.on_write)
             else:
-                up.rw.start(up.on_read)
+                up.rw.start(up)
         else:
-            up.rw.start(up.on_read)
+            up.rw.start(up)
         if oob:
             try:
                 self.server.send(oob, socket.MSG_OOB | DONTWAIT)
             except OSError:
                 pass             # the flows meet the error, if any, next
-        self.down.rw.start(self.down.on_read)
+        self.down.rw.start(self.down)
         if self.urgent is not None:
             self.urgent.add_link(self)
 

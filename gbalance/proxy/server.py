@@ -244,6 +244,11 @@ class BalanceServer(StreamServer):
         # every accepted client without a link yet (its backend connect
         # pending): what a drain waits for.
         self.links: "dict[Link, float]" = {}
+        #: Every link's ``on_close``: one bound method for all of them (a
+        #: fresh ``self._closed`` per link is 64 bytes per held connection).
+        self.link_closed = self._closed
+        #: Counter slot base -> (sent, received, open) indexes of its links.
+        self.link_slots: "dict[int, tuple]" = {}
         self.pending: "set[Race]" = set()
         self.draining = False
         self.aborted = False
@@ -280,7 +285,7 @@ class BalanceServer(StreamServer):
         self.pid = os.getpid()
         self._oob_poll = select.poll()
         self._queued = _queue_probe(self.socket)
-        self.urgent = UrgentRelay(self.loop)
+        self.urgent = UrgentRelay(self.loop, links=self.links)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
         self.connector.abort_unused = self.proxy is not None    # ... or a reset, never a bare EOF
@@ -627,11 +632,16 @@ class BalanceServer(StreamServer):
             if self.proxy is not None:   # -P: the PROXY header goes first
                 rest = send_header(result.sock, self.proxy(client, race.peer))
             base = CHANNEL_BASE + (result.group * MAXCHANNELS + result.channel) * C_SLOTS + self.row
+            idx = self.link_slots.get(base)
+            if idx is None:
+                # A channel's counter indexes, made once and shared by its
+                # links (else three int objects more per held connection).
+                idx = self.link_slots[base] = (base + C_SENT, base + C_RCVD, base + C_C)
             # All positional: keyword arguments would cost a dict per connection.
             # (loop, client, server, q, sent_idx, rcvd_idx, c_idx, on_close, dump, urgent,
             #  client_watcher, server_watcher, early, server_reset, early_sent, watchers)
-            link = Link(self.loop, client, result.sock, self.q, base + C_SENT, base + C_RCVD, base + C_C,
-                        self._closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
+            link = Link(self.loop, client, result.sock, self.q, idx[0], idx[1], idx[2],
+                        self.link_closed, self.dump, self.urgent, result.client_watcher, result.server_watcher,
                         result.early, result.reset, result.sent, self.connector.watchers)
         except Exception as exc:  # never let one client take the server down
             client.close()

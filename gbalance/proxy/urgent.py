@@ -86,10 +86,12 @@ class UrgentRelay:
       cheap ``fcntl`` when it is accepted or created), so the kernel sends
       ``SIGURG`` as soon as urgent data arrives on any of them;
     * on ``SIGURG`` (a libev signal watcher, also at the highest priority)
-      the relay goes on *alert*: every open link's sockets join the set, the
-      set is polled at once, and links started while on alert join it at
-      their start.  The alert ends after :data:`URGENT_CALM` seconds
-      without ``SIGURG``; sockets already in the set stay until closed;
+      the relay goes on *alert*: every open link's sockets join the set
+      (``links``, the server's own record of its open links: the relay
+      keeps no per-link entry of its own), the set is polled at once, and
+      links started while on alert join it at their start.  The alert ends
+      after :data:`URGENT_CALM` seconds without ``SIGURG``; sockets already
+      in the set stay until closed;
     * a flow that stops reading its source because the destination is full
       (back-pressure) puts that source in the set, alert or not: epoll
       reports ``EPOLLERR``/``EPOLLHUP`` unasked, and an error goes to the
@@ -100,11 +102,12 @@ class UrgentRelay:
     and a socket leaves the set when it is closed (no ``epoll_ctl(DEL)``).
     """
 
-    def __init__(self, loop: EventLoop, calm: float = URGENT_CALM):
+    def __init__(self, loop: EventLoop, calm: float = URGENT_CALM, links: dict[Link, float] | None = None):
         self.ep = select.epoll() if hasattr(select, "epoll") and hasattr(signal, "SIGURG") else None
         # fd in the set -> (src, dst, link)
         self.peers: dict[int, tuple[_socket.socket, _socket.socket, Link | None]] = {}
-        self.outside: set[Link] = set()      # started links whose sockets are not in the set
+        #: Every started, open link (iterable; the server passes its dict of them).
+        self.links: dict[Link, float] = links if links is not None else {}
         self.alert = False
         self.pid = os.getpid()
         self.calm = calm
@@ -125,18 +128,14 @@ class UrgentRelay:
                 pass
 
     def add_link(self, link: "Link") -> None:
-        """A link starts: watch its sockets now if on alert, else remember it."""
-        if self.ep is None:
-            return
-        if self.alert:
+        """A link starts: watch its sockets now if on alert (else the next
+        alert finds it in ``links``)."""
+        if self.alert and self.ep is not None:
             self.add(link.client, link.server, link)
             self.add(link.server, link.client, link)
-        else:
-            self.outside.add(link)
 
     def remove_link(self, link: "Link") -> None:
         """A link's sockets are about to be closed (which takes them out of the set)."""
-        self.outside.discard(link)
         peers = self.peers
         if peers:
             peers.pop(link.client.fileno(), None)
@@ -158,14 +157,16 @@ class UrgentRelay:
     def _on_sigurg(self) -> None:
         """Urgent data arrived somewhere: watch every link, look at once."""
         self.signals += 1
-        self.alert = True
         self.calm_timer.stop()
         self.calm_timer.start(self._on_calm)
-        outside, self.outside = self.outside, set()
-        for link in outside:
-            if not link.closed:
-                self.add(link.client, link.server, link)
-                self.add(link.server, link.client, link)
+        if not self.alert:
+            # The alert begins: every open link joins the set (one already
+            # in stays; a link started during the alert joins at its start).
+            self.alert = True
+            for link in self.links:
+                if not link.closed:
+                    self.add(link.client, link.server, link)
+                    self.add(link.server, link.client, link)
         self._on_event()
 
     def _on_calm(self) -> None:
