@@ -29,6 +29,20 @@ BALANCE = [sys.executable, "-m", "gbalance"]
 _GIVEN: set[int] = set()
 
 
+def _port_range() -> tuple[int, int]:
+    """The ports :func:`free_port` hands out: ``$GBALANCE_TEST_PORTS`` (``LOW-HIGH``,
+    both included) or 20000-31999.  ``make test`` gives the two test runs it
+    starts side by side ranges of their own, so neither can hand out a port the
+    other has just found free."""
+    spec = os.environ.get("GBALANCE_TEST_PORTS", "")
+    if not spec:
+        return 20000, 31999
+    low, _, high = spec.partition("-")
+    if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 32767):
+        raise ValueError(f"GBALANCE_TEST_PORTS={spec!r}: want LOW-HIGH within 1024-32767")
+    return int(low), int(high)
+
+
 def _bindable(port: int) -> bool:
     """True if ``port`` binds on the IPv4 and the IPv6 wildcard right now."""
     for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
@@ -45,18 +59,19 @@ def _bindable(port: int) -> bool:
 def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
     """A TCP port that is free now (any address, both families), never handed out before.
 
-    Ports come from 20000-32000, below the kernel's ephemeral range
-    (32768 and up here), so a backend's ``bind(0)`` or an outgoing
-    connection can never take the port between this call and the proxy's
-    bind.  ``family`` and ``host`` are accepted for old callers.
+    Ports come from 20000-31999 (:func:`_port_range`), below the kernel's
+    ephemeral range (32768 and up here), so a backend's ``bind(0)`` or an
+    outgoing connection can never take the port between this call and the
+    proxy's bind.  ``family`` and ``host`` are accepted for old callers.
     """
     rng = random.SystemRandom()
+    low, high = _port_range()
     for _ in range(1000):
-        port = rng.randrange(20000, 32000)
+        port = rng.randrange(low, high + 1)
         if port not in _GIVEN and _bindable(port):
             _GIVEN.add(port)
             return port
-    raise RuntimeError("no free port in 20000-32000")
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:

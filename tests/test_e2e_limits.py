@@ -343,10 +343,13 @@ def test_idle_timeout_with_a_download_in_flight_resets_both_sides(balance, holde
     """The other way: the backend sends 8 MB, the client reads none of it."""
     be = holders(push=8 << 20)
     port = free_port()
-    balance.start("-T", "1", str(port), be.spec, port=port)
+    with stderr_file(tmp_path) as err:
+        balance.start("-T", "1", str(port), be.spec, port=port, stderr=err)
     c = client_from("127.0.0.2", port)
     assert eventually(lambda: len(be.conns) == 1)
-    time.sleep(2.5)                       # nothing moves for over a second: timed out
+    # Nothing moves for over a second: timed out (read nothing before, or it moves).
+    assert eventually(lambda: "timed out after 1 seconds with data in flight: reset" in log_text(tmp_path)), \
+        log_text(tmp_path)
     assert drain_until_end(c) == "reset"
     # The reset reaches the backend's pushing thread if it is still blocked
     # in sendall, else the next send here: the first error either sees must

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import (BALANCE, ROOT, free_port, ipv6_available, pid_alive, read_tag, run_in_netns,
+from conftest import (BALANCE, ROOT, eventually, free_port, ipv6_available, pid_alive, read_tag, run_in_netns,
                       wait_port)
 
 from gbalance.table.files import state_path
@@ -335,15 +335,17 @@ def test_fd_exhaustion_pauses_and_resumes(balance, backends, tmp_path):
                              stderr=err, preexec_fn=limit, cwd=ROOT)
         try:
             wait_port(port)
+            idle = len(os.listdir(f"/proc/{p.pid}/fd"))
             held = []
             for _ in range(60):      # each costs 2 fds in the proxy
                 s = socket.create_connection(("127.0.0.1", port), timeout=5)
                 held.append(s)
-            time.sleep(1.0)
+            assert eventually(lambda: "pausing new connections" in err_path.read_text()), err_path.read_text()
             assert p.poll() is None, "balance died on EMFILE"
             for s in held:
                 s.close()
-            time.sleep(0.5)
+            # The proxy has closed its ends of those links: descriptors are free again.
+            assert eventually(lambda: len(os.listdir(f"/proc/{p.pid}/fd")) <= idle)
             assert read_tag(port) == "X"      # accepting resumed
             assert p.poll() is None
         finally:
