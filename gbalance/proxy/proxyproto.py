@@ -151,7 +151,7 @@ def check_header(version: Version, sock: socket.socket) -> bytes:
         return V1_UNKNOWN
 
 
-def header_maker(version: Version, listener: socket.socket) -> Callable[[socket.socket, tuple], bytes]:
+def header_maker(version: Version, listener: socket.socket) -> "Callable[[socket.socket, tuple], bytes]":
     """A function ``(client_socket, client_address) -> header`` for ``listener``.
 
     When the listener is bound to one address, every client reaches that
