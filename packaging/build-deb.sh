@@ -37,7 +37,8 @@ mkdir "$SRC"
 # The tree as it is (committed or not), without build products and venvs.
 tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results -cf - . | tar -C "$SRC" -xf -
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results --exclude='*.so' \
+    -cf - . | tar -C "$SRC" -xf -
 # Debian's own interpreter and tools only: pybuild runs "python3.11" from
 # PATH, which must not be a developer's pyenv or venv interpreter.
 PROFILE=""

@@ -262,13 +262,14 @@ def test_deb_is_compiled_for_this_architecture_and_runs_compiled(pkg):
 
 @pytest.mark.packaging
 def test_rpm_lists_same_files_with_systemd_scriptlets(built):
-    rpm = built["dist"] / f"gbalance-{VERSION}-1.noarch.rpm"
+    rpm_arch = run(["rpm", "--eval", "%{_arch}"]).stdout.strip()
+    rpm = built["dist"] / f"gbalance-{VERSION}-1.{rpm_arch}.rpm"
     files = run(["rpm", "-qlp", str(rpm)]).stdout.split()
     for path in ("/usr/bin/balance", "/usr/share/man/man1/balance.1.gz",
                  "/usr/share/man/es/man1/balance.1.gz", "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
                  "/usr/lib/systemd/system/balance@.service", "/usr/lib/systemd/system/balance-metrics.timer",
                  "/usr/lib/tmpfiles.d/balance.conf", "/usr/libexec/gbalance/balance-instances",
-                 "/usr/share/gbalance/gbalance/cli.py"):
+                 run(["rpm", "--eval", "%{_libdir}/gbalance/gbalance/cli.py"]).stdout.strip()):
         assert path in files, path
     assert not any("init.d" in f for f in files), "no SysV script in the rpm"
     assert not any("site-packages" in f for f in files), "private modules, no python(abi) pin"
