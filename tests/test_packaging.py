@@ -261,6 +261,21 @@ def test_deb_is_compiled_for_this_architecture_and_runs_compiled(pkg):
 
 
 @pytest.mark.packaging
+def test_gbalance_pure_1_make_deb_builds_the_pure_modules_only(tmp_path):
+    """The pkg.gbalance.pure profile: no extension module, no cython3 needed."""
+    dist = tmp_path / "dist"
+    out = run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=dict(os.environ, DIST_DIR=str(dist), GBALANCE_PURE="1"),
+              timeout=600).stdout
+    deb = dist / f"gbalance_{VERSION}_{ARCH}.deb"
+    assert out.strip().splitlines()[-1] == str(deb)
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    assert "/dist-packages/gbalance/proxy/forward.py\n" in listing
+    assert not re.search(r"\.(so|pxd|c)$", listing, re.M), listing
+    buildinfo = next(dist.glob("*.buildinfo")).read_text()
+    assert "pkg.gbalance.pure" in buildinfo, buildinfo     # its Environment: DEB_BUILD_PROFILES
+
+
+@pytest.mark.packaging
 def test_rpm_lists_same_files_with_systemd_scriptlets(built):
     rpm_arch = run(["rpm", "--eval", "%{_arch}"]).stdout.strip()
     rpm = built["dist"] / f"gbalance-{VERSION}-1.{rpm_arch}.rpm"
