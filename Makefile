@@ -37,7 +37,7 @@ lint: $(LINT_STAMP)
 	$(VENV)/bin/mypy
 
 # The optional compiled hot path (gbalance/build.py, setup.py): Cython 3 in
-# the venv (Debian bookworm's cython3 0.29 cannot read these modules), the
+# the venv (make deb and make rpm compile with Debian's cython3 0.29), the
 # listed modules compiled in place beside their .py files; "make pure" removes
 # them again.  "python3 -m gbalance.build" says which build runs.
 CYTHON_SPEC := cython>=3.0,<4

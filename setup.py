@@ -12,12 +12,13 @@ current setuptools from PyPI, without a deprecation warning from either
   setuptools 77 and later) or as the older ``license`` text field;
 
 * the optional compiled hot path: the modules listed in
-  gbalance/build.py (COMPILED_MODULES) are compiled with Cython (3.0 or
-  later, pure-Python mode, the .py files unchanged) when Cython and a C
-  compiler are there and GBALANCE_PURE=1 is not set; a module that fails
-  to compile is left out with a warning.  The .py modules always ship, so
-  every install runs, compiled or pure (``python3 -m gbalance.build``
-  says which);
+  gbalance/build.py (COMPILED_MODULES) are compiled with Cython (0.29, as
+  in Debian bookworm, or later; pure-Python mode, the .py files unchanged)
+  when Cython and a C compiler are there and GBALANCE_PURE=1 is not set; a
+  module that fails to compile is left out with a warning (an error with
+  GBALANCE_REQUIRE_COMPILED=1, as debian/rules sets).  The .py modules
+  always ship, so every install runs, compiled or pure (``python3 -m
+  gbalance.build`` says which);
 
 plus the stdeb route (``make deb-stdeb``; README, "Packages"):
 
@@ -74,7 +75,8 @@ def version() -> str:
 #: annotation would refuse a StrEnum, an ``int`` one a bool...); the .pxd
 #: files are where types come from.
 CYTHON_DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True}
-MIN_CYTHON = 3
+#: The oldest Cython that translates the modules (Debian bookworm's cython3 is 0.29.32).
+MIN_CYTHON = (0, 29)
 
 
 def compiled_modules() -> list[str]:
@@ -87,26 +89,38 @@ def compiled_modules() -> list[str]:
 
 
 def extensions() -> list:
-    """The Cython extensions to build, or none (pure build)."""
+    """The Cython extensions to build, or none (pure build).
+
+    With GBALANCE_REQUIRE_COMPILED=1 (debian/rules) a module that cannot be
+    compiled fails the build instead of being left pure.
+    """
     if os.environ.get("GBALANCE_PURE") == "1":
         return []
+    required = os.environ.get("GBALANCE_REQUIRE_COMPILED") == "1"
+
+    def pure(why: str) -> list:
+        if required:
+            raise SystemExit(f"setup.py: {why} (GBALANCE_REQUIRE_COMPILED=1)")
+        sys.stderr.write(f"setup.py: {why}: building the pure-Python modules only\n")
+        return []
+
     try:
         import Cython
         from Cython.Build import cythonize
         from setuptools import Extension
     except ImportError:
-        return []
-    if int(re.match(r"\d+", Cython.__version__).group()) < MIN_CYTHON:
-        sys.stderr.write(f"setup.py: Cython {Cython.__version__} is older than {MIN_CYTHON}.0: "
-                         "building the pure-Python modules only\n")
-        return []
+        return pure("no Cython") if required else []
+    if tuple(int(n) for n in re.findall(r"\d+", Cython.__version__)[:2]) < MIN_CYTHON:
+        return pure(f"Cython {Cython.__version__} is older than {'.'.join(map(str, MIN_CYTHON))}")
     built = []
     for name in compiled_modules():
-        ext = Extension(name, [str(Path(*name.split(".")).with_suffix(".py"))], optional=True)
+        ext = Extension(name, [str(Path(*name.split(".")).with_suffix(".py"))], optional=not required)
         try:
             built += cythonize([ext], compiler_directives=CYTHON_DIRECTIVES, build_dir="build/cython",
                                quiet=True)
         except Exception as exc:   # Cython could not translate it: that module stays pure
+            if required:
+                raise SystemExit(f"setup.py: {name} is not compiled ({type(exc).__name__}: {exc})")
             sys.stderr.write(f"setup.py: {name} is not compiled ({type(exc).__name__}: {exc}); "
                              "its pure-Python module is used\n")
     return built

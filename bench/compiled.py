@@ -13,7 +13,10 @@ with GBALANCE_PURE=1, once with Cython), then for each build:
   CPU 1): utime and stime of the process per connection, from /proc,
   interleaved runs, medians.  Noisy when the machine is shared.
 
-Usage: bench/compiled.py [--conns N] [--runs R]
+Usage: bench/compiled.py [--conns N] [--runs R] [--build-python PY]
+``--build-python /usr/bin/python3`` compiles with that interpreter's Cython
+(Debian bookworm's cython3 0.29, what ``make deb`` ships) instead of the
+venv's; the result names the Cython version either way.
 Writes bench/results/compiled.json and prints a table.
 """
 
@@ -24,6 +27,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -51,14 +55,19 @@ def connections(port: int, n: int) -> None:
             raise BenchError(f"wrong reply through the proxy: {got[-60:]!r}")
 
 
-def build(work: Path, kind: str) -> Path:
-    """The package built by setup.py into work/kind; checks it is the build asked for."""
+def build(work: Path, kind: str, python: str = PYTHON) -> Path:
+    """The package built by setup.py (run by ``python``) into work/kind; checks it is the build asked for."""
     lib = work / kind
     env = {k: v for k, v in os.environ.items() if k != "GBALANCE_PURE"}
     if kind == "pure":
         env["GBALANCE_PURE"] = "1"
-    r = subprocess.run([PYTHON, "setup.py", "-q", "build", "--build-base", str(work / f"build-{kind}"),
-                        "--build-lib", str(lib)], cwd=ROOT, env=env, capture_output=True, text=True)
+    # A copy of the tree: setup.py keeps Cython's .c files in build/cython,
+    # which another Cython's build must not reuse.
+    src = work / f"src-{kind}"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.so", "__pycache__",
+                                                             "*.egg-info", "bench", "tests", "repo", "rpmbuild"))
+    r = subprocess.run([python, "setup.py", "-q", "build", "--build-base", str(work / f"build-{kind}"),
+                        "--build-lib", str(lib)], cwd=src, env=env, capture_output=True, text=True)
     if r.returncode:
         raise BenchError(f"setup.py build ({kind}) failed: {r.stderr.strip()[-300:]}")
     got = subprocess.run([PYTHON, "-I", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
@@ -126,6 +135,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--conns", type=int, default=1000, help="connections per measurement (default 1000)")
     ap.add_argument("--runs", type=int, default=3, help="interleaved CPU runs per build (default 3)")
+    ap.add_argument("--build-python", default=PYTHON,
+                    help="interpreter whose Cython compiles the compiled build (default: the venv's)")
     args = ap.parse_args(argv)
     if cpus_available():
         os.sched_setaffinity(0, {LOAD_CPU})
@@ -134,7 +145,10 @@ def main(argv: list[str]) -> int:
     result: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "conns": args.conns, "runs": args.runs,
                     "loadavg_start": os.getloadavg()[0]}
     try:
-        libs = {kind: build(work.path, kind) for kind in ("pure", "compiled")}
+        libs = {kind: build(work.path, kind, PYTHON if kind == "pure" else args.build_python)
+                for kind in ("pure", "compiled")}
+        result["cython"] = subprocess.run([args.build_python, "-c", "import Cython; print(Cython.__version__)"],
+                                          capture_output=True, text=True).stdout.strip()
         nginx, backend = start_nginx(work.path)
         for kind, lib in libs.items():
             result.setdefault(kind, {})["instructions_per_conn"] = round(instructions(work.path, lib, backend,
@@ -158,6 +172,7 @@ def main(argv: list[str]) -> int:
     for kind in ("pure", "compiled"):
         r = result[kind]
         print(f"{kind:<16}{r['instructions_per_conn']:>14,}{r['user_us']:>10}{r['sys_us']:>9}{r['cpu_us']:>9}")
+    print(f"compiled with Cython {result['cython']}")
     print(f"compiled/pure: instructions {result['instructions_ratio']}, CPU {result['cpu_ratio']} "
           f"(load average {result['loadavg_start']:.2f} -> {result['loadavg_end']:.2f})")
     out = ROOT / "bench" / "results"

@@ -9,7 +9,7 @@ TOP=$(pwd)
 DIST=${DIST_DIR:-$TOP/dist}
 REPO=${REPO_DIR:-$TOP/repo}
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' gbalance/__init__.py)
-DEB="$DIST/gbalance_${VERSION}_all.deb"
+DEB="$DIST/gbalance_${VERSION}_$(dpkg-architecture -qDEB_HOST_ARCH).deb"
 [ -f "$DEB" ] || { echo "build-apt-repo: $DEB is missing (run make deb)" >&2; exit 1; }
 rm -rf "$REPO"
 mkdir -p "$REPO"

@@ -1,5 +1,11 @@
 #!/bin/sh
-# Build gbalance_<version>_all.deb into dist/ with dpkg-buildpackage.
+# Build gbalance_<version>_<arch>.deb into dist/ with dpkg-buildpackage.
+#
+# The per-connection modules are compiled with Debian's cython3 when it is
+# 3.0 or later (the package is Architecture: any; with bookworm's 0.29,
+# whose code is slower than pure Python, they stay pure: debian/rules).
+# GBALANCE_PURE=1 builds with the pkg.gbalance.pure profile (never compiled),
+# GBALANCE_COMPILED=1 with pkg.gbalance.compiled (compiled with any cython3).
 #
 # The build runs in a temporary copy of the tree, so the checkout (and the
 # developer's .venv) stays untouched.  The version is defined once, in
@@ -33,14 +39,23 @@ mkdir "$SRC"
 # The tree as it is (committed or not), without build products and venvs.
 tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results -cf - . | tar -C "$SRC" -xf -
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results --exclude='*.so' \
+    -cf - . | tar -C "$SRC" -xf -
 # Debian's own interpreter and tools only: pybuild runs "python3.11" from
 # PATH, which must not be a developer's pyenv or venv interpreter.
-(cd "$SRC" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b) > "$WORK/build.log" 2>&1 || {
+PROFILE=""
+[ "${GBALANCE_PURE:-}" = 1 ] && PROFILE="-Ppkg.gbalance.pure"
+[ "${GBALANCE_COMPILED:-}" = 1 ] && PROFILE="-Ppkg.gbalance.compiled"
+ARCH=$(dpkg-architecture -qDEB_HOST_ARCH)
+(cd "$SRC" && PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b $PROFILE) > "$WORK/build.log" 2>&1 || {
     tail -40 "$WORK/build.log" >&2
     echo "build-deb: dpkg-buildpackage failed (log above)" >&2
     exit 1
 }
 mkdir -p "$DIST"
-cp "$WORK"/gbalance_"$VERSION"_all.deb "$WORK"/gbalance_"$VERSION"_*.changes "$WORK"/gbalance_"$VERSION"_*.buildinfo "$DIST"/
-echo "$DIST/gbalance_${VERSION}_all.deb"
+cp "$WORK"/gbalance_"$VERSION"_"$ARCH".deb "$WORK"/gbalance_"$VERSION"_*.changes "$WORK"/gbalance_"$VERSION"_*.buildinfo "$DIST"/
+# The detached debug symbols of the extension modules, which the .changes lists.
+for ddeb in "$WORK"/gbalance-dbgsym_"$VERSION"_"$ARCH".*deb; do
+    [ -f "$ddeb" ] && cp "$ddeb" "$DIST"/
+done
+echo "$DIST/gbalance_${VERSION}_$ARCH.deb"

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build the noarch gbalance rpm and its source rpm into dist/ (rpmbuild -ba).
+# Build the gbalance rpm (for this machine's architecture: the per-connection
+# modules are compiled with Cython) and its source rpm into dist/ (rpmbuild -ba).
 #
 # The binary rpm is for current Fedora (42 and later), whose %{_sbindir} is
 # /usr/bin (/usr/sbin merged into it): it is built with that layout, so it
@@ -32,7 +33,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/SOURCES" "$WORK/src/gbalance-$VERSION"
 tar -C "$TOP" --exclude=.git --exclude=.venv --exclude=dist --exclude=repo \
     --exclude=rpmbuild --exclude=build --exclude=.pybuild --exclude='*.egg-info' \
-    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results --exclude=debian \
+    --exclude=__pycache__ --exclude=.pytest_cache --exclude=bench/results --exclude=debian --exclude='*.so' \
     -cf - . | tar -C "$WORK/src/gbalance-$VERSION" -xf -
 tar -C "$WORK/src" -czf "$WORK/SOURCES/gbalance-$VERSION.tar.gz" "gbalance-$VERSION"
 rpmbuild -ba --nodeps --define "_topdir $WORK" --define "_sbindir %{_bindir}" \
@@ -42,5 +43,6 @@ rpmbuild -ba --nodeps --define "_topdir $WORK" --define "_sbindir %{_bindir}" \
     exit 1
 }
 mkdir -p "$DIST"
-cp "$WORK"/RPMS/noarch/gbalance-"$VERSION"-*.noarch.rpm "$WORK"/SRPMS/gbalance-"$VERSION"-*.src.rpm "$DIST"/
-ls "$DIST"/gbalance-"$VERSION"-*.noarch.rpm "$DIST"/gbalance-"$VERSION"-*.src.rpm
+ARCH=$(rpm --eval '%{_arch}')
+cp "$WORK"/RPMS/"$ARCH"/gbalance-"$VERSION"-*."$ARCH".rpm "$WORK"/SRPMS/gbalance-"$VERSION"-*.src.rpm "$DIST"/
+ls "$DIST"/gbalance-"$VERSION"-*."$ARCH".rpm "$DIST"/gbalance-"$VERSION"-*.src.rpm

@@ -7,6 +7,10 @@ pure ones, with ``GBALANCE_EXPECT`` saying which build must be loaded.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import importlib
+import json
 import os
 import shutil
 import subprocess
@@ -67,6 +71,58 @@ def test_a_worker_loads_the_same_build_as_its_master(balance):
                 assert mapped == set()
     finally:
         backend.close()
+
+
+def record_classes(module: str) -> dict[str, type]:
+    """The dataclasses and NamedTuples a listed module defines or exports."""
+    mod = importlib.import_module(module)
+    return {name: obj for name, obj in vars(mod).items() if isinstance(obj, type) and
+            (dataclasses.is_dataclass(obj) or (issubclass(obj, tuple) and hasattr(obj, "_fields")))}
+
+
+def record_fields(cls: type) -> tuple[str, ...]:
+    if dataclasses.is_dataclass(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+    return cls._fields
+
+
+def test_no_compiled_module_defines_a_dataclass_or_namedtuple():
+    """Cython 0.29 (bookworm's, make deb) makes no class __annotations__:
+    such a class compiled there has no fields.  They live in records.py."""
+    for module in build.COMPILED_MODULES:
+        tree = ast.parse((ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                marks = [ast.unparse(d) for d in node.decorator_list + node.bases]
+                assert not [m for m in marks if "dataclass" in m or "NamedTuple" in m or "TypedDict" in m], \
+                    (module, node.name, marks)
+
+
+#: The record classes the compiled modules use, with their fields.
+RECORDS = {
+    "gbalance.proxy.connect": {"Connected": ("sock", "group", "channel", "client_watcher", "server_watcher",
+                                             "early", "reset", "sent")},
+    "gbalance.proxy.proxyproto": {"Received": ("length", "version", "source", "dest")},
+    "gbalance.proxy.stagger": {"StaggerRule": ("ceiling", "floor")},
+    "gbalance.table.channels": {"Step": ("to", "suspect"),
+                                "Fired": ("before", "after", "changed", "suspect_set", "suspect_cleared"),
+                                "CheckOutcome": ("count", "changed", "unsuspected", "counting")},
+    "gbalance.system.limits": {"FdLimit": ("before", "after", "hard"),
+                               "ConnLimit": ("conns", "pipes", "nofile", "overcommitted")},
+}
+
+
+def check_records() -> dict[str, dict[str, tuple[str, ...]]]:
+    """What :data:`RECORDS` says, as this process's build has it."""
+    return {m: {n: record_fields(c) for n, c in record_classes(m).items()} for m in RECORDS}
+
+
+def test_every_record_class_of_the_compiled_modules_has_its_fields():
+    """In both runs of make test (compiled with Cython 3, then pure)."""
+    assert check_records() == RECORDS
+    for module in build.COMPILED_MODULES:
+        for name, cls in record_classes(module).items():
+            assert record_fields(cls), (module, name)
 
 
 def _gen_pxd_tree(tmp_path: Path) -> Path:
@@ -151,3 +207,29 @@ def test_the_sdist_carries_the_pxd_files_so_it_can_build_compiled(tmp_path):
     assert pxds and pxds <= names
     assert "packaging/gen-pxd.py" in names and "gbalance/build.py" in names
     assert not [n for n in names if n.endswith((".so", ".c"))]
+
+
+@pytest.mark.packaging
+def test_debians_cython_0_29_compiles_every_module_with_its_record_fields(tmp_path):
+    """bookworm's cython3 (what make deb builds with), GBALANCE_REQUIRE_COMPILED=1:
+    every listed module translates and compiles, and the record classes keep
+    their fields when the compiled modules are loaded."""
+    debian_python = "/usr/bin/python3"
+    version = subprocess.run([debian_python, "-c", "import Cython; print(Cython.__version__)"],
+                             capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0, "make deps installs Debian's cython3"
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.so", "__pycache__",
+                                                             "*.egg-info", "bench"))
+    env = {k: v for k, v in os.environ.items() if k != "GBALANCE_PURE"}
+    env.update(GBALANCE_REQUIRE_COMPILED="1", PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    r = subprocess.run([debian_python, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    check = ("import sys, json; sys.path[:0] = ['tests', '.']; import test_build; "
+             "from gbalance import build; print(json.dumps([build.kind(), test_build.check_records()]))")
+    out = subprocess.run([sys.executable, "-c", check], cwd=src, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kind, records = json.loads(out.stdout)
+    assert kind == "compiled", version.stdout
+    assert records == {m: {n: list(f) for n, f in fields.items()} for m, fields in RECORDS.items()}

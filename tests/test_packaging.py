@@ -33,10 +33,13 @@ from pathlib import Path
 
 import pytest
 
+from gbalance import build
+
 from conftest import ROOT, Backend, eventually, free_port, pid_alive, read_line, read_tag, wait_port
 from throwaway_root import create_root
 
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gbalance" / "__init__.py").read_text()).group(1)
+ARCH = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def run(cmd: list[str] | str, timeout: float = 120, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -167,12 +170,15 @@ def built(tmp_path_factory, host_before):
         pytest.fail("the packaging tests need root for their throwaway root (CI runs them as root)")
     top = tmp_path_factory.mktemp("pkg")
     dist, repo = top / "dist", top / "repo"
-    env = dict(os.environ, DIST_DIR=str(dist), REPO_DIR=str(repo))
+    # Compiled whatever the host's cython3 (on bookworm the default .deb is
+    # pure, which the upgrade test installs over this one): every install
+    # test below runs the extension modules.
+    env = dict(os.environ, DIST_DIR=str(dist), REPO_DIR=str(repo), GBALANCE_COMPILED="1")
     run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=env, timeout=600)
     run(["sh", "packaging/build-rpm.sh"], cwd=ROOT, env=env, timeout=600)
     sources_line = run(["sh", "packaging/build-apt-repo.sh"], cwd=ROOT, env=env).stdout.strip().splitlines()[-1]
     assert sources_line == f"deb [trusted=yes] file:{repo} ./"
-    return {"dist": dist, "repo": repo, "deb": dist / f"gbalance_{VERSION}_all.deb",
+    return {"dist": dist, "repo": repo, "deb": dist / f"gbalance_{VERSION}_{ARCH}.deb",
             "fake": build_fake_balance(top)}
 
 
@@ -225,7 +231,8 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
     assert "/etc/balance.conf" in conffiles and "/etc/init.d/balance" in conffiles
     depends = root.run(["dpkg-query", "-W", "-f", "${Depends}", "gbalance"]).stdout
     assert "python3-gevent" in depends and "python3-docopt" in depends
-    # Pedantic, with infos: nothing but the one explained override is left.
+    # Pedantic, with infos: nothing but the one explained override is left
+    # (the extension modules included: hardening flags, stripped, shlibs).
     lint = run(["lintian", "--pedantic", "-I", "--show-overrides", "--fail-on", "error,warning", str(deb)],
                check=False, timeout=600)
     tags = [line for line in lint.stdout.splitlines() if re.match(r"[EWIPXO]: ", line)]
@@ -234,14 +241,69 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
 
 
 @pytest.mark.packaging
+def test_deb_is_compiled_for_this_architecture_and_runs_compiled(pkg):
+    """GBALANCE_COMPILED=1 make deb compiles the hot path with bookworm's cython3: an arch .deb
+    with one extension module per listed module (beside its .py), no build
+    input (.pxd, .c), and the installed python3 loads the compiled modules."""
+    deb = pkg["deb"]
+    info = run(["dpkg", "-I", str(deb)]).stdout
+    assert f" Architecture: {ARCH}\n" in info, info
+    depends = re.search(r"^ Depends: (.*)$", info, re.M).group(1)
+    assert "libc6" in depends and "python3 (<< 3." in depends, depends    # shlibs and the ABI
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    site = "./usr/lib/python3/dist-packages/"
+    for module in build.COMPILED_MODULES:
+        path = site + module.replace(".", "/")
+        assert re.search(rf" {re.escape(path)}\.cpython-3\d+-[\w-]+\.so$", listing, re.M), module
+        assert f" {path}.py\n" in listing, module
+    assert not re.search(r"\.(pxd|c|pyx)$", listing, re.M), listing
+    root = pkg["root"]
+    out = root.run(["python3", "-m", "gbalance.build"], cwd="/").stdout.splitlines()
+    assert out[0] == "compiled", out
+    assert all(line.endswith(".so") for line in out[1:]), out
+
+
+@pytest.mark.packaging
+def test_make_deb_with_a_cython_older_than_3_builds_the_pure_modules_only(tmp_path):
+    """Plain make deb where cython3 is 0.29 (bookworm): its code is slower
+    than pure Python, so no extension module; the build says why."""
+    version = run(["cython3", "--version"]).stderr + run(["cython3", "--version"]).stdout
+    if not re.search(r"version [012]\.", version):
+        pytest.skip(f"cython3 here is 3.x ({version.strip()}): make deb compiles")
+    dist = tmp_path / "dist"
+    out = run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=dict(os.environ, DIST_DIR=str(dist)),
+              timeout=600).stdout
+    deb = dist / f"gbalance_{VERSION}_{ARCH}.deb"
+    assert out.strip().splitlines()[-1] == str(deb)
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    assert "/dist-packages/gbalance/proxy/forward.py\n" in listing
+    assert not re.search(r"\.(so|pxd|c)$", listing, re.M), listing
+
+
+@pytest.mark.packaging
+def test_gbalance_pure_1_make_deb_builds_the_pure_modules_only(tmp_path):
+    """The pkg.gbalance.pure profile: no extension module, no cython3 needed."""
+    dist = tmp_path / "dist"
+    out = run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=dict(os.environ, DIST_DIR=str(dist), GBALANCE_PURE="1"),
+              timeout=600).stdout
+    deb = dist / f"gbalance_{VERSION}_{ARCH}.deb"
+    assert out.strip().splitlines()[-1] == str(deb)
+    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
+    assert not re.search(r"\.(so|pxd|c)$", listing, re.M), listing
+    buildinfo = next(dist.glob("*.buildinfo")).read_text()
+    assert "pkg.gbalance.pure" in buildinfo, buildinfo     # its Environment: DEB_BUILD_PROFILES
+
+
+@pytest.mark.packaging
 def test_rpm_lists_same_files_with_systemd_scriptlets(built):
-    rpm = built["dist"] / f"gbalance-{VERSION}-1.noarch.rpm"
+    rpm_arch = run(["rpm", "--eval", "%{_arch}"]).stdout.strip()
+    rpm = built["dist"] / f"gbalance-{VERSION}-1.{rpm_arch}.rpm"
     files = run(["rpm", "-qlp", str(rpm)]).stdout.split()
     for path in ("/usr/bin/balance", "/usr/share/man/man1/balance.1.gz",
                  "/usr/share/man/es/man1/balance.1.gz", "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
                  "/usr/lib/systemd/system/balance@.service", "/usr/lib/systemd/system/balance-metrics.timer",
                  "/usr/lib/tmpfiles.d/balance.conf", "/usr/libexec/gbalance/balance-instances",
-                 "/usr/share/gbalance/gbalance/cli.py"):
+                 run(["rpm", "--eval", "%{_libdir}/gbalance/gbalance/cli.py"]).stdout.strip()):
         assert path in files, path
     assert not any("init.d" in f for f in files), "no SysV script in the rpm"
     assert not any("site-packages" in f for f in files), "private modules, no python(abi) pin"
@@ -557,7 +619,7 @@ def test_deb_upgrade_on_a_sysv_host_hands_over_without_cutting(pkg, tmp_path):
     tree = bumped_tree(tmp_path, version)
     dist = tmp_path / "dist"
     run(["sh", str(tree / "packaging" / "build-deb.sh")], env=dict(os.environ, DIST_DIR=str(dist)), timeout=600)
-    shutil.copy(dist / f"gbalance_{version}_all.deb", root.file("/srv/upgrade.deb"))
+    shutil.copy(dist / f"gbalance_{version}_{ARCH}.deb", root.file("/srv/upgrade.deb"))
     with init_script_master_with_a_held_link(root) as (p1, old, held):
         upgrade = root.run(["dpkg", "-i", "/srv/upgrade.deb"])
         out = upgrade.stdout + upgrade.stderr

@@ -27,8 +27,15 @@ import pytest
 
 from conftest import ROOT, Backend, free_port, pid_alive, read_tag, wait_listening
 
+from gbalance import build
+
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "gbalance" / "__init__.py").read_text()).group(1)
-RPM = f"gbalance-{VERSION}-1.noarch.rpm"
+#: The rpm is for this machine's architecture: the per-connection modules are compiled.
+RPM_ARCH = subprocess.run(["rpm", "--eval", "%{_arch}"], capture_output=True, text=True, check=True).stdout.strip()
+RPM = f"gbalance-{VERSION}-1.{RPM_ARCH}.rpm"
+#: The modules' private directory (the architecture's libdir, not /usr/share).
+APPDIR = subprocess.run(["rpm", "--eval", "%{_libdir}/gbalance"], capture_output=True, text=True,
+                        check=True).stdout.strip()
 SRPM = f"gbalance-{VERSION}-1.src.rpm"
 HELPER = "/usr/libexec/gbalance/balance-instances"
 
@@ -64,24 +71,30 @@ def test_rpm_requires_fedora_packages_and_no_interpreter_version(dist):
     assert "balance = 3.58" in query(dist, "provides")
     assert query(dist, "conflicts") == ["balance < 3.58"]
     assert query(dist, "obsoletes") == []
-    assert run(["rpm", "-qp", "--qf", "%{ARCH} %{LICENSE}", str(dist / RPM)]).stdout == "noarch GPL-2.0-or-later"
+    assert run(["rpm", "-qp", "--qf", "%{ARCH} %{LICENSE}", str(dist / RPM)]).stdout == f"{RPM_ARCH} GPL-2.0-or-later"
 
 
 def test_rpm_layout_private_modules_and_libexec_helper(dist):
     files = query(dist, "list")
-    for path in ("/usr/bin/balance", HELPER, "/usr/share/gbalance/gbalance/cli.py",
-                 "/usr/share/gbalance/gbalance/process/worker.py", "/usr/share/man/man1/balance.1.gz",
+    for path in ("/usr/bin/balance", HELPER, f"{APPDIR}/gbalance/cli.py",
+                 f"{APPDIR}/gbalance/process/worker.py", "/usr/share/man/man1/balance.1.gz",
                  "/usr/share/man/es/man1/balance.1.gz", "/etc/balance.conf", "/usr/lib/systemd/system/balance.service",
                  "/usr/lib/systemd/system/balance@.service", "/usr/lib/systemd/system-generators/balance-generator",
                  "/usr/lib/tmpfiles.d/balance.conf"):
         assert path in files, path
     # Current Fedora merged /usr/sbin into /usr/bin: one command file, no link loop.
-    assert not [f for f in files if f.startswith(("/usr/sbin", "/usr/lib/gbalance", "/usr/lib/python"))], files
+    assert not [f for f in files if f.startswith(("/usr/sbin", "/usr/lib/gbalance", "/usr/lib/python",
+                                                   "/usr/share/gbalance"))], files
+    # One extension module per compiled module, beside its .py; no build input.
+    for module in build.COMPILED_MODULES:
+        path = f"{APPDIR}/{module.replace('.', '/')}"
+        assert f"{path}.py" in files and [f for f in files if re.fullmatch(rf"{re.escape(path)}\.cpython-3\d+-[\w-]+\.so", f)], module
+    assert not [f for f in files if f.endswith((".pxd", ".c"))], files
     assert not [f for f in files if f.endswith(".pyc") or "dist-info" in f], files
     assert not any("init.d" in f for f in files)
     scripts = run(["rpm", "-qp", "--scripts", str(dist / RPM)]).stdout
-    assert re.search(r"postinstall scriptlet.*\n(.*\n)*.*-m compileall -q -f /usr/share/gbalance/gbalance", scripts)
-    assert re.search(r"preuninstall scriptlet.*\n(.*\n)*.*rm -rf /usr/share/gbalance/gbalance/__pycache__", scripts)
+    assert re.search(rf"postinstall scriptlet.*\n(.*\n)*.*-m compileall -q -f {APPDIR}/gbalance", scripts)
+    assert re.search(rf"preuninstall scriptlet.*\n(.*\n)*.*rm -rf {APPDIR}/gbalance/__pycache__", scripts)
     assert "systemctl reload balance.service" in scripts
     spec = (ROOT / "rpm" / "gbalance.spec").read_text()
     assert "/usr/lib/gbalance" not in spec.replace("s|/usr/lib/gbalance/balance-instances|", "")
@@ -116,7 +129,7 @@ def test_installed_rpm_units_call_the_libexec_helper(root):
 
 
 def test_installed_rpm_proxies_with_workers_and_answers_the_control_commands(root, tmp_path):
-    assert run(["rpm", "--root", str(root), "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.noarch"
+    assert run(["rpm", "--root", str(root), "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.{RPM_ARCH}"
     balance = root / "usr/bin/balance"
     assert balance.read_text().splitlines()[0] == "#!/usr/bin/python3 -sP"
     # The launcher's own interpreter line; only gevent and docopt (this
@@ -152,12 +165,18 @@ def test_installed_rpm_proxies_with_workers_and_answers_the_control_commands(roo
             # An isolated interpreter handed the master's module path, the
             # rpm's private directory first (gbalance.system.child).
             assert cmdline[:3] == [b"/usr/bin/python3", b"-I", b"-c"], cmdline
-            assert json.loads(cmdline[4])[0] == f"{root}/usr/share/gbalance", cmdline
+            assert json.loads(cmdline[4])[0] == f"{root}{APPDIR}", cmdline
             assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
         # The one gbalance on that path is the installed one: Python cached
         # its bytecode there (no PYTHONDONTWRITEBYTECODE in this environment).
-        pkg = root / "usr/share/gbalance/gbalance"
-        assert {"cli", "worker", "forward"} <= {p.name.split(".")[0] for p in pkg.glob("**/__pycache__/*")}
+        pkg = root / APPDIR.lstrip("/") / "gbalance"
+        assert {"cli", "worker", "layout"} <= {p.name.split(".")[0] for p in pkg.glob("**/__pycache__/*")}
+        # ... and its per-connection modules are the compiled ones.
+        for pid in workers:
+            with open(f"/proc/{pid}/maps") as maps:
+                mapped = {Path(line.split()[-1]).name.split(".")[0] for line in maps if str(pkg) in line
+                          and line.rstrip().endswith(".so")}
+            assert mapped == {m.rsplit(".", 1)[1] for m in build.COMPILED_MODULES}, (pid, mapped)
     finally:
         if master.poll() is None:
             os.kill(master.pid, signal.SIGTERM)
@@ -174,7 +193,7 @@ def test_rpm_erase_from_the_root_leaves_nothing(dist, tmp_path):
     r = tmp_path / "root"
     r.mkdir()
     run(["rpm", "--root", str(r), "-i", "--nodeps", "--noscripts", str(dist / RPM)])
-    assert (r / "usr/share/gbalance/gbalance/cli.py").exists()
+    assert (r / APPDIR.lstrip("/") / "gbalance/cli.py").exists()
     run(["rpm", "--root", str(r), "-e", "--noscripts", "gbalance"])
     # Only the root's own rpm database is left (Debian's rpm keeps it in
     # ~/.rpmdb, Fedora's in /usr/lib/sysimage/rpm): inside the root.
@@ -182,7 +201,7 @@ def test_rpm_erase_from_the_root_leaves_nothing(dist, tmp_path):
     assert (r / dbpath).is_dir()
     left = [str(p.relative_to(r)) for p in r.rglob("*") if p.is_file() and not p.is_relative_to(r / dbpath)]
     assert left == [], left
-    assert not (r / "usr/share/gbalance").exists() and not (r / "usr/libexec/gbalance").exists()
+    assert not (r / APPDIR.lstrip("/")).exists() and not (r / "usr/libexec/gbalance").exists()
 
 
 def test_rpm_scriptlets_compile_and_clean_up_in_a_throwaway_root(dist):
@@ -198,10 +217,10 @@ def test_rpm_scriptlets_compile_and_clean_up_in_a_throwaway_root(dist):
     with create_root() as root:
         root.write(f"/tmp/{RPM}", (dist / RPM).read_bytes())
         root.run(["rpm", "-i", "--nodeps", f"/tmp/{RPM}"])
-        pkg = root.file("/usr/share/gbalance/gbalance")
+        pkg = root.file(f"{APPDIR}/gbalance")
         compiled = {p.name for p in pkg.glob("**/__pycache__/*")}
         assert {"cli.cpython-311.pyc", "worker.cpython-311.pyc", "instances.cpython-311.pyc"} <= compiled, compiled
-        assert root.run(["rpm", "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.noarch"
+        assert root.run(["rpm", "-q", "gbalance"]).stdout.strip() == f"gbalance-{VERSION}-1.{RPM_ARCH}"
         root.apt_install("python3-gevent", "python3-docopt")
         assert root.run(["balance", "--version"]).stdout.strip() == f"balance {VERSION} (gbalance)"
         a = Backend("A")
@@ -216,6 +235,6 @@ def test_rpm_scriptlets_compile_and_clean_up_in_a_throwaway_root(dist):
             a.close()
         root.kill_processes()
         root.run(["rpm", "-e", "gbalance"])
-        for gone in ("/usr/share/gbalance", "/usr/libexec/gbalance", "/usr/bin/balance",
+        for gone in (APPDIR, "/usr/libexec/gbalance", "/usr/bin/balance",
                      "/usr/lib/systemd/system/balance@.service"):
             assert not root.file(gone).exists(), gone

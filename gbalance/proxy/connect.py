@@ -40,11 +40,12 @@ import errno
 import select
 import socket
 from enum import Enum, StrEnum
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from gevent.hub import Waiter
 
 from gbalance.proxy.forward import DONTWAIT
+from gbalance.proxy.records import Connected as Connected
 from gbalance.proxy.stagger import StaggerEstimator
 from gbalance.proxy.urgent import set_owner
 from gbalance.proxy.watchers import READ, WRITE, Watchers
@@ -90,27 +91,6 @@ class FailReason(StrEnum):
     TIMEOUT = "timeout"            # no answer within -t
     REFUSED = "refused"            # ECONNREFUSED
     SOCKET_ERROR = "socket error"  # no socket could be made (no errno text)
-
-
-class Connected(NamedTuple):
-    """The winner of a race, with the (stopped) watchers it used.
-
-    The forwarder reuses the watchers instead of creating new ones: the
-    client's read watcher as is, the connect's write watcher turned into a
-    read watcher on the backend socket.  Either may be None.
-    """
-
-    sock: _socket.socket
-    group: int
-    channel: int
-    client_watcher: "IoWatcher | None"
-    server_watcher: "IoWatcher | None"
-    #: What the client sent while the connect was pending (send it first).
-    early: bytes = b""
-    #: The backend reset the connection before the link began.
-    reset: bool = False
-    #: How many bytes of ``early`` were already sent to the backend.
-    sent: int = 0
 
 
 class Hooks:
@@ -219,7 +199,7 @@ class Connector:
         return result
 
 
-def set_keepalive(sock: _socket.socket, params: "tuple[int, int, int]") -> None:
+def set_keepalive(sock: _socket.socket, params: "tuple[(int, int, int)]") -> None:
     """Enable TCP keepalive with idle time, probe interval and probe count."""
     idle, interval, probes = params
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

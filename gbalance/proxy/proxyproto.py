@@ -43,9 +43,9 @@ import enum
 import socket
 import struct
 from collections.abc import Callable
-from typing import NamedTuple
 
 from gbalance.errors import EX_USAGE, BalanceError
+from gbalance.proxy.records import Received
 
 #: The 12-byte signature that starts every version 2 header.
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -152,7 +152,7 @@ def check_header(version: Version, sock: socket.socket) -> bytes:
         return V1_UNKNOWN
 
 
-def header_maker(version: Version, listener: socket.socket) -> Callable[[_socket.socket, tuple], bytes]:
+def header_maker(version: Version, listener: socket.socket) -> "Callable[[_socket.socket, tuple], bytes]":
     """A function ``(client_socket, client_address) -> header`` for ``listener``.
 
     When the listener is bound to one address, every client reaches that
@@ -240,21 +240,6 @@ _PORT_DIGITS = frozenset("0123456789")
 
 class HeaderError(ValueError):
     """The bytes are not a valid PROXY protocol header; the text says why."""
-
-
-class Received(NamedTuple):
-    """A complete, valid header.
-
-    ``source`` and ``dest`` are ``(address, port)`` as the sender gave them
-    (IPv6 in its canonical form), or None when the header carries no
-    usable address (v1 ``UNKNOWN``, v2 ``LOCAL``, v2 ``UNSPEC``/``UNIX``):
-    the receiver then uses the connection's own endpoints.
-    """
-
-    length: int
-    version: int
-    source: "tuple[str, int] | None" = None
-    dest: "tuple[str, int] | None" = None
 
 
 def parse_header(data: bytes) -> Received | None:

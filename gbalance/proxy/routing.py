@@ -89,7 +89,7 @@ def client_key(address: str) -> int:
     return client_hash(address) >> KEY_SHIFT
 
 
-def channel_seed(address: str, port: int, twin: int = 0) -> "tuple[int, int]":
+def channel_seed(address: str, port: int, twin: int = 0) -> "tuple[(int, int)]":
     """The two 64-bit numbers that make a channel's scores, from its address and port.
 
     ``twin`` counts earlier channels of the same group with the same address
@@ -106,7 +106,7 @@ def channel_seed(address: str, port: int, twin: int = 0) -> "tuple[int, int]":
     return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
 
 
-def score(key: int, seed: "tuple[int, int]") -> int:
+def score(key: int, seed: "tuple[(int, int)]") -> int:
     """A channel's score for a client key: ``(a * key + b) mod 2**64``.
 
     Multiply-add-shift hashing (Dietzfelbinger): over random ``a, b`` the top
@@ -162,7 +162,7 @@ class Rendezvous:
         return rendezvous_order(key, self.seeds)
 
 
-def group_seeds(state: SharedState, g: int, n: int) -> "list[tuple[int, int]]":
+def group_seeds(state: SharedState, g: int, n: int) -> "list[tuple[(int, int)]]":
     """The seeds of the first ``n`` channels of group ``g``, read from the table."""
     q = state.q
     seen: "dict[tuple[str, int], int]" = {}

@@ -208,7 +208,7 @@ class AddressCache:
         self.entries = entries
         self.generation = gen
 
-    def __call__(self, g: int, c: int) -> "tuple[int, tuple]":
+    def __call__(self, g: int, c: int) -> "tuple[(int, tuple)]":
         return self.entries[g * MAXCHANNELS + c]
 
 

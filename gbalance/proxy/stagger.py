@@ -20,10 +20,9 @@ callers pass measured seconds, so tests drive it with any numbers.
 """
 
 
-from dataclasses import dataclass
+# Re-exported: their users import them from here.
+from gbalance.proxy.records import DEFAULT_FLOOR as DEFAULT_FLOOR, StaggerRule as StaggerRule
 
-#: Lowest delay: below this a busy loop's own latency would look like a hang.
-DEFAULT_FLOOR = 0.005
 #: Delay of a channel with no measured connect yet.
 INITIAL = 0.02
 #: Deviations added to the smoothed connect time (RFC 6298's K).
@@ -35,14 +34,6 @@ BETA = 1.0 / 4.0
 def initial_delay(ceiling: float) -> float:
     """The delay of a channel not measured yet, for a ``stagger=`` of ``ceiling``."""
     return min(INITIAL, ceiling)
-
-
-@dataclass(frozen=True)
-class StaggerRule:
-    """The configured bounds: ``ceiling`` is ``stagger=`` (0 turns it off)."""
-
-    ceiling: float
-    floor: float = DEFAULT_FLOOR
 
 
 class StaggerEstimator:

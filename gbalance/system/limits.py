@@ -10,7 +10,8 @@ with back (:func:`restore_start_limit`).
 
 
 import resource
-from dataclasses import dataclass
+
+from gbalance.system.records import RESERVED_FDS, ConnLimit, FdLimit
 
 
 #: The listen backlog a master asks for.  The kernel cuts it to
@@ -21,22 +22,6 @@ LISTEN_BACKLOG = 65535
 
 #: The soft limit this process started with (set by the first :func:`raise_fd_limit`).
 _start_soft: int | None = None
-
-
-@dataclass(frozen=True)
-class FdLimit:
-    """RLIMIT_NOFILE before and after :func:`raise_fd_limit`."""
-
-    before: int
-    after: int
-    hard: int
-
-    def describe(self) -> str:
-        """One log line saying what the master may open."""
-        hard = "unlimited" if self.hard == resource.RLIM_INFINITY else str(self.hard)
-        if self.after == self.before:
-            return f"file descriptor limit {self.after} (hard limit {hard})"
-        return f"file descriptor limit raised from {self.before} to {self.after} (hard limit {hard})"
 
 
 def raise_fd_limit() -> FdLimit:
@@ -93,37 +78,11 @@ def raise_and_report(log, quiet: bool = False) -> FdLimit:
     return limit
 
 
-#: Descriptors kept for what is not a proxied connection: the listener,
-#: state file, event loop, log, control and hand-over sockets, health checks.
-RESERVED_FDS = 64
 #: Without -L, this share of the descriptors is kept for splice pipes
 #: (2 descriptors each); connections take the rest, 2 descriptors each.
 PIPE_SHARE = 32
 #: No pipe or connection limit.
 UNLIMITED = 1 << 62
-
-
-@dataclass(frozen=True)
-class ConnLimit:
-    """What one serving process may hold: ``conns`` open connections
-    (accepted ones, with their backend connect pending or linked; 0 = no
-    limit) and ``pipes`` splice pipes at once."""
-
-    conns: int
-    pipes: int
-    nofile: int
-    #: An explicit -L asks for more descriptors than this process may open.
-    overcommitted: bool = False
-
-    def describe(self, per: str = "") -> str:
-        """One log line about the limit (or what is wrong with it); ``per``:
-        whose limit it is (" per worker")."""
-        if not self.conns:
-            return "no connection limit (-L 0)"
-        if self.overcommitted:
-            return (f"-L: {self.conns} connections{per} need about {2 * self.conns + RESERVED_FDS} file"
-                    f" descriptors, a process may open {self.nofile}: accepting pauses when they run out")
-        return f"at most {self.conns} connections at once{per} (file descriptor limit {self.nofile})"
 
 
 def current_nofile() -> int:

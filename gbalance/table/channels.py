@@ -49,7 +49,6 @@ a connection.
 import enum
 import ipaddress
 import socket
-from dataclasses import dataclass
 
 from gbalance.table.counters import lock, unlock
 from gbalance.table.files import StateError
@@ -58,6 +57,7 @@ from gbalance.table.layout import (C_C, C_SLOTS, CHANNEL_BASE, C_FAILS, C_MAXC, 
                                    ENABLED, G_NCHANNELS, HARD_DISABLED, HASH, H_NGROUPS, MAXCHANNELS,
                                    MAXGROUPS, MON_DISABLED, MON_ENABLED, MON_NONE, RR, SOFT_DISABLED, gslot,
                                    row_sum, slot)
+from gbalance.table.records import CheckOutcome as CheckOutcome, Fired as Fired, Mark as Mark, Step as Step
 from gbalance.table.state import SharedState
 
 #: Largest ``maxc`` (the C balance keeps it in an int).
@@ -96,22 +96,6 @@ class Event(enum.Enum):
     READDRESS = "assign"                       # an admin re-pointed it (only a DIS one may be)
 
 
-class Mark(enum.Enum):
-    """What a step does to the suspect mark."""
-
-    KEEP = "keep"
-    SET = "set"
-    CLEAR = "clear"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One row of :data:`TRANSITIONS`: the state after the event, and the suspect mark."""
-
-    to: ChannelState
-    suspect: Mark = Mark.KEEP
-
-
 _ENA, _DIS_SOFT, _DIS_HARD = ChannelState.ENABLED, ChannelState.SOFT_DISABLED, ChannelState.HARD_DISABLED
 
 
@@ -138,17 +122,6 @@ def _build() -> "dict[tuple[ChannelState, Event], Step]":
 TRANSITIONS: "dict[tuple[ChannelState, Event], Step]" = _build()
 #: Events that lead to one state whatever the state before.
 _ABSOLUTE = frozenset(e for e in Event if len({TRANSITIONS[s, e].to for s in ChannelState}) == 1)
-
-
-@dataclass(frozen=True)
-class Fired:
-    """What :meth:`Channels.fire` did."""
-
-    before: ChannelState
-    after: ChannelState
-    changed: bool = False           # the status slot was written
-    suspect_set: bool = False       # the suspect mark went from clear to set
-    suspect_cleared: bool = False   # the suspect mark went from set to clear
 
 
 def _state_of(value: int) -> ChannelState:
@@ -219,16 +192,6 @@ def last_resort(q: memoryview, base: int) -> bool:
         return False
     maxc = q[base + C_MAXC]
     return not maxc or q[base + C_C] < maxc
-
-
-@dataclass
-class CheckOutcome:
-    """What one check result did to a channel (for the monitor's log lines)."""
-
-    count: int                 # consecutive passes (or failures) now
-    changed: bool = False      # the state changed (enabled or soft-disabled)
-    unsuspected: bool = False  # a suspect mark was cleared
-    counting: bool = False     # the count moves the channel towards a change
 
 
 class Channels:

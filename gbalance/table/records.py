@@ -1,0 +1,55 @@
+"""The record classes of the compiled :mod:`gbalance.table.channels`.
+
+:class:`Step` (a row of its transition table, with :class:`Mark`),
+:class:`Fired` and :class:`CheckOutcome` live here, not beside their user:
+Cython 0.29 (Debian bookworm's cython3, which ``make deb`` compiles with)
+makes no ``__annotations__`` for a class body it compiles, and dataclasses
+and ``typing.NamedTuple`` read their fields from there: compiled, they
+would have no fields.  This module is not in
+:data:`gbalance.build.COMPILED_MODULES`, so these classes are plain Python
+whatever the build; the compiled modules import them from here (and so
+still export them under their old names).  tests/test_build.py checks
+the fields of every record class, compiled or not.
+"""
+
+import enum
+from dataclasses import dataclass
+
+from gbalance.table.layout import ChannelState
+
+
+class Mark(enum.Enum):
+    """What a step does to the suspect mark."""
+
+    KEEP = "keep"
+    SET = "set"
+    CLEAR = "clear"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of :data:`TRANSITIONS`: the state after the event, and the suspect mark."""
+
+    to: ChannelState
+    suspect: Mark = Mark.KEEP
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What :meth:`Channels.fire` did."""
+
+    before: ChannelState
+    after: ChannelState
+    changed: bool = False           # the status slot was written
+    suspect_set: bool = False       # the suspect mark went from clear to set
+    suspect_cleared: bool = False   # the suspect mark went from set to clear
+
+
+@dataclass
+class CheckOutcome:
+    """What one check result did to a channel (for the monitor's log lines)."""
+
+    count: int                 # consecutive passes (or failures) now
+    changed: bool = False      # the state changed (enabled or soft-disabled)
+    unsuspected: bool = False  # a suspect mark was cleared
+    counting: bool = False     # the count moves the channel towards a change
