@@ -3,10 +3,10 @@
 :class:`Connected` (:mod:`gbalance.proxy.connect`), :class:`Received`
 (:mod:`gbalance.proxy.proxyproto`) and :class:`StaggerRule`
 (:mod:`gbalance.proxy.stagger`) live here, not beside their users:
-Cython 0.29 (Debian bookworm's cython3, which ``make deb`` compiles with)
-makes no ``__annotations__`` for a class body it compiles, and dataclasses
-and ``typing.NamedTuple`` read their fields from there: compiled, they
-would have no fields.  This module is not in
+Cython 0.29 (Debian bookworm's cython3, which ``GBALANCE_COMPILED=1 make
+deb`` compiles with) makes no ``__annotations__`` for a class body it
+compiles, and dataclasses and ``typing.NamedTuple`` read their fields from
+there: compiled, they would have no fields.  This module is not in
 :data:`gbalance.build.COMPILED_MODULES`, so these classes are plain Python
 whatever the build; the compiled modules import them from here (and so
 still export them under their old names).  tests/test_build.py checks

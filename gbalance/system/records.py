@@ -1,14 +1,8 @@
 """The record classes of the compiled :mod:`gbalance.system.limits`.
 
-:class:`FdLimit` and :class:`ConnLimit` live here, not beside their user:
-Cython 0.29 (Debian bookworm's cython3, which ``make deb`` compiles with)
-makes no ``__annotations__`` for a class body it compiles, and dataclasses
-and ``typing.NamedTuple`` read their fields from there: compiled, they
-would have no fields.  This module is not in
-:data:`gbalance.build.COMPILED_MODULES`, so these classes are plain Python
-whatever the build; the compiled modules import them from here (and so
-still export them under their old names).  tests/test_build.py checks
-the fields of every record class, compiled or not.
+:class:`FdLimit` and :class:`ConnLimit` live here, not beside their user,
+for the reason :mod:`gbalance.proxy.records` gives (Cython 0.29 and record
+classes); the compiled module re-exports them.
 """
 
 import resource
