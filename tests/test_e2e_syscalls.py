@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import BALANCE, ROOT, free_port, wait_listening
+from conftest import BALANCE, ROOT, eventually, free_port, pid_alive, wait_listening
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("strace") is None,
                                 reason="needs Linux and strace")
@@ -74,6 +74,29 @@ def _strace_works(tmp_path) -> bool:
     return res.returncode == 0
 
 
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc/*/stat)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def traced_run(tmp_path, extra: list[str] | None = None) -> list[str]:
     """Proxy N short connections through ``balance -f`` under strace; the
     trace lines of every connection's system calls (first accept on)."""
@@ -97,13 +120,18 @@ def traced_run(tmp_path, extra: list[str] | None = None) -> list[str]:
             assert got == b"a" * 99 + b"\n"
         time.sleep(0.5)                     # the last link's close is traced
     finally:
-        proc.send_signal(signal.SIGTERM)
+        # strace detaches on SIGTERM and leaves its tracee running: stop the
+        # traced balance itself (strace's child), and strace ends with it.
+        tracees = _children(proc.pid) or [proc.pid]
+        _signal_all(tracees, signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
+            _signal_all(tracees, signal.SIGKILL)
             proc.kill()
             proc.wait(10)
         backend.close()
+    assert eventually(lambda: not any(pid_alive(pid) for pid in tracees), 10), "the traced balance outlived the test"
     lines = trace.read_text(errors="replace").splitlines()
     first = next(i for i, line in enumerate(lines) if re.search(r"\baccept4?\(.*= \d+$", line))
     # The last connection's last close: the end of the proxying.
