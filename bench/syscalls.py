@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from lib import LOAD_CPU, ROOT, BenchError, GBalance, HAProxy, Workdir, pin, process_tree, start_nginx, stop, stop_all
+from lib import LOAD_CPU, ROOT, BenchError, Workdir, pin, process_tree, start_nginx, stop, stop_all
+from conncost import make
 from measure import settle_timewait
 from workers import tree_cpu_seconds
 
@@ -78,14 +79,6 @@ def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict
 
 def _exists(event: str) -> bool:
     return bool(os.path.exists("/sys/kernel/tracing/events/" + event.replace(":", "/")))
-
-
-def make(name: str, work, nginx: int):
-    if name == "gbalance":
-        return GBalance(work.path, nginx)
-    if name == "gbalance-w1":
-        return GBalance(work.path, nginx, args=["-w", "1"])
-    return HAProxy(work.path, nginx)
 
 
 def one(name: str, work, nginx: int, seconds: float, conns: int) -> dict:
