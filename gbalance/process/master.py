@@ -36,7 +36,7 @@ from gevent import socket as gsocket
 from gevent.event import Event
 
 from gbalance.process import handover
-from gbalance.system import notify
+from gbalance.system import heap, notify
 from gbalance.config import ProxyConfig
 from gbalance.system.daemon import detach
 from gbalance.errors import EX_DATAERR, EX_NOPERM, EX_OSERR, EX_SOFTWARE, BalanceError
@@ -512,6 +512,9 @@ class Master:
                                                    self.log.warning)
             if not self.control.start():
                 self.control = None
+            frozen = heap.freeze_startup()
+            if self.cfg.debug:
+                self.log.trace(f"start-up heap frozen: {frozen} objects\n")
             notify.ready()
             self.done.wait()
         finally:

@@ -42,6 +42,7 @@ from gbalance.table.counters import Counters
 from gbalance.log import Log
 from gbalance.table.files import StateError
 from gbalance.table.state import SharedState
+from gbalance.system import heap
 from gbalance.system.evloop import install_hub
 from gbalance.wiring import build_server
 
@@ -118,6 +119,9 @@ class Worker:
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)
         self.server.start()
+        frozen = heap.freeze_startup()
+        if self.cfg.debug:
+            self.log.trace(f"worker {spec.index}: start-up heap frozen: {frozen} objects\n")
         try:
             os.write(spec.ready_fd, b"R")
         except OSError:
