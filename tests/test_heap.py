@@ -130,7 +130,7 @@ def test_freeze_startup_moves_the_heap_out_of_collections():
 
 
 def _frozen(err: str, prefix: str = "") -> list[int]:
-    return [int(n) for n in re.findall(rf"^{prefix}start-up heap frozen: (\d+) objects$", err, re.M)]
+    return [int(n) for n in re.findall(rf"^balance: {prefix}start-up heap frozen: (\d+) objects$", err, re.M)]
 
 
 def test_serving_master_freezes_its_startup_heap(balance, backends):

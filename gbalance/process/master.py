@@ -512,9 +512,6 @@ class Master:
                                                    self.log.warning)
             if not self.control.start():
                 self.control = None
-            frozen = heap.freeze_startup()
-            if self.cfg.debug:
-                self.log.trace(f"start-up heap frozen: {frozen} objects\n")
             notify.ready()
             self.done.wait()
         finally:
@@ -556,7 +553,11 @@ def run_master(cfg: ProxyConfig) -> int:
             raise BalanceError(message, code)
         report(code, message)
         os._exit(code)
+    # Serving from here on: later collections need not walk what start-up
+    # left (said before -d's channel list, which -d's users read as balance's).
+    frozen = heap.freeze_startup()
     if cfg.debug:
+        log.info(f"start-up heap frozen: {frozen} objects")
         master.trace_channels()
     if report is not None:
         report(0, "")

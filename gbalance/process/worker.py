@@ -121,7 +121,7 @@ class Worker:
         self.server.start()
         frozen = heap.freeze_startup()
         if self.cfg.debug:
-            self.log.trace(f"worker {spec.index}: start-up heap frozen: {frozen} objects\n")
+            self.log.info(f"worker {spec.index}: start-up heap frozen: {frozen} objects")
         try:
             os.write(spec.ready_fd, b"R")
         except OSError:
