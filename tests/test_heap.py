@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from conftest import ROOT, free_port, inprocess_server
+from test_e2e_workers import start_workers
 
 
 def _short(port: int, reset: bool = False) -> None:
@@ -148,11 +149,12 @@ def test_serving_master_freezes_its_startup_heap(balance, backends):
 
 
 def test_each_worker_freezes_its_startup_heap(balance, backends):
-    """-w 2: each worker freezes its own start-up heap before it says it is
-    ready, and the supervising master its own."""
+    """-w 2: each worker freezes its own start-up heap as it starts to serve
+    (before its loop runs, so before it can handle the stop), and the
+    supervising master its own."""
     be = backends("OK")
     port = free_port()
-    proc = balance.start("-d", "-w", "2", str(port), be.spec, port=port)
+    proc, _ = start_workers(balance, 2, "-d", str(port), be.spec, port=port)    # both accept
     with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
         assert c.recv(10) == b"OK\n"
     _, err = proc.stop()
