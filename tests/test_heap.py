@@ -42,17 +42,12 @@ def _short(port: int, reset: bool = False) -> None:
         s.close()
 
 
-def _ours(obj: object) -> bool:
-    """An object of the package, or a frame of its code (an exception's traceback cycle)."""
-    if type(obj).__module__.startswith("gbalance"):
-        return True
-    code = getattr(obj, "f_code", None)
-    return code is not None and "/gbalance/" in code.co_filename
-
-
 def _cycles_left(port: int, rounds: int, **kw) -> list[str]:
-    """Run ``rounds`` x 20 short connections with the collector off; what a
-    collection then finds unreachable of ours (saved by DEBUG_SAVEALL)."""
+    """Run ``rounds`` x 20 short connections with the collector off; the types
+    of what a collection then finds unreachable (kept by DEBUG_SAVEALL).
+    Nothing at all, not just nothing of the package's classes: a cycle
+    through a closure, a bound method or an exception's traceback is made
+    of builtin types."""
     import gevent
 
     for _ in range(20):                        # warm-up: first-use caches are not leaks
@@ -66,7 +61,7 @@ def _cycles_left(port: int, rounds: int, **kw) -> list[str]:
             gevent.joinall([gevent.spawn(_short, port, **kw) for _ in range(20)], timeout=30)
         gevent.sleep(0.3)                      # the proxy closes its sides
         gc.collect()
-        found = sorted({type(o).__qualname__ for o in gc.garbage if _ours(o)})
+        found = sorted({type(o).__qualname__ for o in gc.garbage})
     finally:
         gc.set_debug(0)
         del gc.garbage[:]
@@ -92,8 +87,6 @@ def test_short_connections_leave_no_cycles(tmp_path, backends, monkeypatch):
 
 def test_a_cycle_would_be_found(tmp_path, backends, monkeypatch):
     """The check above finds a per-connection cycle when there is one."""
-    from gbalance.proxy import server as server_module
-
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     be = backends("", mode="echo")
     port = free_port()
@@ -101,7 +94,7 @@ def test_a_cycle_would_be_found(tmp_path, backends, monkeypatch):
         real = server.handle_client
 
         class Loop:                 # a tiny per-connection cycle, as a careless change might make
-            __module__ = server_module.__name__
+            pass
 
         def handle(*args):
             loop = Loop()
@@ -109,7 +102,7 @@ def test_a_cycle_would_be_found(tmp_path, backends, monkeypatch):
             return real(*args)
 
         monkeypatch.setattr(server, "handle_client", handle)
-        assert _cycles_left(port, 2) == ["test_a_cycle_would_be_found.<locals>.Loop"]
+        assert "test_a_cycle_would_be_found.<locals>.Loop" in _cycles_left(port, 2)
 
 
 def test_freeze_startup_moves_the_heap_out_of_collections():
