@@ -209,6 +209,7 @@ import signal
 signal.signal(signal.SIGUSR2, zero)
 def report():
     stats["frozen"] = gc.get_freeze_count()
+    stats["tracked"] = len(gc.get_objects())
     with open(os.environ["MODECOST_GC_OUT"], "w") as f:
         json.dump(stats, f)
 atexit.register(report)
@@ -265,7 +266,7 @@ def gcrun(n: int, conc: int, bport: int, held: bool, freeze: bool) -> dict:
             s.close()
     with open(path) as f:
         b = json.load(f)
-    return {"connections": n, "held": held, "freeze": freeze, "frozen": b["frozen"],
+    return {"connections": n, "held": held, "freeze": freeze, "frozen": b["frozen"], "tracked": b["tracked"],
             "collections": b["collections"], "cpu_us": b["cpu_ns"] / 1e3}
 
 
@@ -289,7 +290,8 @@ def main() -> int:
                 g = r["collections"]
                 print(f"{'held' if held else 'short'} x{args.n} freeze={freeze}: collections gen0/1/2 "
                       f"{g[0]}/{g[1]}/{g[2]} ({sum(g) / args.n:.4f} per connection), "
-                      f"{r['cpu_us'] / args.n:.3f} us CPU in the collector per connection", flush=True)
+                      f"{r['cpu_us'] / args.n:.3f} us CPU in the collector per connection; "
+                      f"{r['tracked']} objects tracked at exit, {r['frozen']} frozen", flush=True)
         return 0
     modes = args.modes.split(",")
     for r in range(args.rounds):
