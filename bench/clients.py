@@ -50,7 +50,7 @@ from pathlib import Path
 
 from lib import (BENCH, LOAD_CPU, PROCS, BenchError, Direct, GBalance, HAProxy, Proxy, free_port, median, pin,
                  start, start_nginx, stop, wait_listening)
-from measure import settle_timewait
+from measure import settle_timewait, timewait_count
 from workers import tree_cpu_seconds
 
 CONTENDERS = ("direct", "gbalance", "gbalance-w1", "haproxy")
@@ -375,9 +375,6 @@ def http_round(proxy: Proxy, seconds: float, expect: bytes) -> tuple[dict, list[
     problems += [err] if err else []
     out["wrk_keepalive"], err = wrk(proxy.port, seconds, False)
     problems += [err] if err else []
-    # Bounded: the part must stay within its few minutes; rotating the order
-    # spreads what TIME_WAIT sockets are left over the contenders evenly.
-    settle_timewait(limit=40_000, max_wait=5.0)
     out["wrk_close"], err = wrk(proxy.port, seconds, True)
     problems += [err] if err else []
     err = http_check(proxy.port, expect)
@@ -395,6 +392,7 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
     owned: list = []
     pg = None
     raw = {n: {k: [] for k, _, _ in FIGURES} for n in contenders}
+    result_tw = None
     cpu = {n: {s: [] for s in ("redis", "postgres", "nginx")} for n in contenders}
     problems: dict[str, list[str]] = {n: [] for n in contenders}
     errors: list[str] = []
@@ -413,6 +411,11 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
         pg.start()
         servers["postgres"] = pg.port
         log(f"clients: servers up in {time.monotonic() - t0:.0f} s")
+        # Once, bounded, so the part stays within its few minutes: earlier
+        # parts' TIME_WAIT sockets drain a while; within the part, the rotating
+        # order spreads the ones its own close runs leave over the contenders.
+        settle_timewait(limit=20_000, max_wait=20.0)
+        result_tw = timewait_count()
         for r in range(runs):
             order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
             for server in ("redis", "postgres", "nginx"):
@@ -456,7 +459,7 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
                for n in contenders}
     return {"contenders": list(contenders), "raw": raw, "medians": med, "ratios": ratios,
             "bytes_correct": correct, "problems": problems, "errors": errors,
-            "proxy_cpu_s": cpu, "elapsed_s": round(time.monotonic() - t0, 1),
+            "proxy_cpu_s": cpu, "elapsed_s": round(time.monotonic() - t0, 1), "timewait_at_start": result_tw,
             "conditions": f"medians of {runs} interleaved rounds, {seconds:g} s runs; proxy on CPU 0, "
                           f"servers and clients on CPU 1; redis-benchmark 50 connections, pgbench scale "
                           f"{PG_SCALE} fsync off, wrk -t1 -c{WRK_CONNECTIONS}"}
