@@ -31,7 +31,8 @@ The servers (redis-server, PostgreSQL as its own system user, nginx) are
 started here in temporary directories on free loopback ports and killed by
 their pids.  Proxies run on CPU 0, servers and clients on CPU 1; rounds are
 interleaved (every contender once per round, in rotating order) and medians
-are reported.  PostgreSQL runs with fsync off, so the disk is not measured.
+are reported, with the proxy's CPU time (utime+stime of its process tree)
+per request or transaction beside each rate.  PostgreSQL runs with fsync off, so the disk is not measured.
 """
 
 from __future__ import annotations
@@ -205,6 +206,21 @@ def _run(cmd: list[str], timeout: float = TIMEOUT, **kw) -> subprocess.Completed
         raise BenchError(f"{cmd[0]} did not finish in {timeout:g} s") from None
 
 
+class Meter:
+    """CPU time (utime+stime) of the proxy's process tree per request over one run."""
+
+    def __init__(self, pid: int | None, cpu: dict) -> None:
+        self.pid, self.cpu, self.t0 = pid, cpu, 0.0
+
+    def start(self) -> None:
+        self.t0 = tree_cpu_seconds(self.pid) if self.pid else 0.0
+
+    def stop(self, key: str, requests: int | None) -> None:
+        """Record µs per request under ``key`` (nothing for a direct connection)."""
+        if self.pid and requests:
+            self.cpu[key] = 1e6 * (tree_cpu_seconds(self.pid) - self.t0) / requests
+
+
 # -- redis ------------------------------------------------------------------------------
 
 def redis_benchmark(port: int, extra: list[str]) -> tuple[dict[str, float], str | None]:
@@ -256,17 +272,20 @@ def redis_check(port: int, count: int = 16) -> str | None:
     return None
 
 
-def redis_round(proxy: Proxy, seconds: float) -> tuple[dict, list[str]]:
+def redis_round(proxy: Proxy, seconds: float, meter: Meter) -> tuple[dict, list[str]]:
     """The three redis figures on one proxy instance, and the problems seen."""
     problems = []
     out = {}
     redis_benchmark(proxy.port, ["-t", "set", "-P", "16", "-n", "100000"])      # warm-up
-    rates, err = redis_benchmark(proxy.port, ["-t", "set", "-P", "16", "-n", str(int(400_000 * seconds))])
-    out["redis_set_p16"] = rates.get("SET")
-    problems += [err] if err else []
-    rates, err = redis_benchmark(proxy.port, ["-t", "set,get", "-d", str(BIG), "-n", str(int(3_000 * seconds))])
-    out["redis_256k_set"], out["redis_256k_get"] = rates.get("SET"), rates.get("GET")
-    problems += [err] if err else []
+    runs = (("redis_set_p16", "SET", ["-P", "16"], int(400_000 * seconds)),
+            ("redis_256k_set", "SET", ["-d", str(BIG)], int(3_000 * seconds)),
+            ("redis_256k_get", "GET", ["-d", str(BIG)], int(3_000 * seconds)))   # GETs the value SET before
+    for key, test, extra, n in runs:
+        meter.start()
+        rates, err = redis_benchmark(proxy.port, ["-t", test.lower(), *extra, "-n", str(n)])
+        meter.stop(key, n)
+        out[key] = rates.get(test)
+        problems += [err] if err else []
     err = redis_check(proxy.port)
     problems += [err] if err else []
     for key in ("redis_set_p16", "redis_256k_set", "redis_256k_get"):
@@ -290,16 +309,18 @@ _SUMS = ("select (select count(*) from pgbench_history), (select coalesce(sum(ab
          " from pgbench_branches), (select coalesce(sum(delta),0) from pgbench_history)")
 
 
-def pg_round(pg: Postgres, proxy: Proxy, seconds: float) -> tuple[dict, list[str]]:
+def pg_round(pg: Postgres, proxy: Proxy, seconds: float, meter: Meter) -> tuple[dict, list[str]]:
     """pgbench -c 8 through ``proxy``, then the database's books are checked through it."""
     problems = []
     before = _psql(pg, proxy.port, _SUMS).split("|")
+    meter.start()
     res = _run([str(pg.bindir / "pgbench"), "-n", "-c", str(PG_CLIENTS), "-j", "1", "-T", str(max(1, round(seconds))),
                 "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "postgres", "postgres"],
                timeout=seconds + TIMEOUT, env=pg.env, cwd=pg.dir)
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", res.stdout)
     done = re.search(r"number of transactions actually processed: (\d+)", res.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", res.stdout)
+    meter.stop("pgbench_c8", int(done.group(1)) if done else None)
     if res.returncode != 0 or not tps or not done:
         problems.append(f"pgbench exit {res.returncode}: {(res.stderr.strip() or res.stdout.strip())[-160:]!r}")
     if failed and int(failed.group(1)):
@@ -318,9 +339,9 @@ def pg_round(pg: Postgres, proxy: Proxy, seconds: float) -> tuple[dict, list[str
 
 # -- HTTP ---------------------------------------------------------------------------------
 
-def wrk(port: int, seconds: float, close: bool) -> tuple[float | None, str | None]:
-    """``wrk -t1 -c32`` on the 100-byte file: (req/s, problem or None); any error response
-    or socket error is a problem."""
+def wrk(port: int, seconds: float, close: bool) -> tuple[float | None, int | None, str | None]:
+    """``wrk -t1 -c32`` on the 100-byte file: (req/s, requests, problem or None); any
+    error response or socket error is a problem."""
     cmd = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s"]
     if close:
         cmd += ["-H", "Connection: close"]
@@ -328,7 +349,7 @@ def wrk(port: int, seconds: float, close: bool) -> tuple[float | None, str | Non
     rate = re.search(r"Requests/sec:\s*([\d.]+)", res.stdout)
     total = re.search(r"(\d+) requests in", res.stdout)
     if not rate or not total:
-        return None, f"wrk printed no rate: {res.stdout.strip()[-160:]!r}"
+        return None, None, f"wrk printed no rate: {res.stdout.strip()[-160:]!r}"
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", res.stdout)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", res.stdout)
     problem = None
@@ -336,7 +357,7 @@ def wrk(port: int, seconds: float, close: bool) -> tuple[float | None, str | Non
         problem = f"wrk: {bad.group(1)} of {total.group(1)} responses were not 2xx"
     elif errs and sum(int(x) for x in errs.groups()):
         problem = f"wrk: {errs.group(0)} in {total.group(1)} requests"
-    return float(rate.group(1)), problem
+    return float(rate.group(1)), int(total.group(1)), problem
 
 
 def _http_get(s: socket.socket, path: str, close: bool) -> bytes:
@@ -368,15 +389,16 @@ def http_check(port: int, expect: bytes) -> str | None:
     return f"http check: responses {wrong} of 3 differ from the file" if wrong else None
 
 
-def http_round(proxy: Proxy, seconds: float, expect: bytes) -> tuple[dict, list[str]]:
+def http_round(proxy: Proxy, seconds: float, expect: bytes, meter: Meter) -> tuple[dict, list[str]]:
     problems = []
     out = {}
     err = http_check(proxy.port, expect)                                 # also the warm-up
     problems += [err] if err else []
-    out["wrk_keepalive"], err = wrk(proxy.port, seconds, False)
-    problems += [err] if err else []
-    out["wrk_close"], err = wrk(proxy.port, seconds, True)
-    problems += [err] if err else []
+    for key, close in (("wrk_keepalive", False), ("wrk_close", True)):
+        meter.start()
+        out[key], requests, err = wrk(proxy.port, seconds, close)
+        meter.stop(key, requests)
+        problems += [err] if err else []
     err = http_check(proxy.port, expect)
     problems += [err] if err else []
     return out, problems
@@ -393,7 +415,7 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
     pg = None
     raw = {n: {k: [] for k, _, _ in FIGURES} for n in contenders}
     result_tw = None
-    cpu = {n: {s: [] for s in ("redis", "postgres", "nginx")} for n in contenders}
+    cpu_us = {n: {k: [] for k, _, _ in FIGURES} for n in contenders}
     problems: dict[str, list[str]] = {n: [] for n in contenders}
     errors: list[str] = []
     try:
@@ -421,20 +443,21 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
             for server in ("redis", "postgres", "nginx"):
                 for name in order:
                     try:
+                        cpu: dict[str, float] = {}
                         with make(name, work.path, servers[server]) as proxy:
-                            c0 = tree_cpu_seconds(proxy.pid) if proxy.pid else 0.0
+                            meter = Meter(proxy.pid, cpu)
                             if server == "redis":
-                                out, bad = redis_round(proxy, seconds)
+                                out, bad = redis_round(proxy, seconds, meter)
                             elif server == "postgres":
-                                out, bad = pg_round(pg, proxy, seconds)
+                                out, bad = pg_round(pg, proxy, seconds, meter)
                             else:
-                                out, bad = http_round(proxy, seconds, expect)
-                            if proxy.pid:
-                                cpu[name][server].append(round(tree_cpu_seconds(proxy.pid) - c0, 2))
+                                out, bad = http_round(proxy, seconds, expect, meter)
                     except (BenchError, OSError) as exc:
                         out, bad = {}, [f"{server}: {exc}"]
                     for key, value in out.items():
                         raw[name][key].append(value)
+                    for key, value in cpu.items():
+                        cpu_us[name][key].append(round(value, 2))
                     for b in bad:
                         problems[name].append(f"round {r + 1}: {b}")
                         errors.append(f"clients round {r + 1} {name}: {b}")
@@ -447,6 +470,7 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
         if pg is not None:
             pg.stop()
     med = {n: {k: median(raw[n][k]) for k, _, _ in FIGURES} for n in contenders}
+    med_cpu = {n: {k: median(cpu_us[n][k]) for k, _, _ in FIGURES} for n in contenders if n != "direct"}
     ratios = {}
     for key, _, _ in FIGURES:
         g, h, d = med.get("gbalance", {}).get(key), med.get("haproxy", {}).get(key), med.get("direct", {}).get(key)
@@ -455,11 +479,13 @@ def run(work, nginx: int | None, runs: int, seconds: float, log, contenders: tup
         if "gbalance-w1" in med:
             w = med["gbalance-w1"][key]
             ratios[key]["w1/haproxy"] = w / h if w is not None and h else None
+        g, h = med_cpu.get("gbalance", {}).get(key), med_cpu.get("haproxy", {}).get(key)
+        ratios[key]["cpu_gbalance/haproxy"] = g / h if g is not None and h else None
     correct = {n: not problems[n] and all(raw[n][k] and None not in raw[n][k] for k, _, _ in FIGURES)
                for n in contenders}
     return {"contenders": list(contenders), "raw": raw, "medians": med, "ratios": ratios,
             "bytes_correct": correct, "problems": problems, "errors": errors,
-            "proxy_cpu_s": cpu, "elapsed_s": round(time.monotonic() - t0, 1), "timewait_at_start": result_tw,
+            "cpu_us_per_request": cpu_us, "cpu_us_medians": med_cpu, "elapsed_s": round(time.monotonic() - t0, 1), "timewait_at_start": result_tw,
             "conditions": f"medians of {runs} interleaved rounds, {seconds:g} s runs; proxy on CPU 0, "
                           f"servers and clients on CPU 1; redis-benchmark 50 connections, pgbench scale "
                           f"{PG_SCALE} fsync off, wrk -t1 -c{WRK_CONNECTIONS}"}
@@ -486,6 +512,11 @@ def report(res: dict) -> None:
         if "gbalance-w1" in names:
             line += f"{_f(ratios[key].get('w1/haproxy'), '.2f'):>8}"
         print(line)
+    print("proxy CPU us per request (pgbench: per transaction), utime+stime of its process tree;"
+          " gb/hap of CPU:")
+    for key, label, _ in FIGURES:
+        line = f"{label:34}" + "".join(f"{_f(res['cpu_us_medians'].get(n, {}).get(key), '.1f'):>15}" for n in names)
+        print(line + f"{_f(ratios[key]['cpu_gbalance/haproxy'], '.2f'):>8}")
     verdict = {True: "yes", False: "NO"}
     print(f"{'every byte correct':34}" + "".join(f"{verdict[res['bytes_correct'][n]]:>15}" for n in names))
     for n in names:
