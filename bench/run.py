@@ -30,7 +30,11 @@ Then issue 21's scale rows (see scale.py): KB, CPU per opened connection,
 new-connection p99 and a 20,000-connect storm with 1k to 100k idle
 connections held, gbalance -w 1 / -w 16 beside HAProxy where it can follow.
 
-Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile,scale] [--runs N]
+Then issue 21's real-client rows (see clients.py): redis-benchmark, pgbench
+and wrk through a direct connection, gbalance and HAProxy, each checked byte
+for byte.
+
+Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile,scale,clients] [--runs N]
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bulk  # noqa: E402
+import clients  # noqa: E402
 import conncost  # noqa: E402
 import failover  # noqa: E402
 import measure  # noqa: E402
@@ -58,7 +63,7 @@ import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile", "scale")
+PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile", "scale", "clients")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -360,6 +365,15 @@ def main(argv: list[str]) -> int:
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"scale: {exc}")
                 log(f"scale: ERROR {exc}")
+        if "clients" in args.parts:
+            log("clients: redis-benchmark, pgbench and wrk through each contender ...")
+            try:
+                result["clients"] = clients.run(work, backends.get("conn"), args.runs, args.seconds, log)
+                result["errors"].extend(result["clients"]["errors"])
+                clients.report(result["clients"])
+            except (BenchError, OSError, subprocess.SubprocessError) as exc:
+                result["errors"].append(f"clients: {exc}")
+                log(f"clients: ERROR {exc}")
     except BenchError as exc:
         result["errors"].append(str(exc))
         print(f"bench: {exc}", file=sys.stderr)
