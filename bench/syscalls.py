@@ -11,6 +11,11 @@ Reported per connection: every system call, the main ones by name, and the
 epoll waits (wake-ups).  The CPU per connection (utime+stime from /proc) of
 the same run is reported beside them.
 
+The contenders of workers.py (``gbalance-w2``, ``haproxy-t2``...: pinned as
+there, -w 1 to CPU 0, -w 2 to CPUs 0-1) may be named too; ``failed_accept4``
+counts the accept4 calls that found nothing (EAGAIN: another worker took the
+connection, or the queue was empty).
+
 Usage: bench/syscalls.py [--seconds S] [--conns 32,50] [--who gbalance,gbalance-w1,haproxy]
 Writes bench/results/syscalls.json (or --json PATH) and prints a line per run.
 Needs perf with tracepoint access; says so and exits 2 when it has none.
@@ -19,6 +24,7 @@ Needs perf with tracepoint access; says so and exits 2 when it has none.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -27,9 +33,9 @@ import sys
 import time
 
 from lib import LOAD_CPU, ROOT, BenchError, Workdir, pin, process_tree, start_nginx, stop, stop_all
-from conncost import make
+from conncost import make as conncost_make
 from measure import settle_timewait
-from workers import tree_cpu_seconds
+from workers import CONFIGS as WORKER_CONFIGS, make as workers_make, tree_cpu_seconds
 
 #: The system calls named in the report (the rest are in "other").
 NAMES = ("accept4", "accept", "socket", "connect", "getsockname", "getpeername", "getsockopt", "setsockopt",
@@ -62,6 +68,8 @@ def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict
     cmd = ["perf", "stat", "-x,", "--no-big-num", "-p", ",".join(map(str, pids))]
     for e in events:
         cmd += ["-e", e]
+    if _exists("syscalls:sys_exit_accept4"):
+        cmd += ["-e", "syscalls:sys_exit_accept4", "--filter", f"ret == -{errno.EAGAIN}"]
     perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)                         # perf attached
     try:
@@ -73,12 +81,20 @@ def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict
     for line in err.splitlines():
         parts = line.split(",")
         if len(parts) > 2 and parts[0].isdigit():
-            counts[parts[2].split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "all")] = int(parts[0])
+            event = parts[2].split(":")[-1]
+            name = "failed_accept4" if event == "sys_exit_accept4" else event.replace("sys_enter_", "")
+            counts[name.replace("sys_enter", "all")] = int(parts[0])
     return counts, requests
 
 
 def _exists(event: str) -> bool:
     return bool(os.path.exists("/sys/kernel/tracing/events/" + event.replace(":", "/")))
+
+
+def make(name: str, work, nginx: int):
+    if name in WORKER_CONFIGS:
+        return workers_make(name, work.path, nginx)
+    return conncost_make(name, work, nginx)
 
 
 def one(name: str, work, nginx: int, seconds: float, conns: int) -> dict:
@@ -90,7 +106,7 @@ def one(name: str, work, nginx: int, seconds: float, conns: int) -> dict:
         cpu0 = tree_cpu_seconds(proxy.pid)
         counts, requests = counted(pids, url, seconds, conns)
         cpu = tree_cpu_seconds(proxy.pid) - cpu0
-    per = {k: round(v / max(1, requests), 3) for k, v in counts.items() if v}
+    per = {k: round(v / max(1, requests), 3) for k, v in counts.items() if v or k == "failed_accept4"}
     waits = per.get("epoll_wait", 0) + per.get("epoll_pwait", 0)
     return {"requests": requests, "rate": requests / seconds, "cpu_us_per_conn": 1e6 * cpu / max(1, requests),
             "syscalls_per_conn": per, "wakeups_per_conn": waits,
