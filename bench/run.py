@@ -26,11 +26,20 @@ thread and 32 connections, CPU per short connection and conn/s for gbalance
 (no -w and -w 1) against HAProxy and a direct connection, and CPU per
 keep-alive request.
 
+Then issue 21's per-connection counts (see syscalls.py): system calls
+and TCP segments per short connection, gbalance (no -w and -w 1) against
+HAProxy, a direct connection as the segments' reference.
+
 Then issue 21's scale rows (see scale.py): KB, CPU per opened connection,
 new-connection p99 and a 20,000-connect storm with 1k to 100k idle
 connections held, gbalance -w 1 / -w 16 beside HAProxy where it can follow.
 
-Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile,scale] [--runs N]
+Ratios in the workers and conncost rows are paired: each round's ratio
+comes from that round's two runs, which ran next to each other (rounds go
+forward and backward in turn), and the median over rounds is reported with
+the lowest and highest round (lib.paired_ratio).
+
+Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,syscalls,failover,profile,scale] [--runs N]
 """
 
 from __future__ import annotations
@@ -54,11 +63,12 @@ import failover  # noqa: E402
 import measure  # noqa: E402
 import profiling  # noqa: E402
 import scale  # noqa: E402
+import syscalls  # noqa: E402
 import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile", "scale")
+PARTS = ("conn", "bulk", "mem", "workers", "conncost", "syscalls", "failover", "profile", "scale")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -298,7 +308,7 @@ def main(argv: list[str]) -> int:
     procs = []
     try:
         backends = {}
-        if {"conn", "profile", "failover", "workers", "conncost"} & set(args.parts):
+        if {"conn", "profile", "failover", "workers", "conncost", "syscalls"} & set(args.parts):
             proc, backends["conn"] = start_nginx(work.path)
             procs.append(proc)
         if "bulk" in args.parts:
@@ -334,6 +344,14 @@ def main(argv: list[str]) -> int:
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"conncost: {exc}")
                 log(f"conncost: ERROR {exc}")
+        if "syscalls" in args.parts:
+            try:
+                result["syscalls"] = syscalls.run(work, backends["conn"], args.seconds, log)
+                result["errors"].extend(result["syscalls"]["errors"])
+                syscalls.report(result["syscalls"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"syscalls: {exc}")
+                log(f"syscalls: ERROR {exc}")
         if "failover" in args.parts:
             try:
                 result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
@@ -381,7 +399,8 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk", "scale"} & set(result) else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk", "scale",
+                                          "syscalls"} & set(result) else 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,20 @@ Reported per connection: every system call, the main ones by name, and the
 epoll waits (wake-ups).  The CPU per connection (utime+stime from /proc) of
 the same run is reported beside them.
 
-Usage: bench/syscalls.py [--seconds S] [--conns 32,50] [--who gbalance,gbalance-w1,haproxy]
+Beside them, TCP segments per connection: the deltas of the kernel's
+TcpOutSegs and TcpInSegs counters (/proc/net/snmp) over the same run divided
+by the requests.  These count the whole network namespace, so a direct
+connection (no proxy, 10 segments a request when nothing else talks on the
+machine) is measured beside the proxies as the reference, and each run
+records the CPU other processes used meanwhile (lib.Disturbance).
+
+As the ``syscalls`` part of ``make bench`` (bench/run.py) it runs once per
+contender (direct, gbalance, gbalance -w 1, HAProxy) with 32 connections;
+alone:
+
+Usage: bench/syscalls.py [--seconds S] [--conns 32,50] [--who direct,gbalance,gbalance-w1,haproxy]
 Writes bench/results/syscalls.json (or --json PATH) and prints a line per run.
-Needs perf with tracepoint access; says so and exits 2 when it has none.
+Without perf tracepoint access it says so and counts segments only.
 """
 
 from __future__ import annotations
@@ -21,15 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
-from lib import LOAD_CPU, ROOT, BenchError, Workdir, pin, process_tree, start_nginx, stop, stop_all
+from lib import (ROOT, BenchError, Disturbance, Workdir, process_tree, start_nginx, stop, stop_all,
+                 tree_cpu_seconds)
+from lib import wrk as _lib_wrk
 from conncost import make
 from measure import settle_timewait
-from workers import tree_cpu_seconds
+
+#: The part of make bench: contenders, connections, seconds per run.
+WHO = ("direct", "gbalance", "gbalance-w1", "haproxy")
+CONNS = 32
+#: Counts do not depend on how many TIME_WAIT sockets are left from earlier
+#: runs, so the part waits less for them than the timed parts do.
+SETTLE_LIMIT, SETTLE_MAX_WAIT = 40_000, 20.0
 
 #: The system calls named in the report (the rest are in "other").
 NAMES = ("accept4", "accept", "socket", "connect", "getsockname", "getpeername", "getsockopt", "setsockopt",
@@ -47,16 +65,25 @@ def perf_works() -> bool:
 
 
 def wrk(url: str, seconds: float, conns: int) -> int:
-    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "-H", "Connection: close", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
-    m = re.search(r"(\d+) requests in", out)
-    if not m:
-        raise BenchError(f"wrk printed no count: {out.strip()[-200:]!r}")
-    return int(m.group(1))
+    """Requests one ``wrk -t1 -c<conns>`` run with ``Connection: close`` completed."""
+    return _lib_wrk(url, seconds, conns)[1]
 
 
-def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict[str, int], int]:
-    """Syscall counts of ``pids`` over one wrk run, and the requests it completed."""
+def tcp_segments() -> tuple[int, int]:
+    """(OutSegs, InSegs) of this network namespace, from /proc/net/snmp."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    counters = dict(zip(rows[0][1:], rows[1][1:]))
+    return int(counters["OutSegs"]), int(counters["InSegs"])
+
+
+def counted(pids: list[int], url: str, seconds: float, conns: int,
+            segs: list | None = None) -> tuple[dict[str, int], int]:
+    """Syscall counts of ``pids`` over one wrk run, and the requests it completed.
+
+    When ``segs`` is a list, the TCP segment counters' deltas over the wrk
+    run (out, in) are appended to it.
+    """
     events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{n}" for n in NAMES]
     events = [e for e in events if e == "raw_syscalls:sys_enter" or _exists(e)]
     cmd = ["perf", "stat", "-x,", "--no-big-num", "-p", ",".join(map(str, pids))]
@@ -65,7 +92,7 @@ def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict
     perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     time.sleep(0.3)                         # perf attached
     try:
-        requests = wrk(url, seconds, conns)
+        requests = _segments_of_wrk(url, seconds, conns, segs)
     finally:
         perf.send_signal(2)                 # SIGINT: print the counts and exit
         _, err = perf.communicate(timeout=30)
@@ -77,49 +104,142 @@ def counted(pids: list[int], url: str, seconds: float, conns: int) -> tuple[dict
     return counts, requests
 
 
+def _segments_of_wrk(url: str, seconds: float, conns: int, segs: list | None) -> int:
+    s0 = tcp_segments()
+    requests = wrk(url, seconds, conns)
+    if segs is not None:
+        s1 = tcp_segments()
+        segs.extend((s1[0] - s0[0], s1[1] - s0[1]))
+    return requests
+
+
 def _exists(event: str) -> bool:
     return bool(os.path.exists("/sys/kernel/tracing/events/" + event.replace(":", "/")))
 
 
-def one(name: str, work, nginx: int, seconds: float, conns: int) -> dict:
+def one(name: str, work, nginx: int, seconds: float, conns: int, perf: bool = True,
+        settle: tuple[int, float] | None = None) -> dict:
+    """Counts per connection from one wrk run through a fresh ``name``.
+
+    System calls only for a proxy and with ``perf``; TCP segments always.
+    """
     with make(name, work, nginx) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/100b"
-        settle_timewait()
+        if settle:
+            settle_timewait(*settle)
+        else:
+            settle_timewait()
         wrk(url, 1.0, conns)                # warm-up
-        pids = process_tree(proxy.pid)
-        cpu0 = tree_cpu_seconds(proxy.pid)
-        counts, requests = counted(pids, url, seconds, conns)
-        cpu = tree_cpu_seconds(proxy.pid) - cpu0
-    per = {k: round(v / max(1, requests), 3) for k, v in counts.items() if v}
+        pid = proxy.pid
+        segs: list[int] = []
+        dist = Disturbance(pid).start()
+        cpu0 = tree_cpu_seconds(pid)
+        if pid is not None and perf:
+            counts, requests = counted(process_tree(pid), url, seconds, conns, segs)
+        else:
+            counts, requests = {}, _segments_of_wrk(url, seconds, conns, segs)
+        cpu = tree_cpu_seconds(pid) - cpu0
+        dist.stop()
+    n = max(1, requests)
+    per = {k: round(v / n, 3) for k, v in counts.items() if v}
     waits = per.get("epoll_wait", 0) + per.get("epoll_pwait", 0)
-    return {"requests": requests, "rate": requests / seconds, "cpu_us_per_conn": 1e6 * cpu / max(1, requests),
-            "syscalls_per_conn": per, "wakeups_per_conn": waits,
-            "conns_per_wakeup": round(1 / waits, 2) if waits else None}
+    out = {"requests": requests, "rate": requests / seconds,
+           "segments_out_per_conn": round(segs[0] / n, 2), "segments_in_per_conn": round(segs[1] / n, 2),
+           **dist.result()}
+    if pid is not None:
+        out["cpu_us_per_conn"] = 1e6 * cpu / n
+    if counts:
+        out.update({"syscalls_per_conn": per, "wakeups_per_conn": waits,
+                    "conns_per_wakeup": round(1 / waits, 2) if waits else None})
+    return out
+
+
+def line(key: str, res: dict) -> str:
+    """One contender's counts on one line."""
+    per = res.get("syscalls_per_conn", {})
+    main_ = " ".join(f"{k} {v:g}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if k != "all")
+    cpu = f"{res['cpu_us_per_conn']:6.1f} µs CPU/conn " if "cpu_us_per_conn" in res else " " * 20
+    calls = (f"{per.get('all', 0):5.2f} syscalls/conn, {res['conns_per_wakeup']} conns/wake-up | {main_}"
+             if per else "")
+    flag = " DISTURBED" if res.get("disturbed") else ""
+    return (f"{key:16} {res['rate']:8,.0f} conn/s {cpu}segments out/in {res['segments_out_per_conn']:5.2f}/"
+            f"{res['segments_in_per_conn']:5.2f}{flag}  {calls}")
+
+
+def run(work, nginx: int, seconds: float, log) -> dict:
+    """The ``syscalls`` part of make bench: one run per contender, 32 connections."""
+    t0 = time.monotonic()
+    perf = perf_works()
+    if not perf:
+        log("syscalls: perf cannot count syscall tracepoints here: TCP segments only")
+    out: dict = {"connections": CONNS, "seconds": seconds, "perf": perf, "runs": {}, "errors": []}
+    for name in WHO:
+        try:
+            res = one(name, work, nginx, seconds, CONNS, perf, (SETTLE_LIMIT, SETTLE_MAX_WAIT))
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            out["errors"].append(f"syscalls {name}: {exc}")
+            log(f"syscalls {name}: ERROR {exc}")
+            continue
+        out["runs"][name] = res
+        log("syscalls " + line(name, res))
+    out["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def report(res: dict) -> None:
+    """The per-connection counts on stdout, gbalance beside HAProxy."""
+    runs = res["runs"]
+    print()
+    print(f"Per short connection (issue 21): wrk -t1 -c{res['connections']} Connection: close, one "
+          f"{res['seconds']:g} s run each; system calls of the proxy's process tree (perf syscall "
+          "tracepoints), TCP segments of the whole machine (TcpOutSegs/InSegs; the direct row is the reference)")
+    names = [n for n in WHO if n in runs]
+    head = f"{'per connection':24}" + "".join(f"{n:>14}" for n in names)
+    print(head)
+    print("-" * len(head))
+
+    def row(label: str, get) -> None:
+        cells = []
+        for n in names:
+            v = get(runs[n])
+            cells.append(f"{'-' if v is None else format(v, '.2f'):>14}")
+        print(f"{label:24}" + "".join(cells))
+
+    row("TCP segments out", lambda r: r["segments_out_per_conn"])
+    row("TCP segments in", lambda r: r["segments_in_per_conn"])
+    row("CPU us", lambda r: r.get("cpu_us_per_conn"))
+    if res.get("perf"):
+        row("system calls", lambda r: r.get("syscalls_per_conn", {}).get("all"))
+        row("epoll waits (wake-ups)", lambda r: r.get("wakeups_per_conn"))
+        shown = sorted({k for n in names for k in runs[n].get("syscalls_per_conn", {}) if k != "all"},
+                       key=lambda k: -max(runs[n].get("syscalls_per_conn", {}).get(k, 0) for n in names))
+        for k in shown:
+            row(f"  {k}", lambda r, k=k: r.get("syscalls_per_conn", {}).get(k, 0.0))
+    else:
+        print("(system calls not counted: perf has no access to syscall tracepoints here)")
+    if any(runs[n].get("disturbed") for n in names):
+        print("(some runs were disturbed by other load: the segment counts include other processes' traffic)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", default="32,50")
-    ap.add_argument("--who", default="gbalance,gbalance-w1,haproxy")
+    ap.add_argument("--who", default=",".join(WHO))
     ap.add_argument("--json")
     args = ap.parse_args()
-    if not perf_works():
-        print("perf cannot count syscall tracepoints here", file=sys.stderr)
-        return 2
+    perf = perf_works()
+    if not perf:
+        print("perf cannot count syscall tracepoints here: TCP segments only", file=sys.stderr)
     out: dict = {}
     work = Workdir()
     try:
         proc, nginx = start_nginx(work.path)
         for conns in [int(c) for c in args.conns.split(",")]:
             for name in args.who.split(","):
-                res = one(name, work, nginx, args.seconds, conns)
+                res = one(name, work, nginx, args.seconds, conns, perf)
                 out[f"{name} c{conns}"] = res
-                per = res["syscalls_per_conn"]
-                main_ = " ".join(f"{k} {v:g}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if k != "all")
-                print(f"{name:12} c{conns}: {res['rate']:8,.0f} conn/s {res['cpu_us_per_conn']:6.1f} µs CPU/conn "
-                      f"{per.get('all', 0):5.2f} syscalls/conn, {res['conns_per_wakeup']} conns/wake-up | {main_}",
-                      flush=True)
+                print(line(f"{name} c{conns}", res), flush=True)
         stop(proc)
     except BenchError as exc:
         print(f"syscalls: {exc}", file=sys.stderr)
