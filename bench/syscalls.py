@@ -214,7 +214,7 @@ def report(res: dict) -> None:
         shown = sorted({k for n in names for k in runs[n].get("syscalls_per_conn", {}) if k != "all"},
                        key=lambda k: -max(runs[n].get("syscalls_per_conn", {}).get(k, 0) for n in names))
         for k in shown:
-            row(f"  {k}", lambda r, k=k: r.get("syscalls_per_conn", {}).get(k, 0.0))
+            row(f"  {k}", lambda r, k=k: r["syscalls_per_conn"].get(k, 0.0) if "syscalls_per_conn" in r else None)
     else:
         print("(system calls not counted: perf has no access to syscall tracepoints here)")
     if any(runs[n].get("disturbed") for n in names):

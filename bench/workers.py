@@ -143,7 +143,7 @@ def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: floa
     spreads = [x["spread"] for x in raw["gbalance-w2"] if "spread" in x]
     paired = {k: paired_ratio(raw[a], raw[b], fig) for k, (a, b, fig) in RATIOS.items()}
     result = {"raw": raw, "medians": med,
-              "spread_w2_percent": [median([s[i] for s in spreads]) for i in range(2)] if spreads else None,
+              "spread_w2_percent": [round(median([s[i] for s in spreads]), 1) for i in range(2)] if spreads else None,
               # Each ratio: the median over rounds of the ratio of that round's two runs.
               "ratios": {k: p["median"] for k, p in paired.items()},
               "paired_ratios": paired,
