@@ -12,8 +12,9 @@ through each contender:
 CPU is utime+stime of the proxy's whole process tree (from /proc) over the
 measured run divided by the requests wrk completed.  The proxy is pinned to
 CPU 0, wrk and nginx to CPU 1; each round measures every contender once,
-forward and backward in turn; a ratio is the median over rounds of each
-round's own ratio (see lib.paired_ratio), with the rounds' range.
+forward and backward in turn; a rate ratio is the median over rounds of
+each round's own ratio, a CPU ratio the ratio of the medians, each with the
+range of the rounds' own ratios (see lib.paired_ratio).
 """
 
 from __future__ import annotations
@@ -98,14 +99,12 @@ def run(work, nginx: int, runs: int, seconds: float, log) -> dict:
                       "cpu_us": median([x.get("cpu_us") for x in raw[mode][n]])} for n in raw[mode]}
            for mode in raw}
     paired = {k: paired_ratio(raw[m][a], raw[m][b], fig) for k, (m, a, b, fig) in RATIOS.items()}
-    # Each ratio: the median over rounds of the ratio of that round's two runs.
-    ratios = {k: p["median"] for k, p in paired.items()}
+    ratios = {k: p["value"] for k, p in paired.items()}          # see lib.paired_ratio
     goals = {"cpu_per_conn <= 1.25x HAProxy": _le(ratios["cpu_per_conn_w1/haproxy"], 1.25)
              and _le(ratios["cpu_per_conn_gbalance/haproxy"], 1.25),
              "conn/s >= 0.85x HAProxy": _ge(ratios["rate_w1/haproxy"], 0.85)
              and _ge(ratios["rate_gbalance/haproxy"], 0.85)}
     return {"connections": CONNECTIONS, "raw": raw, "medians": med, "ratios": ratios, "paired_ratios": paired,
-            "ratios_of_medians": {k: _ratio(med[m][a][fig], med[m][b][fig]) for k, (m, a, b, fig) in RATIOS.items()},
             "disturbed_runs": sum(x.get("disturbed", False) for runs in raw.values() for xs in runs.values()
                                   for x in xs),
             "goals": goals, "elapsed_s": round(time.monotonic() - t0, 1)}
@@ -145,8 +144,8 @@ def report(res: dict) -> None:
         ka = k.get(n, {}).get("cpu_us")
         print(f"{labels[n]:22}{_f(c[n]['rate'], ',.0f'):>13}{_f(c[n]['cpu_us'], '.1f'):>13}{_f(ka, '.1f'):>23}")
     p = res.get("paired_ratios") or {}
-    print("ratios: median over rounds of each round's own ratio (its two runs ran next to each other),"
-          " lowest-highest round in brackets")
+    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
+          " next to each other); in brackets the lowest and highest round's own ratio")
     if res.get("disturbed_runs"):
         print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
     print(f"CPU per connection / HAProxy: no -w {fmt_ratio(p.get('cpu_per_conn_gbalance/haproxy'))}, "

@@ -191,16 +191,30 @@ def tree_cpu_seconds(pid: int | None) -> float:
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
-# -- rounds: order, disturbance, paired ratios ---------------------------------
+# -- rounds: order, disturbance, ratios ----------------------------------------
 #
-# A ratio row (gbalance / HAProxy) is computed per round from the two runs of
-# that round, which ran next to each other in time, and the median of those
-# per-round ratios is reported with the lowest and highest round.  Rounds go
-# forward and backward in turn (A B, B A, A B ...), so a contender that ran
-# first in one round runs last in the next and a slow drift of the machine
-# falls on both sides alike.  Each run records what else the machine did
-# while it ran (steal, CPU used by processes that are not part of the bench)
-# and a run with too much of it is marked disturbed.
+# Rounds go forward and backward in turn (A B, B A, A B ...), so a contender
+# that ran first in one round runs last in the next and a slow drift of the
+# machine falls on both sides alike; the two sides of each goal ratio run
+# next to each other.  Every ratio row keeps each round's own ratio (from
+# that round's two runs), and the row's figure is, by what kept it
+# steadiest in repeated runs on the shared 2-core machine (README,
+# "How a ratio is computed"):
+#
+# * for rates (conn/s), the median of the per-round ratios: a busy machine
+#   slows both runs of a round alike (their rates correlate, 0.5-0.8), and
+#   dividing within the round cancels that;
+# * for CPU per connection, the ratio of the two sides' medians: a run's
+#   CPU figure wanders on its own (correlation with its neighbour about
+#   0-0.4), and the median of each side drops its own outliers.
+#
+# The lowest and highest per-round ratio are printed with every row.  Each
+# run also records what else the machine did while it ran (steal, CPU used
+# by processes that are not part of the bench) and a run with too much of
+# it is marked disturbed.
+
+#: Figures whose ratio is the median of per-round ratios (the others: ratio of medians).
+PAIRED_FIGURES = frozenset({"rate"})
 
 #: The kernel's thread daemon: every kernel thread is its child.
 KTHREADD = 2
@@ -273,11 +287,13 @@ class Disturbance:
 
 
 def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str) -> dict:
-    """Per-round ratios a[key] / b[key] over the rounds where both were measured.
+    """The ratio row a[key] / b[key] over rounds (see the comment above).
 
-    Returns the median of those ratios, the lowest and highest, every
-    round's ratio (None where one side failed), and the median over the
-    rounds where neither run was disturbed (None if no such round).
+    Returns ``value`` (the row's figure), ``method``, the median of the
+    per-round ratios and the ratio of the medians, the lowest and highest
+    per-round ratio, every round's ratio (None where one side failed), and
+    the median of per-round ratios over the rounds where neither run was
+    disturbed (None if there is no such round).
     """
     per: list[float | None] = []
     quiet: list[float] = []
@@ -291,18 +307,24 @@ def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str) -> dict:
         if not a.get("disturbed") and not b.get("disturbed"):
             quiet.append(r)
     got = [r for r in per if r is not None]
-    return {"median": median(got), "min": min(got) if got else None, "max": max(got) if got else None,
+    ma, mb = median([a.get(key) for a in a_runs]), median([b.get(key) for b in b_runs])
+    of_medians = ma / mb if ma is not None and mb else None
+    paired = key in PAIRED_FIGURES
+    return {"value": median(got) if paired else of_medians,
+            "method": "median of per-round ratios" if paired else "ratio of medians",
+            "median": median(got), "ratio_of_medians": of_medians,
+            "min": min(got) if got else None, "max": max(got) if got else None,
             "rounds": per, "median_undisturbed": median(quiet) if quiet else None,
             "undisturbed_rounds": len(quiet)}
 
 
 def fmt_ratio(p: dict | None) -> str:
-    """``1.17x (1.10-1.24)``: a paired ratio's median and its rounds' range."""
-    if not p or p.get("median") is None:
+    """``1.17x (rounds 1.10-1.24)``: a ratio row's figure and its rounds' range."""
+    if not p or p.get("value") is None:
         return "n/a"
-    if p["min"] == p["max"]:
-        return f"{p['median']:.2f}x"
-    return f"{p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f})"
+    if p["min"] is None or round(p["min"], 2) == round(p["max"], 2):
+        return f"{p['value']:.2f}x"
+    return f"{p['value']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})"
 
 
 def wrk(url: str, seconds: float, conns: int, close: bool = True, strict: bool = False) -> tuple[float, int]:

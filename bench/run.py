@@ -34,10 +34,11 @@ Then issue 21's scale rows (see scale.py): KB, CPU per opened connection,
 new-connection p99 and a 20,000-connect storm with 1k to 100k idle
 connections held, gbalance -w 1 / -w 16 beside HAProxy where it can follow.
 
-Ratios in the workers and conncost rows are paired: each round's ratio
-comes from that round's two runs, which ran next to each other (rounds go
-forward and backward in turn), and the median over rounds is reported with
-the lowest and highest round (lib.paired_ratio).
+In the workers and conncost rows rounds go forward and backward in turn,
+the two sides of each ratio run next to each other, and every ratio is
+printed with the lowest and highest of the rounds' own ratios; a rate
+ratio is the median of those, a CPU ratio the ratio of the medians
+(lib.paired_ratio says why).
 
 Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,syscalls,failover,profile,scale] [--runs N]
 """

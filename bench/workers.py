@@ -144,10 +144,9 @@ def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: floa
     paired = {k: paired_ratio(raw[a], raw[b], fig) for k, (a, b, fig) in RATIOS.items()}
     result = {"raw": raw, "medians": med,
               "spread_w2_percent": [round(median([s[i] for s in spreads]), 1) for i in range(2)] if spreads else None,
-              # Each ratio: the median over rounds of the ratio of that round's two runs.
-              "ratios": {k: p["median"] for k, p in paired.items()},
+              # Rates: median of per-round ratios; CPU: ratio of medians (lib.paired_ratio).
+              "ratios": {k: p["value"] for k, p in paired.items()},
               "paired_ratios": paired,
-              "ratios_of_medians": {k: _ratio(med[a][fig], med[b][fig]) for k, (a, b, fig) in RATIOS.items()},
               "disturbed_runs": sum(x.get("disturbed", False) for xs in raw.values() for x in xs)}
     if greeter is not None:
         result["memory"] = memory(work, greeter)
@@ -170,8 +169,8 @@ def report(res: dict) -> None:
     for n in CONFIGS:
         print(f"{n:14}{med[n]['rate']:>10,.0f}{med[n]['cpu_us_per_conn']:>13.1f}")
     p = res.get("paired_ratios") or {}
-    print("ratios: median over rounds of each round's own ratio (its two runs ran next to each other),"
-          " lowest-highest round in brackets")
+    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
+          " next to each other); in brackets the lowest and highest round's own ratio")
     if res.get("disturbed_runs"):
         print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
     print(f"CPU per connection, gbalance/HAProxy: 1 worker {fmt_ratio(p.get('cpu_per_conn_w1/haproxy_t1'))}"
