@@ -16,7 +16,9 @@ TcpOutSegs and TcpInSegs counters (/proc/net/snmp) over the same run divided
 by the requests.  These count the whole network namespace, so a direct
 connection (no proxy, 10 segments a request when nothing else talks on the
 machine) is measured beside the proxies as the reference, and each run
-records the CPU other processes used meanwhile (lib.Disturbance).
+records the CPU other processes used meanwhile (lib.Disturbance).  As a
+part of make bench it runs in a network namespace of its own when it can
+(``unshare -n``): there the counters see its own traffic only.
 
 As the ``syscalls`` part of ``make bench`` (bench/run.py) it runs once per
 contender (direct, gbalance, gbalance -w 1, HAProxy) with 32 connections;
@@ -32,12 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from lib import (ROOT, BenchError, Disturbance, Workdir, process_tree, start_nginx, stop, stop_all,
-                 tree_cpu_seconds)
+from lib import (PROCS, PYTHON, ROOT, BenchError, Disturbance, Workdir, process_tree, raise_fd_limit, start_nginx,
+                 stop, stop_all, tree_cpu_seconds)
+from lib import _START_CPUS as START_CPUS
 from lib import wrk as _lib_wrk
 from conncost import make
 from measure import settle_timewait
@@ -167,8 +174,23 @@ def line(key: str, res: dict) -> str:
 
 
 def run(work, nginx: int, seconds: float, log) -> dict:
-    """The ``syscalls`` part of make bench: one run per contender, 32 connections."""
+    """The ``syscalls`` part of make bench: one run per contender, 32 connections.
+
+    In a network namespace of its own when one can be made (``unshare -n``,
+    with its own nginx): its segment counters then count the bench's
+    traffic only, and no TIME_WAIT socket of the earlier parts is there.
+    Otherwise here, beside whatever else talks on the machine.
+    """
     t0 = time.monotonic()
+    out = _in_own_netns(seconds, log)
+    if out is None:
+        out = _run_here(work, nginx, seconds, log)
+        out["own_netns"] = False
+    out["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def _run_here(work, nginx: int, seconds: float, log) -> dict:
     perf = perf_works()
     if not perf:
         log("syscalls: perf cannot count syscall tracepoints here: TCP segments only")
@@ -182,7 +204,40 @@ def run(work, nginx: int, seconds: float, log) -> dict:
             continue
         out["runs"][name] = res
         log("syscalls " + line(name, res))
-    out["elapsed_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def _in_own_netns(seconds: float, log) -> dict | None:
+    """The part run by this script in a new network namespace; None if none can be made."""
+    if not (shutil.which("unshare") and shutil.which("ip")):
+        return None
+    probe = subprocess.run(["unshare", "-n", "--", "ip", "link", "set", "lo", "up"], capture_output=True)
+    if probe.returncode != 0:
+        log("syscalls: no network namespace of its own (unshare -n failed): counting beside other traffic")
+        return None
+    with tempfile.TemporaryDirectory(prefix="gbalance-syscalls-") as tmp:
+        path = os.path.join(tmp, "part.json")
+        cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+               PYTHON, str(Path(__file__).resolve()), "--part", "--seconds", str(seconds), "--json", path]
+        # The script pins its proxies and load itself, so it starts with every
+        # CPU this bench started with (run.py has since pinned itself to one).
+        cpus = ",".join(str(c) for c in sorted(START_CPUS))
+        proc = subprocess.Popen(["taskset", "-c", cpus] + cmd, stdout=sys.stderr, stderr=sys.stderr,
+                                stdin=subprocess.DEVNULL)
+        PROCS[proc.pid] = proc
+        try:
+            proc.wait(120 + 60 * len(WHO) * (seconds + 25))
+        except subprocess.TimeoutExpired:
+            log("syscalls: the run in its own network namespace did not finish")
+        finally:
+            stop(proc, grace=15.0)
+        try:
+            with open(path) as f:
+                out = json.load(f)
+        except (OSError, ValueError):
+            raise BenchError(f"syscalls: the run in its own network namespace left no result"
+                             f" (exit {proc.returncode})") from None
+    out["own_netns"] = True
     return out
 
 
@@ -190,9 +245,11 @@ def report(res: dict) -> None:
     """The per-connection counts on stdout, gbalance beside HAProxy."""
     runs = res["runs"]
     print()
+    where = ("a network namespace of the bench's own" if res.get("own_netns")
+             else "the whole machine's network namespace")
     print(f"Per short connection (issue 21): wrk -t1 -c{res['connections']} Connection: close, one "
           f"{res['seconds']:g} s run each; system calls of the proxy's process tree (perf syscall "
-          "tracepoints), TCP segments of the whole machine (TcpOutSegs/InSegs; the direct row is the reference)")
+          f"tracepoints), TCP segments counted in {where} (TcpOutSegs/InSegs; the direct row is the reference)")
     names = [n for n in WHO if n in runs]
     head = f"{'per connection':24}" + "".join(f"{n:>14}" for n in names)
     print(head)
@@ -217,8 +274,8 @@ def report(res: dict) -> None:
             row(f"  {k}", lambda r, k=k: r["syscalls_per_conn"].get(k, 0.0) if "syscalls_per_conn" in r else None)
     else:
         print("(system calls not counted: perf has no access to syscall tracepoints here)")
-    if any(runs[n].get("disturbed") for n in names):
-        print("(some runs were disturbed by other load: the segment counts include other processes' traffic)")
+    if not res.get("own_netns") and any(runs[n].get("disturbed") for n in names):
+        print("(some runs were disturbed by other load: the segment counts may include other processes' traffic)")
 
 
 def main() -> int:
@@ -227,7 +284,12 @@ def main() -> int:
     ap.add_argument("--conns", default="32,50")
     ap.add_argument("--who", default=",".join(WHO))
     ap.add_argument("--json")
+    ap.add_argument("--part", action="store_true",
+                    help="run the make bench part (its contenders, 32 connections) and write its result")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop_all() below still runs
+    if args.part:
+        return _part_main(args)
     perf = perf_works()
     if not perf:
         print("perf cannot count syscall tracepoints here: TCP segments only", file=sys.stderr)
@@ -251,6 +313,25 @@ def main() -> int:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
+    return 0
+
+
+def _part_main(args) -> int:
+    """``--part``: what run() does, here (run() starts this in a network namespace of its own)."""
+    raise_fd_limit()
+    work = Workdir()
+    try:
+        proc, nginx = start_nginx(work.path)
+        out = _run_here(work, nginx, args.seconds, lambda msg: print(msg, file=sys.stderr, flush=True))
+        stop(proc)
+    except BenchError as exc:
+        print(f"syscalls: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all()
+        work.close()
+    with open(args.json, "w") as f:
+        json.dump(out, f)
     return 0
 
 
