@@ -10,12 +10,10 @@ that figure holds up when other work shares the machine and rates do not.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from collections.abc import Callable
 
-from lib import LOAD_CPU, Direct, GBalance, HAProxy, BenchError, median, pin, process_tree, PROXY_CPU
+from lib import (LOAD_CPU, PROXY_CPU, BenchError, Direct, GBalance, HAProxy, iperf3_stream, median,
+                 tree_cpu_seconds)
 
 DIRECTIONS = ("up", "down")   # up: iperf3 client -> server; down: iperf3 -R
 
@@ -31,37 +29,10 @@ class HAProxySplice(HAProxy):
 
 CONTENDERS = {"direct": Direct, "gbalance": GBalance, "haproxy": HAProxy, "haproxy-splice": HAProxySplice}
 
-
-def _cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def one_stream(port: int, seconds: float, reverse: bool) -> tuple[float, int]:
-    """One iperf3 stream through ``port``: (Gbit/s received, bytes received)."""
-    cmd = pin(LOAD_CPU) + ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(seconds))),
-                           "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError("iperf3 did not finish") from None
-    try:
-        data = json.loads(res.stdout)
-    except ValueError:
-        raise BenchError(f"iperf3 output unreadable: {res.stdout.strip()[-200:]!r}") from None
-    if "error" in data:
-        raise BenchError(f"iperf3: {data['error']}")
-    got = data["end"]["sum_received"]
-    return got["bits_per_second"] / 1e9, int(got["bytes"])
+#: One iperf3 stream through a port: (Gbit/s received, bytes received); lib.iperf3_stream.
+one_stream = iperf3_stream
+#: CPU seconds of a process tree (0 for the direct "proxy"); lib.tree_cpu_seconds.
+_cpu_seconds = tree_cpu_seconds
 
 
 def run(work, backend: int, runs: int, seconds: float, log: Callable[[str], None]) -> dict:

@@ -11,44 +11,42 @@ through each contender:
 
 CPU is utime+stime of the proxy's whole process tree (from /proc) over the
 measured run divided by the requests wrk completed.  The proxy is pinned to
-CPU 0, wrk and nginx to CPU 1; runs are interleaved (each round measures
-every contender once, in rotating order) and medians are reported.
+CPU 0, wrk and nginx to CPU 1; each round measures every contender once,
+forward and backward in turn; a rate ratio is the median over rounds of
+each round's own ratio, a CPU ratio the ratio of the medians, each with the
+range of the rounds' own ratios (see lib.paired_ratio).
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
+import time
 
-from lib import LOAD_CPU, BenchError, GBalance, HAProxy, Proxy, median, pin
+from lib import (BenchError, Disturbance, GBalance, HAProxy, Proxy, fmt_ratio, median, paired_ratio, round_order,
+                 tree_cpu_seconds)
+from lib import wrk as _lib_wrk
 from measure import settle_timewait
-from workers import tree_cpu_seconds
 
 CONNECTIONS = 32
 SHORT = ("direct", "gbalance", "gbalance-w1", "haproxy")
 KEEPALIVE = ("gbalance", "haproxy")
+#: The order of a round (forward, then backward in the next round): each
+#: goal ratio's two sides (no -w and -w 1 against HAProxy) run next to each other.
+ORDER = {"close": ("direct", "gbalance", "haproxy", "gbalance-w1"), "keepalive": KEEPALIVE}
+#: Ratio rows: name -> (mode, numerator, denominator, figure).
+RATIOS = {
+    "cpu_per_conn_gbalance/haproxy": ("close", "gbalance", "haproxy", "cpu_us"),
+    "cpu_per_conn_w1/haproxy": ("close", "gbalance-w1", "haproxy", "cpu_us"),
+    "cpu_per_conn_gbalance/w1": ("close", "gbalance", "gbalance-w1", "cpu_us"),
+    "rate_gbalance/haproxy": ("close", "gbalance", "haproxy", "rate"),
+    "rate_w1/haproxy": ("close", "gbalance-w1", "haproxy", "rate"),
+    "rate_gbalance/direct": ("close", "gbalance", "direct", "rate"),
+    "keepalive_cpu_per_req_gbalance/haproxy": ("keepalive", "gbalance", "haproxy", "cpu_us"),
+}
 
 
 def wrk(url: str, seconds: float, close: bool) -> tuple[float, int]:
     """One ``wrk -t1 -c32`` run: (requests per second, requests completed)."""
-    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s"]
-    if close:
-        cmd += ["-H", "Connection: close"]
-    try:
-        out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
-    except subprocess.TimeoutExpired:
-        raise BenchError("wrk did not finish") from None
-    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    total = re.search(r"(\d+) requests in", out)
-    if not rate or not total:
-        raise BenchError(f"wrk printed no rate: {out.strip()[-200:]!r}")
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if bad and int(bad.group(1)) > int(total.group(1)) // 100:
-        raise BenchError(f"wrk: {bad.group(1)} of {total.group(1)} responses were errors")
-    if errs and sum(int(x) for x in errs.groups()) > int(total.group(1)) // 100:
-        raise BenchError(f"wrk: {errs.group(0)}")
-    return float(rate.group(1)), int(total.group(1))
+    return _lib_wrk(url, seconds, CONNECTIONS, close, strict=True)
 
 
 def make(name: str, work, nginx: int) -> Proxy:
@@ -69,21 +67,23 @@ def one(name: str, work, nginx: int, seconds: float, close: bool) -> dict:
             settle_timewait()
         wrk(url, 1.0, close)                 # warm-up: imports, first buffers
         pid = proxy.pid
-        cpu0 = tree_cpu_seconds(pid) if pid else 0.0
+        dist = Disturbance(pid).start()
+        cpu0 = tree_cpu_seconds(pid)
         rate, requests = wrk(url, seconds, close)
-        out = {"rate": rate, "requests": requests}
+        cpu1 = tree_cpu_seconds(pid)
+        out = {"rate": rate, "requests": requests, **dist.stop().result()}
         if pid:
-            out["cpu_us"] = 1e6 * (tree_cpu_seconds(pid) - cpu0) / max(1, requests)
+            out["cpu_us"] = 1e6 * (cpu1 - cpu0) / max(1, requests)
         return out
 
 
 def run(work, nginx: int, runs: int, seconds: float, log) -> dict:
+    t0 = time.monotonic()
     raw: dict[str, dict[str, list[dict]]] = {"close": {n: [] for n in SHORT},
                                              "keepalive": {n: [] for n in KEEPALIVE}}
     for r in range(runs):
-        for mode, names in (("close", SHORT), ("keepalive", KEEPALIVE)):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
+        for mode in ("close", "keepalive"):
+            for name in round_order(ORDER[mode], r):
                 try:
                     res = one(name, work, nginx, seconds, mode == "close")
                 except (BenchError, OSError) as exc:     # one failed run: the others still count
@@ -92,25 +92,22 @@ def run(work, nginx: int, runs: int, seconds: float, log) -> dict:
                     continue
                 raw[mode][name].append(res)
                 cpu = f" {res['cpu_us']:.1f} µs CPU/req" if "cpu_us" in res else ""
-                log(f"conncost round {r + 1}/{runs} {mode:9} {name:12} {res['rate']:,.0f} req/s{cpu}")
+                flag = (f" DISTURBED (foreign {res['foreign_cpu_percent']}%, steal {res['steal_percent']}%)"
+                        if res["disturbed"] else "")
+                log(f"conncost round {r + 1}/{runs} {mode:9} {name:12} {res['rate']:,.0f} req/s{cpu}{flag}")
     med = {mode: {n: {"rate": median([x.get("rate") for x in raw[mode][n]]),
                       "cpu_us": median([x.get("cpu_us") for x in raw[mode][n]])} for n in raw[mode]}
            for mode in raw}
-    c, k = med["close"], med["keepalive"]
-    ratios = {
-        "cpu_per_conn_gbalance/haproxy": _ratio(c["gbalance"]["cpu_us"], c["haproxy"]["cpu_us"]),
-        "cpu_per_conn_w1/haproxy": _ratio(c["gbalance-w1"]["cpu_us"], c["haproxy"]["cpu_us"]),
-        "cpu_per_conn_gbalance/w1": _ratio(c["gbalance"]["cpu_us"], c["gbalance-w1"]["cpu_us"]),
-        "rate_gbalance/haproxy": _ratio(c["gbalance"]["rate"], c["haproxy"]["rate"]),
-        "rate_w1/haproxy": _ratio(c["gbalance-w1"]["rate"], c["haproxy"]["rate"]),
-        "rate_gbalance/direct": _ratio(c["gbalance"]["rate"], c["direct"]["rate"]),
-        "keepalive_cpu_per_req_gbalance/haproxy": _ratio(k["gbalance"]["cpu_us"], k["haproxy"]["cpu_us"]),
-    }
+    paired = {k: paired_ratio(raw[m][a], raw[m][b], fig) for k, (m, a, b, fig) in RATIOS.items()}
+    ratios = {k: p["value"] for k, p in paired.items()}          # see lib.paired_ratio
     goals = {"cpu_per_conn <= 1.25x HAProxy": _le(ratios["cpu_per_conn_w1/haproxy"], 1.25)
              and _le(ratios["cpu_per_conn_gbalance/haproxy"], 1.25),
              "conn/s >= 0.85x HAProxy": _ge(ratios["rate_w1/haproxy"], 0.85)
              and _ge(ratios["rate_gbalance/haproxy"], 0.85)}
-    return {"connections": CONNECTIONS, "raw": raw, "medians": med, "ratios": ratios, "goals": goals}
+    return {"connections": CONNECTIONS, "raw": raw, "medians": med, "ratios": ratios, "paired_ratios": paired,
+            "disturbed_runs": sum(x.get("disturbed", False) for runs in raw.values() for xs in runs.values()
+                                  for x in xs),
+            "goals": goals, "elapsed_s": round(time.monotonic() - t0, 1)}
 
 
 def _ratio(a, b):
@@ -130,11 +127,11 @@ def _f(v, spec: str) -> str:
 
 
 def report(res: dict) -> None:
-    med, r = res["medians"], res["ratios"]
+    med = res["medians"]
     c, k = med["close"], med["keepalive"]
     print()
     print(f"Cost per connection (issue 21), wrk -t1 -c{res['connections']}, 100-byte replies, medians of "
-          f"{len(res['raw']['close']['gbalance'])} interleaved runs; proxy on CPU 0, wrk and nginx on CPU 1")
+          f"{len(res['raw']['close']['gbalance'])} rounds (forward, backward, ...); proxy on CPU 0, wrk and nginx on CPU 1")
     failed = sum("error" in x for runs in res["raw"].values() for xs in runs.values() for x in xs)
     if failed:
         print(f"({failed} runs failed: see the log and the json's raw entries)")
@@ -146,11 +143,17 @@ def report(res: dict) -> None:
     for n in SHORT:
         ka = k.get(n, {}).get("cpu_us")
         print(f"{labels[n]:22}{_f(c[n]['rate'], ',.0f'):>13}{_f(c[n]['cpu_us'], '.1f'):>13}{_f(ka, '.1f'):>23}")
-    print(f"CPU per connection / HAProxy: no -w {_f(r['cpu_per_conn_gbalance/haproxy'], '.2f')}x, "
-          f"-w 1 {_f(r['cpu_per_conn_w1/haproxy'], '.2f')}x (goal <= 1.25); "
-          f"no -w / -w 1 {_f(r['cpu_per_conn_gbalance/w1'], '.2f')}")
-    print(f"conn/s / HAProxy: no -w {_f(r['rate_gbalance/haproxy'], '.2f')}, -w 1 {_f(r['rate_w1/haproxy'], '.2f')}"
-          f" (goal >= 0.85); no -w / direct {_f(r['rate_gbalance/direct'], '.2f')}")
-    print(f"keep-alive CPU per request / HAProxy: {_f(r['keepalive_cpu_per_req_gbalance/haproxy'], '.2f')}x")
+    p = res.get("paired_ratios") or {}
+    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
+          " next to each other); in brackets the lowest and highest round's own ratio")
+    if res.get("disturbed_runs"):
+        print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
+    print(f"CPU per connection / HAProxy: no -w {fmt_ratio(p.get('cpu_per_conn_gbalance/haproxy'))}, "
+          f"-w 1 {fmt_ratio(p.get('cpu_per_conn_w1/haproxy'))} (goal <= 1.25); "
+          f"no -w / -w 1 {fmt_ratio(p.get('cpu_per_conn_gbalance/w1'))}")
+    print(f"conn/s / HAProxy: no -w {fmt_ratio(p.get('rate_gbalance/haproxy'))}, "
+          f"-w 1 {fmt_ratio(p.get('rate_w1/haproxy'))} (goal >= 0.85); "
+          f"no -w / direct {fmt_ratio(p.get('rate_gbalance/direct'))}")
+    print(f"keep-alive CPU per request / HAProxy: {fmt_ratio(p.get('keepalive_cpu_per_req_gbalance/haproxy'))}")
     for goal, met in res["goals"].items():
         print(f"goal {goal}: {({True: 'YES', False: 'NO', None: '?'})[met]}")

@@ -7,7 +7,9 @@ the benchmark exits for any reason.  Only loopback addresses are used.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -171,6 +173,209 @@ def median(values: list[float]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def tree_cpu_seconds(pid: int | None) -> float:
+    """utime + stime of ``pid`` and its descendants (all threads), seconds (0 for no pid)."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / _HZ
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+# -- rounds: order, disturbance, ratios ----------------------------------------
+#
+# Rounds go forward and backward in turn (A B, B A, A B ...), so a contender
+# that ran first in one round runs last in the next and a slow drift of the
+# machine falls on both sides alike; the two sides of each goal ratio run
+# next to each other.  Every ratio row keeps each round's own ratio (from
+# that round's two runs), and the row's figure is, by what kept it
+# steadiest in repeated runs on the shared 2-core machine (README,
+# "How a ratio is computed"):
+#
+# * for rates (conn/s), the median of the per-round ratios: a busy machine
+#   slows both runs of a round alike (their rates correlate, 0.5-0.8), and
+#   dividing within the round cancels that;
+# * for CPU per connection, the ratio of the two sides' medians: a run's
+#   CPU figure wanders on its own (correlation with its neighbour about
+#   0-0.4), the median of each side drops its own outliers, and pairing
+#   narrowed these rows in only 6 of 15 measured cases.
+#
+# The lowest and highest per-round ratio are printed with every row.  Each
+# run also records what else the machine did while it ran (steal, CPU used
+# by processes that are not part of the bench) and a run with too much of
+# it is marked disturbed.
+
+#: Figures whose ratio is the median of per-round ratios (the others: ratio of medians).
+PAIRED_FIGURES = frozenset({"rate"})
+
+#: The kernel's thread daemon: every kernel thread is its child.
+KTHREADD = 2
+#: A run is marked disturbed when other processes used more than this share
+#: of the machine's CPU time (percent of all cores) while it ran ...
+FOREIGN_LIMIT = 10.0
+#: ... or the hypervisor took more than this share (steal, percent).
+STEAL_LIMIT = 2.0
+
+
+def round_order(names, r: int) -> list:
+    """The order of round ``r`` (0-based): forward on even rounds, backward on odd ones."""
+    names = list(names)
+    return names if r % 2 == 0 else names[::-1]
+
+
+def _proc_stat() -> tuple[int, int, int]:
+    """(busy, steal, total) clock ticks of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    steal = fields[7] if len(fields) > 7 else 0
+    total = sum(fields[:8])                # guest time is already counted in user and nice
+    return total - idle - steal, steal, total
+
+
+class Disturbance:
+    """What the rest of the machine did during one measured run.
+
+    ``start()`` before the run, ``stop()`` after it; ``proxy_pid`` is the
+    measured proxy (HAProxy detaches, so it is not one of our children).
+    ``result()`` gives steal and foreign CPU as percent of the machine.
+    Foreign CPU is the machine's busy time minus the CPU of this process,
+    everything it started (live or reaped: wrk, nginx, gbalance), the
+    proxy's process tree and the kernel's own threads (ksoftirqd and
+    kworkers carry part of the loopback traffic the bench itself makes;
+    their share is recorded as ``kernel_threads_percent``).
+    """
+
+    def __init__(self, proxy_pid: int | None = None) -> None:
+        self.proxy_pid = proxy_pid
+
+    def _ours(self) -> float:
+        t = os.times()
+        own = tree_cpu_seconds(os.getpid()) + t.children_user + t.children_system
+        if self.proxy_pid is not None and self.proxy_pid not in process_tree(os.getpid()):
+            own += tree_cpu_seconds(self.proxy_pid)
+        return own
+
+    def start(self) -> "Disturbance":
+        self.stat0, self.ours0, self.kernel0 = _proc_stat(), self._ours(), tree_cpu_seconds(KTHREADD)
+        return self
+
+    def stop(self) -> "Disturbance":
+        self.stat1, self.ours1, self.kernel1 = _proc_stat(), self._ours(), tree_cpu_seconds(KTHREADD)
+        return self
+
+    def result(self) -> dict:
+        busy, steal, total = (b - a for a, b in zip(self.stat0, self.stat1))
+        if total <= 0:
+            return {"foreign_cpu_percent": None, "steal_percent": None, "kernel_threads_percent": None,
+                    "disturbed": False}
+        seconds = total / _HZ
+        kernel = self.kernel1 - self.kernel0
+        foreign = max(0.0, 100.0 * (busy / _HZ - (self.ours1 - self.ours0) - kernel) / seconds)
+        st = 100.0 * steal / total
+        return {"foreign_cpu_percent": round(foreign, 1), "steal_percent": round(st, 1),
+                "kernel_threads_percent": round(100.0 * kernel / seconds, 1),
+                "disturbed": foreign > FOREIGN_LIMIT or st > STEAL_LIMIT}
+
+
+def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str) -> dict:
+    """The ratio row a[key] / b[key] over rounds (see the comment above).
+
+    Returns ``value`` (the row's figure), ``method``, the median of the
+    per-round ratios and the ratio of the medians, the lowest and highest
+    per-round ratio, every round's ratio (None where one side failed), and
+    the median of per-round ratios over the rounds where neither run was
+    disturbed (None if there is no such round).
+    """
+    per: list[float | None] = []
+    quiet: list[float] = []
+    for a, b in zip(a_runs, b_runs):
+        x, y = a.get(key), b.get(key)
+        if x is None or not y:
+            per.append(None)
+            continue
+        r = x / y
+        per.append(round(r, 4))
+        if not a.get("disturbed") and not b.get("disturbed"):
+            quiet.append(r)
+    got = [r for r in per if r is not None]
+    ma, mb = median([a.get(key) for a in a_runs]), median([b.get(key) for b in b_runs])
+    of_medians = ma / mb if ma is not None and mb else None
+    paired = key in PAIRED_FIGURES
+    return {"value": median(got) if paired else of_medians,
+            "method": "median of per-round ratios" if paired else "ratio of medians",
+            "median": median(got), "ratio_of_medians": of_medians,
+            "min": min(got) if got else None, "max": max(got) if got else None,
+            "rounds": per, "median_undisturbed": median(quiet) if quiet else None,
+            "undisturbed_rounds": len(quiet)}
+
+
+def fmt_ratio(p: dict | None) -> str:
+    """``1.17x (rounds 1.10-1.24)``: a ratio row's figure and its rounds' range."""
+    if not p or p.get("value") is None:
+        return "n/a"
+    if p["min"] is None or round(p["min"], 2) == round(p["max"], 2):
+        return f"{p['value']:.2f}x"
+    return f"{p['value']:.2f}x (rounds {p['min']:.2f}-{p['max']:.2f})"
+
+
+def wrk(url: str, seconds: float, conns: int, close: bool = True, strict: bool = False) -> tuple[float, int]:
+    """One ``wrk -t1 -c<conns>`` run on the load core: (requests per second, requests completed).
+
+    ``close`` sends ``Connection: close`` (one connection per request).
+    More than 1 % non-2xx replies is an error; with ``strict`` so is more
+    than 1 % socket errors.
+    """
+    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    try:
+        out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    except subprocess.TimeoutExpired:
+        raise BenchError("wrk did not finish") from None
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if not rate or not total:
+        raise BenchError(f"wrk printed no rate: {out.strip()[-200:]!r}")
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad and int(bad.group(1)) > int(total.group(1)) // 100:
+        raise BenchError(f"wrk: {bad.group(1)} of {total.group(1)} responses were errors")
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if strict and errs and sum(int(x) for x in errs.groups()) > int(total.group(1)) // 100:
+        raise BenchError(f"wrk: {errs.group(0)}")
+    return float(rate.group(1)), int(total.group(1))
+
+
+def iperf3_stream(port: int, seconds: float, reverse: bool = False) -> tuple[float, int]:
+    """One iperf3 stream through ``port`` on the load core: (Gbit/s received, bytes received).
+
+    ``reverse`` (iperf3 -R) sends from the server to the client.
+    """
+    cmd = pin(LOAD_CPU) + ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(seconds))),
+                           "-J", "--connect-timeout", "5000"] + (["-R"] if reverse else [])
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError("iperf3 did not finish") from None
+    try:
+        data = json.loads(res.stdout)
+    except ValueError:
+        raise BenchError(f"iperf3 output unreadable: {res.stdout.strip()[-200:]!r}") from None
+    if "error" in data:
+        raise BenchError(f"iperf3: {data['error']}")
+    got = data["end"]["sum_received"]
+    return got["bits_per_second"] / 1e9, int(got["bytes"])
+
+
 class Workdir:
     """A private temporary directory, removed at the end."""
 
@@ -276,20 +481,27 @@ class GBalance(Proxy):
         self.stderr_path = work / f"gbalance-{os.getpid()}-{time.monotonic_ns()}.err"
 
     def start(self) -> None:
-        self.port = free_port()
-        state = self.work / f"state-{self.port}"
-        state.mkdir(exist_ok=True)
-        env = dict(os.environ, BALANCE_STATE_DIR=str(state))
-        cmd = [PYTHON, "-m", "gbalance", "-f", *self.args, str(self.port), *self.channels]
-        self.err = open(self.stderr_path, "wb")
-        self.proc = start(cmd, PROXY_CPU, env=env, stderr=self.err)
-        try:
-            wait_listening(self.port, self.proc)
-        except BenchError as exc:
-            stop(self.proc)
-            self.err.close()
-            first = self.stderr_text().strip().splitlines()
-            raise BenchError(f"gbalance did not start: {first[-1] if first else exc}") from None
+        # A port free when asked may be taken as some client's ephemeral
+        # port before balance binds it (other processes connecting meanwhile):
+        # then try another, at most three times.
+        for attempt in range(3):
+            self.port = free_port()
+            state = self.work / f"state-{self.port}"
+            state.mkdir(exist_ok=True)
+            env = dict(os.environ, BALANCE_STATE_DIR=str(state))
+            cmd = [PYTHON, "-m", "gbalance", "-f", *self.args, str(self.port), *self.channels]
+            self.err = open(self.stderr_path, "wb")
+            self.proc = start(cmd, PROXY_CPU, env=env, stderr=self.err)
+            try:
+                wait_listening(self.port, self.proc)
+                break
+            except BenchError as exc:
+                stop(self.proc)
+                self.err.close()
+                first = self.stderr_text().strip().splitlines()
+                last = first[-1] if first else str(exc)
+                if "Address already in use" not in last or attempt == 2:
+                    raise BenchError(f"gbalance did not start: {last}") from None
         pin_tree(self.proc.pid, PROXY_CPU)
 
     def stop(self) -> None:

@@ -6,13 +6,11 @@ number, or raises :class:`BenchError` with a one-line reason.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
-import subprocess
 import time
 
-from lib import LOAD_CPU, BenchError, Proxy, pin, pss_kb
+from lib import BenchError, Proxy, iperf3_stream, pss_kb, wrk
 
 WRK_CONNECTIONS = 50
 IDLE_CONNECTIONS = 1000
@@ -63,39 +61,12 @@ def _wrk(url: str, seconds: float) -> float:
 
 def wrk_run(url: str, seconds: float) -> tuple[float, int]:
     """One wrk run with ``Connection: close``: (requests per second, requests completed)."""
-    cmd = pin(LOAD_CPU) + ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{max(1, round(seconds))}s",
-                           "-H", "Connection: close", url]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30).stdout
-    except subprocess.TimeoutExpired:
-        raise BenchError("wrk did not finish") from None
-    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if not m:
-        raise BenchError(f"wrk printed no rate: {out.strip()[-200:]!r}")
-    total = re.search(r"(\d+) requests in", out)
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if bad and total and int(bad.group(1)) > int(total.group(1)) // 100:
-        raise BenchError(f"wrk: {bad.group(1)} of {total.group(1)} responses were errors")
-    if not total:
-        raise BenchError(f"wrk printed no request count: {out.strip()[-200:]!r}")
-    return float(m.group(1)), int(total.group(1))
+    return wrk(url, seconds, WRK_CONNECTIONS)
 
 
 def bulk_gbits(proxy: Proxy, seconds: float) -> float:
     """iperf3 single-stream throughput (client to server), Gbit/s."""
-    cmd = pin(LOAD_CPU) + ["iperf3", "-c", "127.0.0.1", "-p", str(proxy.port), "-t", str(max(1, round(seconds))),
-                           "-J", "--connect-timeout", "5000"]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30)
-    except subprocess.TimeoutExpired:
-        raise BenchError("iperf3 did not finish") from None
-    try:
-        data = json.loads(res.stdout)
-    except ValueError:
-        raise BenchError(f"iperf3 output unreadable: {res.stdout.strip()[-200:]!r}") from None
-    if "error" in data:
-        raise BenchError(f"iperf3: {data['error']}")
-    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    return iperf3_stream(proxy.port, seconds)[0]
 
 
 def idle_kb_per_conn(proxy: Proxy, count: int = IDLE_CONNECTIONS) -> float:

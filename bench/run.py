@@ -26,15 +26,25 @@ thread and 32 connections, CPU per short connection and conn/s for gbalance
 (no -w and -w 1) against HAProxy and a direct connection, and CPU per
 keep-alive request.
 
+Then issue 21's per-connection counts (see syscalls.py): system calls
+and TCP segments per short connection, gbalance (no -w and -w 1) against
+HAProxy, a direct connection as the segments' reference.
+
 Then issue 21's scale rows (see scale.py): KB, CPU per opened connection,
 new-connection p99 and a 20,000-connect storm with 1k to 100k idle
 connections held, gbalance -w 1 / -w 16 beside HAProxy where it can follow.
+
+In the workers and conncost rows rounds go forward and backward in turn,
+the two sides of each ratio run next to each other, and every ratio is
+printed with the lowest and highest of the rounds' own ratios; a rate
+ratio is the median of those, a CPU ratio the ratio of the medians
+(lib.paired_ratio says why).
 
 Then issue 21's real-client rows (see clients.py): redis-benchmark, pgbench
 and wrk through a direct connection, gbalance and HAProxy, each checked byte
 for byte.
 
-Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,failover,profile,scale,clients] [--runs N]
+Usage: bench/run.py [--only conn,bulk,mem,workers,conncost,syscalls,failover,profile,scale,clients] [--runs N]
 """
 
 from __future__ import annotations
@@ -59,11 +69,12 @@ import failover  # noqa: E402
 import measure  # noqa: E402
 import profiling  # noqa: E402
 import scale  # noqa: E402
+import syscalls  # noqa: E402
 import workers  # noqa: E402
 from lib import (BENCH, LOAD_CPU, PROXIES, BenchError, Workdir, cpus_available, haproxy_version,  # noqa: E402
                  median, raise_fd_limit, start_greeter, start_iperf3, start_nginx, stop, stop_all)
 
-PARTS = ("conn", "bulk", "mem", "workers", "conncost", "failover", "profile", "scale", "clients")
+PARTS = ("conn", "bulk", "mem", "workers", "conncost", "syscalls", "failover", "profile", "scale", "clients")
 TOOLS = ("haproxy", "wrk", "iperf3", "nginx", "taskset")
 
 # Issue 2: gbalance / HAProxy ratios (or kB) to reach, and the C balance's figures.
@@ -303,7 +314,7 @@ def main(argv: list[str]) -> int:
     procs = []
     try:
         backends = {}
-        if {"conn", "profile", "failover", "workers", "conncost"} & set(args.parts):
+        if {"conn", "profile", "failover", "workers", "conncost", "syscalls"} & set(args.parts):
             proc, backends["conn"] = start_nginx(work.path)
             procs.append(proc)
         if "bulk" in args.parts:
@@ -339,6 +350,14 @@ def main(argv: list[str]) -> int:
             except (BenchError, OSError) as exc:
                 result["errors"].append(f"conncost: {exc}")
                 log(f"conncost: ERROR {exc}")
+        if "syscalls" in args.parts:
+            try:
+                result["syscalls"] = syscalls.run(work, backends["conn"], args.seconds, log)
+                result["errors"].extend(result["syscalls"]["errors"])
+                syscalls.report(result["syscalls"])
+            except (BenchError, OSError) as exc:
+                result["errors"].append(f"syscalls: {exc}")
+                log(f"syscalls: ERROR {exc}")
         if "failover" in args.parts:
             try:
                 result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
@@ -395,7 +414,8 @@ def main(argv: list[str]) -> int:
     if result["errors"]:
         print("\nerrors:\n  " + "\n  ".join(result["errors"]))
     print(f"\nwritten {out} ({result['elapsed_s']:.0f} s)")
-    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk", "scale"} & set(result) else 0
+    return 1 if result["errors"] and not {"medians", "failover", "workers", "conncost", "bulk", "scale",
+                                          "syscalls"} & set(result) else 0
 
 
 if __name__ == "__main__":

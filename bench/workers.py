@@ -19,30 +19,26 @@ Under the same wrk load (``Connection: close``, 100-byte file from nginx):
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from lib import (LOAD_CPU, PROXY_CPU, BenchError, GBalance, HAProxy, Workdir, median, pin_tree, process_tree,
-                 pss_kb)
+from lib import (LOAD_CPU, PROXY_CPU, BenchError, Disturbance, GBalance, HAProxy, Workdir, fmt_ratio, median,
+                 paired_ratio, pin_tree, process_tree, pss_kb, round_order, tree_cpu_seconds)
 from measure import _wrk, idle_kb_per_conn, settle_timewait, wrk_run
 
 BOTH = {PROXY_CPU, LOAD_CPU}
+#: Also the order of a round (forward, then backward in the next round):
+#: each ratio's two sides run next to each other.
 CONFIGS = ("gbalance-w1", "haproxy-t1", "gbalance-w2", "haproxy-t2")
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its descendants (all threads), seconds."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / _HZ
+#: Ratio rows: name -> (numerator config, denominator config, figure).
+RATIOS = {
+    "cpu_per_conn_w1/haproxy_t1": ("gbalance-w1", "haproxy-t1", "cpu_us_per_conn"),
+    "cpu_per_conn_w2/haproxy_t2": ("gbalance-w2", "haproxy-t2", "cpu_us_per_conn"),
+    "cpu_per_conn_w2/w1": ("gbalance-w2", "gbalance-w1", "cpu_us_per_conn"),
+    "rate_per_core_w1/haproxy_t1": ("gbalance-w1", "haproxy-t1", "rate"),
+    "rate_w2/w1": ("gbalance-w2", "gbalance-w1", "rate"),
+    "rate_haproxy_t2/t1": ("haproxy-t2", "haproxy-t1", "rate"),
+}
 
 
 class Workers(GBalance):
@@ -101,10 +97,13 @@ def one(name: str, work: Workdir, nginx: int, seconds: float) -> dict:
         settle_timewait()
         _wrk(url, 1.0)                       # warm-up: imports, first buffers, every worker up
         rows0 = proxy.rows() if isinstance(proxy, Workers) and proxy.n > 1 else None
+        dist = Disturbance(proxy.pid).start()
         cpu0 = tree_cpu_seconds(proxy.pid)
         rate, requests = wrk_run(url, seconds)
         cpu1 = tree_cpu_seconds(proxy.pid)
-        out = {"rate": rate, "requests": requests, "cpu_us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, requests)}
+        dist.stop()
+        out = {"rate": rate, "requests": requests, "cpu_us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, requests),
+               **dist.result()}
         if rows0 is not None:
             rows1 = proxy.rows()
             got = [b - a for a, b in zip(rows0, rows1)]
@@ -128,33 +127,30 @@ def memory(work: Workdir, greeter: int) -> dict:
 
 
 def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: float, log) -> dict:
+    t0 = time.monotonic()
     raw: dict[str, list[dict]] = {n: [] for n in CONFIGS}
     for r in range(runs):
-        order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
-        for name in order:
+        for name in round_order(CONFIGS, r):
             res = one(name, work, nginx, seconds)
             raw[name].append(res)
             extra = f" spread {res['spread']}" if "spread" in res else ""
+            flag = (f" DISTURBED (foreign {res['foreign_cpu_percent']}%, steal {res['steal_percent']}%)"
+                    if res["disturbed"] else "")
             log(f"workers round {r + 1}/{runs} {name:12} {res['rate']:,.0f} conn/s "
-                f"{res['cpu_us_per_conn']:.1f} µs CPU/conn{extra}")
+                f"{res['cpu_us_per_conn']:.1f} µs CPU/conn{extra}{flag}")
     med = {n: {"rate": median([x["rate"] for x in raw[n]]),
                "cpu_us_per_conn": median([x["cpu_us_per_conn"] for x in raw[n]])} for n in CONFIGS}
     spreads = [x["spread"] for x in raw["gbalance-w2"] if "spread" in x]
+    paired = {k: paired_ratio(raw[a], raw[b], fig) for k, (a, b, fig) in RATIOS.items()}
     result = {"raw": raw, "medians": med,
-              "spread_w2_percent": [median([s[i] for s in spreads]) for i in range(2)] if spreads else None,
-              "ratios": {
-                  "cpu_per_conn_w1/haproxy_t1": _ratio(med["gbalance-w1"]["cpu_us_per_conn"],
-                                                       med["haproxy-t1"]["cpu_us_per_conn"]),
-                  "cpu_per_conn_w2/haproxy_t2": _ratio(med["gbalance-w2"]["cpu_us_per_conn"],
-                                                       med["haproxy-t2"]["cpu_us_per_conn"]),
-                  "cpu_per_conn_w2/w1": _ratio(med["gbalance-w2"]["cpu_us_per_conn"],
-                                               med["gbalance-w1"]["cpu_us_per_conn"]),
-                  "rate_per_core_w1/haproxy_t1": _ratio(med["gbalance-w1"]["rate"], med["haproxy-t1"]["rate"]),
-                  "rate_w2/w1": _ratio(med["gbalance-w2"]["rate"], med["gbalance-w1"]["rate"]),
-                  "rate_haproxy_t2/t1": _ratio(med["haproxy-t2"]["rate"], med["haproxy-t1"]["rate"]),
-              }}
+              "spread_w2_percent": [round(median([s[i] for s in spreads]), 1) for i in range(2)] if spreads else None,
+              # Rates: median of per-round ratios; CPU: ratio of medians (lib.paired_ratio).
+              "ratios": {k: p["value"] for k, p in paired.items()},
+              "paired_ratios": paired,
+              "disturbed_runs": sum(x.get("disturbed", False) for xs in raw.values() for x in xs)}
     if greeter is not None:
         result["memory"] = memory(work, greeter)
+    result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
 
 
@@ -165,18 +161,23 @@ def _ratio(a, b):
 def report(res: dict) -> None:
     med, r = res["medians"], res["ratios"]
     print()
-    print(f"Workers (issue 11), medians of {len(res['raw']['gbalance-w1'])} interleaved runs;"
+    print(f"Workers (issue 11), medians of {len(res['raw']['gbalance-w1'])} rounds (forward, backward, ...);"
           " 1 worker/thread pinned to CPU 0, 2 on CPUs 0-1 (wrk and nginx on CPU 1)")
     head = f"{'proxy':14}{'conn/s':>10}{'CPU µs/conn':>13}"
     print(head)
     print("-" * len(head))
     for n in CONFIGS:
         print(f"{n:14}{med[n]['rate']:>10,.0f}{med[n]['cpu_us_per_conn']:>13.1f}")
-    print(f"CPU per connection, gbalance/HAProxy: 1 worker {r['cpu_per_conn_w1/haproxy_t1']:.2f}x"
-          f" (goal <= 1.25, issue 21; 1.3 in issue 11), 2 workers {r['cpu_per_conn_w2/haproxy_t2']:.2f}x")
-    print(f"CPU per connection, -w 2 / -w 1: {r['cpu_per_conn_w2/w1']:.2f}x (goal <= 1.1, issue 21;"
+    p = res.get("paired_ratios") or {}
+    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
+          " next to each other); in brackets the lowest and highest round's own ratio")
+    if res.get("disturbed_runs"):
+        print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
+    print(f"CPU per connection, gbalance/HAProxy: 1 worker {fmt_ratio(p.get('cpu_per_conn_w1/haproxy_t1'))}"
+          f" (goal <= 1.25, issue 21; 1.3 in issue 11), 2 workers {fmt_ratio(p.get('cpu_per_conn_w2/haproxy_t2'))}")
+    print(f"CPU per connection, -w 2 / -w 1: {fmt_ratio(p.get('cpu_per_conn_w2/w1'))} (goal <= 1.1, issue 21;"
           " the -w 2 worker on CPU 1 shares its core with wrk and nginx)")
-    print(f"rate per core, gbalance -w 1 / HAProxy 1 thread: {r['rate_per_core_w1/haproxy_t1']:.2f}"
+    print(f"rate per core, gbalance -w 1 / HAProxy 1 thread: {fmt_ratio(p.get('rate_per_core_w1/haproxy_t1'))}"
           " (goal >= 0.85, issue 21; 0.75 in issue 11)")
     if res.get("spread_w2_percent"):
         print(f"spread with 2 workers: {res['spread_w2_percent']} % of connections (goal 40-60 each)")
