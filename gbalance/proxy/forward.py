@@ -44,6 +44,7 @@ import termios
 from typing import TYPE_CHECKING, Any, Callable
 
 from gbalance.proxy.dump import dump as render_dump
+from gbalance.proxy import watchers as _watchers
 from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 
 if TYPE_CHECKING:
@@ -161,7 +162,23 @@ class Flow:
         # watcher as it is, or (a connect decided at once) one from the pool.
         if rw is None:
             watchers = link.watchers
-            self.rw = watchers.io(fd, READ) if watchers is not None else link.loop.io(fd, READ)
+            if watchers is None:
+                self.rw = link.loop.io(fd, READ)
+            else:
+                # Watchers.io() written out for its common case: a pooled
+                # read watcher pointed at this descriptor.
+                free = watchers.io_free
+                w = free.pop() if free else None
+                if w is not None and w.events == READ:
+                    try:
+                        w.fd = fd
+                    except (AttributeError, TypeError, ValueError):
+                        w = None
+                    self.rw = w if w is not None else link.loop.io(fd, READ)
+                else:
+                    if w is not None:
+                        free.append(w)
+                    self.rw = watchers.io(fd, READ)
         elif not rw.active and rw.fd == fd and rw.events & READ_WRITE == READ:
             self.rw = rw
         else:
@@ -568,8 +585,20 @@ class Link:
         if watchers is not None:
             # The stopped watchers serve later connections; nothing touches
             # a closed link's flows again (every path checks ``closed`` first).
-            watchers.recycle_io(up.rw)
-            watchers.recycle_io(down.rw)
+            # (recycle_io's test and keeping written out for the two read
+            # watchers, which were stopped just above)
+            free = watchers.io_free
+            keep = _watchers.KEEP
+            w = up.rw
+            if not w.active and len(free) < keep:
+                w.callback = None
+                w.args = None
+                free.append(w)
+            w = down.rw
+            if not w.active and len(free) < keep:
+                w.callback = None
+                w.args = None
+                free.append(w)
             if up.ww is not None:        # (a short connection never waited to write)
                 watchers.recycle_io(up.ww)
             if down.ww is not None:
