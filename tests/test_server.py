@@ -218,3 +218,88 @@ def test_links_share_their_channels_counter_indexes_and_one_close_callback(tmp_p
         finally:
             for c in clients:
                 c.close()
+
+
+# -- Python calls per short connection ---------------------------------------------------------
+
+#: Python function calls in gbalance's own modules per short connection
+#: (client speaks first, backend answers and closes), pure build.  Measured
+#: 2026-12-05: 45.2 before the per-connection helpers were written out
+#: (_all_read, Flow.stop, urgent add_link/remove_link, _end, _send_early,
+#: Attempt.stop, _recycle, early_room, channels.usable, clear_suspect,
+#: Watchers.io and recycle_io for a link's read watchers), 29.4 after.
+#: A compiled module's functions report no calls, so there it counts fewer.
+PY_CALL_BUDGET = 31
+
+
+class _OneShot:
+    """A backend thread: reads the request, answers 100 bytes, closes."""
+
+    def __init__(self) -> None:
+        import threading
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"a" * 99 + b"\n")
+                except OSError:
+                    pass
+
+
+def test_a_short_connection_makes_few_python_calls(tmp_path):
+    """The per-connection path (accept, race, link, both ends) is held to
+    PY_CALL_BUDGET calls of Python functions in gbalance's modules, counted
+    with sys.setprofile over 20 connections after 5 to fill the pools."""
+    import sys
+    import gevent
+
+    backend = _OneShot()
+    port = free_port()
+
+    def one() -> None:
+        c = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert green_read_until(c, b"\n") == b"a" * 99 + b"\n"
+        finally:
+            c.close()
+        for _ in range(100):
+            gevent.sleep(0.01)
+            if not server.links and not server.pending:
+                return
+        raise AssertionError("the link did not close after the client did")
+
+    calls: dict = {}
+
+    def profile(frame, event, arg) -> None:
+        if event == "call":
+            name = frame.f_code.co_filename
+            if "/gbalance/" in name:
+                key = (name.rsplit("/gbalance/", 1)[1], frame.f_code.co_name)
+                calls[key] = calls.get(key, 0) + 1
+
+    try:
+        with inprocess_server(["-f", str(port), f"127.0.0.1:{backend.port}"], tmp_path / "state") as (_, server):
+            for _ in range(5):
+                one()
+            n = 20
+            for _ in range(n):
+                sys.setprofile(profile)
+                try:
+                    one()
+                finally:
+                    sys.setprofile(None)
+    finally:
+        backend.sock.close()
+    per = sum(calls.values()) / n
+    top = ", ".join(f"{f}:{c} {k / n:g}" for (f, c), k in sorted(calls.items(), key=lambda kv: -kv[1])[:12])
+    assert per <= PY_CALL_BUDGET, f"{per:.1f} Python calls per short connection (budget {PY_CALL_BUDGET}): {top}"

@@ -281,7 +281,8 @@ class Race:
         except BaseException as exc:
             self._fault(exc)
             return
-        self._end(result)
+        self.over = True            # (_end written out)
+        self.done(self, result, None)
 
     def _event(self, step: Callable[["Race", "Attempt | None"], "Connected | None | _Step"], att: "Attempt | None") -> None:
         """A watcher fired: ``step`` is the handler of its kind (``_on_io``,
@@ -380,21 +381,27 @@ class Race:
             sock.close()
             hooks.failure(g, c, _reason(rc))
             return None
-        if self.early and conn.send_early:
+        early = self.early
+        if early and conn.send_early:
             # The client has spoken: send now.  A near backend (this host)
             # has completed the handshake inside connect(), and the send
             # then ends the race with no loop turn; a far one is still
-            # connecting (EAGAIN) and is waited for.
-            err = self._send_early(att)
-            if err == 0:
+            # connecting (EAGAIN) and is waited for.  (_send_early written
+            # out: the common case, one call less per connection.)
+            try:
+                att.sent = sock.send(early, DONTWAIT)
                 return att
-            if err in _RESET_AFTER_CONNECT:
-                att.reset = True
-                return att
-            if err > 0:
-                sock.close()
-                hooks.failure(g, c, _reason(err))
-                return None
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                err = exc.errno or 0
+                if err in _RESET_AFTER_CONNECT:
+                    att.reset = True
+                    return att
+                if err > 0:
+                    sock.close()
+                    hooks.failure(g, c, _reason(err))
+                    return None
         att.io = conn.watchers.io(sock.fileno(), WRITE)
         att.io.start(self._event, Race._on_io, att)
         if conn.timeout > 0:
@@ -451,8 +458,15 @@ class Race:
             self.conn.watchers.recycle_io(self.client_io)
             self.client_io = None
             return None
-        winner.stop()
-        self._recycle(winner, False)     # its I/O watcher goes on with the link
+        # winner.stop() and self._recycle(winner, False) written out: a
+        # connect decided at once (the common case) has neither watcher.
+        # Its I/O watcher goes on with the link.
+        if winner.io is not None:
+            winner.io.stop()
+        if winner.timer is not None:
+            winner.timer.stop()
+            self.conn.watchers.recycle_timer(winner.timer)
+            winner.timer = None
         conn = self.conn
         if conn.estimator is not None and not winner.reset:
             # A connect that was pending: fold its time in (Karn: a reset
@@ -506,7 +520,8 @@ class Race:
         """Keep what the client sent before its race began: False if it has
         gone instead (an end before any byte, or a reset; a reset is seen
         only once, so it must be acted on here)."""
-        room = self.conn.early_room(0)
+        conn = self.conn
+        room = min(EARLY_MAX, conn.early_cap - conn.early_held)    # (early_room(0) written out)
         if room <= 0:
             return True          # no room: its bytes (or its end) wait in the kernel
         try:
@@ -518,8 +533,9 @@ class Race:
         if not data:
             return False
         self.early = data
-        self.held = len(data)
-        self.conn.early_held += len(data)
+        n = len(data)
+        self.held = n
+        conn.early_held += n
         return True
 
     # -- the race ------------------------------------------------------------

@@ -44,6 +44,7 @@ import termios
 from typing import TYPE_CHECKING, Any, Callable
 
 from gbalance.proxy.dump import dump as render_dump
+from gbalance.proxy import watchers as _watchers
 from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 
 if TYPE_CHECKING:
@@ -161,7 +162,23 @@ class Flow:
         # watcher as it is, or (a connect decided at once) one from the pool.
         if rw is None:
             watchers = link.watchers
-            self.rw = watchers.io(fd, READ) if watchers is not None else link.loop.io(fd, READ)
+            if watchers is None:
+                self.rw = link.loop.io(fd, READ)
+            else:
+                # Watchers.io() written out for its common case: a pooled
+                # read watcher pointed at this descriptor.
+                free = watchers.io_free
+                w = free.pop() if free else None
+                if w is not None and w.events == READ:
+                    try:
+                        w.fd = fd
+                    except (AttributeError, TypeError, ValueError):
+                        w = None
+                    self.rw = w if w is not None else link.loop.io(fd, READ)
+                else:
+                    if w is not None:
+                        free.append(w)
+                    self.rw = watchers.io(fd, READ)
         elif not rw.active and rw.fd == fd and rw.events & READ_WRITE == READ:
             self.rw = rw
         else:
@@ -207,7 +224,9 @@ class Flow:
         self.link.active = True
         if self.link.dump is not None:
             self.link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
-        last = info is not None and _all_read(info, n)
+        # (_all_read written out: a function call less per short connection)
+        last = (info is not None and len(info) >= _TCP_INFO_LEN and info[0] == _CLOSE_WAIT
+                and _U64.unpack_from(info, 128)[0] == n + 1)
         try:
             m = self.dst.send(SCRATCH_MV[:n], _LAST if last else DONTWAIT)
         except BlockingIOError:
@@ -483,8 +502,9 @@ class Link:
             except OSError:
                 pass             # the flows meet the error, if any, next
         self.down.rw.start(self.down)
-        if self.urgent is not None:
-            self.urgent.add_link(self)
+        urgent = self.urgent
+        if urgent is not None and urgent.alert:     # (add_link's own test, without its call)
+            urgent.add_link(self)
 
     def abort(self) -> None:
         """An error on either side: reset both, after passing on what can go at once.
@@ -553,14 +573,32 @@ class Link:
             return
         self.closed = True
         up, down = self.up, self.down
-        up.stop()
-        down.stop()
+        if up.ww is None and down.ww is None and up.pipe_r < 0 and down.pipe_r < 0:
+            # A short connection's close: only the read watchers to stop
+            # (Flow.stop written out, two calls less per connection).
+            up.rw.stop()
+            down.rw.stop()
+        else:
+            up.stop()
+            down.stop()
         watchers = self.watchers
         if watchers is not None:
             # The stopped watchers serve later connections; nothing touches
             # a closed link's flows again (every path checks ``closed`` first).
-            watchers.recycle_io(up.rw)
-            watchers.recycle_io(down.rw)
+            # (recycle_io's test and keeping written out for the two read
+            # watchers, which were stopped just above)
+            free = watchers.io_free
+            keep = _watchers.KEEP
+            w = up.rw
+            if not w.active and len(free) < keep:
+                w.callback = None
+                w.args = None
+                free.append(w)
+            w = down.rw
+            if not w.active and len(free) < keep:
+                w.callback = None
+                w.args = None
+                free.append(w)
             if up.ww is not None:        # (a short connection never waited to write)
                 watchers.recycle_io(up.ww)
             if down.ww is not None:
@@ -569,8 +607,9 @@ class Link:
         # No flow method looks at its link once it is closed: let go of it,
         # so a closed link is freed at once, not by the cycle collector.
         up.link = down.link = None  # type: ignore[assignment]  # (as above)
-        if self.urgent is not None:
-            self.urgent.remove_link(self)
+        urgent = self.urgent
+        if urgent is not None and urgent.peers:     # (remove_link's own test, without its call)
+            urgent.remove_link(self)
         self.client.close()
         self.server.close()
         self.q[self.c_idx] -= 1

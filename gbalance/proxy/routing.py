@@ -60,9 +60,13 @@ from typing import Iterator, Sequence
 
 from gbalance.table.channels import eligible, fallback_eligible, last_resort, usable
 from gbalance.table.counters import Counters
-from gbalance.table.layout import (C_PORT, C_SLOTS, CHANNEL_BASE, G_SLOTS, GROUP_BASE, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
+from gbalance.table.layout import (C_C, C_MAXC, C_STATUS, C_SUSPECT, ENABLED,
+                                   C_PORT, C_SLOTS, CHANNEL_BASE, G_SLOTS, GROUP_BASE, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
                                    MAXCHANNELS, MAXGROUPS, gslot, slot)
 from gbalance.table.state import SharedState
+
+#: A channel's enabled status as a plain int (compared per connection).
+_ENABLED = int(ENABLED)
 
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
 KEY_BITS = 16
@@ -238,7 +242,14 @@ class Router:
                 first = CHANNEL_BASE + g * MAXCHANNELS * C_SLOTS
                 for i in range(n):
                     c = (start + i) % n
-                    if self._usable(g, c) if shared else usable(q, first + c * C_SLOTS):
+                    if shared:
+                        ok = self._usable(g, c)
+                    else:
+                        # channels.usable() written out (a call less per connection).
+                        b = first + c * C_SLOTS
+                        ok = (q[b + C_STATUS] == _ENABLED and not q[b + C_SUSPECT]
+                              and (not q[b + C_MAXC] or q[b + C_C] < q[b + C_MAXC]))
+                    if ok:
                         cursors[at] = (c + 1) % n
                         yielded = True
                         yield g, c

@@ -40,7 +40,7 @@ from gbalance.log import Log
 from gbalance.proxy.proxyproto import send_header
 from gbalance.proxy.routing import Router
 from gbalance.proxy.urgent import UrgentRelay, set_owner
-from gbalance.table.layout import (C_C, C_SLOTS, CHANNEL_BASE, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
+from gbalance.table.layout import (C_C, C_SLOTS, C_SUSPECT, CHANNEL_BASE, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
 
@@ -52,6 +52,7 @@ _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
 #: What the look at accept asks about: an urgent byte, or anything to read.
 _WAITING = select.POLLPRI | select.POLLIN
+_URGENT = select.POLLPRI
 RESUME_DELAY = 0.1
 EXHAUSTION_LOG_EVERY = 30.0
 #: SO_LINGER on, timeout 0: close() sends a reset instead of a FIN.
@@ -113,7 +114,8 @@ class ChannelEvents(Hooks):
     def success(self, g: int, c: int) -> None:
         if self.debug:
             self.log.trace(f"connect to channel {c} successful\n")
-        if self.channels.clear_suspect(g, c):
+        # (clear_suspect's own first test, without its call: this runs per connection)
+        if self.q[CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS + C_SUSPECT] and self.channels.clear_suspect(g, c):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
 
     def failure(self, g: int, c: int, reason: str) -> None:
@@ -582,7 +584,7 @@ class BalanceServer(StreamServer):
             oob = b""
             talking = False
             if queued:
-                if queued[0][1] & select.POLLPRI:
+                if queued[0][1] & _URGENT:
                     oob = _take_urgent(client)
                 else:
                     talking = True
