@@ -21,11 +21,11 @@ part of make bench it runs in a network namespace of its own when it can
 (``unshare -n``): there the counters see its own traffic only.
 
 As the ``syscalls`` part of ``make bench`` (bench/run.py) it runs once per
-contender (direct, gbalance, gbalance -w 1, HAProxy) with 32 connections;
-alone.  The contenders of workers.py (``gbalance-w2``, ``haproxy-t2``...:
-pinned as there, -w 1 to CPU 0, -w 2 to CPUs 0-1) may be named too;
+contender (direct, gbalance, gbalance -w 1, HAProxy) with 32 connections.
+Run alone it also takes the contenders of workers.py (``gbalance-w2``,
+``haproxy-t2``...: pinned as there, -w 1 to CPU 0, -w 2 to CPUs 0-1).
 ``failed_accept4`` counts the accept4 calls that found nothing (EAGAIN:
-another worker took the connection, or the queue was empty):
+another worker took the connection, or the queue was empty).
 
 Usage: bench/syscalls.py [--seconds S] [--conns 32,50] [--who direct,gbalance,gbalance-w1,haproxy]
 Writes bench/results/syscalls.json (or --json PATH) and prints a line per run.
