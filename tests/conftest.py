@@ -541,3 +541,31 @@ def green_read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -
         except BlockingIOError:
             pass
     return data
+
+
+class OneShotBackend:
+    """A backend in a thread: reads the request, answers 100 bytes (99 ``a``
+    and a newline) and closes, for every client; ``close()`` stops it."""
+
+    REPLY = b"a" * 99 + b"\n"
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.recv(4096)
+                    conn.sendall(self.REPLY)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import BALANCE, ROOT, eventually, free_port, pid_alive, wait_listening
+from conftest import BALANCE, ROOT, OneShotBackend, eventually, free_port, pid_alive, wait_listening
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("strace") is None,
                                 reason="needs Linux and strace")
@@ -41,31 +41,6 @@ N = 40
 #: budget leaves room for a reply and end that arrive apart.
 BUDGET = 24.5
 
-
-class OneShot:
-    """A backend that reads the request, answers 100 bytes and closes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.port = self.sock.getsockname()[1]
-        import threading
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"a" * 99 + b"\n")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _strace_works(tmp_path) -> bool:
@@ -102,7 +77,7 @@ def traced_run(tmp_path, extra: list[str] | None = None) -> list[str]:
     trace lines of every connection's system calls (first accept on)."""
     if not _strace_works(tmp_path):
         pytest.fail("strace is installed but cannot trace here (ptrace refused?)")
-    backend = OneShot()
+    backend = OneShotBackend()
     port = free_port()
     trace = tmp_path / "trace"
     env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path / "state"))

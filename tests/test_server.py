@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from conftest import free_port, green_read_until, inprocess_server
+from conftest import OneShotBackend, free_port, green_read_until, inprocess_server
 
 
 class FailingOnce:
@@ -232,28 +232,6 @@ def test_links_share_their_channels_counter_indexes_and_one_close_callback(tmp_p
 PY_CALL_BUDGET = 31
 
 
-class _OneShot:
-    """A backend thread: reads the request, answers 100 bytes, closes."""
-
-    def __init__(self) -> None:
-        import threading
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.recv(4096)
-                    conn.sendall(b"a" * 99 + b"\n")
-                except OSError:
-                    pass
-
 
 def test_a_short_connection_makes_few_python_calls(tmp_path):
     """The per-connection path (accept, race, link, both ends) is held to
@@ -262,7 +240,7 @@ def test_a_short_connection_makes_few_python_calls(tmp_path):
     import sys
     import gevent
 
-    backend = _OneShot()
+    backend = OneShotBackend()
     port = free_port()
 
     def one() -> None:
