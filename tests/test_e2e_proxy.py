@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (BALANCE, ROOT, eventually, free_port, ipv6_available, pid_alive, read_tag, run_in_netns,
@@ -335,6 +336,11 @@ def test_fd_exhaustion_pauses_and_resumes(balance, backends, tmp_path):
                              stderr=err, preexec_fn=limit, cwd=ROOT)
         try:
             wait_port(port)
+            # The listener is up before the master's start-up ends (control
+            # socket, heap freeze): count the idle descriptors once it has.
+            ctl = Path(env["BALANCE_STATE_DIR"]) / f"balance.{port}.any.ctl"
+            assert eventually(ctl.exists), "the master never opened its control socket"
+            assert read_tag(port) == "X"
             idle = len(os.listdir(f"/proc/{p.pid}/fd"))
             held = []
             for _ in range(60):      # each costs 2 fds in the proxy
