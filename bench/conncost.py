@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from lib import (BenchError, Disturbance, GBalance, HAProxy, Proxy, fmt_ratio, median, paired_ratio, round_order,
+from lib import (print_ratio_method, BenchError, Disturbance, GBalance, HAProxy, Proxy, fmt_ratio, median, paired_ratio, round_order,
                  tree_cpu_seconds)
 from lib import wrk as _lib_wrk
 from measure import settle_timewait
@@ -144,10 +144,7 @@ def report(res: dict) -> None:
         ka = k.get(n, {}).get("cpu_us")
         print(f"{labels[n]:22}{_f(c[n]['rate'], ',.0f'):>13}{_f(c[n]['cpu_us'], '.1f'):>13}{_f(ka, '.1f'):>23}")
     p = res.get("paired_ratios") or {}
-    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
-          " next to each other); in brackets the lowest and highest round's own ratio")
-    if res.get("disturbed_runs"):
-        print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
+    print_ratio_method(res)
     print(f"CPU per connection / HAProxy: no -w {fmt_ratio(p.get('cpu_per_conn_gbalance/haproxy'))}, "
           f"-w 1 {fmt_ratio(p.get('cpu_per_conn_w1/haproxy'))} (goal <= 1.25); "
           f"no -w / -w 1 {fmt_ratio(p.get('cpu_per_conn_gbalance/w1'))}")

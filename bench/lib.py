@@ -287,6 +287,14 @@ class Disturbance:
                 "disturbed": foreign > FOREIGN_LIMIT or st > STEAL_LIMIT}
 
 
+def print_ratio_method(res: dict) -> None:
+    """The two lines that say how a part's ratios were computed and how many runs were disturbed."""
+    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
+          " next to each other); in brackets the lowest and highest round's own ratio")
+    if res.get("disturbed_runs"):
+        print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
+
+
 def paired_ratio(a_runs: list[dict], b_runs: list[dict], key: str) -> dict:
     """The ratio row a[key] / b[key] over rounds (see the comment above).
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lib import (LOAD_CPU, PROXY_CPU, BenchError, Disturbance, GBalance, HAProxy, Workdir, fmt_ratio, median,
+from lib import (print_ratio_method, LOAD_CPU, PROXY_CPU, BenchError, Disturbance, GBalance, HAProxy, Workdir, fmt_ratio, median,
                  paired_ratio, pin_tree, process_tree, pss_kb, round_order, tree_cpu_seconds)
 from measure import _wrk, idle_kb_per_conn, settle_timewait, wrk_run
 
@@ -169,10 +169,7 @@ def report(res: dict) -> None:
     for n in CONFIGS:
         print(f"{n:14}{med[n]['rate']:>10,.0f}{med[n]['cpu_us_per_conn']:>13.1f}")
     p = res.get("paired_ratios") or {}
-    print("ratios: CPU ratio of the medians, rates median of each round's own ratio (its two runs ran"
-          " next to each other); in brackets the lowest and highest round's own ratio")
-    if res.get("disturbed_runs"):
-        print(f"({res['disturbed_runs']} runs were disturbed by other load or steal: see the json's raw entries)")
+    print_ratio_method(res)
     print(f"CPU per connection, gbalance/HAProxy: 1 worker {fmt_ratio(p.get('cpu_per_conn_w1/haproxy_t1'))}"
           f" (goal <= 1.25, issue 21; 1.3 in issue 11), 2 workers {fmt_ratio(p.get('cpu_per_conn_w2/haproxy_t2'))}")
     print(f"CPU per connection, -w 2 / -w 1: {fmt_ratio(p.get('cpu_per_conn_w2/w1'))} (goal <= 1.1, issue 21;"
