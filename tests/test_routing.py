@@ -369,3 +369,120 @@ def test_the_mapping_is_fixed(state):
     build(state, (HASH, 4))
     r = Router(state)
     assert [first(r, a)[1] for a in ("10.0.0.1", "10.0.0.2", "192.168.1.10", "2001:db8::1")] == [0, 1, 2, 3]
+
+
+# -- the first candidate's fast path against the plain generator ----------------------------
+# Router.candidates finds the first candidate without a generator and only
+# builds one (Router._walk) for a second; REFERENCE is the walk as one plain
+# generator (the code before that split).  Over random tables both must hand
+# out the same channels in the same order and leave the same table behind
+# (cursors, and the connections -w N counts at once for a maxc).
+
+def reference_candidates(r: Router, client: str):
+    from gbalance.table.layout import G_NCHANNELS, G_SLOTS, G_TYPE, GROUP_BASE, H_NGROUPS, MAXCHANNELS, MAXGROUPS
+    from gbalance.table.channels import eligible, usable
+    from gbalance.table.layout import slot
+    q = r.state.q
+
+    def ok(g: int, c: int) -> bool:
+        if r.counters is None:
+            return usable(q, slot(g, c, 0))
+        return eligible(q, slot(g, c, 0)) and r.counters.room(slot(g, c, 0))
+
+    yielded = False
+    for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+        group = GROUP_BASE + g * G_SLOTS
+        n = min(q[group + G_NCHANNELS], MAXCHANNELS)
+        if n <= 0:
+            continue
+        if q[group + G_TYPE] == HASH:
+            ring = r._ring(g, n)
+            key = client_key(client)
+            best = ring.best(key)
+            if ok(g, best):
+                yielded = True
+                yield g, best
+            if r.hash_failover:
+                for c in ring.order(key)[1:]:
+                    if ok(g, c):
+                        yielded = True
+                        yield g, c
+        else:
+            cursors, at = (r.cursors, g) if r.cursors is not None else (q, group + G_RR_NEXT)
+            start = cursors[at] % n
+            for i in range(n):
+                c = (start + i) % n
+                if ok(g, c):
+                    cursors[at] = (c + 1) % n
+                    yielded = True
+                    yield g, c
+    if r.last_resort and not yielded:
+        yield from r._last_resort()
+
+
+def random_table(rng, st: SharedState, shape) -> None:
+    for kind, n in shape:
+        g = st.add_group(kind)
+        for c in range(n):
+            st.add_channel(g, f"127.0.{g}.{c + 1}", 9000 + c)
+
+
+def shake(rng, states, shape) -> None:
+    """The same random change of channel states, counts and cursors in every table."""
+    from gbalance.table.layout import G_RR_NEXT as RR_NEXT
+    for g, (_, n) in enumerate(shape):
+        if rng.random() < 0.3:
+            cursor = rng.choice([0, 1, n, 7, -3, 2**40])
+            for st in states:
+                st.q[gslot(g, RR_NEXT)] = cursor
+        for c in range(n):
+            status = rng.choices([ENABLED, SOFT_DISABLED, HARD_DISABLED], [6, 1, 1])[0]
+            suspect = int(rng.random() < 0.1)
+            maxc = rng.choice([0, 0, 0, 1, 2])
+            count = rng.choice([0, 0, 1, 2, 3])
+            for st in states:
+                st.set_status(g, c, status)
+                st.put(g, c, C_SUSPECT, suspect)
+                st.put(g, c, C_MAXC, maxc)
+                st.put(g, c, C_C, count)
+
+
+def snapshot(st: SharedState, shape, rows: int) -> list[int]:
+    """What routing may write: the cursors and every row's open connections."""
+    from gbalance.table.layout import row_offset, slot
+    out = [st.q[gslot(g, G_RR_NEXT)] for g in range(len(shape))]
+    for g, (_, n) in enumerate(shape):
+        out += [st.q[slot(g, c, C_C) + row_offset(w)] for c in range(n) for w in range(rows)]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_fast_first_candidate_agrees_with_the_plain_walk(tmp_path, seed):
+    import random
+    from gbalance.table.counters import Counters
+    rng = random.Random(seed)
+    shape = [(rng.choice([RR, RR, HASH]), rng.choice([0, 1, 2, 3, 5])) for _ in range(rng.randint(1, 4))]
+    states = [SharedState.create(str(tmp_path / f"balance.{k}.any")) for k in range(2)]
+    try:
+        kw = {"hash_failover": rng.random() < 0.5, "last_resort": rng.random() < 0.5}
+        workers = rng.choice([1, 1, 2])
+        routers = []
+        for st in states:
+            random_table(rng, st, shape)
+            st.set_workers(workers)
+            counters = Counters(st, 1, workers) if workers > 1 else None
+            routers.append(Router(st, counters=counters, worker=1, **kw))
+        new, ref = routers
+        for _ in range(150):
+            if rng.random() < 0.4:
+                shake(rng, states, shape)
+            client = rng.choice(["10.0.0.1", "10.0.0.2", "192.168.4.4", "2001:db8::7", "::ffff:10.1.1.1"])
+            want = rng.choice([1, 1, 1, 2, 3, 99])     # candidates asked for before the race ends
+            got, expected = new.candidates(client), reference_candidates(ref, client)
+            a = [x for _, x in zip(range(want), got)]
+            b = [x for _, x in zip(range(want), expected)]
+            assert a == b, (shape, kw, workers)
+            assert snapshot(states[0], shape, workers) == snapshot(states[1], shape, workers)
+    finally:
+        for st in states:
+            st.close()

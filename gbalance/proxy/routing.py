@@ -58,7 +58,7 @@ import ipaddress
 import zlib
 from typing import Iterator, Sequence
 
-from gbalance.table.channels import eligible, fallback_eligible, last_resort, usable
+from gbalance.table.channels import fallback_eligible, last_resort
 from gbalance.table.counters import Counters
 from gbalance.table.layout import (C_C, C_MAXC, C_STATUS, C_SUSPECT, ENABLED,
                                    C_PORT, C_SLOTS, CHANNEL_BASE, G_SLOTS, GROUP_BASE, G_NCHANNELS, G_RR_NEXT, G_TYPE, HASH, H_GENERATION, H_NGROUPS,
@@ -182,6 +182,8 @@ def group_seeds(state: SharedState, g: int, n: int) -> "list[tuple[(int, int)]]"
 class Router:
     """Candidate channels for new connections, read live from the table."""
 
+    __slots__ = ("state", "q", "rings", "hash_failover", "last_resort", "counters", "cursors")
+
     def __init__(self, state: SharedState, hash_failover: bool = False, last_resort: bool = False,
                  counters: Counters | None = None, worker: int = 0):
         self.state = state
@@ -195,69 +197,164 @@ class Router:
         self.cursors = [worker] * MAXGROUPS if self.counters is not None else None
 
     def _usable(self, g: int, c: int) -> bool:
+        """May channel ``g``/``c`` take a new connection?  (channels.usable(), or
+        with shared counters channels.eligible() and Counters.room(), written out.)"""
+        q = self.q
+        b = CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS
+        if q[b + C_STATUS] != _ENABLED or q[b + C_SUSPECT]:
+            return False
         counters = self.counters
-        if counters is None:
-            return usable(self.q, slot(g, c, 0))
-        base = slot(g, c, 0)
-        return eligible(self.q, base) and counters.room(base)
+        if counters is not None:
+            return counters.room(b)
+        maxc = q[b + C_MAXC]
+        return not maxc or q[b + C_C] < maxc
 
-    def candidates(self, client: str) -> "Iterator[tuple[int, int]]":
-        """Yield ``(group, channel)`` pairs to try, best first.
+    def candidates(self, client: str) -> "Candidates":
+        """The ``(group, channel)`` pairs to try for ``client``, best first (an iterator).
 
         The round-robin cursor of a group moves past each channel as it is
         handed out, so the next connection starts at the following one.
+        Nothing is read before the first ``next()``; each later one reads
+        the table as it is then.
+        """
+        it = Candidates.__new__(Candidates)
+        it.router = self
+        it.client = client
+        it.rest = None
+        it.g = -1
+        it.i = it.start = it.n = 0
+        return it
+
+    def _first(self, it: "Candidates") -> "tuple[int, int]":
+        """The first candidate of ``it``, found without a generator (see :class:`Candidates`)."""
+        q = self.q
+        # This runs per connection: the slot arithmetic of gslot() and slot(),
+        # the cursor and, without shared counters, the round-robin scan are
+        # written out (what _cursor() and _next_rr() do).
+        if q[H_NGROUPS] > 0:
+            n = q[GROUP_BASE + G_NCHANNELS]
+            if n > MAXCHANNELS:
+                n = MAXCHANNELS
+            if n > 0:
+                if q[GROUP_BASE + G_TYPE] == HASH:
+                    c = self._ring(0, n).best(client_key(it.client))
+                    if self._usable(0, c):
+                        it.g, it.i, it.start, it.n = 0, 1, -1, n
+                        return 0, c
+                elif self.cursors is not None:
+                    start = self.cursors[0] % n
+                    i = self._next_rr(0, n, start, 0)
+                    if i < n:
+                        it.g, it.i, it.start, it.n = 0, i + 1, start, n
+                        c = start + i
+                        return 0, c - n if c >= n else c
+                else:
+                    start = q[GROUP_BASE + G_RR_NEXT] % n
+                    for i in range(n):
+                        c = start + i
+                        if c >= n:
+                            c -= n
+                        b = CHANNEL_BASE + c * C_SLOTS
+                        if (q[b + C_STATUS] == _ENABLED and not q[b + C_SUSPECT]
+                                and (not q[b + C_MAXC] or q[b + C_C] < q[b + C_MAXC])):
+                            q[GROUP_BASE + G_RR_NEXT] = c + 1 if c + 1 < n else 0
+                            it.g, it.i, it.start, it.n = 0, i + 1, start, n
+                            return 0, c
+        # Nothing in the first group (it read, changed nothing): the full walk.
+        it.g = 0
+        it.rest = rest = self._walk(it.client, 0, 0, 0, 0)
+        return next(rest)
+
+    def _walk(self, client: str, g: int, i: int, start: int, n: int) -> "Iterator[tuple[int, int]]":
+        """The candidates from group ``g`` on, then the last resort if none was given.
+
+        ``i`` > 0: go on in group ``g`` after the ``i`` positions already
+        handed out there, with the channel count ``n`` and round-robin
+        ``start`` read then (-1: a hash group).
         """
         q = self.q
-        yielded = False
-        # This runs per connection: the slot arithmetic of state.gslot() and
-        # state.slot() is written out, and without shared counters a channel
-        # is checked with channels.usable() directly (what _usable() does).
-        shared = self.counters is not None
+        yielded = i > 0
+        if yielded:
+            for c in self._group(client, g, n, start, i):
+                yield g, c
+            g += 1
         ngroups = q[H_NGROUPS]
-        for g in range(ngroups if ngroups < MAXGROUPS else MAXGROUPS):
+        if ngroups > MAXGROUPS:
+            ngroups = MAXGROUPS
+        while g < ngroups:
             group = GROUP_BASE + g * G_SLOTS
             n = q[group + G_NCHANNELS]
             if n > MAXCHANNELS:
                 n = MAXCHANNELS
-            if n <= 0:
-                continue
-            if q[group + G_TYPE] == HASH:
-                ring = self.rings[g]
-                if ring is None or ring.generation != q[H_GENERATION] or ring.n != n:
-                    ring = self._ring(g, n)
-                key = client_key(client)
-                best = ring.best(key)
-                if self._usable(g, best):
+            if n > 0:
+                start = -1 if q[group + G_TYPE] == HASH else self._cursor(g, n)
+                for c in self._group(client, g, n, start, 0):
                     yielded = True
-                    yield g, best
-                if self.hash_failover:
-                    for c in ring.order(key)[1:]:
-                        if self._usable(g, c):
-                            yielded = True
-                            yield g, c
-            else:
-                # The cursor: a worker's own (in memory), else the group's slot in the table.
-                cursors, at = (self.cursors, g) if self.cursors is not None else (q, group + G_RR_NEXT)
-                start = cursors[at] % n
-                first = CHANNEL_BASE + g * MAXCHANNELS * C_SLOTS
-                for i in range(n):
-                    c = (start + i) % n
-                    if shared:
-                        ok = self._usable(g, c)
-                    else:
-                        # channels.usable() written out (a call less per connection).
-                        b = first + c * C_SLOTS
-                        ok = (q[b + C_STATUS] == _ENABLED and not q[b + C_SUSPECT]
-                              and (not q[b + C_MAXC] or q[b + C_C] < q[b + C_MAXC]))
-                    if ok:
-                        cursors[at] = (c + 1) % n
-                        yielded = True
-                        yield g, c
+                    yield g, c
+            g += 1
         if self.last_resort and not yielded:
             yield from self._last_resort()
 
+    def _group(self, client: str, g: int, n: int, start: int, i: int) -> "Iterator[int]":
+        """Channels of group ``g`` (``n`` of them) from position ``i`` on.
+
+        ``start``: the round-robin cursor as read on entering the group, or
+        -1 for a hash group (position 0 is the client's best channel, then,
+        with ``-H``, the rest of its own order).
+        """
+        if start < 0:
+            ring = self._ring(g, n)
+            key = client_key(client)
+            if i == 0:
+                best = ring.best(key)
+                if self._usable(g, best):
+                    yield best
+            if self.hash_failover:
+                for c in ring.order(key)[1:]:
+                    if self._usable(g, c):
+                        yield c
+            return
+        while True:
+            i = self._next_rr(g, n, start, i)
+            if i >= n:
+                return
+            yield (start + i) % n
+            i += 1
+
+    def _cursor(self, g: int, n: int) -> int:
+        """Where group ``g``'s rotation starts now: a worker's own cursor (in memory),
+        else the group's slot in the table."""
+        cursors = self.cursors
+        if cursors is not None:
+            return cursors[g] % n
+        return self.q[GROUP_BASE + g * G_SLOTS + G_RR_NEXT] % n
+
+    def _next_rr(self, g: int, n: int, start: int, i: int) -> int:
+        """The first position from ``i`` on in round-robin group ``g``'s rotation
+        (``n`` channels from ``start``) whose channel is usable, the cursor
+        moved past that channel; ``n`` when there is none."""
+        while i < n:
+            c = start + i
+            if c >= n:
+                c -= n
+            if self._usable(g, c):
+                c += 1
+                if c == n:
+                    c = 0
+                if self.cursors is not None:
+                    self.cursors[g] = c
+                else:
+                    self.q[GROUP_BASE + g * G_SLOTS + G_RR_NEXT] = c
+                return i
+            i += 1
+        return n
+
     def _ring(self, g: int, n: int) -> Rendezvous:
-        """Build group ``g``'s :class:`Rendezvous` from the table as it is now."""
+        """Group ``g``'s :class:`Rendezvous`, (re)built from the table when its
+        channels changed (the table's generation or their number)."""
+        ring = self.rings[g]
+        if ring is not None and ring.generation == self.q[H_GENERATION] and ring.n == n:
+            return ring
         # The generation is read before the addresses: a change made while they
         # are read bumps it again, and the next connection rebuilds.
         generation = self.q[H_GENERATION]
@@ -277,3 +374,38 @@ class Router:
                         yield g, c
                 elif fallback_eligible(q, base) and counters.room(base):
                     yield g, c
+
+
+class Candidates:
+    """The channels to try for one client, best first: an iterator over
+    ``(group, channel)`` pairs (what :meth:`Router.candidates` returns).
+
+    Most connections take the first candidate, so the first ``next()``
+    looks at the first group directly; only when that group has no usable
+    channel, or when a second candidate is asked for (the first failed),
+    does a generator (:meth:`Router._walk`) take over, going on where the
+    first stopped.  (A generator for every connection cost a frame, and its
+    close when the race dropped it raised ``GeneratorExit`` inside it.)
+    """
+
+    __slots__ = ("router", "client", "rest", "g", "i", "start", "n")
+    # (Router.candidates sets them: no __init__, a call less per connection.)
+    router: Router
+    client: str
+    rest: "Iterator[tuple[int, int]] | None"   # the walk, once it took over
+    g: int          # -1 before the first next(); then the group it stopped in
+    i: int          # positions of that group handed out
+    start: int      # that group's round-robin start (-1: a hash group)
+    n: int          # and its number of channels
+
+    def __iter__(self) -> "Candidates":
+        return self
+
+    def __next__(self) -> "tuple[int, int]":
+        rest = self.rest
+        if rest is not None:
+            return next(rest)
+        if self.g < 0:
+            return self.router._first(self)
+        self.rest = rest = self.router._walk(self.client, self.g, self.i, self.start, self.n)
+        return next(rest)
