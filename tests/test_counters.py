@@ -102,3 +102,26 @@ def test_own_lock_is_a_separate_open(st):
         assert os.stat(f"/proc/self/fd/{fd}").st_ino == os.fstat(st.lock_fd).st_ino
     finally:
         os.close(fd)
+
+
+def test_the_attempt_hook_counts_as_count_attempt(st):
+    """Counters.attempt(g, c) (the connect hook without -d) is count_attempt of
+    the channel's record: once per connect, a connection room() held counted once."""
+    g = st.add_group()
+    for port in (9001, 9002):
+        st.add_channel(g, "127.0.0.1", port)
+    st.set_workers(2)
+    w1 = Counters(st, 1, 2)
+    w1.attempt(1, 1)
+    w1.attempt(1, 1)
+    assert (st.channel(1, 1).c, st.channel(1, 1).totalc) == (2, 2)
+    assert st.q[L.slot(1, 1, L.C_C) + L.row_offset(1)] == 2           # in its own row only
+    assert (st.channel(1, 0).c, st.channel(0, 0).c) == (0, 0)
+    st.put(1, 0, L.C_MAXC, 5)
+    assert w1.room(L.slot(1, 0, 0))      # counted at once, held ...
+    w1.attempt(1, 1)                     # ... an attempt elsewhere counts normally ...
+    w1.attempt(1, 0)                     # ... and the held one is not counted again
+    assert (st.channel(1, 0).c, st.channel(1, 0).totalc) == (1, 1)
+    assert (st.channel(1, 1).c, st.channel(1, 1).totalc) == (3, 3)
+    w1.attempt(1, 0)
+    assert (st.channel(1, 0).c, st.channel(1, 0).totalc) == (2, 2)

@@ -90,6 +90,11 @@ class ChannelEvents(Hooks):
     (:class:`~gbalance.table.counters.Counters`).
     """
 
+    # Slots: success() reads one per connection, a dictionary look-up more
+    # without.  (The instance keeps the dictionary Hooks gives it: attempt()
+    # or success() is replaced there, see __init__.)
+    __slots__ = ("state", "q", "counters", "log", "debug", "autodisable", "passive", "channels")
+
     def __init__(self, state: SharedState, log: Log, debug: bool = False,
                  autodisable: bool = False, passive: bool = False,
                  channels: Channels | None = None, counters: Counters | None = None):
@@ -101,6 +106,13 @@ class ChannelEvents(Hooks):
         self.autodisable = autodisable
         self.passive = passive
         self.channels = channels if channels is not None else Channels(state)
+        # Per connection, attempt() and success() cost a call and every
+        # attribute they read: without -d the counter row's own method is the
+        # attempt hook (one call instead of two), with -d success() traces.
+        if debug:
+            self.success = self._traced_success     # type: ignore[method-assign]
+        else:
+            self.attempt = self.counters.attempt    # type: ignore[method-assign]
 
     def _monitoring(self) -> bool:
         """Passive detection applies only while the shell leaves monitoring on."""
@@ -112,11 +124,14 @@ class ChannelEvents(Hooks):
             self.log.trace(f"trying group {g} channel {c} ... ")
 
     def success(self, g: int, c: int) -> None:
-        if self.debug:
-            self.log.trace(f"connect to channel {c} successful\n")
         # (clear_suspect's own first test, without its call: this runs per connection)
         if self.q[CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS + C_SUSPECT] and self.channels.clear_suspect(g, c):
             self.log.info(f"group {g} channel {c} {self._where(g, c)} answers again: no longer suspect")
+
+    def _traced_success(self, g: int, c: int) -> None:
+        """success() with -d: the trace line first."""
+        self.log.trace(f"connect to channel {c} successful\n")
+        ChannelEvents.success(self, g, c)
 
     def failure(self, g: int, c: int, reason: str) -> None:
         self.counters.uncount(slot(g, c, 0))

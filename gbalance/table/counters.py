@@ -27,7 +27,7 @@ import fcntl
 import os
 import struct
 
-from gbalance.table.layout import C_C, C_MAXC, C_TOTALC, row_offset, row_sum
+from gbalance.table.layout import C_C, C_MAXC, C_SLOTS, C_TOTALC, CHANNEL_BASE, MAXCHANNELS, row_offset, row_sum
 from gbalance.table.state import SharedState
 
 #: Byte of the lock file that serialises counting towards ``maxc``.
@@ -90,6 +90,19 @@ class Counters:
 
     def count_attempt(self, base: int) -> None:
         """A connect to the channel at ``base`` starts: count it (once)."""
+        q = self.q
+        i = base + self.off
+        q[i + C_TOTALC] += 1
+        if self.held == base:
+            self.held = -1
+        else:
+            q[i + C_C] += 1
+
+    def attempt(self, g: int, c: int) -> None:
+        """:meth:`count_attempt` for channel ``g``/``c`` (the connect hook itself
+        when the server does not trace: ``ChannelEvents``), written out: it
+        runs per connection."""
+        base = CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS    # slot(g, c, 0)
         q = self.q
         i = base + self.off
         q[i + C_TOTALC] += 1
