@@ -203,11 +203,13 @@ class Router:
         b = CHANNEL_BASE + (g * MAXCHANNELS + c) * C_SLOTS
         if q[b + C_STATUS] != _ENABLED or q[b + C_SUSPECT]:
             return False
+        maxc = q[b + C_MAXC]
+        if not maxc:
+            return True         # (what room() answers first)
         counters = self.counters
         if counters is not None:
             return counters.room(b)
-        maxc = q[b + C_MAXC]
-        return not maxc or q[b + C_C] < maxc
+        return q[b + C_C] < maxc
 
     def candidates(self, client: str) -> "Candidates":
         """The ``(group, channel)`` pairs to try for ``client``, best first (an iterator).
