@@ -55,7 +55,7 @@ usable, with ``-H``, has its whole order computed.
 
 import hashlib
 import ipaddress
-import zlib
+from zlib import crc32
 from typing import Iterator, Sequence
 
 from gbalance.table.channels import fallback_eligible, last_resort
@@ -71,6 +71,7 @@ _ENABLED = int(ENABLED)
 #: Bits of the client key (the CRC-32 cut down) that pick a winner; 2**KEY_BITS keys.
 KEY_BITS = 16
 KEY_SHIFT = 32 - KEY_BITS
+_KEY_SHIFT = KEY_SHIFT     # (a C constant when compiled, routing.pxd)
 _NKEYS = 1 << KEY_BITS
 _UNKNOWN = 0xFF            # a key whose winner is not computed yet (channels are < 64)
 _MASK64 = (1 << 64) - 1
@@ -85,12 +86,12 @@ def client_hash(address: str) -> int:
     """
     if address.startswith("::ffff:") and "." in address:
         address = address[7:]
-    return zlib.crc32(address.encode("ascii", "replace"))
+    return crc32(address.encode("ascii", "replace"))
 
 
 def client_key(address: str) -> int:
     """The 16-bit key a hash group picks a channel for: the top of :func:`client_hash`."""
-    return client_hash(address) >> KEY_SHIFT
+    return client_hash(address) >> _KEY_SHIFT
 
 
 def channel_seed(address: str, port: int, twin: int = 0) -> "tuple[(int, int)]":
@@ -355,11 +356,11 @@ class Router:
         """Group ``g``'s :class:`Rendezvous`, (re)built from the table when its
         channels changed (the table's generation or their number)."""
         ring = self.rings[g]
-        if ring is not None and ring.generation == self.q[H_GENERATION] and ring.n == n:
+        generation = self.q[H_GENERATION]
+        if ring is not None and ring.generation == generation and ring.n == n:
             return ring
         # The generation is read before the addresses: a change made while they
         # are read bumps it again, and the next connection rebuilds.
-        generation = self.q[H_GENERATION]
         ring = Rendezvous(group_seeds(self.state, g, n), generation)
         self.rings[g] = ring
         return ring
