@@ -40,11 +40,12 @@ cdef class Router:
     cdef public object counters
     cdef public object cursors
 
-    @cython.locals(b=Py_ssize_t, maxc=cython.longlong)
+    @cython.locals(q=cython.longlong[:], b=Py_ssize_t, maxc=cython.longlong)
     cdef bint _usable(self, Py_ssize_t g, Py_ssize_t c) except -1
     @cython.locals(it=Candidates)
     cpdef Candidates candidates(self, client)
-    @cython.locals(n=Py_ssize_t, start=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t, b=Py_ssize_t)
+    @cython.locals(q=cython.longlong[:], n=Py_ssize_t, start=Py_ssize_t, i=Py_ssize_t, c=Py_ssize_t,
+                   b=Py_ssize_t)
     cdef object _first(self, Candidates it)
     @cython.locals(ring=Rendezvous, generation=cython.longlong)
     cpdef Rendezvous _ring(self, Py_ssize_t g, Py_ssize_t n)

@@ -17,10 +17,10 @@ cdef class Counters:
     cdef readonly int lock_fd
     cdef public Py_ssize_t held
 
-    @cython.locals(maxc=cython.longlong)
+    @cython.locals(q=cython.longlong[:], maxc=cython.longlong)
     cpdef bint room(self, Py_ssize_t base) except -1
-    @cython.locals(i=Py_ssize_t)
+    @cython.locals(q=cython.longlong[:], i=Py_ssize_t)
     cpdef count_attempt(self, Py_ssize_t base)
-    @cython.locals(base=Py_ssize_t, i=Py_ssize_t)
+    @cython.locals(q=cython.longlong[:], base=Py_ssize_t, i=Py_ssize_t)
     cpdef attempt(self, Py_ssize_t g, Py_ssize_t c)
     cpdef uncount(self, Py_ssize_t base)
