@@ -44,6 +44,11 @@ from gbalance.table.layout import (C_C, C_SLOTS, C_SUSPECT, CHANNEL_BASE, C_PORT
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
 
+try:
+    import cython
+except ImportError:     # no Cython here: this module runs as Python
+    from gbalance.proxy import nocython as cython  # type: ignore[no-redef]
+
 if TYPE_CHECKING:
     from gbalance.proxy.watchers import EventLoop, TimerWatcher
 
@@ -572,19 +577,28 @@ class BalanceServer(StreamServer):
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
-            set_owner(fd, self.pid)   # urgent data from now on raises SIGURG
-            # ... but an urgent byte that came before (queued with the
-            # connection) raised none: look once, and keep it for the link.
-            # The same look tells whether the client has spoken already
-            # (the race then reads it first and sends it with the connect).
-            poll = self._oob_poll
-            poll.register(fd, _WAITING)
-            queued = poll.poll(0)
-            poll.unregister(fd)
+            # Urgent data from now on raises SIGURG (F_SETOWN) ... but an
+            # urgent byte that came before (queued with the connection)
+            # raised none: look once, and keep it for the link.  The same
+            # look tells whether the client has spoken already (the race
+            # then reads it first and sends it with the connect).
+            if cython.compiled:      # (the same two calls on the descriptor: csys.pxd)
+                if gbc_setowner(fd, self.pid) < 0:
+                    raise OSError(f"fcntl(F_SETOWN) failed on descriptor {fd}")
+                revents = gbc_poll1(fd, _WAITING)
+                if revents < 0:
+                    raise OSError(-revents, os.strerror(-revents))
+            else:
+                set_owner(fd, self.pid)
+                poll = self._oob_poll
+                poll.register(fd, _WAITING)
+                queued = poll.poll(0)
+                poll.unregister(fd)
+                revents = queued[0][1] if queued else 0
             oob = b""
             talking = False
-            if queued:
-                if queued[0][1] & _URGENT:
+            if revents:
+                if revents & _URGENT:
                     oob = _take_urgent(client)
                 else:
                     talking = True

@@ -1,0 +1,143 @@
+# The compiled hot path's system calls, made directly on descriptors.
+#
+# Hand-written (packaging/gen-pxd.py makes the .pxd files of forward,
+# connect and server cimport it).  Only the compiled build uses it: the
+# .py modules call these under ``if cython.compiled:`` and keep their
+# socket-method code as the pure-Python path, which behaves the same.
+#
+# Each call holds the GIL (every socket here is non-blocking or used with
+# MSG_DONTWAIT, so nothing waits), retries EINTR as CPython's socket
+# methods do (PEP 475), and returns -errno on failure instead of raising;
+# GBC_AGAIN stands for every errno Python raises as BlockingIOError.
+# Written for Cython 0.29 (Debian bookworm) and 3.x alike.
+
+cdef extern from *:
+    """
+    #include <sys/socket.h>
+    #include <netinet/in.h>
+    #include <netinet/tcp.h>
+    #include <fcntl.h>
+    #include <poll.h>
+    #include <errno.h>
+    #include <string.h>
+
+    #define GBC_AGAIN (-EAGAIN)
+
+    /* CPython's socket object (Modules/socketmodule.h) starts with its
+       descriptor; gbc_fd reads it there for _socket.socket and its
+       subclasses, and asks fileno() of anything else. */
+    typedef struct { PyObject_HEAD int sock_fd; } gbc_sock_head;
+    static PyTypeObject *gbc_socktype = NULL;
+
+    static inline int gbc_init(PyObject *socktype) {
+        if (!PyType_Check(socktype)) {
+            PyErr_SetString(PyExc_TypeError, "gbc_init: not a type");
+            return -1;
+        }
+        Py_INCREF(socktype);
+        gbc_socktype = (PyTypeObject *)socktype;
+        return 0;
+    }
+
+    static inline int gbc_fd(PyObject *sock) {
+        if (gbc_socktype != NULL && PyObject_TypeCheck(sock, gbc_socktype))
+            return ((gbc_sock_head *)sock)->sock_fd;
+        return PyObject_AsFileDescriptor(sock);
+    }
+
+    static inline Py_ssize_t gbc_fail(void) {
+        int e = errno;
+        if (e == EAGAIN || e == EWOULDBLOCK || e == EINPROGRESS || e == EALREADY)
+            return GBC_AGAIN;
+        return -(Py_ssize_t)e;
+    }
+
+    /* recv() into a bytearray's first n bytes. */
+    static inline Py_ssize_t gbc_recv_into(int fd, PyObject *buf, Py_ssize_t n, int flags) {
+        ssize_t r;
+        if (!PyByteArray_Check(buf)) return -EINVAL;
+        if (n > PyByteArray_GET_SIZE(buf)) n = PyByteArray_GET_SIZE(buf);
+        do r = recv(fd, PyByteArray_AS_STRING(buf), (size_t)n, flags);
+        while (r < 0 && errno == EINTR);
+        return r < 0 ? gbc_fail() : (Py_ssize_t)r;
+    }
+
+    /* send() of bytes or a bytearray from offset start to end. */
+    static inline Py_ssize_t gbc_send(int fd, PyObject *buf, Py_ssize_t start, Py_ssize_t end, int flags) {
+        const char *p;
+        Py_ssize_t size;
+        ssize_t r;
+        if (PyBytes_Check(buf)) {
+            p = PyBytes_AS_STRING(buf);
+            size = PyBytes_GET_SIZE(buf);
+        } else if (PyByteArray_Check(buf)) {
+            p = PyByteArray_AS_STRING(buf);
+            size = PyByteArray_GET_SIZE(buf);
+        } else {
+            PyErr_SetString(PyExc_TypeError, "gbc_send: bytes or bytearray");
+            return -1;
+        }
+        if (end > size) end = size;
+        if (start < 0 || start > end) {
+            PyErr_SetString(PyExc_ValueError, "gbc_send: bad range");
+            return -1;
+        }
+        do r = send(fd, p + start, (size_t)(end - start), flags);
+        while (r < 0 && errno == EINTR);
+        return r < 0 ? gbc_fail() : (Py_ssize_t)r;
+    }
+
+    /* Linux: the peer's end is in (CLOSE_WAIT): the sequence space received
+       (tcpi_bytes_received, bytes + urgent byte + 1 for the end); else -1. */
+    static inline long long gbc_end_seen(int fd) {
+    #ifdef TCP_INFO
+        unsigned char info[136];
+        socklen_t len = sizeof info;
+        unsigned long long got;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &len) < 0 || len < sizeof info || info[0] != 8)
+            return -1;
+        memcpy(&got, info + 128, sizeof got);
+        return (long long)got;
+    #else
+        return -1;
+    #endif
+    }
+
+    static inline int gbc_shutdown(int fd, int how) {
+        return shutdown(fd, how) < 0 ? -errno : 0;
+    }
+
+    static inline int gbc_setowner(int fd, int pid) {
+        return fcntl(fd, F_SETOWN, pid) < 0 ? -errno : 0;
+    }
+
+    /* A backend socket's options: TCP_NODELAY and SO_KEEPALIVE on. */
+    static inline int gbc_backend_options(int fd) {
+        int on = 1;
+        if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) < 0) return -errno;
+        if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on) < 0) return -errno;
+        return 0;
+    }
+
+    /* A zero-timeout poll of one descriptor: its revents (0: nothing). */
+    static inline int gbc_poll1(int fd, int events) {
+        struct pollfd p;
+        int r;
+        p.fd = fd;
+        p.events = (short)events;
+        p.revents = 0;
+        do r = poll(&p, 1, 0);
+        while (r < 0 && errno == EINTR);
+        return r < 0 ? -errno : (r ? p.revents : 0);
+    }
+    """
+    const Py_ssize_t GBC_AGAIN
+    int gbc_init(object) except -1
+    int gbc_fd(object) except? -1
+    Py_ssize_t gbc_recv_into(int, object, Py_ssize_t, int)
+    Py_ssize_t gbc_send(int, object, Py_ssize_t, Py_ssize_t, int) except? -1
+    long long gbc_end_seen(int)
+    int gbc_shutdown(int, int)
+    int gbc_setowner(int, int)
+    int gbc_backend_options(int)
+    int gbc_poll1(int, int)
