@@ -29,6 +29,15 @@ EXTENSION_TYPES: dict[str, tuple[str, ...]] = {
     "gbalance.proxy.connect": ("Attempt", "Race"),
     "gbalance.proxy.server": (),
 }
+#: Methods declared ``cpdef``: called per connection from inside the module,
+#: they become C calls there (Python callers still see ordinary methods).
+#: Each line's arguments are the method's, defaults as ``=*``.
+METHODS: dict[str, tuple[str, ...]] = {
+    "Race": ("_take_waiting(self)", "_launch(self)", "_connect(self, g, c)",
+             "_finish(self, winner)"),
+    "Flow": ("eof(self)",),
+    "Link": ("close(self)", "abort(self)"),
+}
 #: What every generated .pxd cimports: the compiled build's direct system
 #: calls (hand-written, gbalance/proxy/csys.pxd), used under ``if cython.compiled:``.
 CIMPORTS = ("from gbalance.proxy.csys cimport *",)
@@ -66,6 +75,7 @@ def pxd_text(module: str) -> str:
     for cls in classes:
         lines.append(f"cdef class {cls}:")
         lines += [f"    cdef public {FIELD_TYPES.get((cls, name), 'object')} {name}" for name in slots(source, cls)]
+        lines += [f"    cpdef {method}" for method in METHODS.get(cls, ())]
         lines.append("")
     return "\n".join(lines)
 

@@ -31,3 +31,7 @@ cdef class Race:
     cdef public object oob
     cdef public object held
     cdef public object source
+    cpdef _take_waiting(self)
+    cpdef _launch(self)
+    cpdef _connect(self, g, c)
+    cpdef _finish(self, winner)

@@ -552,12 +552,17 @@ class Race:
         room = min(EARLY_MAX, conn.early_cap - conn.early_held)    # (early_room(0) written out)
         if room <= 0:
             return True          # no room: its bytes (or its end) wait in the kernel
-        try:
-            data = self.client.recv(room, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
+        if cython.compiled:
+            data = gbc_recv_bytes(gbc_fd(self.client), room, DONTWAIT)
+            if isinstance(data, int):
+                return data == GBC_AGAIN
+        else:
+            try:
+                data = self.client.recv(room, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
         if not data:
             return False
         self.early = data

@@ -20,6 +20,7 @@ cdef extern from *:
     #include <poll.h>
     #include <errno.h>
     #include <string.h>
+    #include <unistd.h>
 
     #define GBC_AGAIN (-EAGAIN)
 
@@ -119,6 +120,48 @@ cdef extern from *:
         return 0;
     }
 
+    /* recv() of up to n bytes into a new bytes object; an int (-errno,
+       GBC_AGAIN) when it fails. */
+    static inline PyObject *gbc_recv_bytes(int fd, Py_ssize_t n, int flags) {
+        PyObject *data;
+        ssize_t r;
+        if (n < 0) n = 0;
+        data = PyBytes_FromStringAndSize(NULL, n);
+        if (data == NULL) return NULL;
+        do r = recv(fd, PyBytes_AS_STRING(data), (size_t)n, flags);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            Py_ssize_t err = gbc_fail();
+            Py_DECREF(data);
+            return PyLong_FromSsize_t(err);
+        }
+        if (r != n && _PyBytes_Resize(&data, (Py_ssize_t)r) < 0) return NULL;
+        return data;
+    }
+
+    /* socket.close() of a _socket.socket, as CPython's sock_close does it
+       (the descriptor marked closed first, ECONNRESET ignored, another
+       error raised as OSError) without letting go of the GIL; any other
+       object's close() is called. */
+    static inline int gbc_close(PyObject *sock) {
+        int fd;
+        if (gbc_socktype == NULL || Py_TYPE(sock) != gbc_socktype) {
+            PyObject *r = PyObject_CallMethod(sock, "close", NULL);
+            if (r == NULL) return -1;
+            Py_DECREF(r);
+            return 0;
+        }
+        fd = ((gbc_sock_head *)sock)->sock_fd;
+        if (fd != -1) {
+            ((gbc_sock_head *)sock)->sock_fd = -1;
+            if (close(fd) < 0 && errno != ECONNRESET) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                return -1;
+            }
+        }
+        return 0;
+    }
+
     /* A zero-timeout poll of one descriptor: its revents (0: nothing). */
     static inline int gbc_poll1(int fd, int events) {
         struct pollfd p;
@@ -141,3 +184,5 @@ cdef extern from *:
     int gbc_setowner(int, int)
     int gbc_backend_options(int)
     int gbc_poll1(int, int)
+    object gbc_recv_bytes(int, Py_ssize_t, int)
+    int gbc_close(object) except -1

@@ -24,6 +24,7 @@ cdef class Flow:
     cdef public object done
     cdef public object src_reset
     cdef public object probe
+    cpdef eof(self)
 
 cdef class Link:
     cdef public object loop
@@ -43,3 +44,5 @@ cdef class Link:
     cdef public object early_sent
     cdef public object watchers
     cdef public object source
+    cpdef close(self)
+    cpdef abort(self)
