@@ -21,6 +21,7 @@ cdef extern from *:
     #include <errno.h>
     #include <string.h>
     #include <unistd.h>
+    #include <arpa/inet.h>
 
     #define GBC_AGAIN (-EAGAIN)
 
@@ -162,6 +163,60 @@ cdef extern from *:
         return 0;
     }
 
+    /* accept4() (close-on-exec, as CPython's socket._accept) on a
+       non-blocking listener: (fd, address) with the address tuple
+       socket._accept gives for AF_INET and AF_INET6, or an int (-errno,
+       GBC_AGAIN) when it fails.  IPv4 is written here, IPv6 by inet_ntop
+       as CPython does. */
+    static inline PyObject *gbc_accept(int lfd) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        PyObject *host, *addr, *res;
+        int fd;
+        do fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_CLOEXEC);
+        while (fd < 0 && errno == EINTR);
+        if (fd < 0) return PyLong_FromSsize_t(gbc_fail());
+        if (len == 0) {
+            addr = Py_None;
+            Py_INCREF(addr);
+        } else if (ss.ss_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)&ss;
+            const unsigned char *b = (const unsigned char *)&a->sin_addr;
+            char text[16], *p = text;
+            int i;
+            for (i = 0; i < 4; i++) {
+                unsigned v = b[i];
+                if (i) *p++ = '.';
+                if (v >= 100) { *p++ = (char)('0' + v / 100); v %= 100; *p++ = (char)('0' + v / 10); v %= 10; }
+                else if (v >= 10) { *p++ = (char)('0' + v / 10); v %= 10; }
+                *p++ = (char)('0' + v);
+            }
+            host = PyUnicode_FromStringAndSize(text, p - text);
+            addr = host ? Py_BuildValue("Ni", host, (int)ntohs(a->sin_port)) : NULL;
+        } else if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&ss;
+            char text[INET6_ADDRSTRLEN];
+            if (inet_ntop(AF_INET6, &a->sin6_addr, text, sizeof text) == NULL) {
+                PyErr_SetFromErrno(PyExc_OSError);
+                addr = NULL;
+            } else {
+                host = PyUnicode_FromString(text);
+                addr = host ? Py_BuildValue("Niii", host, (int)ntohs(a->sin6_port),
+                                            (int)ntohl(a->sin6_flowinfo), (int)a->sin6_scope_id) : NULL;
+            }
+        } else {
+            PyErr_SetString(PyExc_OSError, "gbc_accept: not an IPv4 or IPv6 listener");
+            addr = NULL;
+        }
+        if (addr == NULL) {
+            close(fd);
+            return NULL;
+        }
+        res = Py_BuildValue("iN", fd, addr);
+        if (res == NULL) close(fd);
+        return res;
+    }
+
     /* A zero-timeout poll of one descriptor: its revents (0: nothing). */
     static inline int gbc_poll1(int fd, int events) {
         struct pollfd p;
@@ -185,4 +240,5 @@ cdef extern from *:
     int gbc_backend_options(int)
     int gbc_poll1(int, int)
     object gbc_recv_bytes(int, Py_ssize_t, int)
+    object gbc_accept(int)
     int gbc_close(object) except -1

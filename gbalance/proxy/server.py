@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from gbalance.proxy.watchers import EventLoop, TimerWatcher
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Listeners whose accept the compiled build makes itself (csys.pxd gbc_accept).
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 #: accept() errors about one client only (it reset, or a filter refused it).
 _ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
 #: What the look at accept asks about: an urgent byte, or anything to read.
@@ -316,6 +318,12 @@ class BalanceServer(StreamServer):
         traceback on an unexpected error; here one line is logged instead.
         """
         accept = self.socket._accept
+        # Compiled: accept4 on the descriptor (csys.pxd), the same result
+        # without the method call, the GIL's round trip or sprintf (a real
+        # socket only: anything else, a test's wrapper say, is asked).
+        lfd = -1
+        if cython.compiled and isinstance(self.socket, _socket.socket) and self.family in _INET_FAMILIES:
+            lfd = self.socket.fileno()
         handle = self.handle_client
         limit = self.max_conns
         budget = self.max_accept
@@ -341,7 +349,13 @@ class BalanceServer(StreamServer):
                     self._hold()
                     return
                 try:
-                    fd, address = accept()
+                    if lfd >= 0:
+                        got = gbc_accept(lfd)
+                        if isinstance(got, int):     # -errno: raised as accept() raises it
+                            raise OSError(-got, os.strerror(-got))
+                        fd, address = got
+                    else:
+                        fd, address = accept()
                 except BlockingIOError:
                     if i < floor:
                         self._busy = False
