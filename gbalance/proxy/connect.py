@@ -54,7 +54,7 @@ from gbalance.proxy.watchers import READ, WRITE, Watchers
 try:
     import cython
 except ImportError:     # no Cython here: this module runs as Python
-    from gbalance.proxy import nocython as cython  # type: ignore[no-redef]
+    from gbalance.proxy import nocython as cython
 
 if cython.compiled:
     gbc_init(_socket.socket)     # gbc_fd reads a socket's descriptor in place

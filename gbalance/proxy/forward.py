@@ -50,7 +50,7 @@ from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 try:
     import cython
 except ImportError:     # no Cython here: this module runs as Python
-    from gbalance.proxy import nocython as cython  # type: ignore[no-redef]
+    from gbalance.proxy import nocython as cython
 
 if TYPE_CHECKING:
     from gbalance.proxy.urgent import UrgentRelay
@@ -169,7 +169,10 @@ class Flow:
         self.src = src
         self.dst = dst
         self.idx = idx
-        fd = gbc_fd(src) if cython.compiled else src.fileno()
+        if cython.compiled:  # noqa: SIM108  (in a ternary mypy would see the C call)
+            fd = gbc_fd(src)
+        else:
+            fd = src.fileno()
         # read_watcher()'s two common cases without its calls: the race's
         # watcher as it is, or (a connect decided at once) one from the pool.
         if rw is None:

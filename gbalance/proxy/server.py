@@ -47,7 +47,7 @@ from gbalance.table.state import SharedState
 try:
     import cython
 except ImportError:     # no Cython here: this module runs as Python
-    from gbalance.proxy import nocython as cython  # type: ignore[no-redef]
+    from gbalance.proxy import nocython as cython
 
 if TYPE_CHECKING:
     from gbalance.proxy.watchers import EventLoop, TimerWatcher
@@ -349,7 +349,7 @@ class BalanceServer(StreamServer):
                     self._hold()
                     return
                 try:
-                    if lfd >= 0:
+                    if cython.compiled and lfd >= 0:
                         got = gbc_accept(lfd)
                         if isinstance(got, int):     # -errno: raised as accept() raises it
                             raise OSError(-got, os.strerror(-got))
