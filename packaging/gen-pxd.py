@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 #: module -> the classes (with __slots__) that become extension types.
 EXTENSION_TYPES: dict[str, tuple[str, ...]] = {
     "gbalance.proxy.forward": ("PipeBudget", "Flow", "Link"),
-    "gbalance.proxy.connect": ("Attempt", "Race"),
+    "gbalance.proxy.connect": ("Connector", "Attempt", "Race"),
     "gbalance.proxy.server": (),
 }
 #: Methods declared ``cpdef``: called per connection from inside the module,
 #: they become C calls there (Python callers still see ordinary methods).
 #: Each line's arguments are the method's, defaults as ``=*``.
 METHODS: dict[str, tuple[str, ...]] = {
+    "Connector": ("open_socket(self, family)",),
     "Race": ("_take_waiting(self)", "_launch(self)", "_connect(self, g, c)",
              "_finish(self, winner)"),
     "Flow": ("eof(self)",),
@@ -46,6 +47,7 @@ FIELD_TYPES: dict[tuple[str, str], str] = {
     ("Flow", "link"): "Link",
     ("Link", "up"): "Flow",
     ("Link", "down"): "Flow",
+    ("Race", "conn"): "Connector",
 }
 
 

@@ -2,8 +2,26 @@
 
 from gbalance.proxy.csys cimport *
 
+cdef class Connector
 cdef class Attempt
 cdef class Race
+
+cdef class Connector:
+    cdef public object loop
+    cdef public object address_of
+    cdef public object hooks
+    cdef public object timeout
+    cdef public object estimator
+    cdef public object stagger
+    cdef public object source
+    cdef public object keepalive
+    cdef public object urgent
+    cdef public object send_early
+    cdef public object abort_unused
+    cdef public object watchers
+    cdef public object early_held
+    cdef public object early_cap
+    cpdef open_socket(self, family)
 
 cdef class Attempt:
     cdef public object g
@@ -16,7 +34,7 @@ cdef class Attempt:
     cdef public object reset
 
 cdef class Race:
-    cdef public object conn
+    cdef public Connector conn
     cdef public object client
     cdef public object candidates
     cdef public object done

@@ -139,6 +139,11 @@ class Attempt:
 class Connector:
     """Settings shared by every race of one master."""
 
+    # (slots: compiled, an extension type whose settings races read as C fields)
+    __slots__ = ("loop", "address_of", "hooks", "timeout", "estimator", "stagger", "source",
+                 "keepalive", "urgent", "send_early", "abort_unused", "watchers", "early_held",
+                 "early_cap")
+
     def __init__(self, loop: "EventLoop", address_of: "Callable[[int, int], tuple[int, tuple[Any, ...]]]",
                  hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
                  source: "dict[int, tuple[Any, ...]] | None" = None,
