@@ -266,6 +266,7 @@ class BalanceServer(StreamServer):
         self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
         self._resume_timer: "TimerWatcher | None" = None
+        self.on_accepting: "Callable[[], None] | None" = None    # -w N: told when the watcher (re)starts
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
@@ -390,6 +391,10 @@ class BalanceServer(StreamServer):
             super().start_accepting()
         elif not watcher.active:
             watcher.start(self._do_read)
+        else:
+            return
+        if self.on_accepting is not None:
+            self.on_accepting()
 
     def _hold(self) -> None:
         """At the connection limit: leave new clients in the listen backlog."""
