@@ -582,7 +582,7 @@ def test_each_worker_watches_the_listener_exclusively_and_serves(balance, backen
     port = free_port()
     _, pids = start_workers(balance, 2, str(port), a.spec, port=port)
     for pid in pids:
-        assert wait_for(lambda: [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]), \
+        assert wait_for(lambda pid=pid: [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]), \
             (pid, listener_entries(pid, port))
     payload = os.urandom(300_000)
     for _ in range(20):                                     # one after another

@@ -26,7 +26,8 @@ import errno
 import os
 import platform
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 EPOLLIN = 0x001
 EPOLLEXCLUSIVE = 1 << 28
