@@ -198,7 +198,7 @@ _HZ = os.sysconf("SC_CLK_TCK")
 # machine falls on both sides alike; the two sides of each goal ratio run
 # next to each other.  Every ratio row keeps each round's own ratio (from
 # that round's two runs), and the row's figure is, by what kept it
-# steadiest in repeated runs on the shared 2-core machine (README,
+# steadiest in repeated runs on the shared 2-core machine (bench/FINDINGS,
 # "How a ratio is computed"):
 #
 # * for rates (conn/s), the median of the per-round ratios: a busy machine

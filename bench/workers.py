@@ -182,6 +182,8 @@ def report(res: dict) -> None:
           " wrk and nginx share the second core)")
     m = res.get("memory")
     if m:
+        # (keyed by worker count: ints in a live run, strings once through latest.json)
+        pss = {int(k): v for k, v in m["idle_pss_kb"].items()}
         print(f"KB per idle connection: -w 1 {m['kb_per_idle_conn_w1']:.2f}, -w 2 {m['kb_per_idle_conn_w2']:.2f}"
-              f" (goal <= 2); idle PSS -w 1/2/3: {m['idle_pss_kb'][1]:,}/{m['idle_pss_kb'][2]:,}/"
-              f"{m['idle_pss_kb'][3]:,} KB, {m['kb_per_extra_worker']:,.0f} KB per extra worker")
+              f" (goal <= 2); idle PSS -w 1/2/3: {pss[1]:,}/{pss[2]:,}/"
+              f"{pss[3]:,} KB, {m['kb_per_extra_worker']:,.0f} KB per extra worker")

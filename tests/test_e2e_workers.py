@@ -562,3 +562,42 @@ def test_debug_trace_and_packet_dump_come_from_every_worker(balance, backends):
     # Each worker dumps its own connections: every chunk is there, once.
     assert out.count("-> 5\nhello\n") == total, out[-500:]
     assert out.count("-< 2\nA\\0A\n") == total and out.count("-< 5\nhello\n") == total, out[-500:]
+
+
+# -- the listener registered with EPOLLEXCLUSIVE -----------------------------------------
+
+def listener_entries(pid: int, port: int) -> list[int]:
+    """The epoll events with which process ``pid`` watches the listener of ``port``."""
+    from gbalance.system.exclusive import epoll_fds, registered
+    inode = listen_inode(port)
+    fds = [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")
+           if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]"]
+    return [entry[0] for ep in epoll_fds(pid) for fd in fds
+            if (entry := registered(ep, pid).get(fd)) is not None]
+
+
+def test_each_worker_watches_the_listener_exclusively_and_serves(balance, backends):
+    from gbalance.system.exclusive import EPOLLEXCLUSIVE
+    a = backends("A")
+    port = free_port()
+    _, pids = start_workers(balance, 2, str(port), a.spec, port=port)
+    for pid in pids:
+        assert wait_for(lambda pid=pid: [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]), \
+            (pid, listener_entries(pid, port))
+    payload = os.urandom(300_000)
+    for _ in range(20):                                     # one after another
+        assert round_trip(port, payload) == "A"
+    tags = hammer(port, 400, threads=8, fn=lambda p: round_trip(p, payload[:50_000]))
+    assert tags == ["A"] * 400
+    for pid in pids:                                        # still exclusive after the load
+        assert [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]
+
+
+def test_a_single_process_keeps_the_plain_registration(balance, backends):
+    from gbalance.system.exclusive import EPOLLEXCLUSIVE
+    a = backends("A")
+    port = free_port()
+    proc = balance.start(str(port), a.spec, port=port)
+    assert round_trip(port) == "A"
+    entries = listener_entries(proc.pid, port)
+    assert entries and not any(e & EPOLLEXCLUSIVE for e in entries)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import socket
+
+import pytest
 from conftest import OneShotBackend, free_port, green_read_until, inprocess_server
 
 
@@ -281,3 +283,40 @@ def test_a_short_connection_makes_few_python_calls(tmp_path):
     per = sum(calls.values()) / n
     top = ", ".join(f"{f}:{c} {k / n:g}" for (f, c), k in sorted(calls.items(), key=lambda kv: -kv[1])[:12])
     assert per <= PY_CALL_BUDGET, f"{per:.1f} Python calls per short connection (budget {PY_CALL_BUDGET}): {top}"
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+def test_accepted_clients_carry_the_address_socket_accept_gives(tmp_path, v6):
+    """The client address each accept hands on (routing, -l, PROXY headers,
+    logs) is exactly socket.accept's: (host, port) for IPv4 with octets of
+    one to three digits, (host, port, flowinfo, scope_id) for IPv6.  The
+    compiled build makes this accept itself (csys.pxd gbc_accept)."""
+    import gevent
+
+    backend = OneShotBackend()
+    port = free_port()
+    seen: list = []
+    argv = (["-6", "-b", "::1"] if v6 else []) + ["-f", str(port), f"127.0.0.1:{backend.port}"]
+    with inprocess_server(argv, tmp_path / "state") as (_, server):
+        original = server.handle_client
+
+        def record(fd: int, address: tuple) -> None:
+            seen.append(address)
+            original(fd, address)
+
+        server.handle_client = record
+        sources = ["::1"] if v6 else ["127.0.0.1", "127.10.200.3", "127.100.20.9", "127.255.9.99"]
+        expected = []
+        for source in sources:
+            c = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+            c.bind((source, 0))
+            c.setblocking(False)
+            c.connect_ex(("::1" if v6 else "127.0.0.1", port))
+            expected.append((source, c.getsockname()[1], 0, 0) if v6 else (source, c.getsockname()[1]))
+            for _ in range(500):
+                gevent.sleep(0.01)
+                if len(seen) == len(expected):
+                    break
+            c.close()
+        assert seen == expected
+        assert all(type(a[0]) is str and type(a[1]) is int for a in seen)

@@ -44,6 +44,7 @@ from gbalance.table.files import StateError
 from gbalance.table.state import SharedState
 from gbalance.system import heap
 from gbalance.system.evloop import install_hub
+from gbalance.system.exclusive import ExclusiveListener
 from gbalance.wiring import build_server
 
 #: Environment variable carrying a worker's pickled :class:`WorkerSpec`.
@@ -115,6 +116,10 @@ class Worker:
         self.done = Event()
         self.server = build_server(self.cfg, self.state, self.listener, self.log, spec.source,
                                    Channels(self.state, self.counters.lock_fd), self.counters, spec.index)
+        if spec.rows > 1:
+            # One worker woken per waiting client, an idle one first (Linux).
+            self.server.on_accepting = ExclusiveListener(self.server.loop, self.listener.fileno(),
+                                                         self.log.info if self.cfg.debug else None)
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)

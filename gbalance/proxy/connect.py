@@ -37,6 +37,7 @@ want to block a greenlet on it.
 
 import _socket
 import errno
+import os
 import select
 import socket
 from enum import Enum, StrEnum
@@ -49,6 +50,14 @@ from gbalance.proxy.records import Connected as Connected
 from gbalance.proxy.stagger import StaggerEstimator
 from gbalance.proxy.urgent import set_owner
 from gbalance.proxy.watchers import READ, WRITE, Watchers
+
+try:
+    import cython
+except ImportError:     # no Cython here: this module runs as Python
+    from gbalance.proxy import nocython as cython
+
+if cython.compiled:
+    gbc_init(_socket.socket)     # gbc_fd reads a socket's descriptor in place
 
 if TYPE_CHECKING:
     from gbalance.proxy.urgent import UrgentRelay
@@ -130,6 +139,11 @@ class Attempt:
 class Connector:
     """Settings shared by every race of one master."""
 
+    # (slots: compiled, an extension type whose settings races read as C fields)
+    __slots__ = ("loop", "address_of", "hooks", "timeout", "estimator", "stagger", "source",
+                 "keepalive", "urgent", "send_early", "abort_unused", "watchers", "early_held",
+                 "early_cap")
+
     def __init__(self, loop: "EventLoop", address_of: "Callable[[int, int], tuple[int, tuple[Any, ...]]]",
                  hooks: Hooks, timeout: float = 5.0, stagger: float = 0.0,
                  source: "dict[int, tuple[Any, ...]] | None" = None,
@@ -169,15 +183,25 @@ class Connector:
         """A non-blocking backend socket with balance's options set."""
         sock = _socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if cython.compiled:      # (the same calls on the descriptor: csys.pxd)
+                fd = gbc_fd(sock)
+                err = gbc_backend_options(fd)
+                if err < 0:
+                    raise OSError(-err, os.strerror(-err))
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if self.keepalive is not None:
                 set_keepalive(sock, self.keepalive)
             src = self.source.get(family)
             if src is not None:
                 sock.bind(src)
             if self.urgent is not None:    # urgent data from the backend raises SIGURG
-                set_owner(sock.fileno(), self.urgent.pid)
+                if cython.compiled:
+                    if gbc_setowner(fd, self.urgent.pid) < 0:
+                        raise OSError(f"fcntl(F_SETOWN) failed on descriptor {fd}")
+                else:
+                    set_owner(sock.fileno(), self.urgent.pid)
         except OSError:
             sock.close()
             raise
@@ -388,13 +412,22 @@ class Race:
             # then ends the race with no loop turn; a far one is still
             # connecting (EAGAIN) and is waited for.  (_send_early written
             # out: the common case, one call less per connection.)
-            try:
-                att.sent = sock.send(early, DONTWAIT)
-                return att
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                err = exc.errno or 0
+            if cython.compiled:
+                sent = gbc_send(gbc_fd(sock), early, 0, len(early), DONTWAIT)
+                if sent >= 0:
+                    att.sent = sent
+                    return att
+                err = 0 if sent == GBC_AGAIN else -sent
+            else:
+                err = 0
+                try:
+                    att.sent = sock.send(early, DONTWAIT)
+                    return att
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    err = exc.errno or 0
+            if err:
                 if err in _RESET_AFTER_CONNECT:
                     att.reset = True
                     return att
@@ -524,12 +557,17 @@ class Race:
         room = min(EARLY_MAX, conn.early_cap - conn.early_held)    # (early_room(0) written out)
         if room <= 0:
             return True          # no room: its bytes (or its end) wait in the kernel
-        try:
-            data = self.client.recv(room, DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
+        if cython.compiled:
+            data = gbc_recv_bytes(gbc_fd(self.client), room, DONTWAIT)
+            if isinstance(data, int):
+                return data == GBC_AGAIN
+        else:
+            try:
+                data = self.client.recv(room, DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                return False
         if not data:
             return False
         self.early = data

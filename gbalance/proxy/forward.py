@@ -47,6 +47,11 @@ from gbalance.proxy.dump import dump as render_dump
 from gbalance.proxy import watchers as _watchers
 from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
 
+try:
+    import cython
+except ImportError:     # no Cython here: this module runs as Python
+    from gbalance.proxy import nocython as cython
+
 if TYPE_CHECKING:
     from gbalance.proxy.urgent import UrgentRelay
     from gbalance.proxy.watchers import EventLoop, IoWatcher, Watchers
@@ -103,6 +108,13 @@ _SIOCINQ = getattr(termios, "FIONREAD", 0x541B)
 _SIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
 _INT = struct.Struct("i")
 
+if cython.compiled:
+    # The compiled build calls recv, send, shutdown and getsockopt(TCP_INFO)
+    # directly on descriptors (csys.pxd): no socket method, argument
+    # parsing, GIL release or result tuple per call.  Each branch below
+    # mirrors the Python code after it, errno for exception.
+    gbc_init(_socket.socket)
+
 
 class PipeBudget:
     """How many splice pipes this process may hold at once (2 descriptors
@@ -157,7 +169,10 @@ class Flow:
         self.src = src
         self.dst = dst
         self.idx = idx
-        fd = src.fileno()
+        if cython.compiled:  # noqa: SIM108  (in a ternary mypy would see the C call)
+            fd = gbc_fd(src)
+        else:
+            fd = src.fileno()
         # read_watcher()'s two common cases without its calls: the race's
         # watcher as it is, or (a connect decided at once) one from the pool.
         if rw is None:
@@ -203,6 +218,40 @@ class Flow:
     def __call__(self) -> None:
         # The read watcher's callback is the flow itself (``rw.start(flow)``):
         # a bound method per flow would be 64 bytes more per held connection.
+        if cython.compiled:
+            link = self.link
+            fd = gbc_fd(self.src)
+            end = -1
+            if self.probe:
+                self.probe = False
+                end = gbc_end_seen(fd)
+            n = gbc_recv_into(fd, SCRATCH, CHUNK, DONTWAIT)
+            if n < 0:
+                if n != GBC_AGAIN:
+                    link.abort()
+                return
+            if not n:
+                self.eof()
+                return
+            link.q[self.idx] += n
+            link.active = True
+            if link.dump is not None:
+                link.dump(render_dump(self.arrow, SCRATCH_MV[:n]))
+            last = end == n + 1
+            m = gbc_send(gbc_fd(self.dst), SCRATCH, 0, n, _LAST if last else DONTWAIT)
+            if m < 0:
+                if m != GBC_AGAIN:
+                    link.abort()
+                    return
+                m = 0
+            if m < n:
+                self.pending = bytes(SCRATCH_MV[m:n])
+                self._wait_writable(self.on_write)
+            elif last:
+                self.eof()
+            elif n == CHUNK and link.splice and self.pipe_r < 0:
+                self._start_splice()
+            return
         info = None
         if self.probe:
             self.probe = False
@@ -394,6 +443,9 @@ class Flow:
             # Both directions ended: close() sends the FIN, no shutdown needed.
             link.close()
             return
+        if cython.compiled:
+            gbc_shutdown(gbc_fd(self.dst), socket.SHUT_WR)    # (an error: as below, ignored)
+            return
         try:
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -485,10 +537,15 @@ class Link:
         if first:
             # The backend has just connected: it nearly always takes the
             # request at once, with no write watcher and no loop turn.
-            try:
-                m = self.server.send(first, DONTWAIT)
-            except OSError:      # would block, or an error on_write will meet again
-                m = 0
+            if cython.compiled:
+                m = gbc_send(gbc_fd(self.server), first, 0, len(first), DONTWAIT)
+                if m < 0:        # would block, or an error on_write will meet again
+                    m = 0
+            else:
+                try:
+                    m = self.server.send(first, DONTWAIT)
+                except OSError:      # would block, or an error on_write will meet again
+                    m = 0
             if m < len(first):
                 up.pending = first[m:] if m else first
                 up._wait_writable(up.on_write)
@@ -610,8 +667,12 @@ class Link:
         urgent = self.urgent
         if urgent is not None and urgent.peers:     # (remove_link's own test, without its call)
             urgent.remove_link(self)
-        self.client.close()
-        self.server.close()
+        if cython.compiled:
+            gbc_close(self.client)       # (socket.close() without the GIL's round trip)
+            gbc_close(self.server)
+        else:
+            self.client.close()
+            self.server.close()
         self.q[self.c_idx] -= 1
         if self.on_close is not None:
             self.on_close(self)

@@ -44,10 +44,17 @@ from gbalance.table.layout import (C_C, C_SLOTS, C_SUSPECT, CHANNEL_BASE, C_PORT
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
 
+try:
+    import cython
+except ImportError:     # no Cython here: this module runs as Python
+    from gbalance.proxy import nocython as cython
+
 if TYPE_CHECKING:
     from gbalance.proxy.watchers import EventLoop, TimerWatcher
 
 _FD_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: Listeners whose accept the compiled build makes itself (csys.pxd gbc_accept).
+_INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 #: accept() errors about one client only (it reset, or a filter refused it).
 _ACCEPT_TRANSIENT = (errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EPERM)
 #: What the look at accept asks about: an urgent byte, or anything to read.
@@ -274,6 +281,7 @@ class BalanceServer(StreamServer):
         self.quiet_until = 0.0    # no exhaustion warning before this loop time
         self.deferred = 0
         self._resume_timer: "TimerWatcher | None" = None
+        self.on_accepting: "Callable[[], None] | None" = None    # -w N: told when the watcher (re)starts
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
@@ -326,6 +334,12 @@ class BalanceServer(StreamServer):
         traceback on an unexpected error; here one line is logged instead.
         """
         accept = self.socket._accept
+        # Compiled: accept4 on the descriptor (csys.pxd), the same result
+        # without the method call, the GIL's round trip or sprintf (a real
+        # socket only: anything else, a test's wrapper say, is asked).
+        lfd = -1
+        if cython.compiled and isinstance(self.socket, _socket.socket) and self.family in _INET_FAMILIES:
+            lfd = self.socket.fileno()
         handle = self.handle_client
         limit = self.max_conns
         budget = self.max_accept
@@ -351,7 +365,13 @@ class BalanceServer(StreamServer):
                     self._hold()
                     return
                 try:
-                    fd, address = accept()
+                    if cython.compiled and lfd >= 0:
+                        got = gbc_accept(lfd)
+                        if isinstance(got, int):     # -errno: raised as accept() raises it
+                            raise OSError(-got, os.strerror(-got))
+                        fd, address = got
+                    else:
+                        fd, address = accept()
                 except BlockingIOError:
                     if i < floor:
                         self._busy = False
@@ -386,6 +406,10 @@ class BalanceServer(StreamServer):
             super().start_accepting()
         elif not watcher.active:
             watcher.start(self._do_read)
+        else:
+            return
+        if self.on_accepting is not None:
+            self.on_accepting()
 
     def _hold(self) -> None:
         """At the connection limit: leave new clients in the listen backlog."""
@@ -587,19 +611,28 @@ class BalanceServer(StreamServer):
         try:
             if not DONTWAIT:      # else every send and recv says MSG_DONTWAIT
                 client.setblocking(False)
-            set_owner(fd, self.pid)   # urgent data from now on raises SIGURG
-            # ... but an urgent byte that came before (queued with the
-            # connection) raised none: look once, and keep it for the link.
-            # The same look tells whether the client has spoken already
-            # (the race then reads it first and sends it with the connect).
-            poll = self._oob_poll
-            poll.register(fd, _WAITING)
-            queued = poll.poll(0)
-            poll.unregister(fd)
+            # Urgent data from now on raises SIGURG (F_SETOWN) ... but an
+            # urgent byte that came before (queued with the connection)
+            # raised none: look once, and keep it for the link.  The same
+            # look tells whether the client has spoken already (the race
+            # then reads it first and sends it with the connect).
+            if cython.compiled:      # (the same two calls on the descriptor: csys.pxd)
+                if gbc_setowner(fd, self.pid) < 0:
+                    raise OSError(f"fcntl(F_SETOWN) failed on descriptor {fd}")
+                revents = gbc_poll1(fd, _WAITING)
+                if revents < 0:
+                    raise OSError(-revents, os.strerror(-revents))
+            else:
+                set_owner(fd, self.pid)
+                poll = self._oob_poll
+                poll.register(fd, _WAITING)
+                queued = poll.poll(0)
+                poll.unregister(fd)
+                revents = queued[0][1] if queued else 0
             oob = b""
             talking = False
-            if queued:
-                if queued[0][1] & _URGENT:
+            if revents:
+                if revents & _URGENT:
                     oob = _take_urgent(client)
                 else:
                     talking = True

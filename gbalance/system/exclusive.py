@@ -1,0 +1,188 @@
+"""The shared listener of ``-w N`` watched with ``EPOLLEXCLUSIVE`` (Linux).
+
+With several workers, every worker's libev loop watches the one listening
+socket.  Plainly registered, a waiting client wakes every idle worker; all but
+one then find nothing to accept.  Registered with ``EPOLLEXCLUSIVE`` in the
+epoll set a worker sleeps on, the kernel wakes one waiting worker per client
+and skips a worker that is busy (not in ``epoll_wait``): fewer wake-ups and
+failed accepts per connection.
+
+libev has no such flag, so once libev has registered the listener (lazily, on
+the loop turn after its watcher starts) :func:`make_exclusive` replaces that
+registration in libev's own epoll set with an exclusive one that carries the
+very same ``data`` (libev keeps the descriptor and a generation count there and
+checks both on every event).  libev never modifies that entry later: stopping
+the watcher leaves it, starting it again meets ``EEXIST`` with the same mask
+(which libev accepts), and an event nobody wants makes libev delete it (then
+the next start adds a plain one, which :class:`ExclusiveListener` replaces
+again).  Anything unexpected leaves the plain registration, which is correct,
+only less frugal.  Elsewhere than Linux nothing is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EPOLLIN = 0x001
+EPOLLEXCLUSIVE = 1 << 28
+EPOLL_CTL_ADD = 1
+EPOLL_CTL_DEL = 2
+
+_PACKED = platform.machine() in ("x86_64", "amd64")
+
+
+if _PACKED:
+    class _EpollEvent(ctypes.Structure):
+        # The kernel's struct epoll_event is packed on x86-64 only.
+        _pack_ = 1
+        _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+else:
+    class _EpollEvent(ctypes.Structure):  # type: ignore[no-redef]
+        _fields_ = [("events", ctypes.c_uint32), ("data", ctypes.c_uint64)]
+
+
+_epoll_ctl: Any = None
+
+
+def _ctl() -> Any:
+    global _epoll_ctl
+    if _epoll_ctl is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.epoll_ctl
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_EpollEvent)]
+        fn.restype = ctypes.c_int
+        _epoll_ctl = fn
+    return _epoll_ctl
+
+
+def parse_fdinfo(text: str) -> "dict[int, tuple[int, int]]":
+    """The ``tfd`` lines of an epoll descriptor's fdinfo: {fd: (events, data)}.
+
+    Lines that are not well formed are skipped.
+    """
+    found: "dict[int, tuple[int, int]]" = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 6 or words[0] != "tfd:" or words[2] != "events:" or words[4] != "data:":
+            continue
+        try:
+            fd = int(words[1])
+            events = int(words[3], 16)
+            data = int(words[5], 16)
+        except ValueError:
+            continue
+        if fd >= 0 and 0 <= events < 1 << 32 and 0 <= data < 1 << 64:
+            found[fd] = (events, data)
+    return found
+
+
+def registered(epfd: int, pid: "int | str" = "self") -> "dict[int, tuple[int, int]]":
+    """What the epoll descriptor ``epfd`` of process ``pid`` watches ({} if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epfd}", encoding="ascii", errors="replace") as f:
+            return parse_fdinfo(f.read(65536))
+    except OSError:
+        return {}
+
+
+def epoll_fds(pid: "int | str" = "self") -> "list[int]":
+    """The epoll descriptors process ``pid`` holds."""
+    out = []
+    base = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    for name in names:
+        try:
+            if os.readlink(f"{base}/{name}") == "anon_inode:[eventpoll]":
+                out.append(int(name))
+        except (OSError, ValueError):
+            continue
+    return sorted(out)
+
+
+def find_loop_epoll(fd: int) -> int:
+    """The one epoll descriptor of this process in which libev watches ``fd``
+    (its data's low 32 bits are ``fd``), or -1 if none or several."""
+    hits = [ep for ep in epoll_fds() if (registered(ep).get(fd, (0, -1))[1] & 0xFFFFFFFF) == fd]
+    return hits[0] if len(hits) == 1 else -1
+
+
+def _ctl_call(epfd: int, op: int, fd: int, events: int, data: int) -> int:
+    ev = _EpollEvent(events, data)
+    if _ctl()(epfd, op, fd, ctypes.byref(ev)) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+def make_exclusive(epfd: int, fd: int) -> str:
+    """Register ``fd`` in ``epfd`` with EPOLLIN|EPOLLEXCLUSIVE and the data it has.
+
+    Returns "" when ``fd`` is (now) registered exclusively, else why not; on a
+    failure the plain registration is put back as it was.
+    """
+    entry = registered(epfd).get(fd)
+    if entry is None:
+        return f"descriptor {fd} is not in epoll set {epfd}"
+    events, data = entry
+    if events & EPOLLEXCLUSIVE:
+        return ""
+    if events & 0xFFFF & ~0x19 or not events & EPOLLIN:
+        return f"unexpected events {events:#x}"
+    err = _ctl_call(epfd, EPOLL_CTL_DEL, fd, 0, 0)
+    if err:
+        return f"EPOLL_CTL_DEL: {os.strerror(err)}"
+    err = _ctl_call(epfd, EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, data)
+    if err:
+        _ctl_call(epfd, EPOLL_CTL_ADD, fd, events, data)
+        return f"EPOLL_CTL_ADD with EPOLLEXCLUSIVE: {os.strerror(err)}"
+    now = registered(epfd).get(fd)
+    if now is None or not now[0] & EPOLLEXCLUSIVE or now[1] != data:
+        return "EPOLLEXCLUSIVE not shown after the change"
+    return ""
+
+
+class ExclusiveListener:
+    """Keeps a server's listener registered exclusively in its loop's epoll set.
+
+    Call the instance each time the listener's watcher (re)starts; the change is
+    made on the following loop turn (a zero timer: timers run after libev has
+    applied descriptor changes).  Does nothing off Linux or off an epoll loop.
+    """
+
+    def __init__(self, loop: Any, fd: int, debug: "Callable[[str], None] | None" = None):
+        self.loop = loop
+        self.fd = fd
+        self.debug = debug
+        self.epfd = -1
+        self.timer: Any = None
+        self.told = False
+        self.usable = sys.platform.startswith("linux") and getattr(loop, "backend", "") == "epoll"
+
+    def __call__(self) -> None:
+        if not self.usable or (self.timer is not None and self.timer.active):
+            return
+        if self.timer is None:
+            self.timer = self.loop.timer(0.0)
+        self.timer.start(self.apply)
+
+    def apply(self) -> str:
+        why = ""
+        if self.epfd < 0 or self.fd not in registered(self.epfd):
+            self.epfd = find_loop_epoll(self.fd)
+        if self.epfd < 0:
+            why = "the loop's epoll set was not found"
+        else:
+            why = make_exclusive(self.epfd, self.fd)
+        if why and not self.told:
+            self.told = True
+            if self.debug is not None:
+                self.debug(f"listener left plain in the loop's epoll set (no EPOLLEXCLUSIVE): {why}")
+        return why
