@@ -486,3 +486,52 @@ def test_the_fast_first_candidate_agrees_with_the_plain_walk(tmp_path, seed):
     finally:
         for st in states:
             st.close()
+
+
+# -- the hand-written .pxd files against the classes' __slots__ --------------------------------
+
+def pxd_fields(pxd: str) -> "dict[str, set[str]]":
+    """Each ``cdef class`` of a .pxd file and the fields it declares."""
+    import re
+    fields: "dict[str, set[str]]" = {}
+    current = None
+    for line in open(pxd):
+        m = re.match(r"cdef class (\w+):", line)
+        if m:
+            current = fields.setdefault(m.group(1), set())
+            continue
+        if not line.startswith("    "):
+            current = None
+            continue
+        text = line.strip()
+        if current is not None and text.startswith("cdef ") and "(" not in text:
+            first, *rest = text.split(",")      # "cdef public long long x", "y"...
+            current.update([first.split()[-1], *(name.strip() for name in rest)])
+    return fields
+
+
+def source_slots(py: str) -> "dict[str, set[str]]":
+    """Each class of a module's source and its ``__slots__``."""
+    import ast
+    out = {}
+    for node in ast.parse(open(py).read()).body:
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if (isinstance(item, ast.Assign) and len(item.targets) == 1
+                        and getattr(item.targets[0], "id", None) == "__slots__"):
+                    out[node.name] = set(ast.literal_eval(item.value))
+    return out
+
+
+@pytest.mark.parametrize("module", ["gbalance/proxy/routing", "gbalance/table/counters"])
+def test_the_hand_written_pxd_declares_every_slot(module):
+    """routing.pxd and counters.pxd are written by hand: each extension type
+    they declare has exactly the fields of its class's __slots__ (a field
+    missing there fails the compiled build only at run time)."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    declared = pxd_fields(str(root / f"{module}.pxd"))
+    slots = source_slots(str(root / f"{module}.py"))
+    assert declared, "no cdef class found"
+    for name, fields in declared.items():
+        assert fields == slots[name], name
