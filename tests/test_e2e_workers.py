@@ -92,6 +92,32 @@ def accepting(pid: int, port: int) -> bool:
     return False
 
 
+def proc_state(pid: int) -> str:
+    """The state letter of process ``pid`` (R, S, T...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+@contextlib.contextmanager
+def only_worker(pids: list[int], pid: int):
+    """Connections made inside go to worker ``pid``.
+
+    At light load the kernel hands every connection to the first idle
+    worker (EPOLLEXCLUSIVE), so the others are stopped meanwhile: the one
+    left must take it.  (A worker is waited for until it has stopped: before
+    that it may still be woken for a connection, and hold it until SIGCONT.)
+    """
+    others = [p for p in pids if p != pid]
+    for p in others:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        assert wait_for(lambda: all(proc_state(p) == "T" for p in others), 10)
+        yield
+    finally:
+        for p in others:
+            os.kill(p, signal.SIGCONT)
+
+
 def start_workers(balance, n: int, *args: str, port: int):
     """``balance -f -w n args...``; returns (proc, worker pids) once every worker accepts."""
     proc = balance.start("-w", str(n), *args, port=port)
@@ -398,11 +424,14 @@ def test_sigkill_of_one_worker_loses_only_its_connections(balance, backends):
     table = Table(balance, port)
     try:
         links = []
-        while len(links) < 40 and not (table.open(0, 1) >= 3 and table.open(1, 1) >= 3):
-            s = socket.create_connection(("127.0.0.1", port), timeout=10)
-            assert read_line(s) == "A"
-            links.append(s)
+        for pid in pids:
+            with only_worker(pids, pid):
+                for _ in range(3):
+                    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    assert read_line(s) == "A"
+                    links.append(s)
         assert wait_for(lambda: table.open(0, 1) + table.open(1, 1) == len(links))
+        assert table.open(0, 1) == table.open(1, 1) == 3
         victim = pids[0]
         victim_row = worker_index(victim)
         lost_expected = table.open(victim_row, 1)
@@ -471,10 +500,12 @@ def test_sigterm_drains_every_worker(balance):
         table = Table(balance, port)
         clients = []
         try:
-            while len(clients) < 30 and not (table.open(0, 1) and table.open(1, 1)):
-                clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-                wait_for(lambda: table.open(0, 1) + table.open(1, 1) == len(clients), 5)
-            assert table.open(0, 1) and table.open(1, 1), "a download in each worker"
+            # One download in each worker.
+            for pid in pids:
+                with only_worker(pids, pid):
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+                    assert wait_for(lambda: table.open(0, 1) + table.open(1, 1) == len(clients), 10)
+            assert table.open(0, 1) == 1 and table.open(1, 1) == 1, "a download in each worker"
         finally:
             table.close()
         os.kill(proc.pid, signal.SIGTERM)
