@@ -318,9 +318,6 @@ class BalanceRunner:
             except TimeoutError:
                 out, err = proc.stop()
                 raise AssertionError(f"balance did not start: rc={proc.p.returncode} {err}")
-            # The listener answers before the master's start-up ends: its
-            # control socket comes a little later (tests talk to it).
-            eventually(lambda: any(self.state_dir.glob(f"balance.{port}.*.ctl")), timeout=10)
         return proc
 
     def run(self, *args: str, timeout: float = 30.0, input: str | None = None) -> subprocess.CompletedProcess:

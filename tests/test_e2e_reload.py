@@ -9,19 +9,24 @@ cases use a real second user (tests/otheruser.py).
 from __future__ import annotations
 
 import array
+import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import otheruser
-from conftest import eventually, free_port, listening, pid_alive, read_line
+from conftest import BALANCE, ROOT, eventually, free_port, listening, pid_alive, read_line, wait_listening
 from test_e2e_workers import accepting, children
 from gbalance.process.handover import control_path
+from gbalance.system.limits import LISTEN_BACKLOG
 from gbalance.table.files import state_path
 
 TIMEOUT = 20.0
@@ -368,3 +373,60 @@ def test_a_failure_after_the_hand_over_keeps_the_port_served(backends):
                     os.kill(p.pid, signal.SIGTERM)
         out, err = new.communicate(timeout=TIMEOUT)
         assert "serving port" in err and "-i, -c and -r cannot reach this master" in err, err
+
+
+# -- start-up order ----------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_control_socket_exists_before_the_port_answers(tmp_path, backends, workers):
+    """The master puts its control socket in place (the rename of the bound
+    socket onto its path) before it makes the port listen, so a ``balance -r``
+    that follows the port's first answer always finds it."""
+    a = backends("A")
+    port = free_port()
+    trace = tmp_path / "trace"
+    env = dict(os.environ, BALANCE_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=listen,rename", "-o", str(trace), *BALANCE,
+                             "-f", "-w", str(workers), str(port), a.spec], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, timeout=60)
+        assert eventually(lambda: any((tmp_path / "state").glob(f"balance.{port}.*.ctl")), 10)
+    finally:
+        # (strace detaches when signalled itself: stop the traced balance.)
+        tracees = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        for pid in tracees or [proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            for pid in tracees:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait(10)
+    lines = trace.read_text(errors="replace").splitlines()
+    renamed = [i for i, line in enumerate(lines) if re.search(r"\brename\(.*\.ctl\.\d+\", \".*\.ctl\"\) = 0", line)]
+    listens = [i for i, line in enumerate(lines) if re.search(rf"\blisten\(\d+, {LISTEN_BACKLOG}\) += 0", line)]
+    assert renamed and listens, lines
+    assert renamed[0] < listens[0], lines
+
+
+def test_a_replacement_right_after_the_first_answer_takes_over(balance, backends):
+    """``balance -r`` run the moment the port listens (nothing else waited
+    for) finds the control socket and takes the port over."""
+    a = backends("A")
+    for _ in range(5):
+        port = free_port()
+        old = balance.start(str(port), a.spec, port=port, wait=False)
+        assert eventually(lambda p=port: listening(p), 30)
+        new = balance.start("-r", str(port), a.spec, port=port, wait=False)
+        assert eventually(lambda o=old: o.p.poll() is not None, 30), "the old master never handed over"
+        assert old.p.returncode == 0
+        assert new.p.poll() is None
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert read_line(s) == "A"
+        new.stop()

@@ -261,6 +261,7 @@ class Master:
         self.monitor: Monitor | None = None
         self.mailbox: Mailbox | None = None
         self.control: handover.HandoverServer | None = None
+        self.control_opened = False
         self.phase = Phase.SERVING
         self.grace_timer: Any = None        # gevent objects (no type information)
         self.monitor_stopper: Any = None
@@ -373,6 +374,13 @@ class Master:
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.on_sigint)
         gevent.signal_handler(signal.SIGHUP, self.on_sighup)
+        if self.inherited is None:
+            # The control socket exists before the port answers, so a
+            # ``balance -r`` that follows the first answer finds it.  (Its
+            # requests wait in its queue until serve() runs the hub, and the
+            # server accepts by then.)  With -r it comes after the hand-over:
+            # until then the path is the old master's.
+            self.open_control()
         try:
             self.listener.listen(LISTEN_BACKLOG)
         except OSError as exc:
@@ -481,6 +489,15 @@ class Master:
             carry.close()
             self.carry = None
 
+    def open_control(self) -> None:
+        """Create the control socket ``balance -r`` asks for the listener (once;
+        if that fails this master serves on without, as the warning says)."""
+        self.control_opened = True
+        control = handover.HandoverServer(handover.control_path(self.state.path),
+                                          self.listener.fileno(), self._handed_over,
+                                          self.log.warning)
+        self.control = control if control.start() else None
+
     def _handed_over(self, pid: int) -> None:
         """The new master (``pid``) has our socket: drain as on SIGTERM."""
         self.begin_drain(f"replaced by master pid {pid}", handed_over=True)
@@ -507,11 +524,8 @@ class Master:
         try:
             if not self.started:
                 self.server.start()
-            self.control = handover.HandoverServer(handover.control_path(self.state.path),
-                                                   self.listener.fileno(), self._handed_over,
-                                                   self.log.warning)
-            if not self.control.start():
-                self.control = None
+            if not self.control_opened:
+                self.open_control()
             notify.ready()
             self.done.wait()
         finally:
@@ -544,6 +558,8 @@ def run_master(cfg: ProxyConfig) -> int:
         master.take_over()
     except Exception as exc:
         if master is not None:
+            if master.control is not None:
+                master.control.close()
             master.remove_state()
         if isinstance(exc, BalanceError):
             code, message = exc.code, exc.message
