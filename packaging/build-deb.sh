@@ -1,11 +1,10 @@
 #!/bin/sh
 # Build gbalance_<version>_<arch>.deb into dist/ with dpkg-buildpackage.
 #
-# The per-connection modules are compiled with Debian's cython3 when it is
-# 3.0 or later (the package is Architecture: any; with bookworm's 0.29,
-# whose code is slower than pure Python, they stay pure: debian/rules).
-# GBALANCE_PURE=1 builds with the pkg.gbalance.pure profile (never compiled),
-# GBALANCE_COMPILED=1 with pkg.gbalance.compiled (compiled with any cython3).
+# The per-connection modules are compiled with Debian's cython3 (the package
+# is Architecture: any; debian/rules).  GBALANCE_PURE=1 builds with the
+# pkg.gbalance.pure profile (never compiled); GBALANCE_COMPILED=1 with
+# pkg.gbalance.compiled, which is what the default builds anyway.
 #
 # The build runs in a temporary copy of the tree, so the checkout (and the
 # developer's .venv) stays untouched.  The version is defined once, in

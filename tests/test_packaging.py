@@ -170,10 +170,11 @@ def built(tmp_path_factory, host_before):
         pytest.fail("the packaging tests need root for their throwaway root (CI runs them as root)")
     top = tmp_path_factory.mktemp("pkg")
     dist, repo = top / "dist", top / "repo"
-    # Compiled whatever the host's cython3 (on bookworm the default .deb is
-    # pure, which the upgrade test installs over this one): every install
-    # test below runs the extension modules.
-    env = dict(os.environ, DIST_DIR=str(dist), REPO_DIR=str(repo), GBALANCE_COMPILED="1")
+    # The default build (no profile): compiled with the host's cython3, so
+    # every install test below runs the extension modules.
+    env = dict(os.environ, DIST_DIR=str(dist), REPO_DIR=str(repo))
+    for name in ("GBALANCE_COMPILED", "GBALANCE_PURE", "DEB_BUILD_PROFILES"):
+        env.pop(name, None)
     run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=env, timeout=600)
     run(["sh", "packaging/build-rpm.sh"], cwd=ROOT, env=env, timeout=600)
     sources_line = run(["sh", "packaging/build-apt-repo.sh"], cwd=ROOT, env=env).stdout.strip().splitlines()[-1]
@@ -248,7 +249,7 @@ def test_deb_installs_everything_and_is_lintian_clean(pkg):
 
 @pytest.mark.packaging
 def test_deb_is_compiled_for_this_architecture_and_runs_compiled(pkg):
-    """GBALANCE_COMPILED=1 make deb compiles the hot path with bookworm's cython3: an arch .deb
+    """Plain make deb compiles the hot path with bookworm's cython3 (0.29): an arch .deb
     with one extension module per listed module (beside its .py), no build
     input (.pxd, .c), and the installed python3 loads the compiled modules."""
     deb = pkg["deb"]
@@ -267,23 +268,6 @@ def test_deb_is_compiled_for_this_architecture_and_runs_compiled(pkg):
     out = root.run(["python3", "-m", "gbalance.build"], cwd="/").stdout.splitlines()
     assert out[0] == "compiled", out
     assert all(line.endswith(".so") for line in out[1:]), out
-
-
-@pytest.mark.packaging
-def test_make_deb_with_a_cython_older_than_3_builds_the_pure_modules_only(tmp_path):
-    """Plain make deb where cython3 is 0.29 (bookworm): its code is slower
-    than pure Python, so no extension module; the build says why."""
-    version = run(["cython3", "--version"]).stderr + run(["cython3", "--version"]).stdout
-    if not re.search(r"version [012]\.", version):
-        pytest.skip(f"cython3 here is 3.x ({version.strip()}): make deb compiles")
-    dist = tmp_path / "dist"
-    out = run(["sh", "packaging/build-deb.sh"], cwd=ROOT, env=dict(os.environ, DIST_DIR=str(dist)),
-              timeout=600).stdout
-    deb = dist / f"gbalance_{VERSION}_{ARCH}.deb"
-    assert out.strip().splitlines()[-1] == str(deb)
-    listing = run(["dpkg-deb", "-c", str(deb)]).stdout
-    assert "/dist-packages/gbalance/proxy/forward.py\n" in listing
-    assert not re.search(r"\.(so|pxd|c)$", listing, re.M), listing
 
 
 @pytest.mark.packaging
