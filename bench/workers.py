@@ -29,12 +29,15 @@ from measure import _wrk, idle_kb_per_conn, settle_timewait, wrk_run
 BOTH = {PROXY_CPU, LOAD_CPU}
 #: Also the order of a round (forward, then backward in the next round):
 #: each ratio's two sides run next to each other.
-CONFIGS = ("gbalance-w1", "haproxy-t1", "gbalance-w2", "haproxy-t2")
+CONFIGS = ("gbalance-w1", "haproxy-t1", "gbalance-w2", "haproxy-t2", "gbalance-w2-cpu0")
 #: Ratio rows: name -> (numerator config, denominator config, figure).
 RATIOS = {
     "cpu_per_conn_w1/haproxy_t1": ("gbalance-w1", "haproxy-t1", "cpu_us_per_conn"),
     "cpu_per_conn_w2/haproxy_t2": ("gbalance-w2", "haproxy-t2", "cpu_us_per_conn"),
     "cpu_per_conn_w2/w1": ("gbalance-w2", "gbalance-w1", "cpu_us_per_conn"),
+    # Both workers on the proxy's own core: what a second worker process
+    # costs by itself, without the load's core under the second one.
+    "cpu_per_conn_w2cpu0/w1": ("gbalance-w2-cpu0", "gbalance-w1", "cpu_us_per_conn"),
     "rate_per_core_w1/haproxy_t1": ("gbalance-w1", "haproxy-t1", "rate"),
     "rate_w2/w1": ("gbalance-w2", "gbalance-w1", "rate"),
     "rate_haproxy_t2/t1": ("haproxy-t2", "haproxy-t1", "rate"),
@@ -44,11 +47,11 @@ RATIOS = {
 class Workers(GBalance):
     """``balance -f -w N``, its tree pinned to ``cpus`` once every worker runs."""
 
-    def __init__(self, work: Path, backend: int, n: int, cpus):
+    def __init__(self, work: Path, backend: int, n: int, cpus, name: str = ""):
         super().__init__(work, backend, args=["-w", str(n)])
         self.n = n
         self.cpus = cpus
-        self.name = f"gbalance-w{n}"
+        self.name = name or f"gbalance-w{n}"
 
     def start(self) -> None:
         super().start()
@@ -85,6 +88,8 @@ def make(name: str, work: Path, backend: int):
         return Workers(work, backend, 1, PROXY_CPU)
     if name == "gbalance-w2":
         return Workers(work, backend, 2, BOTH)
+    if name == "gbalance-w2-cpu0":
+        return Workers(work, backend, 2, PROXY_CPU, name)
     if name == "haproxy-t1":
         return HAProxyThreads(work, backend, 1, PROXY_CPU)
     return HAProxyThreads(work, backend, 2, BOTH)
@@ -144,6 +149,7 @@ def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: floa
     paired = {k: paired_ratio(raw[a], raw[b], fig) for k, (a, b, fig) in RATIOS.items()}
     result = {"raw": raw, "medians": med,
               "spread_w2_percent": [round(median([s[i] for s in spreads]), 1) for i in range(2)] if spreads else None,
+              "spread_w2cpu0_percent": _median_spread(raw.get("gbalance-w2-cpu0", [])),
               # Rates: median of per-round ratios; CPU: ratio of medians (lib.paired_ratio).
               "ratios": {k: p["value"] for k, p in paired.items()},
               "paired_ratios": paired,
@@ -152,6 +158,11 @@ def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: floa
         result["memory"] = memory(work, greeter)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     return result
+
+
+def _median_spread(runs: list[dict]) -> list[float] | None:
+    spreads = [x["spread"] for x in runs if "spread" in x]
+    return [round(median([s[i] for s in spreads]), 1) for i in range(2)] if spreads else None
 
 
 def _ratio(a, b):
@@ -174,10 +185,15 @@ def report(res: dict) -> None:
           f" (goal <= 1.25, issue 21; 1.3 in issue 11), 2 workers {fmt_ratio(p.get('cpu_per_conn_w2/haproxy_t2'))}")
     print(f"CPU per connection, -w 2 / -w 1: {fmt_ratio(p.get('cpu_per_conn_w2/w1'))} (goal <= 1.1, issue 21;"
           " the -w 2 worker on CPU 1 shares its core with wrk and nginx)")
+    if p.get("cpu_per_conn_w2cpu0/w1"):
+        print(f"CPU per connection, -w 2 with both workers on CPU 0 / -w 1: {fmt_ratio(p.get('cpu_per_conn_w2cpu0/w1'))}"
+              " (a second worker by itself, no core shared with the load)")
     print(f"rate per core, gbalance -w 1 / HAProxy 1 thread: {fmt_ratio(p.get('rate_per_core_w1/haproxy_t1'))}"
           " (goal >= 0.85, issue 21; 0.75 in issue 11)")
     if res.get("spread_w2_percent"):
         print(f"spread with 2 workers: {res['spread_w2_percent']} % of connections (goal 40-60 each)")
+    if res.get("spread_w2cpu0_percent"):
+        print(f"spread with 2 workers on CPU 0: {res['spread_w2cpu0_percent']} % of connections")
     print(f"rate 2 workers / 1 worker: {r['rate_w2/w1']:.2f} (HAProxy 2/1 threads: {r['rate_haproxy_t2/t1']:.2f};"
           " wrk and nginx share the second core)")
     m = res.get("memory")
