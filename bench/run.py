@@ -14,8 +14,11 @@ The proxy runs on CPU 0, everything else (this script, wrk, iperf3, nginx,
 the greeter backend) on CPU 1, so the proxy is what is measured.  Runs are
 interleaved (each round measures every proxy once, in rotating order) and
 medians are compared with issue 2's targets.  Then the failover benchmark
-of issue 5 (see failover.py) and a py-spy profile of gbalance under the
-short-connection load.  Results: printed, and bench/results/latest.json.
+of issue 5 (see failover.py) and profiles of gbalance under the
+short-connection load: py-spy's Python frames (pure build only) and perf's
+native samples folded into kernel, interpreter, C library, gbalance's
+compiled modules and gevent (see profiling.py).  Results: printed, and bench/results/latest.json
+(a run of some parts, ``--only``, writes latest-PART....json instead).
 
 Then issue 11's worker figures (see workers.py): CPU per connection and
 rate for gbalance -w 1 / -w 2 against HAProxy with 1 / 2 threads, the
@@ -58,6 +61,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,13 +139,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=3, help="length of one wrk or iperf3 run")
     p.add_argument("--failover-seconds", type=float, default=30)
     p.add_argument("--profile-seconds", type=float, default=10)
-    p.add_argument("--output", default=str(BENCH / "results" / "latest.json"))
+    p.add_argument("--output", default=None,
+                   help="where the JSON goes (default bench/results/latest.json for the whole run,"
+                        " latest-PART[-PART...].json for --only, so a part never replaces a whole run)")
     args = p.parse_args(argv)
     args.parts = [x for x in args.only.split(",") if x]
     bad = [x for x in args.parts if x not in PARTS]
     if bad:
         p.error(f"unknown part(s): {', '.join(bad)}")
+    if args.output is None:
+        args.output = str(BENCH / "results" / default_output(args.parts))
     return args
+
+
+def default_output(parts: list[str]) -> str:
+    """latest.json for every part, latest-<parts>.json for a selection."""
+    if set(parts) >= set(PARTS):
+        return "latest.json"
+    return "latest-" + "-".join(p for p in PARTS if p in parts) + ".json"
 
 
 # -- conn / bulk / mem -----------------------------------------------------------
@@ -293,7 +308,50 @@ def print_profile(prof: dict) -> None:
         print(f"    {pct:5.1f}%  {f}")
 
 
+def print_native_profile(prof: dict) -> None:
+    print()
+    names = [n for n in ("gbalance", "haproxy") if n in prof]
+    build = "compiled" if prof.get("compiled") else "pure"
+    print(f"Where a short connection's CPU goes (perf samples under wrk -c{measure.WRK_CONNECTIONS},"
+          f" Connection: close; gbalance {build} build, no -w; HAProxy 1 thread)")
+    print(f"  {'part':20}" + "".join(f"{n + ' %':>12}{'µs/conn':>9}" for n in names))
+    for g in profiling.GROUPS:
+        if any(prof[n]["groups"].get(g) for n in names):
+            print(f"  {g:20}" + "".join(f"{prof[n]['groups'][g]:>11.1f}%{prof[n]['us_per_conn'][g]:>9.1f}"
+                                        for n in names))
+    print(f"  {'total':20}" + "".join(f"{'':>12}{prof[n]['cpu_us_per_conn']:>9.1f}" for n in names)
+          + "   (" + ", ".join(f"{n} {_fmt(prof[n].get('rate'))} conn/s" for n in names) + ")")
+    for n in names:
+        print(f"  {n} top symbols (% of samples):")
+        for sym, pct in prof[n]["symbols"][:12]:
+            print(f"    {pct:5.2f}%  {sym}")
+
+
 # -- main ------------------------------------------------------------------------------
+
+def run_part(result: dict, key: str, measure: Callable[[], dict], report: Callable[[dict], None],
+             own_errors: bool = False, label: str = "") -> None:
+    """Measure one part into ``result[key]`` and print its report.  A part that
+    fails is an error of the run (logged, in the JSON) and the other parts go on;
+    ``own_errors``: the part lists problems of its own under "errors"."""
+    label = label or key
+    try:
+        res = measure()
+        result[key] = res
+        if own_errors:
+            result["errors"].extend(res["errors"])
+        report(res)
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        result["errors"].append(f"{label}: {exc}")
+        log(f"{label}: ERROR {exc}")
+
+
+def failover_part(work: Workdir, conn: int, mem: int, args: argparse.Namespace) -> dict:
+    """The failover scenarios, then -m over two healthy channels under full load."""
+    res = failover.run(work, mem, args.failover_seconds, log)
+    log("failover: -m over two healthy channels under full wrk load ...")
+    res["healthy_load"] = failover.healthy_load(work, conn, max(args.seconds, 5), measure.conn_rate)
+    return res
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
@@ -327,72 +385,38 @@ def main(argv: list[str]) -> int:
         if any(p in args.parts for p in ("conn", "bulk", "mem")):
             throughput(args, work, backends, result)
             print_table(result)
+        conn, mem = backends.get("conn"), backends.get("mem")
         if "bulk" in args.parts:
-            try:
-                result["bulk"] = bulk.run(work, backends["bulk"], args.runs, args.seconds, log)
-                result["errors"].extend(result["bulk"]["errors"])
-                bulk.report(result["bulk"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"bulk: {exc}")
-                log(f"bulk: ERROR {exc}")
+            run_part(result, "bulk", lambda: bulk.run(work, backends["bulk"], args.runs, args.seconds, log),
+                     bulk.report, own_errors=True)
         if "workers" in args.parts:
-            try:
-                result["workers"] = workers.run(work, backends["conn"], backends.get("mem"), args.runs,
-                                                args.seconds, log)
-                workers.report(result["workers"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"workers: {exc}")
-                log(f"workers: ERROR {exc}")
+            run_part(result, "workers", lambda: workers.run(work, conn, mem, args.runs, args.seconds, log),
+                     workers.report)
         if "conncost" in args.parts:
-            try:
-                result["conncost"] = conncost.run(work, backends["conn"], args.runs, args.seconds, log)
-                conncost.report(result["conncost"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"conncost: {exc}")
-                log(f"conncost: ERROR {exc}")
+            run_part(result, "conncost", lambda: conncost.run(work, conn, args.runs, args.seconds, log),
+                     conncost.report)
         if "syscalls" in args.parts:
-            try:
-                result["syscalls"] = syscalls.run(work, backends["conn"], args.seconds, log)
-                result["errors"].extend(result["syscalls"]["errors"])
-                syscalls.report(result["syscalls"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"syscalls: {exc}")
-                log(f"syscalls: ERROR {exc}")
+            run_part(result, "syscalls", lambda: syscalls.run(work, conn, args.seconds, log), syscalls.report,
+                     own_errors=True)
         if "failover" in args.parts:
-            try:
-                result["failover"] = failover.run(work, backends["mem"], args.failover_seconds, log)
-                log("failover: -m over two healthy channels under full wrk load ...")
-                result["failover"]["healthy_load"] = failover.healthy_load(
-                    work, backends["conn"], max(args.seconds, 5), measure.conn_rate)
-                print_failover(result["failover"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"failover: {exc}")
-                log(f"failover: ERROR {exc}")
+            run_part(result, "failover", lambda: failover_part(work, conn, mem, args), print_failover)
         if "profile" in args.parts:
-            log("profile: py-spy on gbalance under wrk ...")
-            try:
-                result["profile"] = profiling.profile(work.path, backends["conn"], args.profile_seconds, log)
-                print_profile(result["profile"])
-            except (BenchError, OSError, subprocess.SubprocessError) as exc:
-                result["errors"].append(f"profile: {exc}")
-                log(f"profile: ERROR {exc}")
+            if profiling.compiled_build():
+                log("profile: compiled build, py-spy would see only the hub; perf instead")
+            else:
+                log("profile: py-spy on gbalance under wrk ...")
+                run_part(result, "profile", lambda: profiling.profile(work.path, conn, args.profile_seconds, log),
+                         print_profile)
+            run_part(result, "native_profile",
+                     lambda: profiling.native_profile(work.path, conn, args.profile_seconds, log),
+                     print_native_profile, label="native profile")
         if "scale" in args.parts:
             log("scale: idle connections held at 1k to 100k, storms on top ...")
-            try:
-                result["scale"] = scale.run(work, log)
-                scale.report(result["scale"])
-            except (BenchError, OSError) as exc:
-                result["errors"].append(f"scale: {exc}")
-                log(f"scale: ERROR {exc}")
+            run_part(result, "scale", lambda: scale.run(work, log), scale.report)
         if "clients" in args.parts:
             log("clients: redis-benchmark, pgbench and wrk through each contender ...")
-            try:
-                result["clients"] = clients.run(work, backends.get("conn"), args.runs, args.seconds, log)
-                result["errors"].extend(result["clients"]["errors"])
-                clients.report(result["clients"])
-            except (BenchError, OSError, subprocess.SubprocessError) as exc:
-                result["errors"].append(f"clients: {exc}")
-                log(f"clients: ERROR {exc}")
+            run_part(result, "clients", lambda: clients.run(work, conn, args.runs, args.seconds, log),
+                     clients.report, own_errors=True)
     except BenchError as exc:
         result["errors"].append(str(exc))
         print(f"bench: {exc}", file=sys.stderr)

@@ -37,3 +37,63 @@ def test_workers_report_prints_the_same_from_a_live_result_and_from_latest_json(
     printed_saved = capsys.readouterr().out
     assert "idle PSS -w 1/2/3: 20,000/41,000/62,000 KB" in printed_live
     assert printed_saved == printed_live
+
+
+import profiling  # noqa: E402
+import run  # noqa: E402
+
+PERF_REPORT = """\
+# Samples: 5K of event 'cpu-clock:ppp'
+#
+ 40.00%  |[kernel.kallsyms]                        |[k] tcp_ack
+ 20.00%  |libpython3.11.so.1.0                     |[.] _PyType_Lookup
+ 10.00%  |libc.so.6                                |[.] epoll_ctl
+ 10.00%  |forward.cpython-311-x86_64-linux-gnu.so  |[.] __pyx_pw_Flow_call
+  5.00%  |corecext.cpython-311-x86_64-linux-gnu.so |[.] gevent_callback_io
+  5.00%  |_socket.cpython-311-x86_64-linux-gnu.so  |[.] sock_recv
+  5.00%  |[vdso]                                   |[.] __vdso_clock_gettime
+  5.00%  |/usr/bin/python3.11                      |[.] main
+not a sample line
+"""
+
+
+def test_the_native_profile_folds_perf_samples_into_the_process_parts():
+    got = profiling.fold_perf(PERF_REPORT, {"forward", "connect"})
+    assert got["groups"] == {"kernel": 45.0, "CPython": 25.0, "libc": 10.0, "gbalance compiled": 10.0,
+                             "gevent/libev": 5.0, "HAProxy": 0.0, "other": 5.0}
+    assert got["symbols"][0] == ("tcp_ack ([kernel.kallsyms])", 40.0)
+    assert ("__pyx_pw_Flow_call (forward.cpython-311-x86_64-linux-gnu.so)", 10.0) in got["symbols"]
+    # A module of the same name that is not one of gbalance's is not counted as gbalance's.
+    assert profiling.group_of("forward.cpython-311-x86_64-linux-gnu.so", {"connect"}) == "other"
+    assert profiling.group_of("/usr/sbin/haproxy", set()) == "HAProxy"
+
+
+def _priced(report: str, cpu: float, own: set[str]) -> dict:
+    prof = profiling.fold_perf(report, own)
+    prof.update(cpu_us_per_conn=cpu, rate=9000.0,
+                us_per_conn={g: round(cpu * p / 100, 1) for g, p in prof["groups"].items()})
+    return prof
+
+
+def test_the_native_profile_report_prints_each_part_in_microseconds_beside_haproxy(capsys):
+    haproxy = " 60.00%  |[kernel.kallsyms]  |[k] tcp_ack\n 40.00%  |haproxy  |[.] process_stream\n"
+    prof = {"compiled": True, "gbalance": _priced(PERF_REPORT, 100.0, {"forward"}),
+            "haproxy": _priced(haproxy, 50.0, set())}
+    run.print_native_profile(json.loads(json.dumps(prof)))
+    out = capsys.readouterr().out
+    assert "gbalance compiled build" in out
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
+            if line.startswith("  ") and line[:22].strip() in profiling.GROUPS + ("total",)}
+    assert rows["kernel"] == ["45.0%", "45.0", "60.0%", "30.0"]
+    assert rows["gbalance compiled"] == ["10.0%", "10.0", "0.0%", "0.0"]
+    assert rows["HAProxy"] == ["0.0%", "0.0", "40.0%", "20.0"]
+    assert rows["total"][:2] == ["100.0", "50.0"]
+    assert "process_stream (haproxy)" in out
+
+
+def test_a_run_of_some_parts_does_not_replace_the_whole_runs_results():
+    assert run.default_output(list(run.PARTS)) == "latest.json"
+    assert run.default_output(["profile"]) == "latest-profile.json"
+    assert run.default_output(["scale", "workers"]) == "latest-workers-scale.json"
+    assert run.parse_args(["--only", "profile"]).output.endswith("/results/latest-profile.json")
+    assert run.parse_args(["--only", "profile", "--output", "/tmp/x.json"]).output == "/tmp/x.json"
