@@ -5,6 +5,7 @@ requires a PROXY header and decodes it with the strict decoder of
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import socket
 import threading
@@ -155,9 +156,12 @@ def test_without_P_no_header_is_sent(balance, proxy_backend):
     balance.start(str(port), backend.spec, port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"not a header at all\r\n")
-        s.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(ConnectionResetError):
+        try:
+            s.shutdown(socket.SHUT_WR)
             assert s.recv(100) == b""
+        except OSError as exc:
+            # The backend's reset, relayed, may arrive before the shutdown.
+            assert exc.errno in (errno.ECONNRESET, errno.ENOTCONN), exc
     wait_for(lambda: len(backend.errors) == 1, 5)
     assert backend.headers == []
 
