@@ -278,6 +278,19 @@ exec env -i container=gbalance-test PATH=/usr/sbin:/usr/bin:/sbin:/bin /lib/syst
 """
 
 
+def _cgroup_pids(top: Path) -> list[int]:
+    """The processes in ``top`` and its sub-cgroups.  systemd creates and
+    removes units' cgroups while it boots: one gone between listing and
+    reading is skipped."""
+    pids = []
+    for d, _dirs, _files in os.walk(top):        # os.walk skips a directory that vanished
+        try:
+            pids.extend(int(p) for p in Path(d, "cgroup.procs").read_text().split())
+        except OSError:
+            continue
+    return pids
+
+
 class BootedSystemd:
     """systemd running as pid 1 of its own namespaces inside a throwaway root.
 
@@ -306,9 +319,9 @@ class BootedSystemd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._starter.poll() is None:
             # systemd moves itself into init.scope below our cgroup.
-            for pid in (p for f in self._cgroup_dirs[0].rglob("cgroup.procs") for p in f.read_text().split()):
-                if _comm(int(pid)) == "systemd" and self._is_ns_init(int(pid)):
-                    self.pid = int(pid)
+            for pid in _cgroup_pids(self._cgroup_dirs[0]):
+                if _comm(pid) == "systemd" and self._is_ns_init(pid):
+                    self.pid = pid
             if self.pid:
                 state = self.run(["systemctl", "is-system-running"], check=False, timeout=timeout).stdout.strip()
                 if state in ("running", "degraded"):
