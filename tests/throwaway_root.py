@@ -48,6 +48,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -317,17 +318,22 @@ class BootedSystemd:
         self.pid = 0
         self.state = ""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._starter.poll() is None:
-            # systemd moves itself into init.scope below our cgroup.
-            for pid in _cgroup_pids(self._cgroup_dirs[0]):
-                if _comm(pid) == "systemd" and self._is_ns_init(pid):
-                    self.pid = pid
-            if self.pid:
-                state = self.run(["systemctl", "is-system-running"], check=False, timeout=timeout).stdout.strip()
-                if state in ("running", "degraded"):
-                    return
-                self.state = state
-            time.sleep(0.1)
+        try:
+            while time.monotonic() < deadline and self._starter.poll() is None:
+                # systemd moves itself into init.scope below our cgroup.
+                for pid in _cgroup_pids(self._cgroup_dirs[0]):
+                    if _comm(pid) == "systemd" and self._is_ns_init(pid):
+                        self.pid = pid
+                if self.pid:
+                    state = self.run(["systemctl", "is-system-running"], check=False,
+                                     timeout=timeout).stdout.strip()
+                    if state in ("running", "degraded"):
+                        return
+                    self.state = state
+                time.sleep(0.1)
+        except BaseException:
+            self.close()     # nobody else knows of this systemd yet
+            raise
         self.close()
         raise RootError(f"systemd did not boot in the throwaway root (state {self.state or 'unknown'}):\n"
                         + root.read("/root/systemd-boot.log"))
@@ -358,6 +364,10 @@ class BootedSystemd:
     def close(self) -> None:
         if self.pid and _alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)   # pid 1 of its namespace: all of it ends
+        # Whatever is still in its cgroups (systemd not yet found, say), by pid.
+        for pid in {p for top in self._cgroup_dirs for p in _cgroup_pids(top)}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         try:
             self._starter.wait(timeout=30)
         except subprocess.TimeoutExpired:
