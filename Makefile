@@ -59,23 +59,32 @@ pure:
 # compiler, the whole suite pure.  GBALANCE_EXPECT makes
 # tests/test_build.py check that the build asked for is the one loaded.
 #
-# The whole suite is two pytest runs side by side: the packaging tests
+# The whole suite is three pytest runs side by side: the packaging tests
 # (package builds, lintian, throwaway roots: mostly one core's work, or
-# waiting) in the background, their output kept in $(PKG_LOG) and shown when
-# they end, and the rest in the foreground.  Each run hands out ports from a
-# range of its own (GBALANCE_TEST_PORTS, tests/conftest.py); both end before
-# "make pure" changes the tree.  A run that selects no test (exit 5, say
-# with a PYTEST_ARGS naming one file) counts as passed.
+# waiting) in two background runs, the .deb's file (tests/test_packaging.py)
+# and the other packaging files (each file builds what it needs, so the two
+# share nothing), their output kept in $(PKG_LOG) and $(PKG2_LOG) and shown
+# when they end, and the rest in the foreground.  Each run hands out ports
+# from a range of its own (GBALANCE_TEST_PORTS, tests/conftest.py); all end
+# before "make pure" changes the tree.  A run that selects no test (exit 5,
+# say with a PYTEST_ARGS naming one file) counts as passed.
 PURE_TESTS ?= tests/test_build.py tests/test_connect.py tests/test_forward.py tests/test_server.py \
 	tests/test_e2e_datapath.py
 PKG_LOG := $(VENV)/packaging-tests.log
+PKG2_LOG := $(VENV)/packaging-tests-2.log
+PKG_OTHERS := tests/test_build.py tests/test_packaging_build.py tests/test_packaging_rpm.py \
+	tests/test_packaging_stdeb.py
 
 SUITE = \
-	GBALANCE_TEST_PORTS=30000-31999 $(VPY) -m pytest -m packaging $(PYTEST_ARGS) >$(PKG_LOG) 2>&1 & pkg=$$!; \
+	GBALANCE_TEST_PORTS=30000-30999 $(VPY) -m pytest -m packaging $(addprefix --ignore=,$(PKG_OTHERS)) \
+	    $(PYTEST_ARGS) >$(PKG_LOG) 2>&1 & pkg=$$!; \
+	GBALANCE_TEST_PORTS=31000-31999 $(VPY) -m pytest -m packaging --ignore=tests/test_packaging.py \
+	    $(PYTEST_ARGS) >$(PKG2_LOG) 2>&1 & pkg2=$$!; \
 	GBALANCE_TEST_PORTS=20000-29999 $(VPY) -m pytest -m "not packaging" $(PYTEST_ARGS); status=$$?; \
-	wait $$pkg; pkg_status=$$?; cat $(PKG_LOG); \
+	wait $$pkg; pkg_status=$$?; wait $$pkg2; pkg2_status=$$?; cat $(PKG_LOG) $(PKG2_LOG); \
 	[ $$status -ne 5 ] || status=0; [ $$pkg_status -ne 5 ] || pkg_status=0; \
-	[ $$status -ne 0 ] || status=$$pkg_status
+	[ $$pkg2_status -ne 5 ] || pkg2_status=0; \
+	[ $$status -ne 0 ] || status=$$pkg_status; [ $$status -ne 0 ] || status=$$pkg2_status
 
 test: deps venv lint
 	@if command -v cc >/dev/null 2>&1; then \
