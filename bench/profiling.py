@@ -175,13 +175,13 @@ def fold_perf(text: str, own: set[str], top: int = 20) -> dict:
             "symbols": [(name, round(share * scale, 2)) for name, share in symbols[:top]]}
 
 
-def native_profile(work: Path, nginx_port: int, seconds: float, log) -> dict:
+def native_profile(work: Path, nginx_port: int, seconds: float, log, compiled: bool) -> dict:
     """perf's samples of gbalance (no -w) and of HAProxy (1 thread) under the
     same wrk load: shares and µs per connection by part of the process."""
     if shutil.which("perf") is None:
         raise BenchError("perf is not installed (linux-perf)")
     own = _own_modules()
-    out: dict = {"compiled": compiled_build()}
+    out: dict = {"compiled": compiled}
     for name, cls in (("gbalance", GBalance), ("haproxy", HAProxy)):
         log(f"profile: perf on {name} under wrk ...")
         out[name] = _perf_one(cls(work, nginx_port), work / f"perf-{name}.data", seconds, own)

@@ -401,14 +401,15 @@ def main(argv: list[str]) -> int:
         if "failover" in args.parts:
             run_part(result, "failover", lambda: failover_part(work, conn, mem, args), print_failover)
         if "profile" in args.parts:
-            if profiling.compiled_build():
+            compiled = profiling.compiled_build()
+            if compiled:
                 log("profile: compiled build, py-spy would see only the hub; perf instead")
             else:
                 log("profile: py-spy on gbalance under wrk ...")
                 run_part(result, "profile", lambda: profiling.profile(work.path, conn, args.profile_seconds, log),
                          print_profile)
             run_part(result, "native_profile",
-                     lambda: profiling.native_profile(work.path, conn, args.profile_seconds, log),
+                     lambda: profiling.native_profile(work.path, conn, args.profile_seconds, log, compiled),
                      print_native_profile, label="native profile")
         if "scale" in args.parts:
             log("scale: idle connections held at 1k to 100k, storms on top ...")
