@@ -13,4 +13,4 @@
 # keepalived runs the two-host pair of tests/test_e2e_keepalived.py.
 exec sh "$(dirname "$0")/apt-ensure.sh" iproute2 procps python3-venv \
     build-essential cython3 python3-all-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-build python3-stdeb fakeroot \
-    dpkg-dev apt-utils lintian autopkgtest rpm rpmlint groff-base man-db locales systemd keepalived haproxy curl
+    dpkg-dev apt-utils lintian autopkgtest rpm rpmlint groff-base man-db locales systemd keepalived haproxy curl strace
