@@ -2,7 +2,8 @@
 
 Starts four tagged backends on ::1, a ``balance -f -6`` hash group in front
 of them, connects three times from each of the given source addresses and
-prints ``{source: [tags...]}`` as JSON.  Used by test_e2e_proxy.py.
+prints ``{"ports": [port of A, B, C, D], "tags": {source: [tags...]}}`` as
+JSON.  Used by test_e2e_proxy.py.
 """
 
 import json
@@ -34,7 +35,7 @@ def main(sources: list[str]) -> None:
                 tags.append(s.recv(10).decode().strip())
                 s.close()
             result[src] = tags
-        print(json.dumps(result))
+        print(json.dumps({"ports": [b.port for b in backs], "tags": result}))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
