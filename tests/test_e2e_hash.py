@@ -12,6 +12,7 @@ import socket
 from collections import Counter
 
 from conftest import free_port
+from test_e2e_workers import children, each_worker, serving, wait_for, worker_index
 
 from gbalance.table.files import state_path
 from gbalance.table.layout import C_TOTALC, row_offset, slot
@@ -61,17 +62,19 @@ def test_hash_is_sticky_moves_little_and_agrees_across_masters_and_workers(balan
     p1, p2, p3 = free_port(), free_port(), free_port()
     balance.start("-H", "-b", "127.0.0.1", str(p1), *[chans[t].spec for t in order1], "%", port=p1)
     balance.start("-H", "-b", "127.0.0.1", str(p2), *[chans[t].spec for t in order2], "%", port=p2)
-    balance.start("-H", "-w", "2", "-b", "127.0.0.1", str(p3), *[chans[t].spec for t in order2], "%",
-                  port=p3)
+    third = balance.start("-H", "-w", "2", "-b", "127.0.0.1", str(p3), *[chans[t].spec for t in order2], "%",
+                          port=p3)
 
     first = mapping(p1, rounds=3)
     counts = Counter(first.values())
     assert set(counts) == set("ABCD"), counts          # spread over every channel
     # Another master with the channels in another order, and two workers
-    # (each source connects 6 times, so both workers take some of them).
+    # (every source through each worker: the other one is stopped meanwhile).
     assert mapping(p2) == first
-    assert mapping(p3, rounds=6) == first
-    assert all(n > 0 for n in served_per_worker(balance, p3, 2, 4))     # both workers served
+    workers = sorted(children(third.pid), key=worker_index)
+    assert len(workers) == 2 and wait_for(lambda: serving(workers, p3))
+    assert each_worker(workers, lambda: mapping(p3, rounds=2)) == [first, first]
+    assert served_per_worker(balance, p3, 2, 4) == [2 * len(SOURCES)] * 2     # each worker served every source
 
     # Disable B on the first and the third master (its index differs).
     assert balance.run("-b", "127.0.0.1", "-c", f"disable {order1.index('B')}", str(p1)).returncode == 0

@@ -24,7 +24,7 @@ import pytest
 
 import otheruser
 from conftest import BALANCE, ROOT, eventually, free_port, listening, pid_alive, read_line, wait_listening
-from test_e2e_workers import accepting, children
+from test_e2e_workers import accepting, children, serving
 from gbalance.process.handover import control_path
 from gbalance.system.limits import LISTEN_BACKLOG
 from gbalance.table.files import state_path
@@ -207,7 +207,8 @@ def test_stop_and_start_begins_from_the_command_line(balance, backends):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_new_master_accepts_before_it_takes_the_socket(balance, backends, workers):
     """The test plays the running master: when the new one says TAKE, it (with -w 2:
-    every worker) must already accept, so no connection waits for it to start."""
+    every worker up, the first accepting) must already serve, so no connection
+    waits for it to start."""
     a = backends("A")
     port = free_port()
     listener = socket.create_server(("0.0.0.0", port))
@@ -224,9 +225,11 @@ def test_the_new_master_accepts_before_it_takes_the_socket(balance, backends, wo
         conn.sendmsg([b"FD 1\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                     array.array("i", [listener.fileno()]))])
         assert conn.recv(100) == b"TAKE\n"
-        serving = [new.pid] if workers == 1 else children(new.pid)
-        assert len(serving) == workers
-        assert wait_for(lambda: all(accepting(pid, port) for pid in serving), timeout=10)
+        procs = [new.pid] if workers == 1 else children(new.pid)
+        assert len(procs) == workers
+        # -w 2: every worker up, the first accepting (the second stands by until clients wait).
+        up = (lambda: accepting(new.pid, port)) if workers == 1 else (lambda: serving(procs, port))
+        assert wait_for(up, timeout=10)
         assert roundtrip(port) == "A"          # we never accept: the new master served it
         conn.sendall(b"DONE\n")
         conn.close()

@@ -1,10 +1,13 @@
 """``balance -w N``: a supervising master and N worker processes on one port.
 
 Real ``balance -f -w N`` processes, real sockets.  A worker is known to be
-serving when the kernel shows the listening socket in its epoll set
-(``/proc/<pid>/fdinfo``), so no probe connection moves a counter; which
+accepting when the kernel shows the listening socket in its epoll set
+(``/proc/<pid>/fdinfo``), and to be up when it catches the steering signal
+(``/proc/<pid>/status``), so no probe connection moves a counter; which
 worker served what is read from the workers' own counter rows in the state
-file.
+file.  The master lets only the first worker accept until clients wait
+(gbalance.process.steering), so a test that wants a given worker to serve
+stops the others meanwhile (:func:`only_worker`).
 """
 
 from __future__ import annotations
@@ -92,6 +95,25 @@ def accepting(pid: int, port: int) -> bool:
     return False
 
 
+def catches(pid: int, sig: int) -> bool:
+    """True if process ``pid`` has a handler for signal ``sig``."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def serving(pids: list[int], port: int) -> bool:
+    """Every worker is up (its steering handler installed) and the first accepts."""
+    by_row = sorted(pids, key=worker_index)
+    return (all(catches(p, signal.SIGWINCH) for p in by_row)
+            and worker_index(by_row[0]) == 0 and accepting(by_row[0], port))
+
+
 def proc_state(pid: int) -> str:
     """The state letter of process ``pid`` (R, S, T...)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -102,10 +124,13 @@ def proc_state(pid: int) -> str:
 def only_worker(pids: list[int], pid: int):
     """Connections made inside go to worker ``pid``.
 
-    At light load the kernel hands every connection to the first idle
-    worker (EPOLLEXCLUSIVE), so the others are stopped meanwhile: the one
-    left must take it.  (A worker is waited for until it has stopped: before
-    that it may still be woken for a connection, and hold it until SIGCONT.)
+    At light load only the first worker accepts (the master's steering),
+    and the kernel hands a connection to the first idle worker that watches
+    the listener, so the others are stopped meanwhile: the clients that
+    wait then make the master ask more workers to accept, and the one left
+    running takes them.  (A worker is waited for until it has stopped:
+    before that it may still be woken for a connection, and hold it until
+    SIGCONT.)
     """
     others = [p for p in pids if p != pid]
     for p in others:
@@ -119,12 +144,22 @@ def only_worker(pids: list[int], pid: int):
 
 
 def start_workers(balance, n: int, *args: str, port: int):
-    """``balance -f -w n args...``; returns (proc, worker pids) once every worker accepts."""
+    """``balance -f -w n args...``; returns (proc, worker pids by row) once every
+    worker is up and the first accepts."""
     proc = balance.start("-w", str(n), *args, port=port)
     assert wait_for(lambda: len(children(proc.pid)) == n), f"expected {n} workers"
-    pids = children(proc.pid)
-    assert wait_for(lambda: all(accepting(p, port) for p in pids)), "a worker never accepted"
+    pids = sorted(children(proc.pid), key=worker_index)
+    assert wait_for(lambda: serving(pids, port)), "the workers never served"
     return proc, pids
+
+
+def each_worker(pids: list[int], fn) -> list:
+    """``fn()`` once inside :func:`only_worker` of each worker, in row order."""
+    out = []
+    for pid in pids:
+        with only_worker(pids, pid):
+            out.append(fn())
+    return out
 
 
 class Table:
@@ -198,8 +233,12 @@ def test_counters_exact_and_spread_over_workers(balance, backends, n):
     a, b = backends("A"), backends("B")
     port = free_port()
     _, pids = start_workers(balance, n, str(port), a.spec, b.spec, port=port)
-    total = 3000
-    tags = hammer(port, total)
+    total = 2400
+    # A share in each worker (the others stopped meanwhile); then a burst
+    # with every worker running, where the steering decides who accepts.
+    tags = [t for got in each_worker(pids, lambda: hammer(port, total // n)) for t in got]
+    tags += hammer(port, 800)
+    total += 800
     assert len(tags) == total
     table = Table(balance, port)
     try:
@@ -215,9 +254,9 @@ def test_counters_exact_and_spread_over_workers(balance, backends, n):
     assert [int(r[6]) for r in rows] == [0, 0]                          # c
     assert [int(r[9]) for r in rows] == [5 * t for t in totalc]          # sent: b"hello"
     assert [int(r[10]) for r in rows] == [7 * t for t in totalc]         # rcvd: tag, newline, echo
-    # Every worker served some, and round robin stays even: each worker
+    # Every worker served its share, and round robin stays even: each worker
     # alternates strictly, so the channels differ by at most one per worker.
-    assert sum(per_worker) == total and all(k > 0 for k in per_worker), per_worker
+    assert sum(per_worker) == total and all(k >= 2400 // n for k in per_worker), per_worker
     assert abs(totalc[0] - totalc[1]) <= n
     # mrtg and metrics sum the same rows.
     r = balance.run("-c", "mrtg-conns 0 0", str(port))
@@ -249,6 +288,8 @@ class OneAtATime(TcpServer):
         self.most = 0
         self.served = 0
         self.lock = threading.Lock()
+        self.hold_next = False          # keep the next connection open until ``release``
+        self.release = threading.Event()
         super().__init__()
 
     def accepted(self, conn: socket.socket, peer: tuple) -> None:
@@ -256,11 +297,14 @@ class OneAtATime(TcpServer):
             self.open += 1
             self.most = max(self.most, self.open)
             self.served += 1
-        threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+            hold, self.hold_next = self.hold_next, False
+        threading.Thread(target=self._handle, args=(conn, hold), daemon=True).start()
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket, hold: bool = False) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(b"one\n")
+            if hold:
+                self.release.wait(TIMEOUT)
             time.sleep(0.02)
         with self.lock:
             self.open -= 1
@@ -271,35 +315,56 @@ def test_maxc_one_is_never_exceeded_across_workers(balance):
     backend = OneAtATime()
     port = free_port()
     try:
-        start_workers(balance, 3, str(port), f"127.0.0.1:{backend.port}:1", port=port)
+        _, pids = start_workers(balance, 3, str(port), f"127.0.0.1:{backend.port}:1", port=port)
 
         tags: list[str] = []
         errors: list[str] = []
-        deadline = time.monotonic() + TIMEOUT
 
-        def client() -> None:
-            # Concurrent clients until the backend has served 20 (or the deadline).
-            while backend.served < 20 and time.monotonic() < deadline:
-                try:
+        def clients(goal: int) -> None:
+            deadline = time.monotonic() + TIMEOUT
+
+            def client() -> None:
+                # Concurrent clients until the backend has served ``goal`` (or the deadline).
+                while backend.served < goal and time.monotonic() < deadline:
+                    try:
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                            tags.append(read_line(s) or "refused")
+                    except OSError as exc:
+                        errors.append(repr(exc))
+
+            ts = [threading.Thread(target=client) for _ in range(12)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(60)
+
+        # Each worker alone, then all of them at once.
+        for i, pid in enumerate(pids):
+            with only_worker(pids, pid):
+                clients(10 * (i + 1))
+        clients(40)
+        # A link held through one worker fills the channel for the others.
+        assert wait_for(lambda: backend.open == 0)
+        backend.hold_next = True
+        with only_worker(pids, pids[1]):
+            held = socket.create_connection(("127.0.0.1", port), timeout=10)
+            assert read_line(held) == "one"
+        with held:
+            for pid in (pids[0], pids[2]):
+                with only_worker(pids, pid):
                     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                        tags.append(read_line(s) or "refused")
-                except OSError as exc:
-                    errors.append(repr(exc))
-
-        ts = [threading.Thread(target=client) for _ in range(12)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
+                        assert read_line(s) == "", "maxc 1 let a second connection through another worker"
+            backend.release.set()
     finally:
+        backend.release.set()
         backend.close()
     served = tags.count("one")
     assert errors == []
     assert backend.most == 1, f"{backend.most} connections at once through maxc 1"
-    assert served == backend.served and served >= 20
+    assert served + 1 == backend.served and served >= 40
     assert tags.count("refused") == len(tags) - served > 0     # the others found no channel
     print(f"\nmaxc 1 over 3 workers: {served} served one at a time, {len(tags) - served} refused")
-    assert int(show(balance, port)[0][6]) == 0
+    assert wait_for(lambda: int(show(balance, port)[0][6]) == 0)
 
 
 # -- hash ------------------------------------------------------------------------------
@@ -313,7 +378,7 @@ def test_hash_groups_stay_sticky_across_workers(balance, backends):
     lock = threading.Lock()
 
     def client(src: str) -> None:
-        for _ in range(30):
+        for _ in range(10):
             s = socket.socket()
             s.settimeout(10)
             s.bind((src, 0))
@@ -323,11 +388,14 @@ def test_hash_groups_stay_sticky_across_workers(balance, backends):
             with lock:
                 seen[src].add(tag)
 
-    ts = [threading.Thread(target=client, args=(src,)) for src in sources]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
+    def clients() -> None:
+        ts = [threading.Thread(target=client, args=(src,)) for src in sources]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+
+    each_worker(pids, clients)          # every source through every worker
     table = Table(balance, port)
     try:
         per_worker = [table.served(w, 3) for w in range(3)]
@@ -335,8 +403,7 @@ def test_hash_groups_stay_sticky_across_workers(balance, backends):
         table.close()
     assert all(len(v) == 1 for v in seen.values()), seen
     assert len({next(iter(v)) for v in seen.values()}) >= 2          # the hash does spread
-    assert sum(per_worker) == 30 * len(sources)
-    assert sum(1 for k in per_worker if k) >= 2, per_worker           # more than one worker served
+    assert per_worker == [10 * len(sources)] * 3, per_worker
 
 
 # -- shell changes -----------------------------------------------------------------------
@@ -349,12 +416,12 @@ def test_a_shell_change_reaches_every_worker_at_the_next_connection(balance, bac
     a, b, c = backends("A"), backends("B"), backends("C")
     port = free_port()
     n = 3
-    start_workers(balance, n, str(port), a.spec, b.spec, port=port)
+    _, pids = start_workers(balance, n, str(port), a.spec, b.spec, port=port)
     table = Table(balance, port)
     try:
         def burst() -> tuple[list[str], list[int]]:
             before = [table.served(w, 3) for w in range(n)]
-            got = hammer(port, 120, threads=6)
+            got = [t for part in each_worker(pids, lambda: hammer(port, 40, threads=4)) for t in part]
             return got, served_since(table, before, n, 3)
 
         assert balance.run("-c", "disable 1", str(port)).returncode == 0
@@ -378,8 +445,8 @@ def test_a_shell_change_reaches_every_worker_at_the_next_connection(balance, bac
         assert balance.run("-c", "maxc 1 1", str(port)).returncode == 0
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         assert read_line(held) == "B"
-        for _ in range(3 * n):          # every worker now finds channel 1 full
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for pid in pids:                # every worker now finds channel 1 full
+            with only_worker(pids, pid), socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 assert read_line(s) == ""
         held.close()
     finally:
@@ -554,7 +621,7 @@ def test_handover_with_workers_loses_no_connection(balance, backends):
         assert wait_for(lambda: count[0] >= 100)
         new = balance.start("-r", "-w", "3", str(port), a.spec, b.spec, port=port, wait=False)
         assert wait_for(lambda: len(children(new.pid)) == 3)
-        assert wait_for(lambda: all(accepting(p, port) for p in children(new.pid)))
+        assert wait_for(lambda: len(children(new.pid)) == 3 and serving(children(new.pid), port))
         old.p.wait(20)
         assert old.p.returncode == 0
         assert not any(pid_alive(p) for p in old_pids)
@@ -580,15 +647,13 @@ def test_debug_trace_and_packet_dump_come_from_every_worker(balance, backends):
     proc, pids = start_workers(balance, 2, "-d", "-p", str(port), a.spec, port=port)
     table = Table(balance, port)
     try:
-        total = 0
-        while not (table.served(0, 1) and table.served(1, 1)) and total < 400:
-            hammer(port, 20, threads=4)
-            total += 20
+        each_worker(pids, lambda: hammer(port, 20, threads=4))
+        total = 40
         served = [table.served(w, 1) for w in range(2)]
     finally:
         table.close()
     out, err = proc.stop()
-    assert all(served), served
+    assert served == [20, 20], served
     assert err.count("connect to channel 0 successful") == total, err[-500:]
     # Each worker dumps its own connections: every chunk is there, once.
     assert out.count("-> 5\nhello\n") == total, out[-500:]
@@ -611,24 +676,46 @@ def test_each_worker_watches_the_listener_exclusively_and_serves(balance, backen
     from gbalance.system.exclusive import EPOLLEXCLUSIVE
     a = backends("A")
     port = free_port()
-    _, pids = start_workers(balance, 2, str(port), a.spec, port=port)
-    for pid in pids:
-        assert wait_for(lambda pid=pid: [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]), \
-            (pid, listener_entries(pid, port))
-    payload = os.urandom(300_000)
-    for _ in range(20):                                     # one after another
-        assert round_trip(port, payload) == "A"
-    tags = hammer(port, 400, threads=8, fn=lambda p: round_trip(p, payload[:50_000]))
-    assert tags == ["A"] * 400
-    for pid in pids:                                        # still exclusive after the load
-        assert [e & EPOLLEXCLUSIVE for e in listener_entries(pid, port)] == [EPOLLEXCLUSIVE]
+    proc, pids = start_workers(balance, 2, "-d", str(port), a.spec, port=port)
+    exclusive = [EPOLLEXCLUSIVE]
+    # At rest the first worker watches the listener (exclusively) and the
+    # second stands by with the listener out of its epoll set: no client wakes it.
+    assert wait_for(lambda: [e & EPOLLEXCLUSIVE for e in listener_entries(pids[0], port)] == exclusive), \
+        listener_entries(pids[0], port)
+    assert listener_entries(pids[1], port) == []
+    table = Table(balance, port)
+    try:
+        payload = os.urandom(300_000)
+        for _ in range(20):                                     # one after another: the first worker's
+            assert round_trip(port, payload) == "A"
+        assert [table.served(w, 1) for w in range(2)] == [20, 0]
+        # The first worker stops: the client that waits brings the second in.
+        t0 = time.monotonic()
+        with only_worker(pids, pids[1]):
+            assert round_trip(port, payload) == "A"
+            took = time.monotonic() - t0
+            assert [e & EPOLLEXCLUSIVE for e in listener_entries(pids[1], port)] == exclusive
+        assert [table.served(w, 1) for w in range(2)] == [20, 1]
+        # Quiet again: the second worker goes back to standby and leaves the epoll set.
+        assert wait_for(lambda: listener_entries(pids[1], port) == [], 15), listener_entries(pids[1], port)
+        assert [e & EPOLLEXCLUSIVE for e in listener_entries(pids[0], port)] == exclusive
+    finally:
+        table.close()
+    out, err = proc.stop()
+    assert "2 of 2 workers accept: 1 clients wait" in err, err[-800:]
+    assert "1 of 2 workers accept: the accepting workers used" in err, err[-800:]
+    print(f"\nthe stopped first worker's client was served by the second after {1000 * took:.0f} ms")
 
 
-def test_a_single_process_keeps_the_plain_registration(balance, backends):
-    from gbalance.system.exclusive import EPOLLEXCLUSIVE
+def test_a_worker_that_dies_passes_its_clients_on_at_once(balance, backends):
+    """The first worker is killed: the master asks the second to accept as
+    soon as it sees the death, without waiting for a client to wait."""
     a = backends("A")
     port = free_port()
-    proc = balance.start(str(port), a.spec, port=port)
+    proc, pids = start_workers(balance, 2, "-d", str(port), a.spec, port=port)
+    assert listener_entries(pids[1], port) == []
+    os.kill(pids[0], signal.SIGKILL)
+    assert wait_for(lambda: listener_entries(pids[1], port) != [], 10)
     assert round_trip(port) == "A"
-    entries = listener_entries(proc.pid, port)
-    assert entries and not any(e & EPOLLEXCLUSIVE for e in entries)
+    out, err = proc.stop()
+    assert "2 of 2 workers accept: worker 0 died" in err, err[-800:]

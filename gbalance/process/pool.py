@@ -10,9 +10,12 @@ unchanged: the master only passes them on as signals.
 The master keeps the listening socket open itself (it never accepts on
 it): connections waiting in the backlog stay there while a worker is
 replaced, and ``-r`` hands over that one socket as with ``-w 1``.  Every
-worker accepts from the same socket; the kernel wakes the waiting workers
-and the first to call ``accept`` gets the connection, so a busy worker
-(late to wake) takes fewer: the spread follows the load.
+worker accepts from the same socket, but only the first ones are asked to
+at any time: the pool samples the accept queue and the workers' counters
+every :data:`~gbalance.process.steering.TICK` seconds and lets
+:class:`~gbalance.process.steering.Steering` decide how many accept, so
+one busy worker takes batches of clients instead of two half-busy ones
+waking for each (see that module).
 
 A worker that dies while the master serves is logged and replaced, in the
 same counter row; its row's open-connection counts are zeroed first (its
@@ -37,10 +40,11 @@ from gbalance.system.child import SAFE_CWD, python_argv
 from gbalance.clock import REAL, Clock
 from gbalance.config import ProxyConfig
 from gbalance.log import Log
-from gbalance.table.layout import (C_C, G_NCHANNELS, H_NGROUPS, MAXCHANNELS, MAXGROUPS, gslot, row_offset,
-                                   row_sum, slot)
+from gbalance.table.layout import (C_C, C_TOTALC, G_NCHANNELS, H_ACCEPTING, H_NGROUPS, MAXCHANNELS, MAXGROUPS,
+                                   gslot, row_offset, row_sum, slot)
 from gbalance.table.state import SharedState
-from gbalance.process.worker import WORKER_ENV, WorkerSpec, encode_spec
+from gbalance.process.steering import TICK, Sample, Steering, accept_queue_length
+from gbalance.process.worker import STEER_SIGNAL, WORKER_ENV, WorkerSpec, encode_spec
 
 if TYPE_CHECKING:
     from gevent import Greenlet
@@ -52,6 +56,7 @@ READY_TIMEOUT = 15.0
 MAX_BACKOFF = 5.0
 #: How long the master waits for its workers when it exits, before SIGKILL.
 EXIT_WAIT = 5.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def describe_exit(code: int) -> str:
@@ -108,11 +113,16 @@ class WorkerPool:
         self.seats = [Seat(i) for i in range(self.n)]
         self.stopping = False
         self._on_drained: Callable[[], None] | None = None
+        self.steering = Steering(self.n)
+        self._steer_timer: Any = None
 
     # -- starting -------------------------------------------------------------
 
     def start(self) -> None:
         """Start every worker and wait (bounded) until each says it is ready."""
+        self.state.q[H_ACCEPTING] = self.steering.accepting
+        self._steer_timer = self.loop.timer(TICK, TICK)
+        self._steer_timer.start(self._steer)
         for s in self.seats:
             self._spawn(s)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -171,6 +181,9 @@ class WorkerPool:
         if s.proc is proc:
             s.proc = None
         self._zero_row(s.index)
+        if not self.stopping and s.index < self.steering.accepting:
+            # Its share of the clients goes to the next worker now, not at the next sample.
+            self._set_accepting(self.steering.grow(f"worker {s.index} died", self.clock.now()))
         if self.stopping:
             self._check_drained()
             return
@@ -189,6 +202,54 @@ class WorkerPool:
         for g in range(min(q[H_NGROUPS], MAXGROUPS)):
             for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
                 q[slot(g, c, C_C) + off] = 0
+
+    # -- steering: which workers accept -------------------------------------------
+
+    def sample(self) -> Sample:
+        """The accept queue, and each worker's accepted and open connections (and CPU, when due)."""
+        q = self.state.q
+        n = self.n
+        accepted = [0] * n
+        held = [0] * n
+        for g in range(min(q[H_NGROUPS], MAXGROUPS)):
+            for c in range(min(q[gslot(g, G_NCHANNELS)], MAXCHANNELS)):
+                total, now_open = slot(g, c, C_TOTALC), slot(g, c, C_C)
+                for w in range(n):
+                    off = row_offset(w)
+                    accepted[w] += q[total + off]
+                    held[w] += q[now_open + off]
+        now = self.clock.now()
+        cpu = self._cpu_seconds() if self.steering.cpu_due(now) else None
+        return Sample(now, accept_queue_length(self.listener), tuple(accepted), tuple(held), cpu)
+
+    def _cpu_seconds(self) -> "float | None":
+        """User and system CPU seconds of every live worker (None if one cannot be read)."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read(4096).rsplit(b")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                return None
+        return total / _CLOCK_TICKS
+
+    def _steer(self) -> None:
+        if self.stopping:
+            if self._steer_timer is not None:
+                self._steer_timer.stop()
+            return
+        self._set_accepting(self.steering.decide(self.sample()))
+
+    def _set_accepting(self, a: int) -> None:
+        """Publish the number of accepting workers; tell the workers if it changed."""
+        q = self.state.q
+        if q[H_ACCEPTING] == a:
+            return
+        q[H_ACCEPTING] = a
+        if self.cfg.debug:
+            self.log.info(f"{a} of {self.n} workers accept: {self.steering.why}")
+        self._signal(STEER_SIGNAL)
 
     # -- what the master's stop logic asks ---------------------------------------
 
@@ -219,6 +280,8 @@ class WorkerPool:
         """Every worker stops accepting and drains (SIGTERM); none is restarted."""
         if not self.stopping:
             self.stopping = True
+            if self._steer_timer is not None:
+                self._steer_timer.stop()
             for s in self.seats:
                 if s.proc is None and s.watcher is not None:
                     s.watcher.kill(block=False)     # a pending restart

@@ -17,7 +17,10 @@ monitor, hand over, or talk to systemd: that is the master's.
 
 Signals (sent by the master): SIGTERM drains (stop accepting, let open
 links finish, reset what is left after the ``-g`` grace period); SIGINT
-(or a second SIGTERM) resets everything at once; SIGHUP is ignored.  A
+(or a second SIGTERM) resets everything at once; SIGHUP is ignored;
+SIGWINCH says the number of accepting workers (``H_ACCEPTING``, see
+:mod:`gbalance.process.steering`) changed: a worker whose row is not
+below it stands by (serves what it holds, accepts nothing) until it is.  A
 worker also drains when its master dies (``PR_SET_PDEATHSIG``).
 """
 
@@ -41,6 +44,7 @@ from gbalance.table.channels import Channels
 from gbalance.table.counters import Counters
 from gbalance.log import Log
 from gbalance.table.files import StateError
+from gbalance.table.layout import H_ACCEPTING
 from gbalance.table.state import SharedState
 from gbalance.system import heap
 from gbalance.system.evloop import install_hub
@@ -50,6 +54,9 @@ from gbalance.wiring import build_server
 #: Environment variable carrying a worker's pickled :class:`WorkerSpec`.
 WORKER_ENV = "GBALANCE_WORKER"
 _PR_SET_PDEATHSIG = 1
+#: The master's "read H_ACCEPTING again" (ignored by default: harmless
+#: before the handler is installed, or sent to a worker by a terminal).
+STEER_SIGNAL = signal.SIGWINCH
 
 
 @dataclass
@@ -118,11 +125,17 @@ class Worker:
                                    Channels(self.state, self.counters.lock_fd), self.counters, spec.index)
         if spec.rows > 1:
             # One worker woken per waiting client, an idle one first (Linux).
-            self.server.on_accepting = ExclusiveListener(self.server.loop, self.listener.fileno(),
-                                                         self.log.info if self.cfg.debug else None)
+            exclusive = ExclusiveListener(self.server.loop, self.listener.fileno(),
+                                          self.log.info if self.cfg.debug else None)
+            self.server.on_accepting = exclusive
+            self.server.on_standby = exclusive.withdraw
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)
+        if spec.rows > 1:
+            # Installed before the first read: no change of the number is missed.
+            gevent.signal_handler(STEER_SIGNAL, self.on_steer)
+            self.on_steer()
         self.server.start()
         frozen = heap.freeze_startup()
         if self.cfg.debug:
@@ -135,6 +148,11 @@ class Worker:
         self.done.wait()
         self.server.finish()
         return 0
+
+    def on_steer(self) -> None:
+        """Accept, or stand by, as the master's number of accepting workers says."""
+        accepting = self.state.q[H_ACCEPTING]
+        self.server.set_standby(0 < accepting <= self.spec.index)
 
     def on_sigterm(self) -> None:
         if self.draining:

@@ -282,6 +282,8 @@ class BalanceServer(StreamServer):
         self.deferred = 0
         self._resume_timer: "TimerWatcher | None" = None
         self.on_accepting: "Callable[[], None] | None" = None    # -w N: told when the watcher (re)starts
+        self.on_standby: "Callable[[Callable[[], bool]], None] | None" = None    # -w N: told when it stops for standby
+        self.standby = False      # -w N: another worker takes new clients (gbalance.process.steering)
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
         self.pid = 0              # owner of every proxied socket (SIGURG), set by start()
@@ -398,8 +400,8 @@ class BalanceServer(StreamServer):
 
     def start_accepting(self) -> None:
         """Watch the listener again (the same watcher, if there is one);
-        not while at the connection limit."""
-        if self.full:
+        not while at the connection limit or on standby."""
+        if self.full or self.standby:
             return
         watcher = self._watcher
         if watcher is None:
@@ -410,6 +412,21 @@ class BalanceServer(StreamServer):
             return
         if self.on_accepting is not None:
             self.on_accepting()
+
+    def set_standby(self, standby: bool) -> None:
+        """-w N: leave new clients to the workers asked to accept (``standby``),
+        or take them again; what is open is served either way."""
+        if standby == self.standby:
+            return
+        self.standby = standby
+        watcher = self._watcher
+        if standby:
+            if watcher is not None and watcher.active:
+                watcher.stop()
+                if self.on_standby is not None:
+                    self.on_standby(lambda: not watcher.active)
+        elif self.started and not self.draining and not self.paused:
+            self.start_accepting()
 
     def _hold(self) -> None:
         """At the connection limit: leave new clients in the listen backlog."""

@@ -173,6 +173,32 @@ class ExclusiveListener:
             self.timer = self.loop.timer(0.0)
         self.timer.start(self.apply)
 
+    def withdraw(self, stopped: "Callable[[], bool]") -> None:
+        """Take the listener out of the loop's epoll set once its watcher has
+        stopped (``stopped()`` still true on the next loop turn), so that no
+        client wakes this process for nothing.
+
+        A stopped watcher's descriptor stays registered in libev's epoll set;
+        registered exclusively, it can even take the one wake-up a client
+        gets from a process that accepts.  On the next turn libev has applied
+        the stop (its own view of the descriptor is "not watched"), so a
+        later start adds it again, and :meth:`__call__` makes that exclusive.
+        """
+        if not self.usable:
+            return
+        timer = self.loop.timer(0.0)
+
+        def later() -> None:
+            timer.close()
+            if not stopped():
+                return
+            if self.epfd < 0 or self.fd not in registered(self.epfd):
+                self.epfd = find_loop_epoll(self.fd)
+            if self.epfd >= 0:
+                _ctl_call(self.epfd, EPOLL_CTL_DEL, self.fd, 0, 0)
+
+        timer.start(later)
+
     def apply(self) -> str:
         why = ""
         if self.epfd < 0 or self.fd not in registered(self.epfd):

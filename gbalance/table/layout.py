@@ -57,6 +57,8 @@ status and suspect mark,    the serving process: a worker with          connect 
                             is one off)
 ``H_WORKERS``               the master, at start-up                     once
 ``H_TABLE_DIGEST``          the master, at start-up                     once
+``H_ACCEPTING``             the master (:mod:`gbalance.process.pool`    at start-up, and
+                            as :mod:`gbalance.process.steering` says)   when it changes
 ==========================  ==========================================  =====================
 
 Readers sum the counter rows (``C_C``, ``C_TOTALC``, ``C_SENT``, ``C_RCVD``,
@@ -112,6 +114,7 @@ H_START_TICKS = 9  # the master's start time in clock ticks after boot (/proc/<p
 H_WORKERS = 10     # counter rows in use: the -w number (1 = the master alone)
 H_STAGGER_US = 11  # stagger delay of a channel not measured yet, microseconds (0 = off)
 H_TABLE_DIGEST = 12  # digest of the command line's table (gbalance.table.carry; 0 = unknown)
+H_ACCEPTING = 13   # -w N: workers 0 .. H_ACCEPTING-1 accept, the rest stand by (0 = all accept)
 # The request mailbox (see gbalance.table.mailbox).
 H_REQ_SEQ = 16     # written last by the shell; -1 while it writes the arguments
 H_REQ_OP = 17
