@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from lib import (print_ratio_method, LOAD_CPU, PROXY_CPU, BenchError, Disturbance, GBalance, HAProxy, Workdir, fmt_ratio, median,
-                 paired_ratio, pin_tree, process_tree, pss_kb, round_order, tree_cpu_seconds)
+                 paired_ratio, pin_tree, process_tree, pss_kb, round_order, tree_cpu_seconds, wrk)
 from measure import _wrk, idle_kb_per_conn, settle_timewait, wrk_run
 
 BOTH = {PROXY_CPU, LOAD_CPU}
@@ -116,6 +116,32 @@ def one(name: str, work: Workdir, nginx: int, seconds: float) -> dict:
         return out
 
 
+#: Concurrent clients of the crowd run: enough that one worker's accept
+#: queue holds far more than the master's wait limit (about 40 ms here).
+CROWD = 1000
+
+
+def crowd(work: Workdir, nginx: int, seconds: float) -> dict:
+    """-w 1 and -w 2 under CROWD concurrent clients: the steering lets the
+    second worker accept when clients wait; its share, rates and CPU."""
+    out: dict = {}
+    for name in ("gbalance-w1", "gbalance-w2"):
+        with make(name, work.path, nginx) as proxy:
+            url = f"http://127.0.0.1:{proxy.port}/100b"
+            settle_timewait()
+            wrk(url, 1.0, CROWD)
+            rows0 = proxy.rows() if proxy.n > 1 else None
+            cpu0 = tree_cpu_seconds(proxy.pid)
+            rate, requests = wrk(url, seconds, CROWD)
+            cpu1 = tree_cpu_seconds(proxy.pid)
+            res = {"rate": rate, "cpu_us_per_conn": 1e6 * (cpu1 - cpu0) / max(1, requests)}
+            if rows0 is not None:
+                got = [b - a for a, b in zip(rows0, proxy.rows())]
+                res["spread"] = [round(100.0 * g / max(1, sum(got)), 1) for g in got]
+            out[name] = res
+    return out
+
+
 def memory(work: Workdir, greeter: int) -> dict:
     """KB per idle connection (-w 1, -w 2) and the idle PSS per extra worker."""
     out: dict = {}
@@ -154,6 +180,8 @@ def run(work: Workdir, nginx: int, greeter: int | None, runs: int, seconds: floa
               "ratios": {k: p["value"] for k, p in paired.items()},
               "paired_ratios": paired,
               "disturbed_runs": sum(x.get("disturbed", False) for xs in raw.values() for x in xs)}
+    result["crowd"] = crowd(work, nginx, seconds)
+    log(f"workers crowd ({CROWD} clients): {result['crowd']}")
     if greeter is not None:
         result["memory"] = memory(work, greeter)
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
@@ -191,9 +219,16 @@ def report(res: dict) -> None:
     print(f"rate per core, gbalance -w 1 / HAProxy 1 thread: {fmt_ratio(p.get('rate_per_core_w1/haproxy_t1'))}"
           " (goal >= 0.85, issue 21; 0.75 in issue 11)")
     if res.get("spread_w2_percent"):
-        print(f"spread with 2 workers: {res['spread_w2_percent']} % of connections (goal 40-60 each)")
+        print(f"spread with 2 workers: {res['spread_w2_percent']} % of connections (steered: the second"
+              " accepts only when clients wait; issue 11's 40-60 each was before steering)")
     if res.get("spread_w2cpu0_percent"):
         print(f"spread with 2 workers on CPU 0: {res['spread_w2cpu0_percent']} % of connections")
+    c = res.get("crowd")
+    if c:
+        w1, w2 = c["gbalance-w1"], c["gbalance-w2"]
+        print(f"{CROWD} concurrent clients (one worker falls behind): -w 2 spread {w2.get('spread')} %,"
+              f" conn/s -w 1 {w1['rate']:,.0f} / -w 2 {w2['rate']:,.0f},"
+              f" CPU µs/conn {w1['cpu_us_per_conn']:.1f} / {w2['cpu_us_per_conn']:.1f} (one run)")
     print(f"rate 2 workers / 1 worker: {r['rate_w2/w1']:.2f} (HAProxy 2/1 threads: {r['rate_haproxy_t2/t1']:.2f};"
           " wrk and nginx share the second core)")
     m = res.get("memory")

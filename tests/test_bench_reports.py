@@ -24,6 +24,8 @@ def _workers_result() -> dict:
         "raw": {"gbalance-w1": [cell, cell, cell]},
         "paired_ratios": {"cpu_per_conn_w1/haproxy_t1": ratio, "cpu_per_conn_w2/w1": ratio},
         "spread_w2_percent": [50.0, 50.0],
+        "crowd": {"gbalance-w1": {"rate": 9000.0, "cpu_us_per_conn": 110.0},
+                  "gbalance-w2": {"rate": 9500.0, "cpu_us_per_conn": 120.0, "spread": [50.5, 49.5]}},
         "memory": {"kb_per_idle_conn_w1": 0.8, "kb_per_idle_conn_w2": 0.9,
                    "idle_pss_kb": {1: 20000, 2: 41000, 3: 62000}, "kb_per_extra_worker": 21000.0},
     }
@@ -36,6 +38,7 @@ def test_workers_report_prints_the_same_from_a_live_result_and_from_latest_json(
     workers.report(json.loads(json.dumps(live)))
     printed_saved = capsys.readouterr().out
     assert "idle PSS -w 1/2/3: 20,000/41,000/62,000 KB" in printed_live
+    assert "-w 2 spread [50.5, 49.5] %, conn/s -w 1 9,000 / -w 2 9,500, CPU µs/conn 110.0 / 120.0" in printed_live
     assert printed_saved == printed_live
 
 

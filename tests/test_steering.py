@@ -45,6 +45,7 @@ def test_a_busy_first_worker_that_keeps_up_keeps_the_others_on_standby():
 def test_clients_waiting_longer_than_the_limit_bring_one_more_worker_per_tick():
     r = Run(4)
     r.tick(took=100)
+    assert r.tick(queued=1000, took=100) == 1           # not yet: waiting at one sample only
     assert r.tick(queued=1000, took=100) == 2           # 1000 waiting at 2,000/s: 500 ms
     assert "clients wait" in r.st.why
     assert r.tick(queued=1000, took=200) == 3
@@ -56,13 +57,24 @@ def test_a_stalled_worker_with_clients_waiting_brings_the_next_one():
     r = Run(3)
     r.tick(took=10)
     assert r.tick(queued=0, took=0) == 1                # nobody waits: idle, not stalled
-    assert r.tick(queued=1, took=0) == 2
+    assert r.tick(queued=1, took=0) == 1                # one client that may have just come
+    assert r.tick(queued=0, took=1) == 1                # ... and was taken
+    assert r.tick(queued=1, took=0) == 1
+    assert r.tick(queued=1, took=0) == 2                # still there a tick later: stalled
     assert "none was accepted" in r.st.why
+
+
+def test_one_client_now_and_then_at_light_load_brings_nobody():
+    # A few connections a tick, one of them caught waiting at a sample now and then.
+    r = Run(2)
+    for i in range(200):
+        assert r.tick(queued=1 if i % 3 == 0 else 0, took=2) == 1
 
 
 def test_the_first_sample_decides_nothing_about_the_rate():
     r = Run(2)
     assert r.tick(queued=3, took=0) == 1                # no earlier sample to compare with
+    assert r.tick(queued=3, took=0) == 2
 
 
 def test_long_lived_connections_are_spread_as_many_workers_as_it_takes():
@@ -77,7 +89,7 @@ def test_long_lived_connections_are_spread_as_many_workers_as_it_takes():
 
 def test_fewer_workers_after_a_quiet_hold_with_little_cpu():
     r = Run(2)
-    r.tick(took=100)
+    r.tick(queued=500, took=100)
     assert r.tick(queued=500, took=100, busy=1.5) == 2
     ticks = 0
     while r.tick(took=500, busy=0.3) == 2:
@@ -90,7 +102,7 @@ def test_fewer_workers_after_a_quiet_hold_with_little_cpu():
 
 def test_no_fewer_workers_while_they_are_busy():
     r = Run(2)
-    r.tick(took=100)
+    r.tick(queued=500, took=100)
     assert r.tick(queued=500, took=100) == 2
     for _ in range(int(5 * HOLD / TICK)):
         assert r.tick(took=1000, busy=1.4) == 2          # two workers at 70 %: one would not do

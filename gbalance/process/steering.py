@@ -12,9 +12,11 @@ client wakes them), and changes *A* from what it samples every
 :data:`TICK` seconds:
 
 * **more** workers (*A* + 1) when clients wait: the accept queue is not
-  empty and either nobody accepted since the last sample (the accepting
-  workers are stopped, dead, or out of descriptors) or the queue holds
-  more than :data:`WAIT_LIMIT` seconds of the accept rate just seen;
+  empty at two samples in a row (one client that arrived just before a
+  sample is no sign of anything) and either nobody accepted in between
+  (the accepting workers are stopped, dead, or out of descriptors) or the
+  queue holds more than :data:`WAIT_LIMIT` seconds of the accept rate
+  just seen;
 * **more** workers (as many as it takes) when the accepting ones hold
   :data:`SPREAD` connections more than the next one: long-lived
   connections are spread, so no one worker runs into its descriptor
@@ -123,7 +125,7 @@ class Steering:
             k += 1
         if k > a:
             return self.grow(f"the accepting workers hold {self.spread}+ connections more than the next", s.now, k)
-        if last is not None and s.queued:
+        if last is not None and s.queued and last.queued:
             took = sum(s.accepted) - sum(last.accepted)
             dt = s.now - last.now
             if took <= 0:
