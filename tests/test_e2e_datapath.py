@@ -638,6 +638,23 @@ def test_spent_pipe_budget_falls_back_to_copying(balance, backends, tmp_path):
 
 # -- accepted clients stay blocking: the loop must never block on one ---------------------------
 
+def _tcp_max(name: str) -> int:
+    """The largest buffer TCP autotuning may give a socket (``tcp_rmem``/``tcp_wmem``)."""
+    try:
+        with open(f"/proc/sys/net/ipv4/{name}") as f:
+            return int(f.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 6 << 20
+
+
+def _more_than_the_path_holds() -> int:
+    """An upload the buffers between A and the stalled backend cannot absorb
+    whole: the proxy's receive buffer can grow to tcp_rmem's maximum (32 MB on
+    some machines of this kind) while it reads, plus A's and the proxy's send
+    buffers, a pipe and the backend's small receive buffer."""
+    return max(16 << 20, _tcp_max("tcp_rmem") + 2 * _tcp_max("tcp_wmem") + (8 << 20))
+
+
 class StallingBackend:
     """Per connection, the first line says what to do.
 
@@ -717,10 +734,11 @@ def _rss_kb(pid: int) -> int:
 def test_loop_never_blocks_on_a_stalled_splicing_client(balance):
     """Accepted clients stay in blocking mode (every call passes MSG_DONTWAIT,
     a splicing flow makes its sockets non-blocking).  Client A uploads and
-    downloads 16 MB each way (both flows splice) and then neither A nor the
+    downloads 16 MB (uploads more than the buffers on the way can hold: see
+    :func:`_more_than_the_path_holds`; both flows splice) and then neither A nor the
     backend reads: a second client B still gets its echo within 1 s, again
     and again.  Once both sides read, every byte arrives, checked by SHA-256."""
-    up, down = seeded_data(16 << 20, 51), seeded_data(16 << 20, 52)
+    up, down = seeded_data(_more_than_the_path_holds(), 51), seeded_data(16 << 20, 52)
     backend = StallingBackend(down)
     port = free_port()
     proc = balance.start(str(port), backend.spec, port=port)
@@ -747,7 +765,7 @@ def test_loop_never_blocks_on_a_stalled_splicing_client(balance):
         wait_for(lambda: _pipes_of(proc.pid) >= pipes_before + 4, 20, "both flows of A to splice")
         time.sleep(0.3)
         assert uploader.is_alive(), "A's upload was not stalled"
-        # Stalled both ways with 32 MB unsent: the proxy holds a pipe (64 KB)
+        # Stalled both ways with megabytes unsent: the proxy holds a pipe (64 KB)
         # per direction, not the stream.
         grown = _rss_kb(proc.pid) - rss_before
         assert grown < 6 << 10, f"RSS grew by {grown} KB while both readers stalled"

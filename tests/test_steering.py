@@ -100,6 +100,17 @@ def test_fewer_workers_after_a_quiet_hold_with_little_cpu():
     assert "0.30 of a core" in r.st.why
 
 
+def test_a_replaced_worker_s_cpu_time_starting_over_is_not_taken_for_idleness():
+    r = Run(2)
+    r.tick(queued=500, took=100)
+    assert r.tick(queued=500, took=100) == 2
+    for _ in range(int(1.5 * HOLD / TICK)):
+        r.tick(took=1000, busy=1.4)
+    r.cpu -= 30.0                                       # one worker's CPU time gone with it
+    for _ in range(int(0.9 * HOLD / TICK)):
+        assert r.tick(took=1000, busy=1.4) == 2
+
+
 def test_no_fewer_workers_while_they_are_busy():
     r = Run(2)
     r.tick(queued=500, took=100)

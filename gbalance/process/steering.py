@@ -21,10 +21,11 @@ client wakes them), and changes *A* from what it samples every
   :data:`SPREAD` connections more than the next one: long-lived
   connections are spread, so no one worker runs into its descriptor
   limit or carries every open connection alone;
-* **fewer** (*A* - 1) after :data:`HOLD` seconds without either, if the
-  accepting workers together used at most :data:`IDLE_SHARE` of a core
-  per worker that would remain, and the spread rule would not take the
-  worker straight back.
+* **fewer** (*A* - 1) after :data:`HOLD` seconds without either, if all
+  the workers together (those on standby too: they serve what they hold)
+  used at most :data:`IDLE_SHARE` of a core per accepting worker that
+  would remain, and the spread rule would not take the worker straight
+  back.
 
 A worker on standby keeps serving what it holds.  The master writes *A*
 to the state file (``H_ACCEPTING``, its only writer) and signals the
@@ -137,7 +138,8 @@ class Steering:
             return a
         if s.now - self.pressed < self.hold or s.cpu is None:
             return a
-        if self.cpu_mark is None or s.now - self.cpu_mark[0] <= 0:
+        if self.cpu_mark is None or s.now - self.cpu_mark[0] <= 0 or s.cpu < self.cpu_mark[1]:
+            # (less than before: a worker was replaced, its CPU time starts over)
             self.cpu_mark = (s.now, s.cpu)
             return a
         busy = (s.cpu - self.cpu_mark[1]) / (s.now - self.cpu_mark[0])
@@ -147,6 +149,6 @@ class Steering:
             return a
         if busy <= (a - 1) * self.idle_share:
             self.accepting = a - 1
-            self.why = f"the accepting workers used {busy:.2f} of a core"
+            self.why = f"the workers used {busy:.2f} of a core"
             self.pressed = s.now
         return self.accepting
