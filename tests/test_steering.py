@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-
-from gbalance.process.steering import HOLD, SPREAD, TICK, Sample, Steering, accept_queue_length
+from gbalance.process.steering import HOLD, SPREAD, TICK, Sample, Steering
 
 
 class Run:
@@ -131,22 +129,3 @@ def test_grow_from_outside_as_when_a_worker_dies():
     assert st.grow("worker 0 died", 5.0) == 2 and st.why == "worker 0 died"
     assert st.grow("worker 1 died", 5.0) == 3
     assert st.grow("again", 5.0) == 3
-
-
-def test_the_accept_queue_length_of_a_real_listener():
-    with socket.create_server(("127.0.0.1", 0), backlog=16) as srv:
-        port = srv.getsockname()[1]
-        assert accept_queue_length(srv) == 0
-        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
-        try:
-            assert accept_queue_length(srv) == 3
-            conn, _ = srv.accept()
-            conn.close()
-            assert accept_queue_length(srv) == 2
-        finally:
-            for c in clients:
-                c.close()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain:
-        assert accept_queue_length(plain) is None            # not listening
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        assert accept_queue_length(udp) is None

@@ -43,7 +43,8 @@ from gbalance.log import Log
 from gbalance.table.layout import (C_C, C_TOTALC, G_NCHANNELS, H_ACCEPTING, H_NGROUPS, MAXCHANNELS, MAXGROUPS,
                                    gslot, row_offset, row_sum, slot)
 from gbalance.table.state import SharedState
-from gbalance.process.steering import TICK, Sample, Steering, accept_queue_length
+from gbalance.process.steering import TICK, Sample, Steering
+from gbalance.system.backlog import accept_queue_length
 from gbalance.process.worker import STEER_SIGNAL, WORKER_ENV, WorkerSpec, encode_spec
 
 if TYPE_CHECKING:

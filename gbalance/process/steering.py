@@ -36,9 +36,6 @@ and clocks.
 
 from __future__ import annotations
 
-import socket
-import struct
-import sys
 from dataclasses import dataclass
 
 #: Seconds between two samples (the master's timer).
@@ -52,24 +49,6 @@ SPREAD = 128
 HOLD = 1.0
 #: Fewer workers only if those left would run at most this busy.
 IDLE_SHARE = 0.5
-
-_TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
-_TCP_LISTEN = 10
-_QUEUE_AT = 24          # struct tcp_info's tcpi_unacked: a listener's accept queue length
-_U32 = struct.Struct("=I")
-
-
-def accept_queue_length(listener: socket.socket) -> "int | None":
-    """Clients waiting in ``listener``'s accept queue (Linux TCP), else None."""
-    if not _TCP_INFO:
-        return None
-    try:
-        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32)
-    except OSError:
-        return None
-    if len(info) < _QUEUE_AT + 4 or info[0] != _TCP_LISTEN:
-        return None
-    return _U32.unpack_from(info, _QUEUE_AT)[0]
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from gbalance.proxy.urgent import UrgentRelay, set_owner
 from gbalance.table.layout import (C_C, C_SLOTS, C_SUSPECT, CHANNEL_BASE, C_PORT, C_RCVD, C_SENT, C_STAGGERED, C_STAGGER_US, H_GENERATION,
                                    H_MONITOR, MAXCHANNELS, MAXGROUPS, MON_ENABLED, slot)
 from gbalance.table.state import SharedState
+from gbalance.system.backlog import QUEUE_AT, QUEUE_LEN, TCP_INFO, queue_probe
 
 try:
     import cython
@@ -66,14 +67,13 @@ EXHAUSTION_LOG_EVERY = 30.0
 LINGER_RESET = struct.pack("ii", 1, 0)
 #: Seconds between two log lines about one source over the per-source limit.
 SOURCE_REPORT_EVERY = 60.0
-#: Linux: a listener's ``struct tcp_info`` carries the length of its accept
-#: queue in ``tcpi_unacked`` (a 32-bit field at byte 24), so a wake-up can
-#: accept exactly what waits instead of going on until accept() fails with
-#: EAGAIN, whose exception (a formatted OSError, caught) costs more than
-#: the look.  Elsewhere the loop accepts until EAGAIN.
-_TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform.startswith("linux") else 0
-_QUEUE_AT = 24
-_QUEUE_LEN = struct.Struct("=I")
+# Linux: after accepting, a wake-up asks the listener's accept queue
+# (gbalance.system.backlog) and accepts exactly what waits instead of going
+# on until accept() fails with EAGAIN, whose exception (a formatted OSError,
+# caught) costs more than the look.  Elsewhere the loop accepts until EAGAIN.
+_TCP_INFO = TCP_INFO
+_QUEUE_AT = QUEUE_AT
+_QUEUE_LEN = QUEUE_LEN
 
 
 def set_reset_on_close(sock: _socket.socket) -> None:
@@ -795,24 +795,7 @@ def source_name(key, host: str) -> str:
     return host
 
 
-def _queue_probe(listener) -> "Callable[[int, int, int], bytes] | None":
-    """The listener's ``getsockopt`` when its TCP_INFO tells the accept
-    queue's length (Linux, plain TCP: an MPTCP listener's need not), else None."""
-    if not _TCP_INFO:
-        return None
-    try:
-        if listener.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) != socket.IPPROTO_TCP:
-            return None
-        info = listener.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 32)
-    except (OSError, AttributeError):
-        return None
-    if len(info) < _QUEUE_AT + 4 or info[0] != _TCP_LISTEN:
-        return None
-    return getattr(listener, "_sock", listener).getsockopt   # (gevent's socket: the one under it)
-
-
-#: ``tcpi_state`` of a listening socket.
-_TCP_LISTEN = 10
+_queue_probe = queue_probe
 
 
 def _take_urgent(client) -> bytes:
