@@ -17,7 +17,8 @@ while True:
 ' "$1" > "$AUTOPKGTEST_TMP/backend.$1" &
 	BACKEND_PID=$!
 	for _ in $(seq 100); do
-		BACKEND_PORT=$(cat "$AUTOPKGTEST_TMP/backend.$1")
+		# (the background job may not have created the file yet: not an error)
+		BACKEND_PORT=$(cat "$AUTOPKGTEST_TMP/backend.$1" 2>/dev/null || true)
 		[ -n "$BACKEND_PORT" ] && return 0
 		sleep 0.1
 	done
