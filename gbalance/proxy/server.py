@@ -71,9 +71,6 @@ SOURCE_REPORT_EVERY = 60.0
 # (gbalance.system.backlog) and accepts exactly what waits instead of going
 # on until accept() fails with EAGAIN, whose exception (a formatted OSError,
 # caught) costs more than the look.  Elsewhere the loop accepts until EAGAIN.
-_TCP_INFO = TCP_INFO
-_QUEUE_AT = QUEUE_AT
-_QUEUE_LEN = QUEUE_LEN
 
 
 def set_reset_on_close(sock: _socket.socket) -> None:
@@ -311,7 +308,7 @@ class BalanceServer(StreamServer):
         super().start()
         self.pid = os.getpid()
         self._oob_poll = select.poll()
-        self._queued = _queue_probe(self.socket)
+        self._queued = queue_probe(self.socket)
         self.urgent = UrgentRelay(self.loop, links=self.links)
         self.connector.urgent = self.urgent     # backend sockets are owned too (SIGURG)
         self.connector.send_early = self.proxy is None    # -P: the header goes first
@@ -390,7 +387,7 @@ class BalanceServer(StreamServer):
             if queued is None or budget <= 0:
                 return
             try:
-                if _QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, _TCP_INFO, 32), _QUEUE_AT)[0] <= 0:
+                if QUEUE_LEN.unpack_from(queued(socket.IPPROTO_TCP, TCP_INFO, 32), QUEUE_AT)[0] <= 0:
                     return
             except (OSError, struct.error):
                 pass
@@ -793,9 +790,6 @@ def source_name(key, host: str) -> str:
     if isinstance(key, bytes):
         return socket.inet_ntop(socket.AF_INET6, key + bytes(8)) + "/64"
     return host
-
-
-_queue_probe = queue_probe
 
 
 def _take_urgent(client) -> bytes:
