@@ -191,6 +191,39 @@ def tree_cpu_seconds(pid: int | None) -> float:
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
+def tree_sleeps(pid: int | None) -> int:
+    """Voluntary context switches of ``pid``'s process tree, all threads (0 for no pid):
+    how often it went to sleep and so had to be woken again."""
+    if pid is None:
+        return 0
+    total = 0
+    for p in process_tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+                            break
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Seconds ``cpu`` has spent not idle since boot (user, system, irq, softirq, steal), from /proc/stat."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                fields = [int(x) for x in line.split()[1:9]]
+                return (sum(fields) - fields[3] - fields[4]) / _HZ
+    return 0.0
+
+
 # -- rounds: order, disturbance, ratios ----------------------------------------
 #
 # Rounds go forward and backward in turn (A B, B A, A B ...), so a contender

@@ -100,3 +100,65 @@ def test_a_run_of_some_parts_does_not_replace_the_whole_runs_results():
     assert run.default_output(["scale", "workers"]) == "latest-workers-scale.json"
     assert run.parse_args(["--only", "profile"]).output.endswith("/results/latest-profile.json")
     assert run.parse_args(["--only", "profile", "--output", "/tmp/x.json"]).output == "/tmp/x.json"
+
+
+import bulk  # noqa: E402
+import lib  # noqa: E402
+
+
+def test_bulk_report_prints_the_load_core_and_the_proxys_sleeps_beside_each_rate(capsys):
+    row = {"gbits": 15.0, "cpu_s_per_gb": 0.25, "load_s_per_gb": 0.47, "sleeps_per_mb": 3.0}
+    live = {
+        "conditions": "one iperf3 stream",
+        "medians": {"direct": {d: {"gbits": 24.0, "cpu_s_per_gb": None, "load_s_per_gb": 0.32,
+                                   "sleeps_per_mb": None} for d in bulk.DIRECTIONS},
+                    "gbalance": {d: dict(row) for d in bulk.DIRECTIONS}},
+        "ratios": {d: {"gbalance/haproxy_best": 0.8, "gbalance/direct": 0.62} for d in bulk.DIRECTIONS},
+    }
+    bulk.report(live)
+    out = capsys.readouterr().out
+    assert "load core s/GB" in out and "proxy sleeps/MB" in out
+    assert "0.320/0.320" in out and "-/-" in out               # direct: no proxy, but a load core
+    assert "15.00/15.00" in out and "0.470/0.470" in out and "3.00/3.00" in out
+    bulk.report(json.loads(json.dumps(live)))
+    assert capsys.readouterr().out == out
+
+
+def test_a_process_trees_sleeps_are_counted_across_its_children(tmp_path):
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, time\n"
+                              "pid = os.fork()\n"
+                              "for _ in range(40): time.sleep(0.002)\n"
+                              "open(os.environ['DONE'] + str(pid), 'w').close()\n"
+                              "time.sleep(30)\n"],
+                             env={"DONE": str(tmp_path / "done-")})
+    try:
+        for _ in range(500):
+            if len(list(tmp_path.iterdir())) == 2:
+                break
+            subprocess.run(["sleep", "0.01"])
+        assert len(list(tmp_path.iterdir())) == 2, "the parent and its child did not finish their sleeps"
+        # 40 sleeps each in the parent and the forked child, at least.
+        assert lib.tree_sleeps(child.pid) >= 80
+        assert lib.tree_sleeps(None) == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_cores_busy_seconds_grow_while_work_runs_on_it():
+    import os
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    before = lib.cpu_busy_seconds(cpu)
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        import time
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+    finally:
+        os.sched_setaffinity(0, old)
+    assert lib.cpu_busy_seconds(cpu) - before >= 0.25
+    assert lib.cpu_busy_seconds(10_000) == 0.0
