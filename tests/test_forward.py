@@ -23,7 +23,9 @@ from gevent import get_hub
 
 from conftest import seeded_data, tcp_pair
 from gbalance.proxy.watchers import Watchers
-from gbalance.proxy.forward import CHUNK, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE, SPLICE_ROUNDS, Link
+from gbalance.proxy import bulkmode
+from gbalance.proxy.forward import (CHUNK, COPY_CHUNK, COPY_ROUNDS, F_GETPIPE_SZ, HAVE_SPLICE, PIPE_SIZE,
+                                    SPLICE_ROUNDS, Link)
 from gbalance.proxy.urgent import UrgentRelay
 
 SENT, RCVD, C = 0, 1, 2
@@ -110,6 +112,20 @@ def recv_all(s) -> bytes:
         buf += chunk
 
 
+def ways(monkeypatch, way: str) -> bool | None:
+    """Set a bulk flow's way for a test: "copy" (no splicing), "splice" (a
+    window too long to end: it stays on the splice it starts with) or
+    "switching" (windows of a few ms: the ways take turns all through the
+    transfer).  The ``splice`` argument for the rig."""
+    if way == "splice":
+        monkeypatch.setattr(bulkmode, "WINDOW", 3600.0)
+    elif way == "switching":
+        monkeypatch.setattr(bulkmode, "WINDOW", 0.002)
+        monkeypatch.setattr(bulkmode, "HOLD", 0.004)
+        monkeypatch.setattr(bulkmode, "STALE", 10_000)
+    return False if way == "copy" else None
+
+
 def payload(size: int, seed: int) -> bytes:
     """Non-repeating test data (a short repeated pattern could hide reordering)."""
     return seeded_data(size, seed, repeat=64)
@@ -139,6 +155,8 @@ def test_copy_path_bulk_when_splice_is_off(rigs):
     sender.get()
     assert rig.q[SENT] == len(data)
     assert rig.link.up.pipe_r == -1
+    # Bulk without a pipe: the copy way, several reads per wake-up.
+    assert rig.link.up.bulk is not None and rig.link.up.bulk.copy and not rig.link.up.bulk.trial
 
 
 def test_dump_sees_every_chunk_and_client_eof(rigs):
@@ -212,6 +230,65 @@ def test_one_wake_up_splices_several_pipefuls_but_a_bounded_number(rigs, directi
     rest = gevent.spawn(sender.sendall, data[queued:])
     assert hashlib.sha256(recv_exactly(receiver, len(data))).digest() == hashlib.sha256(data).digest()
     rest.get()
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_one_wake_up_copies_several_pieces_but_a_bounded_number(rigs, direction):
+    """The copy way moves what its source holds in one callback, up to
+    COPY_ROUNDS pieces of COPY_CHUNK, and the stream stays whole."""
+    rig = rigs(splice=False)
+    sender, receiver = (rig.client, rig.server) if direction == "up" else (rig.server, rig.client)
+    src_end = rig.client_end if direction == "up" else rig.server_end
+    dst_end = rig.server_end if direction == "up" else rig.client_end
+    for s in (src_end, receiver):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    dst_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    warm = payload(1 << 20, 13)
+    job = gevent.spawn(sender.sendall, warm)
+    assert recv_exactly(receiver, len(warm)) == warm
+    job.get()
+    flow = getattr(rig.link, direction)
+    assert flow.bulk is not None and flow.bulk.copy and flow.rw.active
+    data = payload(COPY_ROUNDS * COPY_CHUNK + 8 * COPY_CHUNK, 14)
+    queued = 0
+    while queued < len(data):        # no yield: the loop does not run the flow meanwhile
+        try:
+            queued += sender.send(data[queued:queued + COPY_CHUNK], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    assert queued > 4 * COPY_CHUNK
+    idx = SENT if direction == "up" else RCVD
+    before = rig.q[idx]
+    flow.on_read_copy()              # one wake-up
+    moved = rig.q[idx] - before
+    assert 2 * COPY_CHUNK < moved <= COPY_ROUNDS * COPY_CHUNK
+    rest = gevent.spawn(sender.sendall, data[queued:])
+    assert hashlib.sha256(recv_exactly(receiver, len(data))).digest() == hashlib.sha256(data).digest()
+    rest.get()
+
+
+def test_bulk_flows_that_change_ways_all_the_time_lose_nothing(rigs, monkeypatch):
+    """Both directions at once, the ways taking turns every few ms: every
+    byte arrives, in order, and each flow really used both ways."""
+    ways(monkeypatch, "switching")
+    rig = rigs()
+    up, down = payload(24 << 20, 15), payload(16 << 20, 16) + b"tail"
+    got: dict[str, bytes] = {}
+
+    def read(name, sock, n):
+        got[name] = recv_exactly(sock, n)
+
+    jobs = [gevent.spawn(rig.client.sendall, up), gevent.spawn(rig.server.sendall, down),
+            gevent.spawn(read, "up", rig.server, len(up)),
+            gevent.spawn(read, "down", rig.client, len(down))]
+    gevent.joinall(jobs, raise_error=True)
+    assert hashlib.sha256(got["up"]).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
+    assert (rig.q[SENT], rig.q[RCVD]) == (len(up), len(down))
+    for flow in (rig.link.up, rig.link.down):
+        assert flow.bulk is not None and flow.bulk.switches >= 3, flow.bulk.switches
+    rig.client.sendall(b"after")
+    assert recv_exactly(rig.server, 5) == b"after"
 
 
 def test_splice_closes_its_pipe(rigs):
@@ -359,11 +436,13 @@ def test_a_reply_longer_than_one_read_with_its_end_queued_arrives_whole():
 
 # -- back-pressure ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
-def test_back_pressure_stops_reading_and_holds_little(rigs, splice):
+@pytest.mark.parametrize("way", ["copy", "splice", "switching"])
+def test_back_pressure_stops_reading_and_holds_little(rigs, monkeypatch, way):
     """A server that does not read: the link stops reading the client and
-    holds at most one chunk (copy) or one pipe (splice), never the stream."""
-    rig = rigs(splice=splice)
+    holds at most one chunk (copy) or one pipe (splice), never the stream,
+    whichever way the bulk flow is on when it stalls."""
+    rig = rigs(splice=ways(monkeypatch, way))
+    splice = way != "copy"
     # Fixed receive buffers (no autotuning) so the kernel cannot soak up the stream.
     for s in (rig.client_end, rig.server):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 << 10)
@@ -376,7 +455,9 @@ def test_back_pressure_stops_reading_and_holds_little(rigs, splice):
     assert not sender.ready()                   # so the client is throttled
     flow = rig.link.up
     assert not flow.rw.active                   # not reading the client any more
-    if flow.pipe_r >= 0:
+    if way == "splice":
+        assert flow.pending is None
+    if flow.pending is None:
         assert 0 < flow.fill <= PIPE_SIZE
         # A stalled reader pins at most one small pipe in the kernel, not a megabyte.
         assert fcntl.fcntl(flow.pipe_w, F_GETPIPE_SZ) <= 256 << 10
@@ -477,15 +558,16 @@ def test_urgent_byte_is_relayed(rigs):
     assert relay.peers == {}
 
 
-@pytest.mark.parametrize("splice", [False, True], ids=["copy", "splice"])
-def test_urgent_byte_in_bulk_keeps_the_stream_whole(rigs, splice):
-    """Bulk, one urgent byte, more bulk, half-close: both paths pass the mark,
-    relay the urgent byte once and lose no normal byte."""
+@pytest.mark.parametrize("way", ["copy", "splice", "switching"])
+def test_urgent_byte_in_bulk_keeps_the_stream_whole(rigs, monkeypatch, way):
+    """Bulk, one urgent byte, more bulk, half-close: every way passes the mark,
+    relays the urgent byte once and loses no normal byte."""
     import select
     import threading
 
     relay = UrgentRelay(get_hub().loop)
-    rig = rigs(urgent=relay, splice=splice)
+    rig = rigs(urgent=relay, splice=ways(monkeypatch, way))
+    splice = way != "copy"
     first, second = payload(512 << 10, 21), payload(256 << 10, 22)
     plain = socket.socket(fileno=os.dup(rig.server.fileno()))   # a real thread reads it
     plain.setblocking(True)

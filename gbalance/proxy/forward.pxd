@@ -24,6 +24,7 @@ cdef class Flow:
     cdef public object done
     cdef public object src_reset
     cdef public object probe
+    cdef public object bulk
     cpdef eof(self)
 
 cdef class Link:

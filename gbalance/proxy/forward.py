@@ -12,9 +12,13 @@ sent at once with a non-blocking send; only when the destination cannot
 take it all is the rest copied out (the only per-chunk allocation, and only
 under back-pressure) and the flow waits for the destination to drain.
 
-On Linux a flow whose reads fill the whole buffer (bulk data) switches to
-``os.splice`` through a private pipe, so the bytes never enter Python.
-The packet dump (``-p``) always uses the copy path.
+A flow whose reads fill the whole buffer (bulk data) leaves the one-read
+copy path.  On Linux it opens a private pipe and measures both bulk ways
+in turn (gbalance.proxy.bulkmode): ``os.splice`` through the pipe, so
+the bytes never enter Python, and copying in 32 KB pieces, several per
+wake-up; it keeps the faster for a while, then measures again.  Without
+a pipe it copies.  The packet dump (``-p``) always uses the one-read
+copy path.
 
 Half-close is propagated: EOF in one direction shuts down the write side of
 the other socket and the opposite direction keeps flowing until it ends too.
@@ -43,6 +47,7 @@ import sys
 import termios
 from typing import TYPE_CHECKING, Any, Callable
 
+from gbalance.proxy.bulkmode import BulkChoice
 from gbalance.proxy.dump import dump as render_dump
 from gbalance.proxy import watchers as _watchers
 from gbalance.proxy.watchers import READ, READ_WRITE, WRITE
@@ -70,6 +75,11 @@ SPLICE_CHUNK = PIPE_SIZE
 #: Pipefuls one read wake-up may move before other links get their turn
 #: (so at most 1 MB per wake-up and direction).
 SPLICE_ROUNDS = 16
+#: A bulk flow's copy way: bytes per read (small enough that the bytes are
+#: still in the core's first-level cache when they are sent: 64 KB reads
+#: cost twice as much per GB), and reads per wake-up (1 MB, as splicing).
+COPY_CHUNK = 1 << 15
+COPY_ROUNDS = 32
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 #: SO_LINGER {on, 0}: close() sends a reset.
 LINGER_RESET = struct.pack("ii", 1, 0)
@@ -161,7 +171,7 @@ class Flow:
     # (13 slots: with two more a flow took the next 16-byte size class,
     # 32 bytes more per held connection; the counters are ``link.q``.)
     __slots__ = ("link", "src", "dst", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "done", "src_reset", "probe")
+                 "pipe_r", "pipe_w", "fill", "done", "src_reset", "probe", "bulk")
 
     def __init__(self, link: "Link", src: _socket.socket, dst: _socket.socket, idx: int,
                  rw: "IoWatcher | None" = None):
@@ -207,6 +217,8 @@ class Flow:
         self.src_reset = False
         #: Look at the next read whether the source has already ended.
         self.probe = False
+        #: A bulk flow's choice between splicing and copying (None: not bulk).
+        self.bulk: "BulkChoice | None" = None
 
     @property
     def arrow(self) -> str:
@@ -249,8 +261,8 @@ class Flow:
                 self._wait_writable(self.on_write)
             elif last:
                 self.eof()
-            elif n == CHUNK and link.splice and self.pipe_r < 0:
-                self._start_splice()
+            elif n == CHUNK and self.bulk is None and link.dump is None:
+                self._start_bulk()
             return
         info = None
         if self.probe:
@@ -289,8 +301,8 @@ class Flow:
             self._wait_writable(self.on_write)
         elif last:
             self.eof()       # its FIN leaves with the bytes just sent
-        elif n == CHUNK and self.link.splice and self.pipe_r < 0:
-            self._start_splice()
+        elif n == CHUNK and self.bulk is None and self.link.dump is None:
+            self._start_bulk()
 
     #: Read what ``src`` has and send it on (the copy path).
     on_read = __call__
@@ -311,7 +323,7 @@ class Flow:
             return
         self.pending = None
         self.ww.stop()  # type: ignore[union-attr]  # (the watcher that called it)
-        self.rw.start(self.on_read_splice if self.pipe_r >= 0 else self)
+        self.rw.start(self._reader())
 
     def _wait_writable(self, callback: Callable[[], None]) -> None:
         self.rw.stop()
@@ -322,16 +334,99 @@ class Flow:
             self.ww = new_watcher(self.link, self.dst.fileno(), WRITE)
         self.ww.start(callback)
 
+    def _reader(self) -> Callable[[], None]:
+        """The read callback of this flow's way now (after a wait to write)."""
+        bulk = self.bulk
+        if bulk is None:
+            return self
+        return self.on_read_copy if bulk.copy else self.on_read_splice
+
+    # -- bulk: the choice between its two ways ------------------------------
+
+    def _start_bulk(self) -> None:
+        """A read filled the buffer: this flow carries bulk data from now on."""
+        if self.link.splice:
+            self._open_pipe()
+        self.bulk = BulkChoice(self.pipe_r >= 0, self.link.loop.now())
+        if self.rw.active:
+            self.rw.stop()
+            self.rw.start(self._reader())
+
+    def _after_wake(self, moved: int) -> None:
+        """Tell the choice what a read wake-up moved; change ways if it says
+        so and nothing of the old way is held (a rest to send, a pipe to
+        drain: those restart reading through ``_reader`` once done)."""
+        bulk: BulkChoice = self.bulk  # type: ignore[assignment]
+        was = bulk.copy
+        if bulk.step(self.link.loop.now(), moved) != was and self.rw.active \
+                and self.pending is None and not self.fill:
+            self.rw.stop()
+            self.rw.start(self._reader())
+
+    def on_read_copy(self) -> None:
+        """A bulk flow's copy way: COPY_CHUNK reads, each sent on at once,
+        up to COPY_ROUNDS per wake-up."""
+        link = self.link
+        moved = 0
+        rounds = COPY_ROUNDS
+        while rounds:
+            rounds -= 1
+            if cython.compiled:
+                n = gbc_recv_into(gbc_fd(self.src), SCRATCH, COPY_CHUNK, DONTWAIT)
+                if n < 0:
+                    if n != GBC_AGAIN:
+                        link.abort()
+                        return
+                    break
+            else:
+                try:
+                    n = self.src.recv_into(SCRATCH, COPY_CHUNK, DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    link.abort()
+                    return
+            if not n:
+                self.eof()
+                return
+            link.q[self.idx] += n
+            link.active = True
+            moved += n
+            if cython.compiled:
+                m = gbc_send(gbc_fd(self.dst), SCRATCH, 0, n, DONTWAIT)
+                if m < 0:
+                    if m != GBC_AGAIN:
+                        link.abort()
+                        return
+                    m = 0
+            else:
+                try:
+                    m = self.dst.send(SCRATCH_MV[:n], DONTWAIT)
+                except BlockingIOError:
+                    m = 0
+                except OSError:
+                    link.abort()
+                    return
+            if m < n:
+                self.pending = bytes(SCRATCH_MV[m:n])
+                self._wait_writable(self.on_write)
+                break
+            if n < COPY_CHUNK:
+                break            # the source is empty (or at an urgent mark)
+        if self.link is None or link.closed:
+            return
+        self._after_wake(moved)
+
     # -- splice path (Linux) -----------------------------------------------
 
-    def _start_splice(self) -> None:
+    def _open_pipe(self) -> None:
         if PIPES.open >= PIPES.limit:
             self.link.splice = False   # the descriptors left are for connections
             return
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            self.link.splice = False   # out of fds: this link stays on the copy path
+            self.link.splice = False   # out of fds: this link copies
             return
         try:
             small = fcntl.fcntl(w, F_GETPIPE_SZ) < PIPE_SIZE
@@ -353,20 +448,19 @@ class Flow:
             self.dst.setblocking(False)
         except OSError:
             pass
-        self.rw.stop()
-        self.rw.start(self.on_read_splice)
 
     def on_read_splice(self) -> None:
         # Up to SPLICE_ROUNDS pipefuls per wake-up: a return to the loop
         # per pipeful (one epoll_wait and one callback each 40-60 KB) was
         # what bulk spent beside the splices themselves.
         rounds = SPLICE_ROUNDS
+        moved = 0
         while True:
             try:
                 n = os.splice(self.src.fileno(), self.pipe_w, SPLICE_CHUNK, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 if rounds < SPLICE_ROUNDS:
-                    return       # drained the socket: wait for more
+                    break        # drained the socket: wait for more
                 n = 0
             except OSError:
                 self.link.abort()
@@ -381,11 +475,15 @@ class Flow:
                 return
             self.link.q[self.idx] += n
             self.link.active = True
+            moved += n
             self.fill = n
             self.drain()
             rounds -= 1
-            if self.fill or not rounds or self.link is None or not self.rw.active:
-                return           # waits for dst, its turn is over, or the link ended
+            if self.link is None or self.link.closed:
+                return           # the link ended
+            if self.fill or not rounds or not self.rw.active:
+                break            # waits for dst, or its turn is over
+        self._after_wake(moved)
 
     def drain(self) -> None:
         """Move what the pipe holds to the destination, or wait for it."""
@@ -403,7 +501,7 @@ class Flow:
             self.link.active = True      # bytes moved: not idle (-T)
         if self.ww is not None and self.ww.active:
             self.ww.stop()
-            self.rw.start(self.on_read_splice)
+            self.rw.start(self._reader())
 
     def take_urgent(self) -> None:
         """Relay the urgent byte of ``src`` if one is waiting (as UrgentRelay does)."""
