@@ -22,7 +22,6 @@ cdef class Flow:
     cdef public object pipe_w
     cdef public object fill
     cdef public object done
-    cdef public object src_reset
     cdef public object probe
     cdef public object bulk
     cpdef eof(self)

@@ -168,10 +168,11 @@ def new_watcher(link: "Link", fd: int, events: int) -> "IoWatcher":
 class Flow:
     """One direction of a link: read ``src``, write ``dst``, count bytes."""
 
-    # (13 slots: with two more a flow took the next 16-byte size class,
-    # 32 bytes more per held connection; the counters are ``link.q``.)
+    # (13 slots: with one more the compiled flow takes the next 16-byte
+    # size class, 32 bytes more per held connection; the counters are
+    # ``link.q``, and ``done`` also says whether the source was reset early.)
     __slots__ = ("link", "src", "dst", "idx", "rw", "ww", "pending",
-                 "pipe_r", "pipe_w", "fill", "done", "src_reset", "probe", "bulk")
+                 "pipe_r", "pipe_w", "fill", "done", "probe", "bulk")
 
     def __init__(self, link: "Link", src: _socket.socket, dst: _socket.socket, idx: int,
                  rw: "IoWatcher | None" = None):
@@ -213,8 +214,10 @@ class Flow:
         self.pipe_r = -1
         self.pipe_w = -1
         self.fill = 0
-        self.done = False
-        self.src_reset = False
+        #: False while the source sends, True once it has ended; None: the
+        #: source was reset before the link began (the connect reported it
+        #: and so cleared the error), so its end is to be passed on as an abort.
+        self.done: "bool | None" = False
         #: Look at the next read whether the source has already ended.
         self.probe = False
         #: A bulk flow's choice between splicing and copying (None: not bulk).
@@ -528,11 +531,10 @@ class Flow:
     def eof(self) -> None:
         """The source finished sending: pass the half-close on."""
         self.rw.stop()
+        reset_early = self.done is None
         self.done = True
         link = self.link
-        if self.src_reset:
-            # The source was reset before the link began (the connect
-            # reported it and so cleared the error): its end is an abort.
+        if reset_early:
             link.abort()
             return
         if link.dump is not None and self.arrow == "->":
@@ -608,7 +610,8 @@ class Link:
         self.early = early
         self.up = Flow(self, client, server, sent_idx, client_watcher)
         self.down = Flow(self, server, client, rcvd_idx, server_watcher)
-        self.down.src_reset = server_reset
+        if server_reset:
+            self.down.done = None          # its end is an abort (Flow.done)
         # A backend that answers and closes (HTTP/1.0, "Connection: close")
         # has usually queued its end behind its reply by the time the reply
         # is read: then both go to the client in one segment, not two.
