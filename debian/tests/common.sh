@@ -57,3 +57,11 @@ expect() {
 	fi
 	echo "ok: $1"
 }
+
+# running PID: true while PID runs.  A master that has exited but is not yet
+# reaped by whoever adopted it (a zombie) has stopped: the init script says
+# "stopped" then, and kill -0 would still find it.
+running() {
+	state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+	[ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
