@@ -198,38 +198,50 @@ def test_splice_path_large_transfers_both_ways(rigs):
     assert rig.q[SENT] == len(up) + 5
 
 
-@pytest.mark.parametrize("direction", ["up", "down"])
-def test_one_wake_up_splices_several_pipefuls_but_a_bounded_number(rigs, direction):
-    """A splicing flow moves what its source holds in one callback, up to
-    SPLICE_ROUNDS pipefuls (not one pipeful per trip through the loop), and
-    the stream stays whole."""
-    rig = rigs()
+def one_wake_up(rig: Rig, direction: str, piece: int, rounds: int, seed: int) -> int:
+    """Warm a flow into bulk, queue more than ``rounds`` pieces of ``piece``
+    bytes at its source without letting the loop run, call its read callback
+    once and return what that one wake-up moved; then check the stream whole."""
     sender, receiver = (rig.client, rig.server) if direction == "up" else (rig.server, rig.client)
     src_end = rig.client_end if direction == "up" else rig.server_end
+    dst_end = rig.server_end if direction == "up" else rig.client_end
     for s in (src_end, receiver):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    warm = payload(1 << 20, 11)
+    dst_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    warm = payload(1 << 20, seed)
     job = gevent.spawn(sender.sendall, warm)
     assert recv_exactly(receiver, len(warm)) == warm
     job.get()
     flow = getattr(rig.link, direction)
-    assert flow.pipe_r >= 0 and flow.rw.active
-    data = payload(SPLICE_ROUNDS * PIPE_SIZE + 3 * PIPE_SIZE, 12)
+    assert flow.bulk is not None and flow.rw.active
+    data = payload(rounds * piece + 8 * piece, seed + 1)
     queued = 0
     while queued < len(data):        # no yield: the loop does not run the flow meanwhile
         try:
-            queued += sender.send(data[queued:queued + PIPE_SIZE], socket.MSG_DONTWAIT)
+            queued += sender.send(data[queued:queued + piece], socket.MSG_DONTWAIT)
         except BlockingIOError:
             break
-    assert queued > 4 * PIPE_SIZE
+    assert queued > 4 * piece
     idx = SENT if direction == "up" else RCVD
     before = rig.q[idx]
-    flow.on_read_splice()            # one wake-up
+    (flow.on_read_copy if flow.bulk.copy else flow.on_read_splice)()      # one wake-up
     moved = rig.q[idx] - before
-    assert 2 * PIPE_SIZE < moved <= SPLICE_ROUNDS * PIPE_SIZE
     rest = gevent.spawn(sender.sendall, data[queued:])
     assert hashlib.sha256(recv_exactly(receiver, len(data))).digest() == hashlib.sha256(data).digest()
     rest.get()
+    return moved
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_one_wake_up_splices_several_pipefuls_but_a_bounded_number(rigs, monkeypatch, direction):
+    """A splicing flow moves what its source holds in one callback, up to
+    SPLICE_ROUNDS pipefuls (not one pipeful per trip through the loop), and
+    the stream stays whole."""
+    ways(monkeypatch, "splice")
+    rig = rigs()
+    moved = one_wake_up(rig, direction, PIPE_SIZE, SPLICE_ROUNDS, 11)
+    assert not getattr(rig.link, direction).bulk.copy
+    assert 2 * PIPE_SIZE < moved <= SPLICE_ROUNDS * PIPE_SIZE
 
 
 @pytest.mark.parametrize("direction", ["up", "down"])
@@ -237,34 +249,9 @@ def test_one_wake_up_copies_several_pieces_but_a_bounded_number(rigs, direction)
     """The copy way moves what its source holds in one callback, up to
     COPY_ROUNDS pieces of COPY_CHUNK, and the stream stays whole."""
     rig = rigs(splice=False)
-    sender, receiver = (rig.client, rig.server) if direction == "up" else (rig.server, rig.client)
-    src_end = rig.client_end if direction == "up" else rig.server_end
-    dst_end = rig.server_end if direction == "up" else rig.client_end
-    for s in (src_end, receiver):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    dst_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    warm = payload(1 << 20, 13)
-    job = gevent.spawn(sender.sendall, warm)
-    assert recv_exactly(receiver, len(warm)) == warm
-    job.get()
-    flow = getattr(rig.link, direction)
-    assert flow.bulk is not None and flow.bulk.copy and flow.rw.active
-    data = payload(COPY_ROUNDS * COPY_CHUNK + 8 * COPY_CHUNK, 14)
-    queued = 0
-    while queued < len(data):        # no yield: the loop does not run the flow meanwhile
-        try:
-            queued += sender.send(data[queued:queued + COPY_CHUNK], socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            break
-    assert queued > 4 * COPY_CHUNK
-    idx = SENT if direction == "up" else RCVD
-    before = rig.q[idx]
-    flow.on_read_copy()              # one wake-up
-    moved = rig.q[idx] - before
+    moved = one_wake_up(rig, direction, COPY_CHUNK, COPY_ROUNDS, 13)
+    assert getattr(rig.link, direction).bulk.copy
     assert 2 * COPY_CHUNK < moved <= COPY_ROUNDS * COPY_CHUNK
-    rest = gevent.spawn(sender.sendall, data[queued:])
-    assert hashlib.sha256(recv_exactly(receiver, len(data))).digest() == hashlib.sha256(data).digest()
-    rest.get()
 
 
 def test_bulk_flows_that_change_ways_all_the_time_lose_nothing(rigs, monkeypatch):
