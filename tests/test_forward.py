@@ -126,6 +126,23 @@ def ways(monkeypatch, way: str) -> bool | None:
     return False if way == "copy" else None
 
 
+def both_ways_whole(rig: "Rig", up: bytes, down: bytes) -> None:
+    """Send ``up`` and ``down`` through the link at once; both arrive whole,
+    in order, and are counted."""
+    got: dict[str, bytes] = {}
+
+    def read(name, sock, n):
+        got[name] = recv_exactly(sock, n)
+
+    jobs = [gevent.spawn(rig.client.sendall, up), gevent.spawn(rig.server.sendall, down),
+            gevent.spawn(read, "up", rig.server, len(up)),
+            gevent.spawn(read, "down", rig.client, len(down))]
+    gevent.joinall(jobs, raise_error=True)
+    assert hashlib.sha256(got["up"]).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
+    assert (rig.q[SENT], rig.q[RCVD]) == (len(up), len(down))
+
+
 def payload(size: int, seed: int) -> bytes:
     """Non-repeating test data (a short repeated pattern could hide reordering)."""
     return seeded_data(size, seed, repeat=64)
@@ -178,18 +195,7 @@ def test_dump_sees_every_chunk_and_client_eof(rigs):
 def test_splice_path_large_transfers_both_ways(rigs):
     rig = rigs()
     up, down = payload(12 << 20, 2), payload(9 << 20, 3) + b"tail"
-    got: dict[str, bytes] = {}
-
-    def read(name, sock, n):
-        got[name] = recv_exactly(sock, n)
-
-    jobs = [gevent.spawn(rig.client.sendall, up), gevent.spawn(rig.server.sendall, down),
-            gevent.spawn(read, "up", rig.server, len(up)),
-            gevent.spawn(read, "down", rig.client, len(down))]
-    gevent.joinall(jobs, raise_error=True)
-    assert hashlib.sha256(got["up"]).digest() == hashlib.sha256(up).digest()
-    assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
-    assert (rig.q[SENT], rig.q[RCVD]) == (len(up), len(down))
+    both_ways_whole(rig, up, down)
     # Bulk reads filled the 64 KB buffer, so both directions moved to splice.
     assert rig.link.up.pipe_r >= 0 and rig.link.down.pipe_r >= 0
     # Small messages still pass after the switch.
@@ -260,18 +266,7 @@ def test_bulk_flows_that_change_ways_all_the_time_lose_nothing(rigs, monkeypatch
     ways(monkeypatch, "switching")
     rig = rigs()
     up, down = payload(24 << 20, 15), payload(16 << 20, 16) + b"tail"
-    got: dict[str, bytes] = {}
-
-    def read(name, sock, n):
-        got[name] = recv_exactly(sock, n)
-
-    jobs = [gevent.spawn(rig.client.sendall, up), gevent.spawn(rig.server.sendall, down),
-            gevent.spawn(read, "up", rig.server, len(up)),
-            gevent.spawn(read, "down", rig.client, len(down))]
-    gevent.joinall(jobs, raise_error=True)
-    assert hashlib.sha256(got["up"]).digest() == hashlib.sha256(up).digest()
-    assert hashlib.sha256(got["down"]).digest() == hashlib.sha256(down).digest()
-    assert (rig.q[SENT], rig.q[RCVD]) == (len(up), len(down))
+    both_ways_whole(rig, up, down)
     for flow in (rig.link.up, rig.link.down):
         assert flow.bulk is not None and flow.bulk.switches >= 3, flow.bulk.switches
     rig.client.sendall(b"after")
