@@ -725,3 +725,141 @@ def test_a_worker_that_dies_passes_its_clients_on_at_once(balance, backends):
     assert round_trip(port) == "A"
     out, err = proc.stop()
     assert "2 of 2 workers accept: worker 0 died" in err, err[-800:]
+
+
+# -- a client's one wake-up never lost ----------------------------------------------------
+
+def greeted(port: int, timeout: float = 5.0) -> "tuple[socket.socket, float]":
+    """A connection through the proxy, once its backend's tag arrived; (socket, seconds taken)."""
+    t0 = time.monotonic()
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        assert read_line(s) == "A"
+    except BaseException:
+        s.close()
+        raise
+    return s, time.monotonic() - t0
+
+
+def test_a_worker_at_its_connection_limit_leaves_the_wake_ups_to_the_others(balance, backends):
+    """-L over -w 2: the first worker reaches its share (10) and stops
+    accepting.  It must also leave the kernel's list of processes to wake
+    for a new client: watching the listener exclusively while idle, it
+    would take each client's one wake-up, accept nothing, and the client
+    would wait for the next one to arrive."""
+    a = backends("A")
+    port = free_port()
+    proc, pids = start_workers(balance, 2, "-d", "-L", "20", str(port), a.spec, port=port)
+    held = []
+    try:
+        with only_worker(pids, pids[0]):
+            held += [greeted(port)[0] for _ in range(10)]
+        s, took = greeted(port)                  # the first worker is full: the second takes it
+        held.append(s)
+        assert wait_for(lambda: listener_entries(pids[0], port) == [], 10), listener_entries(pids[0], port)
+        times = []
+        for _ in range(5):
+            s, took = greeted(port)
+            held.append(s)
+            times.append(took)
+        assert max(times) < 2.0, times
+    finally:
+        for s in held:
+            s.close()
+    out, err = proc.stop()
+    assert "connection limit of 10 reached" in err, err[-800:]
+
+
+def steal_wake_up(master: int, port: int):
+    """An epoll set in this process that watches ``port``'s listener
+    exclusively, as a worker's does, and one thread sleeping in it: it takes
+    the wake-up of the next client that no process ahead of it in the
+    kernel's list is waiting for, and never accepts.  (The listener comes
+    from the master's descriptors, with pidfd_getfd.)  Returns (epoll, fd,
+    thread, woken) where ``woken`` is filled with the time of the wake-up."""
+    import ctypes
+    import select
+    inode = listen_inode(port)
+    target = -1
+    for name in os.listdir(f"/proc/{master}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{master}/fd/{name}") == f"socket:[{inode}]":
+                target = int(name)
+    assert target >= 0, f"the master holds no listener for port {port} (inode {inode})"
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(master)
+    try:
+        fd = libc.syscall(438, pidfd, target, 0)        # pidfd_getfd (same number on every arch)
+        if fd < 0:
+            pytest.skip(f"pidfd_getfd refused: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(pidfd)
+    ep = select.epoll()
+    ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    woken: list[float] = []
+
+    def sleep() -> None:
+        if ep.poll(30, 1):
+            woken.append(time.monotonic())
+    t = threading.Thread(target=sleep, daemon=True)
+    t.start()
+    return ep, fd, t, woken
+
+
+def test_a_lost_wake_up_is_made_good_by_the_master(balance, backends):
+    """Both workers accept (-w 2, the first holds 200 more connections than
+    the second), and a client's one wake-up goes to a sleeper that never
+    accepts: the client waits in the accept queue and nobody is woken for it.
+    No worker can be added, so the master, seeing it wait while nothing was
+    accepted, has the accepting workers look at the listener: served within
+    a few of the master's samples, not at the next client's arrival."""
+    a = backends("A")
+    port = free_port()
+    proc, pids = start_workers(balance, 2, "-d", str(port), a.spec, port=port)
+    held = []
+    thief = None
+    try:
+        with only_worker(pids, pids[0]):
+            held += [greeted(port)[0] for _ in range(200)]
+        # The spread brings the second worker in, and keeps it.
+        assert wait_for(lambda: listener_entries(pids[1], port) != [], 10)
+        thief = steal_wake_up(proc.pid, port)
+        # Both workers join the kernel's list after the sleeper: the second
+        # is replaced (it holds nothing), the first is stopped (a stopped
+        # process is not waiting: the kernel passes it over).
+        assert wait_for(lambda: "epoll" in proc_state_wchan(thief), 5)
+        os.kill(pids[1], signal.SIGKILL)
+        assert wait_for(lambda: len(children(proc.pid)) == 2 and pids[1] not in children(proc.pid), 10)
+        second = next(p for p in children(proc.pid) if p != pids[0])
+        assert wait_for(lambda: listener_entries(second, port) != [] and catches(second, signal.SIGWINCH), 15)
+        time.sleep(0.5)                         # the replacement settles in its loop
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            assert wait_for(lambda: proc_state(pids[0]) == "T", 10)
+            s, took = greeted(port, timeout=10)
+            held.append(s)
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+        ep, fd, t, woken = thief
+        t.join(5)
+        assert woken, "the sleeper was not woken: no wake-up was lost"
+        assert took < 2.0, took
+    finally:
+        for s in held:
+            s.close()
+        if thief is not None:
+            thief[0].close()
+            os.close(thief[1])
+    out, err = proc.stop()
+    assert "the 2 accepting workers look at the listener again" in err, err[-800:]
+    print(f"\na client whose wake-up was lost was served after {1000 * took:.0f} ms")
+
+
+def proc_state_wchan(thief) -> str:
+    """Where the sleeper thread of :func:`steal_wake_up` sleeps."""
+    tid = thief[2].native_id
+    try:
+        with open(f"/proc/self/task/{tid}/wchan") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

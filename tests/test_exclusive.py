@@ -134,3 +134,80 @@ def test_listener_in_a_gevent_loop_is_exclusive_again_after_each_restart(listene
         watcher.stop()
         for s in accepted:
             s.close()
+
+
+@pytest.fixture
+def crowd():
+    """An epoll set watching 3,000 descriptors (about 250 KB of fdinfo, as a
+    worker holding 1,500 connections), plus a list to register more in."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4000:
+        pytest.skip(f"the descriptor limit ({hard}) is below the 3,000 this test holds")
+    if soft != resource.RLIM_INFINITY and soft < 4000:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4000, hard) if hard != resource.RLIM_INFINITY else 4000, hard))
+    pairs = [socket.socketpair() for _ in range(1500)]
+    ep = select.epoll()
+    for a, b in pairs:
+        ep.register(a.fileno(), select.EPOLLIN)
+        ep.register(b.fileno(), select.EPOLLIN)
+    yield ep
+    ep.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_registration_far_into_a_large_epoll_set_is_found(listener, crowd):
+    # The kernel lists the entries in its own order, not by descriptor: the
+    # listener's line can be anywhere in the text, well past its first 64 KB.
+    fd = listener.fileno()
+    data = fd | (9 << 32)
+    assert ex._ctl_call(crowd.fileno(), ex.EPOLL_CTL_ADD, fd, ex.EPOLLIN, data) == 0
+    assert len(ex._fdinfo(crowd.fileno())) > 3 * 65536
+    assert len(ex.registered(crowd.fileno())) == 3001
+    assert ex.entry(crowd.fileno(), fd) == (ex.EPOLLIN | 0x18, data)
+    assert ex.entry(crowd.fileno(), 10 ** 6) is None
+    assert ex.make_exclusive(crowd.fileno(), fd) == ""
+    assert ex.entry(crowd.fileno(), fd) == (ex.EPOLLIN | ex.EPOLLEXCLUSIVE | 0x18, data)
+
+
+def test_withdraw_takes_the_listener_out_of_a_large_loop_set(listener, crowd):
+    """A worker holding many connections stands by: its listener leaves the
+    loop's epoll set (whose fdinfo is far longer than one read) at the next
+    turn, so no client's wake-up goes to it."""
+    loop = gevent.get_hub().loop
+    fd = listener.fileno()
+    keep = [socket.socketpair() for _ in range(1500)]
+    watchers = [loop.io(a.fileno(), 1) for a, _ in keep] + [loop.io(b.fileno(), 1) for _, b in keep]
+    watcher = loop.io(fd, 1)
+    hook = ex.ExclusiveListener(loop, fd)
+    try:
+        for w in watchers:
+            w.start(lambda: None)
+        watcher.start(lambda: None)
+        hook()
+        gevent.sleep(0.05)
+        ep = ex.find_loop_epoll(fd)
+        assert ep >= 0 and len(ex._fdinfo(ep)) > 3 * 65536
+        assert ex.entry(ep, fd)[0] & ex.EPOLLEXCLUSIVE
+        watcher.stop()
+        hook.withdraw(lambda: not watcher.active)
+        gevent.sleep(0.05)
+        assert ex.entry(ep, fd) is None
+        # Back: registered (exclusively) again.
+        watcher.start(lambda: None)
+        hook()
+        gevent.sleep(0.05)
+        assert ex.entry(ep, fd)[0] & ex.EPOLLEXCLUSIVE
+        # Closing for good: out at once.
+        hook.withdraw_now()
+        assert ex.entry(ep, fd) is None
+    finally:
+        watcher.stop()
+        for w in watchers:
+            w.stop()
+        for a, b in keep:
+            a.close()
+            b.close()

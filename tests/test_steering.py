@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gbalance.process.steering import HOLD, SPREAD, TICK, Sample, Steering
+from gbalance.process.steering import HOLD, NUDGE_EVERY, SPREAD, TICK, Sample, Steering
 
 
 class Run:
@@ -129,3 +129,37 @@ def test_grow_from_outside_as_when_a_worker_dies():
     assert st.grow("worker 0 died", 5.0) == 2 and st.why == "worker 0 died"
     assert st.grow("worker 1 died", 5.0) == 3
     assert st.grow("again", 5.0) == 3
+
+
+def test_a_stall_with_every_worker_accepting_nudges_them_instead():
+    # All workers accept already (none can be added): a client that waits two
+    # samples with nothing accepted in between asks the accepting workers to
+    # look at the listener (a lost wake-up), once, then at most every NUDGE_EVERY.
+    r = Run(2)
+    r.tick(opened=[2 * SPREAD, 0])
+    assert r.st.accepting == 2 and not r.st.nudge
+    r.tick(queued=1)
+    assert not r.st.nudge                               # one sample: may have just come
+    assert r.tick(queued=1) == 2 and r.st.nudge
+    assert "none was accepted" in r.st.why
+    nudges = 0
+    for _ in range(int(NUDGE_EVERY / TICK) * 3 + 5):    # still stuck (every worker at its limit, say)
+        assert r.tick(queued=1) == 2
+        nudges += r.st.nudge
+    assert nudges == 3
+    # Taken at last; the next stall is nudged as soon as it is seen.
+    r.tick(queued=0, took=1)
+    r.tick(queued=1)
+    r.tick(queued=1)
+    assert r.st.nudge
+
+
+def test_no_nudge_while_clients_are_taken_or_a_worker_can_be_added():
+    r = Run(2)
+    r.tick(opened=[2 * SPREAD, 0])
+    for _ in range(50):                                  # waiting, but being accepted
+        r.tick(queued=5, took=10)
+        assert not r.st.nudge
+    r = Run(3)
+    r.tick(queued=1)
+    assert r.tick(queued=1) == 2 and not r.st.nudge     # stalled: one more worker instead

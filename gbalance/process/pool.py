@@ -240,10 +240,23 @@ class WorkerPool:
             if self._steer_timer is not None:
                 self._steer_timer.stop()
             return
-        self._set_accepting(self.steering.decide(self.sample()))
+        steering = self.steering
+        a = steering.decide(self.sample())
+        if steering.nudge and self.state.q[H_ACCEPTING] == a:
+            self._nudge(a)
+        self._set_accepting(a)
+
+    def _nudge(self, a: int) -> None:
+        """Clients wait and no worker took one: the ``a`` accepting workers look
+        at the listener once (the same signal: each reads the number, finds it
+        accepts, and tries an accept)."""
+        if self.cfg.debug:
+            self.log.info(f"{self.steering.why}: the {a} accepting workers look at the listener again")
+        self._signal(STEER_SIGNAL, a)
 
     def _set_accepting(self, a: int) -> None:
-        """Publish the number of accepting workers; tell the workers if it changed."""
+        """Publish the number of accepting workers; tell the workers if it changed
+        (those that accept then also look at the listener once)."""
         q = self.state.q
         if q[H_ACCEPTING] == a:
             return
@@ -268,8 +281,9 @@ class WorkerPool:
                 total += row_sum(q, slot(g, c, C_C), self.n)
         return total
 
-    def _signal(self, sig: int) -> None:
-        for s in self.seats:
+    def _signal(self, sig: int, first: "int | None" = None) -> None:
+        """Send ``sig`` to every live worker (or to the ``first`` ones only)."""
+        for s in self.seats[:first]:
             proc = s.proc
             if proc is not None and proc.returncode is None:
                 try:

@@ -21,6 +21,14 @@ client wakes them), and changes *A* from what it samples every
   :data:`SPREAD` connections more than the next one: long-lived
   connections are spread, so no one worker runs into its descriptor
   limit or carries every open connection alone;
+* **a nudge** when clients wait, nobody accepted in between, and every
+  worker accepts already, so none can be added: the accepting workers are
+  told to look at the listener once.  A guard: the kernel wakes one
+  worker per arriving client, and should that worker not accept (one
+  that stopped watching the listener and has not yet left the kernel's
+  list, see :mod:`gbalance.system.exclusive`), nobody else is woken until
+  the next client arrives, so one client could wait for ever.  Repeated
+  at most every :data:`NUDGE_EVERY` seconds while the clients still wait;
 * **fewer** (*A* - 1) after :data:`HOLD` seconds without either, if all
   the workers together (those on standby too: they serve what they hold)
   used at most :data:`IDLE_SHARE` of a core per accepting worker that
@@ -49,6 +57,8 @@ SPREAD = 128
 HOLD = 1.0
 #: Fewer workers only if those left would run at most this busy.
 IDLE_SHARE = 0.5
+#: Seconds between two nudges while the same clients still wait.
+NUDGE_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,9 @@ class Steering:
         self.last: Sample | None = None
         self.pressed = 0.0          # when the last rule asked for more workers (or A last changed)
         self.cpu_mark: "tuple[float, float] | None" = None    # (time, CPU seconds) at the window's start
-        self.why = ""               # why the last change was made (for the debug log)
+        self.why = ""               # why the last change (or nudge) was made (for the debug log)
+        self.nudge = False          # set by decide(): the accepting workers should look at the listener
+        self.nudged = float("-inf")     # when the last nudge was asked for
 
     def cpu_due(self, now: float) -> bool:
         """Should the next sample read the workers' CPU time?"""
@@ -96,6 +108,7 @@ class Steering:
     def decide(self, s: Sample) -> int:
         """Take one sample; the number of workers that should accept now."""
         last, self.last = self.last, s
+        self.nudge = False
         a = self.accepting
         if self.n == 1:
             return a
@@ -105,14 +118,25 @@ class Steering:
             k += 1
         if k > a:
             return self.grow(f"the accepting workers hold {self.spread}+ connections more than the next", s.now, k)
+        took = 1
         if last is not None and s.queued and last.queued:
             took = sum(s.accepted) - sum(last.accepted)
             dt = s.now - last.now
             if took <= 0:
-                return self.grow(f"{s.queued} clients wait and none was accepted for {dt:.2f} s", s.now)
+                why = f"{s.queued} clients wait and none was accepted for {dt:.2f} s"
+                if a < self.n:
+                    return self.grow(why, s.now)
+                if s.now - self.nudged >= NUDGE_EVERY:
+                    self.nudge = True
+                    self.nudged = s.now
+                    self.why = why
+                self.pressed = s.now
+                return a
             if dt > 0 and s.queued * dt > self.wait_limit * took:
                 return self.grow(f"{s.queued} clients wait, {1000 * s.queued * dt / took:.0f} ms at the"
                                  " accept rate", s.now)
+        if took > 0:
+            self.nudged = float("-inf")     # no stall now: the next one is nudged at once
         if a == 1:
             return a
         if s.now - self.pressed < self.hold or s.cpu is None:

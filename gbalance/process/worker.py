@@ -19,8 +19,10 @@ Signals (sent by the master): SIGTERM drains (stop accepting, let open
 links finish, reset what is left after the ``-g`` grace period); SIGINT
 (or a second SIGTERM) resets everything at once; SIGHUP is ignored;
 SIGWINCH says the number of accepting workers (``H_ACCEPTING``, see
-:mod:`gbalance.process.steering`) changed: a worker whose row is not
-below it stands by (serves what it holds, accepts nothing) until it is.  A
+:mod:`gbalance.process.steering`) changed, or that clients wait that
+nobody accepted: a worker whose row is not below the number stands by
+(serves what it holds, accepts nothing) until it is; one below it tries
+an accept at once (a wake-up may have been lost).  A
 worker also drains when its master dies (``PR_SET_PDEATHSIG``).
 """
 
@@ -128,7 +130,8 @@ class Worker:
             exclusive = ExclusiveListener(self.server.loop, self.listener.fileno(),
                                           self.log.info if self.cfg.debug else None)
             self.server.on_accepting = exclusive
-            self.server.on_standby = exclusive.withdraw
+            self.server.on_unwatched = exclusive.withdraw
+            self.server.on_closing = exclusive.withdraw_now
         gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
         gevent.signal_handler(signal.SIGINT, self.stop_now)
         gevent.signal_handler(signal.SIGHUP, lambda: None)
@@ -150,9 +153,14 @@ class Worker:
         return 0
 
     def on_steer(self) -> None:
-        """Accept, or stand by, as the master's number of accepting workers says."""
+        """Accept, or stand by, as the master's number of accepting workers
+        says; if accepting, look at the listener once (the master may have
+        seen clients wait that no worker was woken for)."""
         accepting = self.state.q[H_ACCEPTING]
-        self.server.set_standby(0 < accepting <= self.spec.index)
+        standby = 0 < accepting <= self.spec.index
+        self.server.set_standby(standby)
+        if not standby:
+            self.server.look_again()
 
     def on_sigterm(self) -> None:
         if self.draining:

@@ -279,7 +279,12 @@ class BalanceServer(StreamServer):
         self.deferred = 0
         self._resume_timer: "TimerWatcher | None" = None
         self.on_accepting: "Callable[[], None] | None" = None    # -w N: told when the watcher (re)starts
-        self.on_standby: "Callable[[Callable[[], bool]], None] | None" = None    # -w N: told when it stops for standby
+        # -w N: told when the watcher stops (standby, the connection limit, out
+        # of descriptors), with a "still stopped?" test; and before the
+        # listener is closed (draining).  A process that stopped watching must
+        # not stay where the kernel wakes it for a new client (gbalance.system.exclusive).
+        self.on_unwatched: "Callable[[Callable[[], bool]], None] | None" = None
+        self.on_closing: "Callable[[], None] | None" = None
         self.standby = False      # -w N: another worker takes new clients (gbalance.process.steering)
         self._sweeper: "TimerWatcher | None" = None
         self.urgent: UrgentRelay | None = None
@@ -420,16 +425,36 @@ class BalanceServer(StreamServer):
         if standby:
             if watcher is not None and watcher.active:
                 watcher.stop()
-                if self.on_standby is not None:
-                    self.on_standby(lambda: not watcher.active)
+                self._unwatched()
         elif self.started and not self.draining and not self.paused:
             self.start_accepting()
+
+    def _unwatched(self) -> None:
+        """The listener's watcher stopped: tell ``on_unwatched`` (-w N)."""
+        if self.on_unwatched is not None:
+            self.on_unwatched(self._not_watching)
+
+    def _not_watching(self) -> bool:
+        watcher = self._watcher
+        return watcher is None or not watcher.active
+
+    def look_again(self) -> None:
+        """-w N: accept what waits, as a wake-up for the listener would, if
+        this process is accepting (the master saw clients wait that no worker
+        took: a wake-up may have been lost).  Done from the loop, soon."""
+        if self.started and not self.draining and not self._not_watching():
+            self.loop.run_callback(self._look)
+
+    def _look(self) -> None:
+        if not self.draining and not self._not_watching():
+            self._do_read()
 
     def _hold(self) -> None:
         """At the connection limit: leave new clients in the listen backlog."""
         self.full = True
-        if self._watcher is not None:
+        if self._watcher is not None and self._watcher.active:
             self._watcher.stop()        # kept, not closed: started again at once when one ends
+            self._unwatched()
         if not self.limited:
             self.limited = True
             self.limited_since = self.loop.now()
@@ -521,6 +546,7 @@ class BalanceServer(StreamServer):
             self.log.warning(f"{what or f'out of descriptors ({exc.strerror})'}; pausing new connections{more}")
             self.deferred = 0
         self.stop_accepting()
+        self._unwatched()
         self._resume_timer = self.loop.timer(RESUME_DELAY)
         self._resume_timer.start(self._resume)
 
@@ -556,6 +582,8 @@ class BalanceServer(StreamServer):
             self._resume_timer.stop()
             self._resume_timer = None
         self.paused = False
+        if self.on_closing is not None:
+            self.on_closing()
         self.close()
         self._check_drained()
 

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -82,13 +83,41 @@ def parse_fdinfo(text: str) -> "dict[int, tuple[int, int]]":
     return found
 
 
+def _fdinfo(epfd: int, pid: "int | str" = "self") -> bytes:
+    """The whole fdinfo text of descriptor ``epfd`` (b"" if unreadable).
+
+    It has one line per watched descriptor: a worker holding 6,000
+    connections has about a megabyte there, which the kernel writes out
+    whole each time (about 10 ms), so it is read only when the listener's
+    registration must be learnt, never to take it out.
+    """
+    chunks = []
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epfd}", "rb", buffering=0) as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except OSError:
+        return b""
+    return b"".join(chunks)
+
+
 def registered(epfd: int, pid: "int | str" = "self") -> "dict[int, tuple[int, int]]":
     """What the epoll descriptor ``epfd`` of process ``pid`` watches ({} if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{epfd}", encoding="ascii", errors="replace") as f:
-            return parse_fdinfo(f.read(65536))
-    except OSError:
-        return {}
+    return parse_fdinfo(_fdinfo(epfd, pid).decode("ascii", "replace"))
+
+
+def entry(epfd: int, fd: int, pid: "int | str" = "self") -> "tuple[int, int] | None":
+    """(events, data) with which ``epfd`` watches ``fd`` (None if it does not),
+    found in the text without parsing the other lines."""
+    m = re.search(rb"^tfd:[ \t]+%d[ \t]+events:[ \t]+([0-9a-fA-F]+)[ \t]+data:[ \t]+([0-9a-fA-F]+)" % fd,
+                  _fdinfo(epfd, pid), re.M)
+    if m is None:
+        return None
+    events, data = int(m.group(1), 16), int(m.group(2), 16)
+    return (events, data) if events < 1 << 32 and data < 1 << 64 else None
 
 
 def epoll_fds(pid: "int | str" = "self") -> "list[int]":
@@ -111,7 +140,7 @@ def epoll_fds(pid: "int | str" = "self") -> "list[int]":
 def find_loop_epoll(fd: int) -> int:
     """The one epoll descriptor of this process in which libev watches ``fd``
     (its data's low 32 bits are ``fd``), or -1 if none or several."""
-    hits = [ep for ep in epoll_fds() if (registered(ep).get(fd, (0, -1))[1] & 0xFFFFFFFF) == fd]
+    hits = [ep for ep in epoll_fds() if ((entry(ep, fd) or (0, -1))[1] & 0xFFFFFFFF) == fd]
     return hits[0] if len(hits) == 1 else -1
 
 
@@ -122,16 +151,17 @@ def _ctl_call(epfd: int, op: int, fd: int, events: int, data: int) -> int:
     return ctypes.get_errno() or errno.EIO
 
 
-def make_exclusive(epfd: int, fd: int) -> str:
+def make_exclusive(epfd: int, fd: int, found: "tuple[int, int] | None" = None) -> str:
     """Register ``fd`` in ``epfd`` with EPOLLIN|EPOLLEXCLUSIVE and the data it has.
 
     Returns "" when ``fd`` is (now) registered exclusively, else why not; on a
     failure the plain registration is put back as it was.
     """
-    entry = registered(epfd).get(fd)
-    if entry is None:
+    if found is None:
+        found = entry(epfd, fd)
+    if found is None:
         return f"descriptor {fd} is not in epoll set {epfd}"
-    events, data = entry
+    events, data = found
     if events & EPOLLEXCLUSIVE:
         return ""
     if events & 0xFFFF & ~0x19 or not events & EPOLLIN:
@@ -143,9 +173,6 @@ def make_exclusive(epfd: int, fd: int) -> str:
     if err:
         _ctl_call(epfd, EPOLL_CTL_ADD, fd, events, data)
         return f"EPOLL_CTL_ADD with EPOLLEXCLUSIVE: {os.strerror(err)}"
-    now = registered(epfd).get(fd)
-    if now is None or not now[0] & EPOLLEXCLUSIVE or now[1] != data:
-        return "EPOLLEXCLUSIVE not shown after the change"
     return ""
 
 
@@ -176,7 +203,8 @@ class ExclusiveListener:
     def withdraw(self, stopped: "Callable[[], bool]") -> None:
         """Take the listener out of the loop's epoll set once its watcher has
         stopped (``stopped()`` still true on the next loop turn), so that no
-        client wakes this process for nothing.
+        client wakes this process for nothing.  Called when a worker stands
+        by, reaches its connection limit or runs out of descriptors.
 
         A stopped watcher's descriptor stays registered in libev's epoll set;
         registered exclusively, it can even take the one wake-up a client
@@ -190,23 +218,46 @@ class ExclusiveListener:
 
         def later() -> None:
             timer.close()
-            if not stopped():
-                return
-            if self.epfd < 0 or self.fd not in registered(self.epfd):
-                self.epfd = find_loop_epoll(self.fd)
-            if self.epfd >= 0:
-                _ctl_call(self.epfd, EPOLL_CTL_DEL, self.fd, 0, 0)
+            if stopped():
+                self._delete()
 
         timer.start(later)
 
+    def _delete(self) -> None:
+        """EPOLL_CTL_DEL of the listener from the loop's epoll set (known
+        from :meth:`apply`; looked for only if it is not known or gone)."""
+        if self.epfd >= 0:
+            err = _ctl_call(self.epfd, EPOLL_CTL_DEL, self.fd, 0, 0)
+            if err in (0, errno.ENOENT):    # (ENOENT: libev dropped it already)
+                return
+        self.epfd = find_loop_epoll(self.fd)
+        if self.epfd >= 0:
+            _ctl_call(self.epfd, EPOLL_CTL_DEL, self.fd, 0, 0)
+
+    def withdraw_now(self) -> None:
+        """Take the listener out of the loop's epoll set at once: call before
+        this process closes its descriptor for good (draining).
+
+        Closing one descriptor does not end an epoll registration while other
+        processes hold the same socket (the master, the other workers, a new
+        master after ``-r``): a draining worker would still be woken for new
+        clients, and take a client's one wake-up without accepting it.
+        """
+        if not self.usable:
+            return
+        if self.timer is not None:
+            self.timer.stop()
+        self._delete()
+
     def apply(self) -> str:
         why = ""
-        if self.epfd < 0 or self.fd not in registered(self.epfd):
+        found = entry(self.epfd, self.fd) if self.epfd >= 0 else None
+        if found is None:
             self.epfd = find_loop_epoll(self.fd)
         if self.epfd < 0:
             why = "the loop's epoll set was not found"
         else:
-            why = make_exclusive(self.epfd, self.fd)
+            why = make_exclusive(self.epfd, self.fd, found)
         if why and not self.told:
             self.told = True
             if self.debug is not None:
