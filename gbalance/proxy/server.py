@@ -27,7 +27,7 @@ import select
 import socket
 import struct
 import sys
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from gevent.server import StreamServer
 
@@ -443,7 +443,8 @@ class BalanceServer(StreamServer):
         this process is accepting (the master saw clients wait that no worker
         took: a wake-up may have been lost).  Done from the loop, soon."""
         if self.started and not self.draining and not self._not_watching():
-            self.loop.run_callback(self._look)
+            loop: Any = self.loop       # (gevent's stubs do not list run_callback)
+            loop.run_callback(self._look)
 
     def _look(self) -> None:
         if not self.draining and not self._not_watching():
