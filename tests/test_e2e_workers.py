@@ -829,8 +829,12 @@ def test_a_lost_wake_up_is_made_good_by_the_master(balance, backends):
         # process is not waiting: the kernel passes it over).
         assert wait_for(lambda: "epoll" in proc_state_wchan(thief), 5)
         os.kill(pids[1], signal.SIGKILL)
-        assert wait_for(lambda: len(children(proc.pid)) == 2 and pids[1] not in children(proc.pid), 10)
-        second = next(p for p in children(proc.pid) if p != pids[0])
+
+        def replacement() -> "int | None":
+            now = [p for p in children(proc.pid) if p not in pids]
+            return now[0] if now else None
+        assert wait_for(lambda: replacement() is not None, 10), proc.stop()[1][-800:]
+        second = replacement()
         assert wait_for(lambda: listener_entries(second, port) != [] and catches(second, signal.SIGWINCH), 15)
         time.sleep(0.5)                         # the replacement settles in its loop
         os.kill(pids[0], signal.SIGSTOP)
