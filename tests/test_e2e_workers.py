@@ -827,7 +827,7 @@ def test_a_lost_wake_up_is_made_good_by_the_master(balance, backends):
         # Both workers join the kernel's list after the sleeper: the second
         # is replaced (it holds nothing), the first is stopped (a stopped
         # process is not waiting: the kernel passes it over).
-        assert wait_for(lambda: "epoll" in proc_state_wchan(thief), 5)
+        assert wait_for(lambda: "epoll" in thief_wchan(thief), 5)
         os.kill(pids[1], signal.SIGKILL)
 
         def replacement() -> "int | None":
@@ -859,7 +859,7 @@ def test_a_lost_wake_up_is_made_good_by_the_master(balance, backends):
     print(f"\na client whose wake-up was lost was served after {1000 * took:.0f} ms")
 
 
-def proc_state_wchan(thief) -> str:
+def thief_wchan(thief) -> str:
     """Where the sleeper thread of :func:`steal_wake_up` sleeps."""
     tid = thief[2].native_id
     try:

@@ -118,7 +118,6 @@ class Steering:
             k += 1
         if k > a:
             return self.grow(f"the accepting workers hold {self.spread}+ connections more than the next", s.now, k)
-        took = 1
         if last is not None and s.queued and last.queued:
             took = sum(s.accepted) - sum(last.accepted)
             dt = s.now - last.now
@@ -135,8 +134,7 @@ class Steering:
             if dt > 0 and s.queued * dt > self.wait_limit * took:
                 return self.grow(f"{s.queued} clients wait, {1000 * s.queued * dt / took:.0f} ms at the"
                                  " accept rate", s.now)
-        if took > 0:
-            self.nudged = float("-inf")     # no stall now: the next one is nudged at once
+        self.nudged = float("-inf")         # no stall at this sample: the next one is nudged at once
         if a == 1:
             return a
         if s.now - self.pressed < self.hold or s.cpu is None:
