@@ -152,19 +152,21 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _proc_field(path: str, name: str) -> int:
+    """The number after ``name`` on its line of a /proc text file (0 if absent or unreadable)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def pss_kb(pid: int) -> int:
     """Proportional set size of ``pid``'s whole process tree, in kB."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            continue
-    return total
+    return sum(_proc_field(f"/proc/{p}/smaps_rollup", "Pss:") for p in process_tree(pid))
 
 
 def median(values: list[float]) -> float | None:
@@ -202,15 +204,7 @@ def tree_sleeps(pid: int | None) -> int:
             tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
             continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/status") as f:
-                    for line in f:
-                        if line.startswith("voluntary_ctxt_switches:"):
-                            total += int(line.split()[1])
-                            break
-            except (OSError, ValueError):
-                continue
+        total += sum(_proc_field(f"/proc/{p}/task/{t}/status", "voluntary_ctxt_switches:") for t in tasks)
     return total
 
 
